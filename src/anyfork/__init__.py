@@ -1,0 +1,49 @@
+"""anyfork: everything you wanted to use fork() for, but couldn't.
+
+A Python take on Perl's AnyEvent::Fork.  A big, threaded, event-loop-driven
+program should not fork itself, and exec'ing a fresh interpreter is slow.
+anyfork keeps a small *template* process that forks new processes on request;
+the caller prepares each one over a private socketpair (``require``,
+``eval``, ``send_fh``, ``send_arg``, ``fork``) and then ``run``s a function
+in it.
+
+Layout: ``_protocol`` is the sans-io wire format both ends share;
+``_serve`` is the serve loop every new process runs (stdlib only, imports
+nothing else of anyfork's); ``_exec`` starts fresh interpreters;
+``_process`` is the caller's blocking side and ``_aio`` its asyncio driver;
+``_errors`` holds the exception tree.  Everything public is re-exported here.
+"""
+
+from __future__ import annotations
+
+from ._errors import Error as Error
+from ._errors import ExitStatusLostError as ExitStatusLostError
+from ._errors import ProcessExitedError as ProcessExitedError
+from ._errors import ProcessStateError as ProcessStateError
+from ._errors import ProtocolError as ProtocolError
+from ._errors import TemplateDiedError as TemplateDiedError
+from ._errors import TimeoutExpired as TimeoutExpired
+from ._errors import UnsupportedError as UnsupportedError
+from ._exec import PYTHON as PYTHON
+from ._exec import freeze_support as freeze_support
+from ._process import Process as Process
+from ._process import new as new
+from ._process import new_exec as new_exec
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "PYTHON",
+    "Error",
+    "ExitStatusLostError",
+    "Process",
+    "ProcessExitedError",
+    "ProcessStateError",
+    "ProtocolError",
+    "TemplateDiedError",
+    "TimeoutExpired",
+    "UnsupportedError",
+    "freeze_support",
+    "new",
+    "new_exec",
+)

@@ -1,0 +1,100 @@
+"""The asyncio driver: ``Process.run_async``.
+
+The same steps as the blocking ``run``, with every wait handed to the event
+loop: writes use ``MSG_DONTWAIT`` and wait for writability with
+``add_writer``, so a 64 MiB argument lets other tasks run between chunks;
+the pid report is awaited through ``add_reader`` on the template's report
+channel, shared by every task of that loop waiting on the same template.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import TYPE_CHECKING
+
+from . import _protocol as P
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ._process import Process, _Reports
+
+_SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0) | getattr(socket, "MSG_DONTWAIT", 0)
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    fut = loop.create_future()
+    loop.add_writer(fd, _set, fut)
+    try:
+        await fut
+    finally:
+        loop.remove_writer(fd)
+
+
+def _set(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _flush(proc: Process, sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    out = proc._out
+    try:
+        while out:
+            buffers, fds = out.chunk()
+            anc = P.ancillary(fds, socket.SOL_SOCKET, socket.SCM_RIGHTS)
+            try:
+                n = sock.sendmsg(buffers, anc, _SEND_FLAGS)
+            except BlockingIOError:
+                await _writable(loop, sock.fileno())
+                continue
+            out.sent(n)
+    except OSError as e:
+        out.close()
+        raise proc._broken(e) from e
+
+
+async def _await_reports(reports: _Reports, done: Callable[[], bool]) -> None:
+    """Wait until ``done()``, reading the report channel from the loop."""
+    loop = asyncio.get_running_loop()
+    while not done():
+        fd = reports.fileno()
+        if fd < 0:
+            return
+        fut: asyncio.Future[None] = loop.create_future()
+        entry = (loop, fut)
+        reports.async_waiters.append(entry)
+        loop.add_reader(fd, _set, fut)
+        try:
+            reports.pump(0)
+            if done() or reports.fileno() < 0:
+                return
+            await fut
+            reports.pump(0)
+        finally:
+            reports.async_waiters.remove(entry)
+            if fd >= 0:
+                loop.remove_reader(fd)
+
+
+async def run(proc: Process, sock: socket.socket) -> socket.socket:
+    """Flush ``proc`` (its RUN already queued), then wait for its pid."""
+    parent = proc._parent
+    if parent is not None:
+        with parent._lock:
+            parent._flush()  # normally empty: fork() already wrote the FORK
+    await _flush(proc, sock)
+    with proc._lock:
+        proc._finish_run(sock)
+    try:
+        if proc._pid is None:
+            assert parent is not None and parent._reports is not None
+            reports = parent._reports
+            await _await_reports(reports, lambda: proc._pid is not None or proc._failed is not None)
+            proc._check_pid(reports)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock

@@ -1,0 +1,195 @@
+"""Starting a fresh interpreter that runs the serve loop (``new_exec``).
+
+The caller never forks: it spawns with ``os.posix_spawn`` (glibc implements
+it with ``clone(CLONE_VM|CLONE_VFORK)``, so the cost does not grow with the
+caller's size).  Exactly one descriptor crosses, the child's end of the
+command socket, dup2'ed to fd 3; the serve loop closes anything else that an
+inheritable flag let through before it runs any code of the user's.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import sysconfig
+
+from ._errors import Error
+
+#: Set to the path of a Python interpreter to override the one anyfork finds.
+#: The ``ANYFORK_PYTHON`` environment variable does the same; this wins.
+PYTHON: str | None = None
+
+FROZEN_MARKER = "--anyfork-serve"
+CHILD_FD = 3
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+
+_PYTHON_NAME = re.compile(r"python[0-9.]*[dmut]*(\.exe)?", re.IGNORECASE)
+
+
+def find_python() -> str:
+    """The interpreter to exec, found the way the seed finds perl.
+
+    ``anyfork.PYTHON``, then ``$ANYFORK_PYTHON``, then ``sys.executable`` if it
+    is an absolute path whose name looks like a python, then the base
+    executable of a venv, then the one sysconfig names.
+    """
+    import anyfork
+
+    override = getattr(anyfork, "PYTHON", None) or os.environ.get("ANYFORK_PYTHON")
+    if override:
+        return str(override)
+    candidates = [sys.executable, getattr(sys, "_base_executable", ""),
+                  os.path.join(sysconfig.get_config_var("BINDIR") or "",
+                               "python" + (sysconfig.get_config_var("VERSION") or "3"))]
+    for path in candidates:
+        if (path and os.path.isabs(path) and _PYTHON_NAME.fullmatch(os.path.basename(path))
+                and os.access(path, os.X_OK)):
+            return path
+    raise Error(
+        "anyfork can't find a Python interpreter to exec (sys.executable is "
+        f"{sys.executable!r}); set anyfork.PYTHON or ANYFORK_PYTHON"
+    )
+
+
+# -- site or no site -------------------------------------------------------------
+
+_site_cache: tuple[tuple[str, ...], bool] | None = None
+
+
+def needs_site(path: list[str]) -> bool:
+    """Whether a child must run site.py to import what the caller can.
+
+    ``-S`` starts several times faster, and with the caller's sys.path handed
+    over, plain path-based imports work without site.  What would be lost is
+    what site *runs*: import lines in .pth files (editable-install finders,
+    other import hooks) and sitecustomize/usercustomize.  So use site if the
+    caller ran it and any of those is present.  The distutils-precedence.pth
+    that setuptools installs everywhere only shims ``import distutils``; it
+    does not count.
+    """
+    global _site_cache
+    key = tuple(path)
+    if _site_cache is not None and _site_cache[0] == key:
+        return _site_cache[1]
+    result = _needs_site(path)
+    _site_cache = (key, result)
+    return result
+
+
+def _needs_site(path: list[str]) -> bool:
+    if sys.flags.no_site:
+        return False
+    if "sitecustomize" in sys.modules or "usercustomize" in sys.modules:
+        return True
+    for entry in path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for name in names:
+            if not name.endswith(".pth") or name == "distutils-precedence.pth":
+                continue
+            try:
+                with open(os.path.join(entry or ".", name), encoding="utf-8", errors="replace") as f:
+                    for line in f:
+                        if line.startswith(("import ", "import\t")):
+                            return True
+            except OSError:
+                continue
+    return False
+
+
+# -- spawning ------------------------------------------------------------------------
+
+
+def _flag_args() -> list[str]:
+    """Interpreter options the child should share with the caller."""
+    args = []
+    if sys.flags.optimize:
+        args.append("-" + "O" * sys.flags.optimize)
+    if sys.flags.dont_write_bytecode:
+        args.append("-B")
+    for opt in sys.warnoptions:
+        args.append("-W" + opt)
+    for key, value in getattr(sys, "_xoptions", {}).items():
+        args.append("-X" + (key if value is True else f"{key}={value}"))
+    return args
+
+
+def command(path: list[str]) -> list[str]:
+    """The argv that starts a serve loop on fd 3."""
+    if getattr(sys, "frozen", False):
+        # A frozen program can't run -c; it runs itself, and freeze_support()
+        # at the top of its main() diverts into the serve loop.
+        return [sys.executable, FROZEN_MARKER, str(CHILD_FD)]
+    python = find_python()
+    boot = (
+        "import sys\n"
+        "m = type(sys)('anyfork'); m.__path__ = [%r]; m.__anyfork_stub__ = True\n"
+        "sys.modules['anyfork'] = m\n"
+        "from anyfork._serve import main\n"
+        "main(%d)\n" % (_PKG_DIR, CHILD_FD)
+    )
+    args = [python, *_flag_args()]
+    if not needs_site(path):
+        args.append("-S")
+    # exec in a dict of its own, so the bootstrap binds no name in __main__,
+    # the namespace eval() and run() work in.
+    args += ["-c", f"exec({boot!r}, {{}})"]
+    return args
+
+
+def spawn(child_fd: int, path: list[str]) -> int:
+    """Start a serve loop with ``child_fd`` as its command socket; its pid."""
+    argv = command(path)
+    actions = []
+    fd = child_fd
+    if fd == CHILD_FD:
+        # dup2(3, 3) would keep close-on-exec set; go through another number.
+        fd = os.dup(child_fd)  # close-on-exec by default
+    actions.append((os.POSIX_SPAWN_DUP2, fd, CHILD_FD))
+    try:
+        return os.posix_spawn(
+            argv[0],
+            argv,
+            os.environ,
+            file_actions=actions,
+            setsigmask=(),
+            setsigdef=_catchable_signals(),
+        )
+    except OSError as e:
+        raise Error(f"anyfork could not start {argv[0]!r}: {e}") from e
+    finally:
+        if fd != child_fd:
+            os.close(fd)
+
+
+_SIGNALS: tuple[int, ...] | None = None
+
+
+def _catchable_signals() -> tuple[int, ...]:
+    """Every signal whose disposition the child should find at its default.
+
+    A caller that ignores SIGCHLD or SIGINT must not pass that on: exec keeps
+    ignored signals ignored.
+    """
+    global _SIGNALS
+    if _SIGNALS is None:
+        _SIGNALS = tuple(s for s in signal.valid_signals()
+                         if s not in (signal.SIGKILL, signal.SIGSTOP))
+    return _SIGNALS
+
+
+def freeze_support() -> None:
+    """Let a frozen program (PyInstaller and the like) start anyfork processes.
+
+    Call it first thing in the program's main.  In a process that anyfork
+    started by re-running the frozen executable, it runs the serve loop and
+    never returns; everywhere else it does nothing.
+    """
+    if getattr(sys, "frozen", False) and len(sys.argv) >= 3 and sys.argv[1] == FROZEN_MARKER:
+        from ._serve import main
+
+        main(int(sys.argv[2]))

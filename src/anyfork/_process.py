@@ -1,0 +1,980 @@
+"""The caller's side: ``Process``, ``new``, ``new_exec`` and the default template.
+
+Ownership
+---------
+Every descriptor the library holds has one owner that closes it:
+
+- a ``Process`` owns the caller's end of its command socket until ``run``
+  hands it to the user, and its ``Outbox`` owns the duplicates of handles
+  queued with ``send_fh`` until the kernel has taken them;
+- a template's ``_Reports`` owns the caller's end of its report channel;
+- a ``_Direct`` owns the pidfd of a process the caller spawned itself.
+
+All of them are listed in ``_owned`` so that a process forked from the
+caller (by the user's own ``os.fork``, by multiprocessing, or by
+``fork_template``) closes its inherited copies at once: a stray copy of a
+command socket would keep a template from ever seeing EOF.  The forked copy's
+objects are dead from then on (``_generation`` moved), and they never close
+a descriptor number that may by now be someone else's.
+
+Locks: one per Process (its queue and socket), one per report channel (a
+condition; one thread reads while the others wait for what it dispatches),
+and ``_lock`` for the module's globals.  Lock order: Process, then channel.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from . import _exec
+from . import _protocol as P
+from ._errors import (
+    Error,
+    ExitStatusLostError,
+    ProcessExitedError,
+    ProcessStateError,
+    TemplateDiedError,
+    TimeoutExpired,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import TracebackType
+
+    from typing_extensions import Self
+
+_SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+_TOKEN = object()
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+if not hasattr(socket, "AF_UNIX") or not hasattr(socket, "SCM_RIGHTS"):  # pragma: no cover
+    _UNSUPPORTED: str | None = "this platform has no Unix sockets with descriptor passing"
+elif not hasattr(os, "fork") or not hasattr(os, "posix_spawn"):  # pragma: no cover
+    _UNSUPPORTED = "this platform lacks fork() or posix_spawn()"
+else:
+    _UNSUPPORTED = None
+
+# --- ownership and fork safety ----------------------------------------------------
+
+_lock = threading.Lock()
+_generation = 0
+_owned: dict[int, socket.socket | None] = {}
+
+
+def _own(obj: socket.socket | int) -> None:
+    if isinstance(obj, int):
+        _owned[obj] = None
+    else:
+        _owned[obj.fileno()] = obj
+
+
+def _disown(obj: socket.socket | int) -> None:
+    _owned.pop(obj if isinstance(obj, int) else obj.fileno(), None)
+
+
+def _close_sock(sock: socket.socket | None) -> None:
+    if sock is not None and sock.fileno() >= 0:
+        _disown(sock)
+        sock.close()
+
+
+def _after_fork_in_child() -> None:
+    """In any process forked from the caller: let go of everything inherited."""
+    global _generation, _lock, _default, _early
+    _generation += 1
+    _lock = threading.Lock()
+    for fd, sock in list(_owned.items()):
+        if sock is not None:
+            sock.detach()  # its finalizer must not close a reused number later
+        P.close_fd(fd)
+    _owned.clear()
+    _directs.clear()
+    _default = None
+    _early = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# --- direct children ------------------------------------------------------------------
+
+
+class _Direct:
+    """A process the caller spawned itself, and so must reap."""
+
+    __slots__ = ("pid", "pidfd", "lock", "returncode", "lost")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.lock = threading.Lock()
+        self.returncode: int | None = None
+        self.lost = False
+        self.pidfd = -1
+        if hasattr(os, "pidfd_open"):
+            try:
+                self.pidfd = os.pidfd_open(pid)
+                _own(self.pidfd)
+            except OSError:
+                self.pidfd = -1
+
+    def done(self) -> bool:
+        return self.returncode is not None or self.lost
+
+    def _reaped(self, status: int | None) -> None:
+        if status is None:
+            self.lost = True
+        else:
+            self.returncode = os.waitstatus_to_exitcode(status)
+        if self.pidfd >= 0:
+            _disown(self.pidfd)
+            P.close_fd(self.pidfd)
+            self.pidfd = -1
+        _directs.pop(self.pid, None)
+
+    def poll(self, block: bool = False) -> bool:
+        """Reap it if it has exited (or wait until it has); True once done."""
+        if self.done():
+            return True
+        if not self.lock.acquire(blocking=block):
+            return False
+        try:
+            if self.done():
+                return True
+            try:
+                pid, status = os.waitpid(self.pid, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                self._reaped(None)
+                return True
+            if pid:
+                self._reaped(status)
+                return True
+            return False
+        finally:
+            self.lock.release()
+
+    def wait(self, timeout: float | None) -> None:
+        if timeout is None:
+            self.poll(block=True)
+            return
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while not self.poll():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutExpired(f"process {self.pid} still running after {timeout} s")
+            fd = self.pidfd
+            if fd >= 0:
+                import select
+
+                try:
+                    select.select([fd], [], [], left)
+                except (OSError, ValueError):  # closed by a concurrent reaper
+                    time.sleep(min(delay, left))
+            else:
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 0.05)
+
+    def signal(self, sig: int) -> None:
+        with self.lock:
+            if self.done():
+                return
+            if self.pidfd >= 0:
+                signal.pidfd_send_signal(self.pidfd, sig)
+            else:
+                # Not yet reaped, so the pid is still our child's: no reuse race.
+                os.kill(self.pid, sig)
+
+
+_directs: dict[int, _Direct] = {}
+
+
+def _reap_directs() -> None:
+    """Reap exited direct children, including ones whose Process was dropped."""
+    for d in list(_directs.values()):
+        d.poll()
+
+
+# --- report channels ------------------------------------------------------------------
+
+
+class _Reports:
+    """The caller's end of a template's report channel.
+
+    The template reports, for each fork, the child's pid (or why it failed),
+    and later its exit status.  Reports are read lazily: whenever a caller
+    needs one, and opportunistically when it writes to the template (so the
+    template never blocks on a full channel while the caller blocks on it).
+    """
+
+    def __init__(self, sock: socket.socket, owner: Process) -> None:
+        self.sock: socket.socket | None = sock
+        self.decoder = P.Decoder(P.REPORTS)
+        self.cond = threading.Condition(threading.Lock())
+        self.reading = False
+        self.next_seq = 1
+        self.children: dict[int, weakref.ref[Process]] = {}
+        self.owner_pid = owner._pid
+        self.ended: str | None = None  # why no more reports will come
+        self.handed_over = False  # the template ran a function
+        self.async_waiters: list[tuple[Any, Any]] = []
+        _own(sock)
+
+    def fileno(self) -> int:
+        sock = self.sock
+        return sock.fileno() if sock is not None else -1
+
+    def pump(self, timeout: float | None) -> None:
+        """Read and dispatch reports, waiting up to ``timeout`` for the first.
+
+        Only one thread reads at a time; a thread that finds another reading
+        waits on the condition for what that one dispatches instead.
+        """
+        with self.cond:
+            if self.reading:
+                if timeout != 0:
+                    self.cond.wait(timeout)
+                return
+            if self.sock is None:
+                return
+            self.reading = True
+        woke = False
+        try:
+            woke = self._read(timeout)
+        finally:
+            with self.cond:
+                self.reading = False
+                self.cond.notify_all()
+            if woke:
+                self._wake_async()
+
+    def _read(self, timeout: float | None) -> bool:
+        sock = self.sock
+        assert sock is not None
+        if timeout != 0:
+            import select
+
+            try:
+                ready, _, _ = select.select([sock], [], [], timeout)
+            except ValueError:  # closed under us
+                return False
+            if not ready:
+                return False
+        got = False
+        while True:
+            try:
+                data = sock.recv(65536, _DONTWAIT)
+            except BlockingIOError:
+                return got
+            except OSError as e:
+                data = b""
+                self.ended = f"its report channel failed: {e}"
+            got = True
+            if not data:
+                try:
+                    self.decoder.eof()
+                except P.ProtocolError:
+                    pass
+                self._end()
+                return True
+            try:
+                self.decoder.feed(data)
+                while (frame := self.decoder.next_frame()) is not None:
+                    self._dispatch(frame)
+            except P.ProtocolError as e:
+                self.ended = f"it sent a corrupt report ({e})"
+                self._end()
+                return True
+
+    def _dispatch(self, frame: P.Frame) -> None:
+        if frame.kind == P.FAILED:
+            seq, reason = P.decode_failed(frame.payload)
+            ref = self.children.pop(seq, None)
+            child = ref() if ref is not None else None
+            if child is not None:
+                child._failed = reason
+            return
+        seq, value = P.decode_seq_int(frame.payload)
+        if frame.kind == P.PID:
+            ref = self.children.get(seq)
+            child = ref() if ref is not None else None
+            if child is None:
+                self.children.pop(seq, None)
+            else:
+                child._pid = value
+        else:  # EXIT
+            ref = self.children.pop(seq, None)
+            child = ref() if ref is not None else None
+            if child is not None:
+                child._returncode = value
+
+    def _end(self) -> None:
+        if self.ended is None:
+            if self.handed_over:
+                self.ended = "it ran a function, which now owns its children"
+            else:
+                self.ended = "it exited"
+        sock, self.sock = self.sock, None
+        _close_sock(sock)
+        self.children.clear()
+
+    def close(self) -> None:
+        with self.cond:
+            if self.reading:
+                return  # the reader will find the socket closed soon enough
+            if self.ended is None:
+                self.ended = "it was closed"
+            sock, self.sock = self.sock, None
+        _close_sock(sock)
+
+    def wait_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done():
+            if self.sock is None:
+                return done()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            self.pump(left)
+        return True
+
+    def _wake_async(self) -> None:
+        for loop, fut in list(self.async_waiters):
+            loop.call_soon_threadsafe(_set_done, fut)
+
+
+def _set_done(fut: Any) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+# --- Process --------------------------------------------------------------------------
+
+
+def _func_name(func: object) -> str:
+    """What ``run`` sends: validated here so bad input fails at the call."""
+    if isinstance(func, str):
+        mod, colon, attrs = func.partition(":")
+        if colon:
+            ok = bool(_NAME.fullmatch(mod)) and bool(_NAME.fullmatch(attrs))
+        else:
+            ok = bool(_NAME.fullmatch(func))
+        if not ok:
+            raise ValueError(f"not a function name anyfork can look up: {func!r}")
+        return func
+    if not callable(func):
+        raise TypeError(f"run() takes a function or its name, not {type(func).__name__}")
+    module = getattr(func, "__module__", None)
+    qualname = getattr(func, "__qualname__", None)
+    if not module or not qualname or "<" in qualname or not _NAME.fullmatch(qualname):
+        raise TypeError(
+            f"{func!r} has no importable name (a lambda, closure or local function?); "
+            "pass a module-level function or its 'module:name'"
+        )
+    return f"{module}:{qualname}"
+
+
+def _check_items(args: tuple[object, ...]) -> list[bytes | str]:
+    items: list[bytes | str] = []
+    for a in args:
+        if isinstance(a, (bytes, str)):
+            items.append(a)
+        elif isinstance(a, (bytearray, memoryview)):
+            items.append(bytes(a))  # a snapshot: later changes don't leak in
+        else:
+            raise TypeError(f"arguments must be bytes or str, not {type(a).__name__}")
+    return items
+
+
+def _fileno(handle: object) -> int:
+    if isinstance(handle, bool):
+        raise TypeError("send_fh() takes descriptors, not bool")
+    if isinstance(handle, int):
+        fd = handle
+    elif hasattr(handle, "fileno"):
+        fd = handle.fileno()
+        if not isinstance(fd, int):
+            raise TypeError(f"{handle!r}.fileno() returned {fd!r}")
+    else:
+        raise TypeError(f"send_fh() takes sockets, files or descriptors, not {type(handle).__name__}")
+    if fd < 0:
+        raise ValueError(f"{handle!r} is closed (descriptor {fd})")
+    return fd
+
+
+class Process:
+    """A process anyfork created, being prepared or already running a function.
+
+    Made only by :func:`anyfork.new`, :func:`anyfork.new_exec` and
+    :meth:`Process.fork`.  The preparing methods (``require``, ``eval``,
+    ``send_arg``, ``send_fh``) queue commands and return the process, so calls
+    chain; ``fork`` and ``run`` write what is queued.  After ``run`` the
+    process is spent: only ``pid``, ``returncode``, ``wait`` and ``kill`` work.
+    """
+
+    __slots__ = (
+        "_sock", "_out", "_lock", "_spent", "_gen", "_parent", "_seq", "_pid",
+        "_returncode", "_failed", "_direct", "_reports", "__weakref__",
+    )
+
+    def __init__(
+        self,
+        token: object,
+        sock: socket.socket,
+        *,
+        parent: Process | None = None,
+        seq: int = 0,
+        direct: _Direct | None = None,
+    ) -> None:
+        if token is not _TOKEN:
+            raise TypeError("Process objects come from anyfork.new(), new_exec() and Process.fork()")
+        self._gen = _generation
+        self._sock: socket.socket | None = sock
+        _own(sock)
+        self._out = P.Outbox()
+        self._lock = threading.RLock()
+        self._spent: str | None = None
+        self._parent = parent
+        self._seq = seq
+        self._direct = direct
+        self._pid: int | None = direct.pid if direct is not None else None
+        self._returncode: int | None = None
+        self._failed: str | None = None
+        self._reports: _Reports | None = None
+
+    def __repr__(self) -> str:
+        state = self._spent or "preparing"
+        pid = self._pid if self._pid is not None else "?"
+        return f"<anyfork.Process pid={pid} {state}>"
+
+    # --- helpers ------------------------------------------------------------
+
+    def _describe(self) -> str:
+        if self._pid is not None:
+            return f"process {self._pid}"
+        return f"process #{self._seq} of {self._parent._describe()}" if self._parent else "process"
+
+    def _usable(self) -> socket.socket:
+        if self._gen != _generation:
+            raise ProcessStateError(f"{self._describe()} belongs to the process this one was forked from")
+        if self._spent is not None or self._sock is None:
+            raise ProcessStateError(f"{self._describe()} was already {self._spent or 'closed'}")
+        return self._sock
+
+    def _broken(self, e: OSError) -> Error:
+        """The error to raise when writing to this process failed."""
+        parent = self._parent
+        if parent is not None:
+            reports = parent._reports
+            if reports is not None:
+                reports.pump(0)
+                if self._failed:
+                    return Error(f"{parent._describe()} could not fork: {self._failed}")
+                if reports.ended is not None and self._pid is None:
+                    return TemplateDiedError(f"template {parent._describe()} died: {reports.ended}")
+        rc = None
+        if self._direct is not None:
+            self._direct.wait(1.0) if self._direct.pidfd >= 0 else self._direct.poll()
+            rc = self._direct.returncode
+        elif self._returncode is not None:
+            rc = self._returncode
+        status = "" if rc is None else f" with status {rc}"
+        return ProcessExitedError(
+            f"{self._describe()} exited{status} before it took every command "
+            f"({e.strerror or e}); its stderr says why", rc)
+
+    def _flush(self) -> None:
+        """Write everything queued (caller holds ``_lock``)."""
+        sock = self._sock
+        out = self._out
+        if sock is None or not out:
+            return
+        reports = self._reports
+        try:
+            while out:
+                buffers, fds = out.chunk()
+                anc = P.ancillary(fds, socket.SOL_SOCKET, socket.SCM_RIGHTS)
+                if reports is None:
+                    n = sock.sendmsg(buffers, anc, _SEND_FLAGS)
+                else:
+                    # A template may be blocked writing reports to us: never
+                    # block on it without reading them.
+                    try:
+                        n = sock.sendmsg(buffers, anc, _SEND_FLAGS | _DONTWAIT)
+                    except BlockingIOError:
+                        self._wait_writable(sock, reports)
+                        continue
+                out.sent(n)
+        except OSError as e:
+            out.close()
+            raise self._broken(e) from e
+
+    @staticmethod
+    def _wait_writable(sock: socket.socket, reports: _Reports) -> None:
+        import select
+
+        rfd = reports.fileno()
+        readable, writable, _ = select.select([rfd] if rfd >= 0 else [], [sock], [], None)
+        if readable:
+            reports.pump(0)
+
+    def _close(self) -> None:
+        sock, self._sock = self._sock, None
+        self._out.close()
+        _close_sock(sock)
+
+    # --- preparing ----------------------------------------------------------
+
+    def require(self, *modules: str) -> Self:
+        """Import the modules, in order, in the process.
+
+        Raises:
+            TypeError, ValueError: a name is not a dotted module name.
+        """
+        for m in modules:
+            if not isinstance(m, str):
+                raise TypeError(f"module names are str, not {type(m).__name__}")
+            if not _NAME.fullmatch(m):
+                raise ValueError(f"not a module name: {m!r}")
+        with self._lock:
+            self._usable()
+            if modules:
+                self._out.put(P.items_frame(P.REQUIRE, modules))
+        return self
+
+    def eval(self, code: str, *args: bytes | str) -> Self:
+        """Run ``code`` in the process's ``__main__`` namespace.
+
+        While it runs, the name ``args`` is bound to the tuple of ``args``.
+        Functions it defines can be named in ``run``.  An exception in it
+        makes the process print the traceback and exit with status 1.
+
+        Raises:
+            TypeError: code is not str, or an arg is not bytes/str.
+            SyntaxError: the code does not compile (checked here, at the call).
+        """
+        if not isinstance(code, str):
+            raise TypeError(f"code must be str, not {type(code).__name__}")
+        items = _check_items(args)
+        compile(code, "<anyfork eval>", "exec", dont_inherit=True)
+        with self._lock:
+            self._usable()
+            self._out.put(P.items_frame(P.EVAL, [code, *items]))
+        return self
+
+    def send_arg(self, *args: bytes | str | bytearray | memoryview) -> Self:
+        """Queue arguments for ``run``'s function: octets arrive as bytes, text as str.
+
+        Raises:
+            TypeError: an argument is neither bytes-like nor str; nothing is queued.
+        """
+        items = _check_items(args)
+        with self._lock:
+            self._usable()
+            if items:
+                self._out.put(P.items_frame(P.ARG, items))
+        return self
+
+    def send_fh(self, *handles: Any) -> Self:
+        """Queue descriptors for ``run``'s function, passed with SCM_RIGHTS.
+
+        Takes sockets, files, anything with ``fileno()``, or ints.  anyfork
+        keeps its own duplicate, so the caller may close its handle as soon as
+        this returns.
+
+        Raises:
+            TypeError, ValueError: a handle is not a descriptor or is closed.
+            OSError: a descriptor could not be duplicated (EBADF, EMFILE).
+        """
+        fds = [_fileno(h) for h in handles]
+        dups: list[int] = []
+        try:
+            for fd in fds:
+                dups.append(os.dup(fd))  # non-inheritable by default
+        except OSError:
+            P.close_fds(dups)
+            raise
+        with self._lock:
+            try:
+                self._usable()
+            except Error:
+                P.close_fds(dups)
+                raise
+            for i in range(0, len(dups), P.MAX_FDS):
+                chunk = dups[i : i + P.MAX_FDS]
+                self._out.put(P.fh_frame(len(chunk)), chunk)
+        return self
+
+    # --- forking ------------------------------------------------------------
+
+    def fork(self) -> Process:
+        """A new process forked from this one, with everything queued so far.
+
+        This process becomes a template: it reports the pid and exit status
+        of each process forked from it.  What is queued on this process is
+        written now; what is queued later goes only where it is queued.
+
+        Raises:
+            ProcessStateError: this process was already run or closed.
+            TemplateDiedError, ProcessExitedError: this process is gone.
+        """
+        with self._lock:
+            self._usable()
+            mine, theirs = socket.socketpair()
+            fds = [theirs.detach()]
+            reports = self._reports
+            if reports is None:
+                rmine, rtheirs = socket.socketpair()
+                fds.append(rtheirs.detach())
+                reports = self._reports = _Reports(rmine, self)
+                new_reports = True
+            else:
+                new_reports = False
+            seq = reports.next_seq
+            reports.next_seq = seq + 1
+            child = Process(_TOKEN, mine, parent=self, seq=seq)
+            reports.children[seq] = weakref.ref(child)
+            self._out.put(P.fork_frame(seq, new_reports), fds)
+            try:
+                self._flush()
+            except Error:
+                child._close()
+                raise
+        if reports.sock is not None and reports.sock.fileno() >= 0:
+            reports.pump(0)  # keep the channel from filling up
+        return child
+
+    # --- run ------------------------------------------------------------------
+
+    def _start_run(self, func: object) -> socket.socket:
+        name = _func_name(func)
+        with self._lock:
+            sock = self._usable()
+            self._out.put(P.run_frame(name))
+            return sock
+
+    def _finish_run(self, sock: socket.socket) -> None:
+        self._spent = "run"
+        self._sock = None
+        _disown(sock)
+        if self._reports is not None:
+            self._reports.handed_over = True
+
+    def run(self, func: str | Callable[..., Any]) -> socket.socket:
+        """Write everything queued and tell the process to call ``func``.
+
+        ``func`` is "pkg.mod:name", a dotted "pkg.mod.name", a bare name from
+        the process's ``__main__``, or a module-level function.  In the
+        process it is called as ``func(sock, *items)`` with its end of the
+        socket and every send_fh handle and send_arg value, in order.
+
+        Returns once everything is written and the pid is known; it does not
+        wait for the process to start ``func``.  Bytes written on the returned
+        socket reach ``func`` unchanged.
+
+        Returns:
+            The caller's end of the socketpair (blocking, close-on-exec).
+
+        Raises:
+            TypeError, ValueError: ``func`` can't be named in another process.
+            ProcessStateError: the process was already run or closed.
+            ProcessExitedError: it exited before taking every command.
+            TemplateDiedError: its template died before forking it.
+        """
+        sock = self._start_run(func)
+        with self._lock:
+            self._flush()
+            self._finish_run(sock)
+        try:
+            self._await_pid()
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def run_async(self, func: str | Callable[..., Any]) -> socket.socket:
+        """``run`` for asyncio: writes never block the event loop.
+
+        Returns:
+            The caller's end of the socketpair, non-blocking, close-on-exec.
+        """
+        from . import _aio
+
+        return await _aio.run(self, self._start_run(func))
+
+    def _await_pid(self) -> int:
+        if self._pid is not None:
+            return self._pid
+        parent = self._parent
+        assert parent is not None
+        reports = parent._reports
+        assert reports is not None
+        reports.wait_until(lambda: self._pid is not None or self._failed is not None, None)
+        return self._check_pid(reports)
+
+    def _check_pid(self, reports: _Reports) -> int:
+        if self._pid is not None:
+            return self._pid
+        assert self._parent is not None
+        if self._failed is not None:
+            raise Error(f"{self._parent._describe()} could not fork: {self._failed}")
+        raise TemplateDiedError(
+            f"template {self._parent._describe()} can't report {self._describe()}: {reports.ended}")
+
+    # --- status -------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        """The process id, for every process anyfork made.
+
+        Known at once for ``new_exec`` processes and once ``run`` returned for
+        forked ones; reading it earlier on a forked process blocks until its
+        template reports it.
+        """
+        if self._pid is None:
+            self._await_pid()
+        assert self._pid is not None
+        return self._pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once known, else None (subprocess's convention:
+        negative for a signal).  Never blocks."""
+        self._status(0)
+        return self._returncode
+
+    def _status(self, timeout: float | None) -> None:
+        """Update ``_returncode``, waiting up to ``timeout``."""
+        if self._returncode is not None:
+            return
+        d = self._direct
+        if d is not None:
+            _reap_directs()
+            if timeout == 0:
+                d.poll()
+            else:
+                d.wait(timeout)
+            if d.lost:
+                raise ExitStatusLostError(
+                    f"the exit status of {self._describe()} was collected by someone else "
+                    "(SIGCHLD ignored, or a handler reaping with waitpid(-1))")
+            self._returncode = d.returncode
+            return
+        parent = self._parent
+        assert parent is not None
+        reports = parent._reports
+        assert reports is not None
+        finished = reports.wait_until(
+            lambda: self._returncode is not None or self._failed is not None, timeout)
+        if self._returncode is not None:
+            return
+        if self._failed is not None:
+            raise Error(f"{parent._describe()} could not fork: {self._failed}")
+        if reports.sock is None:
+            cls = ProcessStateError if reports.handed_over else TemplateDiedError
+            raise cls(f"the exit status of {self._describe()} can't be known: "
+                      f"its template {parent._describe()} {reports.ended}")
+        if not finished and timeout != 0:
+            raise TimeoutExpired(f"{self._describe()} still running after {timeout} s")
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the process to exit; its exit status (negative: killed by that signal).
+
+        Raises:
+            TimeoutExpired: still running after ``timeout`` seconds.
+            TemplateDiedError: its template died, so no status will come.
+            ProcessStateError: its template ran a function, which now owns it.
+            ExitStatusLostError: someone else reaped it.
+        """
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must be >= 0")
+        if self._direct is None and self._parent is not None:
+            with self._parent._lock:
+                if self._parent._sock is not None:
+                    self._parent._flush()
+        self._status(timeout)
+        assert self._returncode is not None
+        return self._returncode
+
+    def kill(self, sig: int = signal.SIGTERM) -> None:
+        """Send ``sig`` to the process; never to a recycled pid.
+
+        A process the caller spawned is signalled through a pidfd where the
+        platform has one; a forked one through its template, the parent, which
+        has not reaped it yet when it gets the request.  Does nothing once
+        the process is known to have exited.
+
+        Raises:
+            ProcessStateError: its template ran a function or was closed, so no
+                one can name the pid safely any more.
+            TemplateDiedError: its template died.
+        """
+        sig = int(sig)
+        if self.returncode is not None:
+            return
+        if self._direct is not None:
+            self._direct.signal(sig)
+            return
+        parent = self._parent
+        assert parent is not None
+        with parent._lock:
+            if parent._sock is None or parent._spent is not None:
+                raise ProcessStateError(
+                    f"can't signal {self._describe()} safely: its template was {parent._spent or 'closed'}")
+            parent._out.put(P.kill_frame(self._seq, sig))
+            try:
+                parent._flush()
+            except Error as e:
+                reports = parent._reports
+                if reports is not None and reports.ended is not None:
+                    raise TemplateDiedError(f"template {parent._describe()} died: {reports.ended}") from e
+                raise
+
+    # --- closing --------------------------------------------------------------
+
+    def close(self) -> None:
+        """Drop the process before run: it exits.  After run: does nothing.
+
+        Descriptors queued with send_fh are closed.  Idempotent.
+        """
+        if self._gen != _generation:
+            return
+        with self._lock:
+            if self._spent is None:
+                self._spent = "closed"
+            self._close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_gen", None) != _generation:
+            return
+        try:
+            self._close()
+            if self._reports is not None:
+                self._reports.close()
+        except Exception:
+            pass
+
+
+# --- constructors -----------------------------------------------------------------------
+
+_default: Process | None = None
+_default_path: list[str] = []
+_early: Process | None = None  # set by anyfork.early
+_SPARES = 1
+
+
+def _check_supported() -> None:
+    if _UNSUPPORTED:
+        from ._errors import UnsupportedError
+
+        raise UnsupportedError(f"anyfork can't work here: {_UNSUPPORTED}")
+
+
+def new_exec() -> Process:
+    """A new process running a fresh interpreter.
+
+    Slower than :func:`new` and shares no memory, but needs no template.
+    The process sees the caller's ``sys.path`` as of this call.  Started with
+    ``posix_spawn``: the caller never forks.  If ``anyfork.early`` was
+    imported, the process is forked from the early process instead.
+
+    Raises:
+        anyfork.Error: no interpreter to start, or the spawn failed.
+    """
+    _check_supported()
+    _reap_directs()
+    if _early is not None:
+        return _early.fork()
+    mine, theirs = socket.socketpair()
+    try:
+        pid = _exec.spawn(theirs.fileno(), sys.path)
+    except BaseException:
+        mine.close()
+        raise
+    finally:
+        theirs.close()
+    direct = _Direct(pid)
+    _directs[pid] = direct
+    proc = Process(_TOKEN, mine, direct=direct)
+    proc._out.put(P.items_frame(P.PATH, sys.path))
+    return proc
+
+
+def _template_alive(tpl: Process) -> bool:
+    if tpl._sock is None:
+        return False
+    reports = tpl._reports
+    if reports is not None and reports.ended is not None:
+        return False
+    d = tpl._direct
+    return d is None or not d.poll()
+
+
+def _default_template() -> Process:
+    global _default, _default_path
+    tpl = _default
+    if tpl is not None and _template_alive(tpl):
+        return tpl
+    with _lock:
+        tpl = _default
+        if tpl is not None and _template_alive(tpl):
+            return tpl
+        if tpl is not None:
+            tpl.close()
+        if _early is not None:
+            tpl = _early
+        else:
+            tpl = new_exec()
+            tpl._out.put(P.spares_frame(_SPARES))
+        _default_path = list(sys.path)
+        _default = tpl
+        return tpl
+
+
+def new() -> Process:
+    """A new process forked from the default template.
+
+    The template is a small interpreter started with :func:`new_exec` on
+    first use (or the ``anyfork.early`` process) and kept; if it died, the
+    next call starts another.  It keeps one process forked ahead, so the fork
+    is off the caller's critical path.  The process sees the caller's
+    ``sys.path`` as of this call.
+
+    Raises:
+        TemplateDiedError: the template died twice in a row.
+    """
+    _check_supported()
+    _reap_directs()
+    for attempt in (1, 2):
+        tpl = _default_template()
+        try:
+            proc = tpl.fork()
+        except (TemplateDiedError, ProcessExitedError, ProcessStateError):
+            if attempt == 2:
+                raise
+            continue
+        path = sys.path
+        if path != _default_path:
+            proc._out.put(P.items_frame(P.PATH, path))
+        return proc
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,506 @@
+"""The wire protocol between a caller and the processes it prepares.
+
+Theory of operation
+-------------------
+Every process anyfork creates runs the serve loop (``_serve.py``) on one end of
+a private ``AF_UNIX`` stream socketpair; the caller holds the other end.  The
+caller writes *commands* (require, eval, send_arg, send_fh, fork, run, ...).
+A process that has been forked from (a *template*) also gets a second
+socketpair, its *report channel*, on which it tells the caller the pid and
+the exit status of each process it forked.  Nothing of anyfork's is ever
+written back on a command socket, so the socket ``run`` hands to both ends
+carries only what the user writes on it.
+
+Both directions use the same framing::
+
+    header = <version u8> <kind u8> <number of fds u16> <payload length u64>
+    frame  = header payload
+
+All integers are little endian.  Every frame carries the version, so a stream
+never needs a handshake and a process forked mid-stream starts a fresh one.
+
+Descriptors travel with SCM_RIGHTS.  A frame that carries descriptors is sent
+in its own ``sendmsg`` whose ancillary data holds exactly that frame's
+descriptors (at most 253, the kernel's per-message limit; larger sets are
+split over several frames by the encoder's callers).  The kernel delivers
+ancillary data together with the first byte of the message it was sent with,
+so by the time the decoder sees a frame's first byte it has that frame's
+descriptors, and any descriptor left over when the buffered bytes run out
+belongs to no frame: that is a protocol error.
+
+Payloads that hold strings are a sequence of items, each
+``<tag u8> <length u64> <bytes>`` with tag ``b`` for bytes and ``s`` for text
+(UTF-8 with surrogates passed through, so any Python ``str`` round-trips).
+
+This module does no I/O beyond closing descriptors it owns.  ``Decoder``
+takes bytes and descriptors in and hands frames out (h11 style: ``feed`` then
+``next_frame`` until it returns ``None``); ``Outbox`` holds encoded frames
+until a driver has written them.  The blocking and asyncio drivers and the
+serve loop are short loops around these two.  It imports only the standard
+library and nothing else of anyfork's, because the serve loop, which must
+start fast and will one day be shipped to remote hosts, imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import deque
+
+# Not "from typing import TYPE_CHECKING": see _serve.py.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    Buffer = bytes | memoryview
+    Item = bytes | str
+
+VERSION = 1
+HEADER = struct.Struct("<BBHQ")
+MAX_FDS = 253  # SCM_MAX_FD on Linux; fewer would do elsewhere
+# A length beyond this is garbage, not a real payload: refuse it before
+# waiting for a terabyte that will never come.
+MAX_PAYLOAD = 1 << 40
+
+# Commands, caller -> process.
+PATH = 1  # items: the sys.path the process should use
+REQUIRE = 2  # items: module names to import
+EVAL = 3  # items: code, then its args
+ARG = 4  # items: arguments for run
+FH = 5  # no payload; 1..MAX_FDS descriptors for run
+FORK = 6  # u64 seq, u8 flags; fds: new command socket [, report socket]
+RUN = 7  # UTF-8 name of the function to call
+KILL = 8  # u64 seq, i32 signal: signal a process this template forked
+SPARES = 9  # u32: how many processes to keep forked ahead
+
+# Reports, template -> caller, on the report channel.
+PID = 64  # u64 seq, i64 pid
+EXIT = 65  # u64 seq, i64 returncode (subprocess convention)
+FAILED = 66  # u64 seq, UTF-8 reason: the fork did not happen
+
+COMMANDS = frozenset({PATH, REQUIRE, EVAL, ARG, FH, FORK, RUN, KILL, SPARES})
+REPORTS = frozenset({PID, EXIT, FAILED})
+
+FORK_NEW_REPORTS = 1  # flag: the second descriptor is the report channel
+
+_SEQ = struct.Struct("<Q")
+_SEQ_FLAGS = struct.Struct("<QB")
+_SEQ_INT = struct.Struct("<Qq")
+_SEQ_SIG = struct.Struct("<Qi")
+_U32 = struct.Struct("<I")
+_ITEM = struct.Struct("<cQ")
+
+
+class ProtocolError(Exception):
+    """The peer sent a stream that is not a well-formed anyfork stream.
+
+    The serve loop reports this as "stream corrupted"; the caller's side
+    re-raises it as ``anyfork.ProtocolError``.
+    """
+
+
+class Frame:
+    """One decoded frame: its kind, its payload and the descriptors it carried.
+
+    The descriptors belong to whoever takes the frame; ``close`` closes the
+    ones still attached.
+    """
+
+    __slots__ = ("kind", "payload", "fds")
+
+    def __init__(self, kind: int, payload: bytes, fds: list[int]) -> None:
+        self.kind = kind
+        self.payload = payload
+        self.fds = fds
+
+    def close(self) -> None:
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            close_fd(fd)
+
+    def __repr__(self) -> str:
+        return f"Frame(kind={self.kind}, len={len(self.payload)}, fds={self.fds})"
+
+
+def close_fd(fd: int) -> None:
+    """Close a descriptor we own, ignoring one that is already gone."""
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    for fd in fds:
+        close_fd(fd)
+
+
+# --- encoding ----------------------------------------------------------------
+
+
+def encode_items(items: Iterable[Item]) -> list[Buffer]:
+    """Encode bytes/str items as payload parts, without copying large bytes."""
+    parts: list[Buffer] = []
+    for item in items:
+        if isinstance(item, str):
+            data = item.encode("utf-8", "surrogatepass")
+            parts.append(_ITEM.pack(b"s", len(data)))
+            parts.append(data)
+        else:
+            parts.append(_ITEM.pack(b"b", len(item)))
+            if item:
+                parts.append(memoryview(item))
+    return parts
+
+
+def frame(kind: int, parts: Sequence[Buffer] = (), nfds: int = 0) -> list[Buffer]:
+    """Prefix payload parts with a header; the result is one frame's bytes."""
+    length = sum(len(p) for p in parts)
+    return [HEADER.pack(VERSION, kind, nfds, length), *parts]
+
+
+def items_frame(kind: int, items: Iterable[Item]) -> list[Buffer]:
+    return frame(kind, encode_items(items))
+
+
+def fork_frame(seq: int, new_reports: bool) -> list[Buffer]:
+    flags = FORK_NEW_REPORTS if new_reports else 0
+    return frame(FORK, [_SEQ_FLAGS.pack(seq, flags)], 2 if new_reports else 1)
+
+
+def run_frame(name: str) -> list[Buffer]:
+    return frame(RUN, [name.encode("utf-8", "surrogatepass")])
+
+
+def kill_frame(seq: int, sig: int) -> list[Buffer]:
+    return frame(KILL, [_SEQ_SIG.pack(seq, sig)])
+
+
+def spares_frame(count: int) -> list[Buffer]:
+    return frame(SPARES, [_U32.pack(count)])
+
+
+def fh_frame(nfds: int) -> list[Buffer]:
+    return frame(FH, (), nfds)
+
+
+def pid_report(seq: int, pid: int) -> bytes:
+    return b"".join(frame(PID, [_SEQ_INT.pack(seq, pid)]))
+
+
+def exit_report(seq: int, returncode: int) -> bytes:
+    return b"".join(frame(EXIT, [_SEQ_INT.pack(seq, returncode)]))
+
+
+def failed_report(seq: int, reason: str) -> bytes:
+    return b"".join(frame(FAILED, [_SEQ.pack(seq), reason.encode("utf-8", "replace")]))
+
+
+# --- decoding payloads ---------------------------------------------------------
+
+
+def decode_items(payload: bytes) -> list[Item]:
+    items: list[Item] = []
+    view = memoryview(payload)
+    pos, end = 0, len(payload)
+    while pos < end:
+        if end - pos < _ITEM.size:
+            raise ProtocolError("truncated item header")
+        tag, length = _ITEM.unpack_from(view, pos)
+        pos += _ITEM.size
+        if length > end - pos:
+            raise ProtocolError("item longer than its frame")
+        data = payload[pos : pos + length] if (pos or length != end) else payload
+        pos += length
+        if tag == b"s":
+            try:
+                items.append(data.decode("utf-8", "surrogatepass"))
+            except UnicodeDecodeError as e:
+                raise ProtocolError("text item is not UTF-8") from e
+        elif tag == b"b":
+            items.append(bytes(data))
+        else:
+            raise ProtocolError(f"unknown item tag {tag!r}")
+    return items
+
+
+def decode_strs(payload: bytes) -> list[str]:
+    items = decode_items(payload)
+    if not all(isinstance(i, str) for i in items):
+        raise ProtocolError("expected text items")
+    return items  # type: ignore[return-value]
+
+
+def decode_text(payload: bytes) -> str:
+    try:
+        return payload.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError as e:
+        raise ProtocolError("name is not UTF-8") from e
+
+
+def _unpack(st: struct.Struct, payload: bytes) -> tuple[int, ...]:
+    if len(payload) != st.size:
+        raise ProtocolError(f"payload of {len(payload)} bytes, expected {st.size}")
+    return st.unpack(payload)
+
+
+def decode_fork(payload: bytes) -> tuple[int, bool]:
+    seq, flags = _unpack(_SEQ_FLAGS, payload)
+    if flags & ~FORK_NEW_REPORTS:
+        raise ProtocolError("unknown fork flags")
+    return seq, bool(flags & FORK_NEW_REPORTS)
+
+
+def decode_seq_int(payload: bytes) -> tuple[int, int]:
+    seq, value = _unpack(_SEQ_INT, payload)
+    return seq, value
+
+
+def decode_kill(payload: bytes) -> tuple[int, int]:
+    seq, sig = _unpack(_SEQ_SIG, payload)
+    return seq, sig
+
+
+def decode_u32(payload: bytes) -> int:
+    return _unpack(_U32, payload)[0]
+
+
+def decode_failed(payload: bytes) -> tuple[int, str]:
+    if len(payload) < _SEQ.size:
+        raise ProtocolError("truncated failure report")
+    (seq,) = _SEQ.unpack_from(payload)
+    return seq, payload[_SEQ.size :].decode("utf-8", "replace")
+
+
+def _fds_allowed(kind: int, nfds: int, payload_len: int) -> bool:
+    if kind == FH:
+        return 1 <= nfds <= MAX_FDS and payload_len == 0
+    if kind == FORK:
+        return nfds in (1, 2)
+    return nfds == 0
+
+
+# --- the decoder -------------------------------------------------------------------
+
+
+class Decoder:
+    """Turns a byte stream plus received descriptors into frames.
+
+    Args:
+        kinds: the frame kinds this side accepts; anything else is an error.
+
+    ``wanted()`` tells how many bytes complete the current header or payload,
+    so a reader that must not read past a frame (the serve loop, which hands
+    the rest of its socket to user code after ``RUN``) can ask for exactly
+    that much.  After a ``ProtocolError`` the decoder is dead; ``close()``
+    closes every descriptor it still holds.
+    """
+
+    def __init__(self, kinds: frozenset[int]) -> None:
+        self._kinds = kinds
+        self._buf = bytearray()
+        self._fds: deque[int] = deque()
+        # The header of the frame being received, once known.
+        self._kind = -1
+        self._length = 0
+        self._frame_fds: list[int] = []
+        self._parts: list[bytes] = []
+        self._have = 0  # payload bytes collected in _parts
+        self._dead = False
+
+    def wanted(self) -> int:
+        if self._kind < 0:
+            return HEADER.size - len(self._buf)
+        return self._length - self._have - len(self._buf)
+
+    def idle(self) -> bool:
+        """True at a frame boundary with nothing buffered."""
+        return self._kind < 0 and not self._buf and not self._fds
+
+    def feed(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Add received bytes and the descriptors that arrived with them.
+
+        The decoder owns the descriptors from here on, even if it raises.
+        """
+        self._fds.extend(fds)
+        if self._dead:
+            self.close()
+            raise ProtocolError("decoder already failed")
+        self._buf += data
+
+    def next_frame(self) -> Frame | None:
+        """The next complete frame, or None when more bytes are needed."""
+        try:
+            return self._next()
+        except ProtocolError:
+            self._dead = True
+            self.close()
+            raise
+
+    def _next(self) -> Frame | None:
+        if self._dead:
+            raise ProtocolError("decoder already failed")
+        buf = self._buf
+        if self._kind < 0:
+            if len(buf) < HEADER.size:
+                if not buf and self._fds:
+                    raise ProtocolError("descriptors arrived with no frame")
+                return None
+            version, kind, nfds, length = HEADER.unpack_from(buf)
+            if version != VERSION:
+                raise ProtocolError(f"protocol version {version}, expected {VERSION}")
+            if kind not in self._kinds:
+                raise ProtocolError(f"unexpected frame kind {kind}")
+            if length > MAX_PAYLOAD:
+                raise ProtocolError(f"frame length {length} is absurd")
+            if not _fds_allowed(kind, nfds, length):
+                raise ProtocolError(f"frame kind {kind} with {nfds} descriptors")
+            if len(self._fds) < nfds:
+                raise ProtocolError("frame arrived without its descriptors")
+            del buf[: HEADER.size]
+            self._kind, self._length = kind, length
+            self._frame_fds = [self._fds.popleft() for _ in range(nfds)]
+        need = self._length - self._have
+        if len(buf) < need:
+            if buf and need > 65536:
+                # Large payload: keep its pieces aside instead of growing the
+                # buffer, so collecting it stays linear in its size.
+                self._parts.append(bytes(buf))
+                self._have += len(buf)
+                buf.clear()
+            return None
+        if self._parts:
+            self._parts.append(bytes(buf[:need]))
+            payload = b"".join(self._parts)
+            self._parts, self._have = [], 0
+        else:
+            payload = bytes(buf[:need])
+        del buf[:need]
+        result = Frame(self._kind, payload, self._frame_fds)
+        self._kind, self._length, self._frame_fds = -1, 0, []
+        if not buf and self._fds:
+            result.close()
+            raise ProtocolError("descriptors arrived with no frame")
+        return result
+
+    def eof(self) -> None:
+        """The stream ended: fine at a frame boundary, an error inside one."""
+        if not self.idle():
+            self._dead = True
+            self.close()
+            raise ProtocolError("stream ended inside a frame")
+
+    def close(self) -> None:
+        for fd in self._frame_fds:
+            close_fd(fd)
+        self._frame_fds = []
+        while self._fds:
+            close_fd(self._fds.popleft())
+
+
+# --- the outbox ----------------------------------------------------------------------
+
+
+class Outbox:
+    """Encoded frames waiting to be written, with the descriptors they carry.
+
+    The outbox owns the descriptors queued with it (callers hand it their own
+    duplicates) and closes each once the kernel has taken it, or on
+    ``close()``.  A driver loops::
+
+        while outbox:
+            buffers, fds = outbox.chunk()
+            n = sock.sendmsg(buffers, ancillary(fds))
+            outbox.sent(n)
+    """
+
+    __slots__ = ("_segments", "_bytes")
+
+    # Each segment: [remaining bytes of one buffer, descriptors to send with its
+    # first byte (None once sent or when it has none)].
+    def __init__(self) -> None:
+        self._segments: deque[list[object]] = deque()
+        self._bytes = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._segments)
+
+    def __len__(self) -> int:
+        return self._bytes
+
+    def put(self, parts: Sequence[Buffer], fds: Sequence[int] = ()) -> None:
+        first = True
+        for p in parts:
+            if not len(p):
+                continue
+            view = p if isinstance(p, memoryview) else memoryview(p)
+            self._segments.append([view.cast("B"), list(fds) if first and fds else None])
+            self._bytes += len(view)
+            first = False
+
+    def chunk(self, limit: int = 64) -> tuple[list[memoryview], list[int]]:
+        """Buffers for the next ``sendmsg`` and the descriptors to attach.
+
+        A segment with descriptors always starts a chunk, and no later segment
+        with descriptors joins it, so each set travels with its own frame.
+        """
+        buffers: list[memoryview] = []
+        fds: list[int] = []
+        for seg in self._segments:
+            seg_fds = seg[1]
+            if seg_fds is not None:
+                if buffers:
+                    break
+                fds = seg_fds  # type: ignore[assignment]
+            buffers.append(seg[0])  # type: ignore[arg-type]
+            if len(buffers) >= limit:
+                break
+        return buffers, fds
+
+    def sent(self, n: int) -> None:
+        """The kernel took ``n`` bytes (n > 0 means the chunk's fds went too)."""
+        if n <= 0:
+            return
+        self._bytes -= n
+        segs = self._segments
+        first = True
+        while n:
+            seg = segs[0]
+            if first and seg[1] is not None:
+                for fd in seg[1]:  # type: ignore[attr-defined]
+                    close_fd(fd)
+                seg[1] = None
+            first = False
+            view: memoryview = seg[0]  # type: ignore[assignment]
+            if n >= len(view):
+                n -= len(view)
+                segs.popleft()
+            else:
+                seg[0] = view[n:]
+                n = 0
+
+    def close(self) -> None:
+        """Drop everything unsent and close the descriptors it held."""
+        for seg in self._segments:
+            if seg[1] is not None:
+                for fd in seg[1]:  # type: ignore[attr-defined]
+                    close_fd(fd)
+        self._segments.clear()
+        self._bytes = 0
+
+
+def ancillary(fds: Sequence[int], level: int, kind: int) -> list[tuple[int, int, bytes]]:
+    """SCM_RIGHTS ancillary data for ``sendmsg`` (socket constants passed in)."""
+    if not fds:
+        return []
+    return [(level, kind, struct.pack(f"{len(fds)}i", *fds))]
+
+
+def unpack_fds(ancdata: Sequence[tuple[int, int, bytes]], level: int, kind: int) -> list[int]:
+    """Descriptors out of ``recvmsg`` ancillary data (truncated records included)."""
+    fds: list[int] = []
+    for cmsg_level, cmsg_type, data in ancdata:
+        if cmsg_level == level and cmsg_type == kind:
+            usable = len(data) - len(data) % 4
+            fds.extend(struct.unpack(f"{usable // 4}i", data[:usable]))
+    return fds

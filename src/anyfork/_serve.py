@@ -1,0 +1,619 @@
+"""The serve loop: what every process anyfork creates runs until ``run``.
+
+Theory of operation
+-------------------
+A process starts in one of three ways: exec'd fresh by ``new_exec`` (``main``
+below, reached through a one-line bootstrap that imports only this module
+and ``_protocol``), forked by a template while that template was serving a
+``FORK`` command, or forked ahead of time as a *spare* that waits for a
+command socket to be handed to it.  In each case it ends up in
+``Server.serve``, reading commands from its socket one frame at a time and
+never past the frame it is working on: after ``RUN`` the socket belongs to
+the user's function, byte for byte.
+
+Commands change the process's state (``sys.path``, imported modules, the
+``__main__`` namespace, the list of arguments for ``run``).  ``FORK`` clones
+the process with that state: the child swaps its command socket for the new
+one and goes on serving; the parent, now a *template*, reports the child's
+pid on its report channel, reaps it when it exits (SIGCHLD wakes the loop
+through ``signal.set_wakeup_fd``) and reports the exit status.  Only the
+template, as the parent, can name a child's pid without racing pid reuse, so
+``KILL`` is a command to the template rather than a signal from the caller.
+
+A template asked for spares keeps that many children forked ahead, each
+blocked on a private socketpair; ``FORK`` then hands the new command socket
+to a spare instead of forking, which takes the fork off the caller's critical
+path.  Any command that changes the template's state discards its spares.
+
+Before forking, a template flushes stdio and freezes the garbage collector's
+view of its heap (``gc.freeze``): the child's collections then leave the
+inherited objects, and so the pages they live on, alone.
+
+Errors: a malformed stream prints "stream corrupted" and exits with status 2
+without executing anything more; an exception in eval, require, name lookup
+or the function prints its traceback and exits with status 1.  Either way
+the process first drains what is queued on its socket, so the caller sees
+EOF rather than a reset.
+
+This module imports the standard library and ``_protocol`` only.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import os
+import signal
+import socket
+import sys
+from collections import deque
+
+# Not "from typing import ...": typing pulls in re, contextlib and more, which
+# every forked process would then carry.  mypy honours a bare TYPE_CHECKING.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, NoReturn
+
+from . import _protocol as P
+
+_ANC_SPACE = socket.CMSG_SPACE(P.MAX_FDS * 4)
+_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+_MAX_READ = 1 << 20
+
+
+class _Corrupted(Exception):
+    pass
+
+
+def _recv(sock: socket.socket, n: int) -> tuple[bytes, list[int]]:
+    data, anc, flags, _ = sock.recvmsg(n, _ANC_SPACE, _RECV_FLAGS)
+    fds = P.unpack_fds(anc, socket.SOL_SOCKET, socket.SCM_RIGHTS)
+    if not _RECV_FLAGS:
+        for fd in fds:
+            os.set_inheritable(fd, False)
+    if flags & getattr(socket, "MSG_CTRUNC", 8):
+        for fd in fds:
+            P.close_fd(fd)
+        raise _Corrupted("descriptors lost in transit (MSG_CTRUNC: out of descriptors?)")
+    return data, fds
+
+
+def _wrap_fd(fd: int) -> object:
+    """A received descriptor as the object ``run``'s function gets."""
+    st = os.fstat(fd)
+    if st.st_mode & 0o170000 == 0o140000:  # S_ISSOCK
+        return socket.socket(fileno=fd)
+    import fcntl
+
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    acc = flags & getattr(os, "O_ACCMODE", 3)
+    if acc == os.O_RDONLY:
+        mode = "rb"
+    elif acc == os.O_WRONLY:
+        mode = "ab" if flags & os.O_APPEND else "wb"
+    else:
+        mode = "r+b"
+    try:
+        return open(fd, mode, buffering=0)  # noqa: SIM115 - ownership passes to the function
+    except OSError:
+        return fd  # directories, O_PATH and the like: the bare descriptor
+
+
+def _import(modname: str) -> object:
+    """The module, from sys.modules when it is there (the common case, and
+    cheaper than touching importlib in a freshly forked process)."""
+    module = sys.modules.get(modname)
+    if module is None:
+        __import__(modname)
+        module = sys.modules[modname]
+    return module
+
+
+def resolve(name: str, namespace: dict[str, object]) -> Callable[..., object]:
+    """Find the function ``run`` names: "mod:attr", "pkg.mod.attr" or "name"."""
+    if ":" in name:
+        modname, _, attrs = name.partition(":")
+        obj: object = _import(modname)
+        path = attrs.split(".")
+    else:
+        parts = name.split(".")
+        if len(parts) == 1:
+            if name in namespace:
+                return namespace[name]  # type: ignore[return-value]
+            import builtins
+
+            return getattr(builtins, name)  # type: ignore[no-any-return]
+        obj = None
+        for i in range(len(parts) - 1, 0, -1):
+            modname = ".".join(parts[:i])
+            if modname == "__main__":
+                obj = sys.modules["__main__"]
+                break
+            try:
+                obj = _import(modname)
+            except ModuleNotFoundError as e:
+                # Only "that prefix isn't a module" means try a shorter one;
+                # a module that exists but fails to import is a real error.
+                if e.name is None or not (modname == e.name or modname.startswith(e.name + ".")):
+                    raise
+                continue
+            break
+        else:
+            raise ModuleNotFoundError(f"no module found for {name!r}", name=parts[0])
+        path = parts[i:]
+    for attr in path:
+        obj = getattr(obj, attr)
+    if not callable(obj):
+        raise TypeError(f"{name!r} is not callable")
+    return obj  # type: ignore[return-value]
+
+
+class _Spare:
+    __slots__ = ("pid", "chan")
+
+    def __init__(self, pid: int, chan: socket.socket) -> None:
+        self.pid, self.chan = pid, chan
+
+
+class _Template:
+    """The state a process acquires when it is first forked from."""
+
+    def __init__(self, reports: socket.socket) -> None:
+        self.reports = reports
+        self.seq_of: dict[int, int] = {}  # pid -> seq, for children not yet reaped
+        self.pid_of: dict[int, int] = {}  # seq -> pid
+        self.spares: deque[_Spare] = deque()
+        self.want_spares = 0
+        self.poller: Any = None  # select.poll, made on first use
+        self.unreaped_commands = 0
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+            os.set_inheritable(fd, False)
+        signal.signal(signal.SIGCHLD, _on_sigchld)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+
+    def report(self, data: bytes) -> None:
+        try:
+            self.reports.sendall(data, _SEND_FLAGS)
+        except OSError:
+            pass  # the caller stopped listening; it finds out from EOF
+
+    def close(self) -> None:
+        """Give up the template role: in a child, or when the process runs."""
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for fd in (self.wake_r, self.wake_w):
+            P.close_fd(fd)
+        self.reports.close()
+        self.drop_spares()
+
+    def drop_spares(self) -> None:
+        while self.spares:
+            self.spares.popleft().chan.close()  # the spare sees EOF and exits
+
+    def reap(self) -> None:
+        try:
+            while os.read(self.wake_r, 256):
+                pass
+        except OSError:
+            pass
+        for pid, status in self._collect():
+            seq = self.seq_of.pop(pid, 0)
+            if seq:
+                del self.pid_of[seq]
+                if status is not None:
+                    self.report(P.exit_report(seq, os.waitstatus_to_exitcode(status)))
+                continue
+            for spare in self.spares:
+                if spare.pid == pid:
+                    self.spares.remove(spare)
+                    spare.chan.close()
+                    break
+
+    def _collect(self) -> list[tuple[int, int | None]]:
+        """Reap those of our children that exited: (pid, wait status or None).
+
+        Code eval'd in a template may run children of its own (subprocess);
+        waitpid(-1) would steal their statuses.  So peek at the first zombie
+        with WNOWAIT and reap it only if it is ours; when someone else's is
+        first in line (or there is no waitid), ask ours one by one.
+        """
+        ours = set(self.seq_of)
+        ours.update(s.pid for s in self.spares)
+        done: list[tuple[int, int | None]] = []
+        waitid = getattr(os, "waitid", None)
+        while ours and waitid is not None:
+            try:
+                info = waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return done
+            if info is None:
+                return done
+            if info.si_pid not in ours:
+                break
+            _, status = os.waitpid(info.si_pid, 0)  # a zombie: does not block
+            done.append((info.si_pid, status))
+            ours.discard(info.si_pid)
+        for pid in ours:
+            try:
+                got, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                got, status = pid, None  # reaped behind our back
+            if got:
+                done.append((pid, status))
+        return done
+
+
+def _on_sigchld(signum: int, frame: object) -> None:
+    pass  # the wakeup fd does the work; the loop reaps
+
+
+class Server:
+    """One process's serve loop.  ``serve()`` never returns."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.decoder = P.Decoder(P.COMMANDS)
+        self.items: list[object] = []
+        self.namespace: dict[str, object] = sys.modules["__main__"].__dict__
+        self.template: _Template | None = None
+        self.want_spares = 0  # applies once the process becomes a template
+
+    # --- reading -------------------------------------------------------------
+
+    def _wait_readable(self) -> None:
+        """Block until the command socket is readable, reaping as children exit.
+
+        A pending command goes first: it is on the caller's critical path,
+        while an exit report is read lazily.  Reaping still happens at least
+        every few commands, so a busy template's zombies don't pile up.
+        """
+        tpl = self.template
+        if tpl is None:
+            return
+        poller = tpl.poller
+        if poller is None:
+            import select
+
+            poller = tpl.poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLIN)
+            poller.register(tpl.wake_r, select.POLLIN)
+        sock_fd = self.sock.fileno()
+        while True:
+            ready = [fd for fd, _ in poller.poll()]
+            if tpl.wake_r in ready and (sock_fd not in ready or tpl.unreaped_commands > 16):
+                tpl.unreaped_commands = 0
+                tpl.reap()
+            if sock_fd in ready:
+                tpl.unreaped_commands += 1
+                return
+
+    def next_frame(self) -> P.Frame | None:
+        """The next command, or None at a clean EOF."""
+        dec = self.decoder
+        while True:
+            frame = dec.next_frame()
+            if frame is not None:
+                return frame
+            if dec.idle():
+                self._wait_readable()
+            data, fds = _recv(self.sock, min(dec.wanted(), _MAX_READ))
+            if not data:
+                P.close_fds(fds)
+                dec.eof()
+                return None
+            dec.feed(data, fds)
+
+    # --- the loop ------------------------------------------------------------
+
+    def serve(self) -> NoReturn:
+        try:
+            while True:
+                frame = self.next_frame()
+                if frame is None:
+                    _exit(0, run_atexit=False)
+                self.handle(frame)
+                tpl = self.template
+                if tpl is not None and len(tpl.spares) < tpl.want_spares:
+                    self.fork_spares()
+        except (P.ProtocolError, _Corrupted) as e:
+            self.decoder.close()
+            _fail(2, f"anyfork: stream corrupted: {e}", self.sock)
+        except SystemExit as e:
+            _fail(_exit_code(e), None, self.sock)
+        except BaseException:
+            sys.__excepthook__(*sys.exc_info())  # type: ignore[arg-type]
+            _fail(1, None, self.sock)
+
+    def handle(self, frame: P.Frame) -> None:
+        kind = frame.kind
+        if kind == P.FORK:
+            self.fork(frame)
+            return
+        if frame.fds and kind != P.FH:
+            frame.close()
+            raise _Corrupted("descriptors on a command that takes none")
+        if kind == P.RUN:
+            self.run(P.decode_text(frame.payload))
+        if kind == P.KILL:
+            seq, sig = P.decode_kill(frame.payload)
+            tpl = self.template
+            pid = tpl.pid_of.get(seq) if tpl is not None else None
+            if pid is not None:  # not yet reaped, so the pid is still our child's
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+            return
+        if kind == P.SPARES:
+            count = P.decode_u32(frame.payload)
+            if count > 64:
+                raise _Corrupted(f"{count} spares requested")
+            self.want_spares = count
+            if self.template is not None:
+                self.template.want_spares = count
+            return
+        # Everything below changes the state a fork would copy.
+        if self.template is not None:
+            self.template.drop_spares()
+        if kind == P.FH:
+            fds, frame.fds = frame.fds, []
+            for i, fd in enumerate(fds):
+                try:
+                    self.items.append(_wrap_fd(fd))
+                except BaseException:
+                    P.close_fds(fds[i:])
+                    raise
+        elif kind == P.ARG:
+            self.items.extend(P.decode_items(frame.payload))
+        elif kind == P.PATH:
+            sys.path[:] = P.decode_strs(frame.payload)
+        elif kind == P.REQUIRE:
+            for module in P.decode_strs(frame.payload):
+                __import__(module)
+        elif kind == P.EVAL:
+            items = P.decode_items(frame.payload)
+            if not items or not isinstance(items[0], str):
+                raise _Corrupted("eval without code")
+            self.eval(items[0], tuple(items[1:]))
+
+    def eval(self, code: str, args: tuple[object, ...]) -> None:
+        ns = self.namespace
+        missing = object()
+        saved = ns.get("args", missing)
+        ns["args"] = args
+        try:
+            exec(compile(code, "<anyfork eval>", "exec"), ns)
+        finally:
+            if saved is missing:
+                ns.pop("args", None)
+            else:
+                ns["args"] = saved
+
+    # --- forking -------------------------------------------------------------
+
+    def _fork(self) -> int:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except Exception:
+                pass
+        gc.freeze()  # keep the child's collections off the shared pages
+        pid = os.fork()
+        if pid == 0:
+            self._become_child()
+        return pid
+
+    def _become_child(self) -> None:
+        """Shed the parent's template role and its descriptors."""
+        if self.template is not None:
+            self.template.close()
+            self.template = None
+        self.sock.close()
+        atexit._clear()  # the parent's handlers are not ours to run
+
+    def _start(self, fd: int) -> None:
+        self.sock = socket.socket(fileno=fd)
+        self.decoder = P.Decoder(P.COMMANDS)
+
+    def fork(self, frame: P.Frame) -> None:
+        try:
+            seq, new_reports = P.decode_fork(frame.payload)
+        except P.ProtocolError:
+            frame.close()
+            raise
+        fds, frame.fds = frame.fds, []
+        child_fd = fds[0]
+        if new_reports:
+            if self.template is not None:
+                P.close_fds(fds)
+                raise _Corrupted("second report channel")
+            self.template = _Template(socket.socket(fileno=fds[1]))
+            self.template.want_spares = self.want_spares
+        elif self.template is None:
+            P.close_fds(fds)
+            raise _Corrupted("fork before any report channel")
+        tpl = self.template
+        while tpl.spares:
+            spare = tpl.spares.popleft()
+            try:
+                spare.chan.sendmsg(
+                    [b"F"], P.ancillary([child_fd], socket.SOL_SOCKET, socket.SCM_RIGHTS), _SEND_FLAGS
+                )
+            except OSError:
+                spare.chan.close()  # it died; reap() will collect it
+                continue
+            spare.chan.close()
+            os.close(child_fd)
+            self._track(seq, spare.pid)
+            return
+        try:
+            pid = self._fork()
+        except OSError as e:
+            os.close(child_fd)
+            tpl.report(P.failed_report(seq, f"fork failed: {e}"))
+            return
+        if pid == 0:
+            self._start(child_fd)
+            return
+        os.close(child_fd)
+        self._track(seq, pid)
+
+    def _track(self, seq: int, pid: int) -> None:
+        tpl = self.template
+        assert tpl is not None
+        tpl.seq_of[pid] = seq
+        tpl.pid_of[seq] = pid
+        tpl.report(P.pid_report(seq, pid))
+
+    def fork_spares(self) -> None:
+        tpl = self.template
+        assert tpl is not None
+        while len(tpl.spares) < tpl.want_spares:
+            mine, theirs = socket.socketpair()
+            try:
+                pid = self._fork()
+            except OSError:
+                mine.close()
+                theirs.close()
+                return
+            if pid == 0:
+                mine.close()
+                self._await_handoff(theirs)
+                return
+            theirs.close()
+            tpl.spares.append(_Spare(pid, mine))
+
+    def _await_handoff(self, chan: socket.socket) -> None:
+        """In a spare: wait for the command socket this process will serve."""
+        try:
+            data, fds = _recv(chan, 1)
+        except (OSError, _Corrupted):
+            data, fds = b"", []
+        chan.close()
+        if data != b"F" or len(fds) != 1:
+            P.close_fds(fds)
+            os._exit(0)  # the template let us go
+        self._start(fds[0])
+
+    # --- run -----------------------------------------------------------------
+
+    def run(self, name: str) -> NoReturn:
+        if self.template is not None:
+            # Our children are the function's now: stop reaping and reporting.
+            # The caller sees EOF on the report channel.
+            self.template.close()
+            self.template = None
+        func = resolve(name, self.namespace)
+        sock = self.sock
+        sock.setblocking(True)
+        _fresh_signals()
+        try:
+            func(sock, *self.items)
+        except SystemExit as e:
+            _exit(_exit_code(e), sock=sock)
+        except KeyboardInterrupt:
+            sys.__excepthook__(*sys.exc_info())  # type: ignore[arg-type]
+            _run_atexit()
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+            _exit(1, run_atexit=False)
+        except BaseException:
+            sys.__excepthook__(*sys.exc_info())  # type: ignore[arg-type]
+            _exit(1, sock=sock)
+        _exit(0, sock=sock)
+
+
+def _exit_code(e: SystemExit) -> int:
+    code = e.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _fresh_signals() -> None:
+    """Dispositions of a fresh interpreter, for the user's function."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
+def _run_atexit() -> None:
+    try:
+        atexit._run_exitfuncs()
+    except BaseException:
+        pass
+
+
+def _exit(code: int, run_atexit: bool = True, sock: socket.socket | None = None) -> NoReturn:
+    if run_atexit:
+        _run_atexit()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
+    if sock is not None:
+        # The kernel closes descriptors only after tearing down the address
+        # space; closing ours first lets the caller see EOF that much sooner.
+        try:
+            sock.close()
+        except OSError:
+            pass
+    os._exit(code & 0xFF)
+
+
+def _fail(code: int, message: str | None, sock: socket.socket) -> NoReturn:
+    """Exit on an error, after draining what is queued on the socket.
+
+    Closing a Unix socket with unread data makes the peer's next read fail
+    with ECONNRESET; draining first lets the caller see a plain EOF.
+    """
+    if message:
+        try:
+            print(message, file=sys.stderr)
+        except Exception:
+            pass
+    try:
+        sock.setblocking(False)
+        while True:
+            data, fds = _recv(sock, 65536)
+            P.close_fds(fds)
+            if not data:
+                break
+    except (OSError, _Corrupted):
+        pass
+    _exit(code, run_atexit=False)
+
+
+def main(fd: int) -> NoReturn:
+    """Entry point of an exec'd process: serve the command socket on ``fd``."""
+    os.set_inheritable(fd, False)
+    # Whatever else the exec let through is not ours: close it.
+    os.closerange(3, fd)
+    os.closerange(fd + 1, _max_fd())
+    # Ctrl-C in a terminal reaches the whole process group; a process that is
+    # still being prepared must not die of it with a traceback.  run()
+    # restores the default before calling the user's function.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The one-line bootstrap put a stand-in 'anyfork' package in sys.modules
+    # so that importing this module did not import the whole library.  Remove
+    # it: code run here that imports anyfork must get the real one.
+    stub = sys.modules.get("anyfork")
+    if stub is not None and getattr(stub, "__anyfork_stub__", False):
+        del sys.modules["anyfork"]
+    Server(socket.socket(fileno=fd)).serve()
+
+
+def _max_fd() -> int:
+    try:
+        return max(os.sysconf("SC_OPEN_MAX"), 256)
+    except (OSError, ValueError):
+        return 65536
