@@ -22,6 +22,7 @@ from ._errors import Error
 PYTHON: str | None = None
 
 FROZEN_MARKER = "--anyfork-serve"
+_BIND_MARK = "ANYFORK_UNSET_BIND_NOW"  # read and removed by _serve.main
 CHILD_FD = 3
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -150,11 +151,18 @@ def spawn(child_fd: int, path: list[str]) -> int:
         # dup2(3, 3) would keep close-on-exec set; go through another number.
         fd = os.dup(child_fd)  # close-on-exec by default
     actions.append((os.POSIX_SPAWN_DUP2, fd, CHILD_FD))
+    # Bind every dynamic symbol at start-up: lazy binding would have each
+    # forked child write the GOT pages again (a copy-on-write fault apiece)
+    # the first time it calls a function its template never called.  The
+    # serve loop removes the variable again, so nothing it runs inherits it.
+    env = dict(os.environ)
+    env["LD_BIND_NOW"] = "1"
+    env[_BIND_MARK] = "1" if "LD_BIND_NOW" not in os.environ else "0"
     try:
         return os.posix_spawn(
             argv[0],
             argv,
-            os.environ,
+            env,
             file_actions=actions,
             setsigmask=(),
             setsigdef=_catchable_signals(),

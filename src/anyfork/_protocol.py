@@ -84,7 +84,7 @@ REPORTS = frozenset({PID, EXIT, FAILED})
 FORK_NEW_REPORTS = 1  # flag: the second descriptor is the report channel
 
 _SEQ = struct.Struct("<Q")
-_SEQ_FLAGS = struct.Struct("<QB")
+_SEQ_FLAGS = FORK_PAYLOAD = struct.Struct("<QB")
 _SEQ_INT = struct.Struct("<Qq")
 _SEQ_SIG = struct.Struct("<Qi")
 _U32 = struct.Struct("<I")
@@ -184,12 +184,18 @@ def fh_frame(nfds: int) -> list[Buffer]:
     return frame(FH, (), nfds)
 
 
+# Reports are sent by templates between forks, where every object touched costs
+# a copy-on-write fault: keep them to a header constant and one pack.
+_PID_HEADER = HEADER.pack(VERSION, PID, 0, _SEQ_INT.size)
+_EXIT_HEADER = HEADER.pack(VERSION, EXIT, 0, _SEQ_INT.size)
+
+
 def pid_report(seq: int, pid: int) -> bytes:
-    return b"".join(frame(PID, [_SEQ_INT.pack(seq, pid)]))
+    return _PID_HEADER + _SEQ_INT.pack(seq, pid)
 
 
 def exit_report(seq: int, returncode: int) -> bytes:
-    return b"".join(frame(EXIT, [_SEQ_INT.pack(seq, returncode)]))
+    return _EXIT_HEADER + _SEQ_INT.pack(seq, returncode)
 
 
 def failed_report(seq: int, reason: str) -> bytes:
@@ -295,6 +301,8 @@ class Decoder:
     that much.  After a ``ProtocolError`` the decoder is dead; ``close()``
     closes every descriptor it still holds.
     """
+
+    __slots__ = ("_kinds", "_buf", "_fds", "_kind", "_length", "_frame_fds", "_parts", "_have", "_dead")
 
     def __init__(self, kinds: frozenset[int]) -> None:
         self._kinds = kinds

@@ -40,10 +40,10 @@ This module imports the standard library and ``_protocol`` only.
 
 from __future__ import annotations
 
+import _socket
 import atexit
 import gc
 import os
-import signal
 import socket
 import sys
 from collections import deque
@@ -52,30 +52,51 @@ from collections import deque
 # every forked process would then carry.  mypy honours a bare TYPE_CHECKING.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal as _signal
     from collections.abc import Callable
     from typing import Any, NoReturn
+else:
+    # The C module: signal.py's wrappers convert every result to an enum,
+    # touching (and, after a fork, copying) far more memory than the call.
+    import _signal
 
 from . import _protocol as P
 
-_ANC_SPACE = socket.CMSG_SPACE(P.MAX_FDS * 4)
-_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
-_SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+_ANC_SPACE = _socket.CMSG_SPACE(P.MAX_FDS * 4)
+_RECV_FLAGS = getattr(_socket, "MSG_CMSG_CLOEXEC", 0)
+_SEND_FLAGS = getattr(_socket, "MSG_NOSIGNAL", 0)
+_CTRUNC = getattr(_socket, "MSG_CTRUNC", 8)
+_SOL_SOCKET = _socket.SOL_SOCKET
+_SCM_RIGHTS = _socket.SCM_RIGHTS
 _MAX_READ = 1 << 20
+
+# The serve loop works on the C socket type (_socket.socket): its methods
+# are C calls, where socket.socket's close() and friends are Python code.
+# run() wraps the command socket in a socket.socket for the user.
+Sock = _socket.socket
 
 
 class _Corrupted(Exception):
     pass
 
 
-def _recv(sock: socket.socket, n: int) -> tuple[bytes, list[int]]:
+_FD = __import__("struct").Struct("i")
+
+
+_NO_FDS: list[int] = []
+_WARM_UP = b"".join(P.run_frame("builtins:id"))  # see Server._spare
+
+
+def _recv(sock: Sock, n: int) -> tuple[bytes, list[int]]:
     data, anc, flags, _ = sock.recvmsg(n, _ANC_SPACE, _RECV_FLAGS)
-    fds = P.unpack_fds(anc, socket.SOL_SOCKET, socket.SCM_RIGHTS)
+    if not anc and not flags & _CTRUNC:
+        return data, _NO_FDS
+    fds = P.unpack_fds(anc, _SOL_SOCKET, _SCM_RIGHTS)
     if not _RECV_FLAGS:
         for fd in fds:
             os.set_inheritable(fd, False)
-    if flags & getattr(socket, "MSG_CTRUNC", 8):
-        for fd in fds:
-            P.close_fd(fd)
+    if flags & _CTRUNC:
+        P.close_fds(fds)
         raise _Corrupted("descriptors lost in transit (MSG_CTRUNC: out of descriptors?)")
     return data, fds
 
@@ -153,14 +174,17 @@ def resolve(name: str, namespace: dict[str, object]) -> Callable[..., object]:
 class _Spare:
     __slots__ = ("pid", "chan")
 
-    def __init__(self, pid: int, chan: socket.socket) -> None:
+    def __init__(self, pid: int, chan: Sock) -> None:
         self.pid, self.chan = pid, chan
 
 
 class _Template:
     """The state a process acquires when it is first forked from."""
 
-    def __init__(self, reports: socket.socket) -> None:
+    __slots__ = ("reports", "seq_of", "pid_of", "spares", "want_spares", "poller",
+                 "unreaped_commands", "wake_r", "wake_w")
+
+    def __init__(self, reports: Sock) -> None:
         self.reports = reports
         self.seq_of: dict[int, int] = {}  # pid -> seq, for children not yet reaped
         self.pid_of: dict[int, int] = {}  # seq -> pid
@@ -172,8 +196,8 @@ class _Template:
         for fd in (self.wake_r, self.wake_w):
             os.set_blocking(fd, False)
             os.set_inheritable(fd, False)
-        signal.signal(signal.SIGCHLD, _on_sigchld)
-        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        _signal.signal(_signal.SIGCHLD, _on_sigchld)
+        _signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
 
     def report(self, data: bytes) -> None:
         try:
@@ -183,10 +207,10 @@ class _Template:
 
     def close(self) -> None:
         """Give up the template role: in a child, or when the process runs."""
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for fd in (self.wake_r, self.wake_w):
-            P.close_fd(fd)
+        _signal.set_wakeup_fd(-1)
+        _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+        os.close(self.wake_r)
+        os.close(self.wake_w)
         self.reports.close()
         self.drop_spares()
 
@@ -222,7 +246,8 @@ class _Template:
         first in line (or there is no waitid), ask ours one by one.
         """
         ours = set(self.seq_of)
-        ours.update(s.pid for s in self.spares)
+        for spare in self.spares:
+            ours.add(spare.pid)
         done: list[tuple[int, int | None]] = []
         waitid = getattr(os, "waitid", None)
         while ours and waitid is not None:
@@ -254,7 +279,9 @@ def _on_sigchld(signum: int, frame: object) -> None:
 class Server:
     """One process's serve loop.  ``serve()`` never returns."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    __slots__ = ("sock", "decoder", "items", "namespace", "template", "want_spares")
+
+    def __init__(self, sock: Sock) -> None:
         self.sock = sock
         self.decoder = P.Decoder(P.COMMANDS)
         self.items: list[object] = []
@@ -264,33 +291,6 @@ class Server:
 
     # --- reading -------------------------------------------------------------
 
-    def _wait_readable(self) -> None:
-        """Block until the command socket is readable, reaping as children exit.
-
-        A pending command goes first: it is on the caller's critical path,
-        while an exit report is read lazily.  Reaping still happens at least
-        every few commands, so a busy template's zombies don't pile up.
-        """
-        tpl = self.template
-        if tpl is None:
-            return
-        poller = tpl.poller
-        if poller is None:
-            import select
-
-            poller = tpl.poller = select.poll()
-            poller.register(self.sock.fileno(), select.POLLIN)
-            poller.register(tpl.wake_r, select.POLLIN)
-        sock_fd = self.sock.fileno()
-        while True:
-            ready = [fd for fd, _ in poller.poll()]
-            if tpl.wake_r in ready and (sock_fd not in ready or tpl.unreaped_commands > 16):
-                tpl.unreaped_commands = 0
-                tpl.reap()
-            if sock_fd in ready:
-                tpl.unreaped_commands += 1
-                return
-
     def next_frame(self) -> P.Frame | None:
         """The next command, or None at a clean EOF."""
         dec = self.decoder
@@ -298,8 +298,6 @@ class Server:
             frame = dec.next_frame()
             if frame is not None:
                 return frame
-            if dec.idle():
-                self._wait_readable()
             data, fds = _recv(self.sock, min(dec.wanted(), _MAX_READ))
             if not data:
                 P.close_fds(fds)
@@ -312,13 +310,12 @@ class Server:
     def serve(self) -> NoReturn:
         try:
             while True:
+                if self.template is not None and self.decoder.idle():
+                    self._template_loop()
                 frame = self.next_frame()
                 if frame is None:
                     _exit(0, run_atexit=False)
                 self.handle(frame)
-                tpl = self.template
-                if tpl is not None and len(tpl.spares) < tpl.want_spares:
-                    self.fork_spares()
         except (P.ProtocolError, _Corrupted) as e:
             self.decoder.close()
             _fail(2, f"anyfork: stream corrupted: {e}", self.sock)
@@ -396,6 +393,12 @@ class Server:
     # --- forking -------------------------------------------------------------
 
     def _fork(self) -> int:
+        """Fork; in the child, shed the template role before returning 0.
+
+        Everything a freshly forked process runs writes to pages it shares
+        with its template, and each such page costs a copy-on-write fault
+        (a few microseconds): the child's side is kept to C calls.
+        """
         for stream in (sys.stdout, sys.stderr):
             try:
                 if stream is not None:
@@ -405,19 +408,22 @@ class Server:
         gc.freeze()  # keep the child's collections off the shared pages
         pid = os.fork()
         if pid == 0:
-            self._become_child()
+            tpl = self.template
+            if tpl is not None:
+                self.template = None
+                _signal.set_wakeup_fd(-1)
+                _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+                os.close(tpl.wake_r)
+                os.close(tpl.wake_w)
+                tpl.reports.close()
+                for spare in tpl.spares:
+                    spare.chan.close()
+            self.sock.close()
+            atexit._clear()  # the parent's handlers are not ours to run
         return pid
 
-    def _become_child(self) -> None:
-        """Shed the parent's template role and its descriptors."""
-        if self.template is not None:
-            self.template.close()
-            self.template = None
-        self.sock.close()
-        atexit._clear()  # the parent's handlers are not ours to run
-
     def _start(self, fd: int) -> None:
-        self.sock = socket.socket(fileno=fd)
+        self.sock = Sock(fileno=fd)
         self.decoder = P.Decoder(P.COMMANDS)
 
     def fork(self, frame: P.Frame) -> None:
@@ -432,49 +438,125 @@ class Server:
             if self.template is not None:
                 P.close_fds(fds)
                 raise _Corrupted("second report channel")
-            self.template = _Template(socket.socket(fileno=fds[1]))
+            self.template = _Template(Sock(fileno=fds[1]))
             self.template.want_spares = self.want_spares
         elif self.template is None:
             P.close_fds(fds)
             raise _Corrupted("fork before any report channel")
-        tpl = self.template
-        while tpl.spares:
-            spare = tpl.spares.popleft()
-            try:
-                spare.chan.sendmsg(
-                    [b"F"], P.ancillary([child_fd], socket.SOL_SOCKET, socket.SCM_RIGHTS), _SEND_FLAGS
-                )
-            except OSError:
-                spare.chan.close()  # it died; reap() will collect it
-                continue
-            spare.chan.close()
-            os.close(child_fd)
-            self._track(seq, spare.pid)
-            return
-        try:
-            pid = self._fork()
-        except OSError as e:
-            os.close(child_fd)
-            tpl.report(P.failed_report(seq, f"fork failed: {e}"))
-            return
-        if pid == 0:
-            self._start(child_fd)
-            return
-        os.close(child_fd)
-        self._track(seq, pid)
+        self._fork_for(seq, child_fd)
 
-    def _track(self, seq: int, pid: int) -> None:
+    def _fork_for(self, seq: int, child_fd: int) -> None:
+        """Give the caller's new command socket a process: a spare, or a fork."""
         tpl = self.template
         assert tpl is not None
+        spares = tpl.spares
+        pid = 0
+        while spares:
+            spare = spares.popleft()
+            try:
+                spare.chan.sendmsg([b"F"], [(_SOL_SOCKET, _SCM_RIGHTS, _FD.pack(child_fd))], _SEND_FLAGS)
+            except OSError:
+                spare.chan.close()  # it died; reap() collects it
+                continue
+            spare.chan.close()
+            pid = spare.pid
+            break
+        else:
+            try:
+                pid = self._fork()
+            except OSError as e:
+                os.close(child_fd)
+                tpl.report(P.failed_report(seq, f"fork failed: {e}"))
+                return
+            if pid == 0:
+                self._start(child_fd)
+                return
+        os.close(child_fd)
         tpl.seq_of[pid] = seq
         tpl.pid_of[seq] = pid
         tpl.report(P.pid_report(seq, pid))
 
+    def _template_loop(self) -> None:
+        """A template's hot path: FORK after FORK, with as little Python as possible.
+
+        A template spends its life forking, and after each fork every page it
+        writes costs a copy-on-write fault (a few microseconds each), so this
+        loop is one flat function over C calls.  It takes only FORK frames of
+        exactly the expected shape.  Anything else (another command, garbage,
+        a short read) is fed to the decoder and left to the generic path,
+        which owns the errors.  Returns then, or in a forked child.
+
+        Pending commands go before reaping: they are on the caller's critical
+        path, an exit report is read lazily.  Reaping still happens at least
+        every few commands, so a busy template's zombies don't pile up.
+        """
+        tpl = self.template
+        assert tpl is not None
+        sock = self.sock
+        sock_fd = sock.fileno()
+        wake_r = tpl.wake_r
+        spares = tpl.spares
+        feed = self.decoder.feed
+        poller = tpl.poller
+        if poller is None:
+            import select
+
+            poller = tpl.poller = select.poll()
+            poller.register(sock_fd, select.POLLIN)
+            poller.register(wake_r, select.POLLIN)
+        poll = poller.poll
+        hsize = P.HEADER.size
+        unpack_header = P.HEADER.unpack
+        fork_kind = P.FORK
+        fork_size = P.FORK_PAYLOAD.size
+        unpack_fork = P.FORK_PAYLOAD.unpack
+        version = P.VERSION
+        while True:
+            if len(spares) < tpl.want_spares and not poll(0):
+                self.fork_spares()
+                if self.template is None:
+                    return  # a spare, handed its command socket
+                continue
+            readable = woken = False
+            for fd, _ in poll():
+                if fd == sock_fd:
+                    readable = True
+                elif fd == wake_r:
+                    woken = True
+            if woken and (not readable or tpl.unreaped_commands > 16):
+                tpl.unreaped_commands = 0
+                tpl.reap()
+            if not readable:
+                continue
+            tpl.unreaped_commands += 1
+            data, fds = _recv(sock, hsize)
+            if len(data) != hsize or data[1] != fork_kind:
+                feed(data, fds)
+                return
+            ver, _, nfds, length = unpack_header(data)
+            if ver != version or nfds != 1 or len(fds) != 1 or length != fork_size:
+                feed(data, fds)
+                return
+            payload, more = _recv(sock, length)
+            if len(payload) != length or more:
+                feed(data, fds)
+                feed(payload, more)
+                return
+            seq, flags = unpack_fork(payload)
+            if flags:
+                feed(data, fds)
+                feed(payload)
+                return
+            self._fork_for(seq, fds[0])
+            if self.template is None:
+                return  # the child of a direct fork
+
     def fork_spares(self) -> None:
         tpl = self.template
         assert tpl is not None
-        while len(tpl.spares) < tpl.want_spares:
-            mine, theirs = socket.socketpair()
+        spares = tpl.spares
+        while len(spares) < tpl.want_spares:
+            mine, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
             try:
                 pid = self._fork()
             except OSError:
@@ -483,13 +565,24 @@ class Server:
                 return
             if pid == 0:
                 mine.close()
-                self._await_handoff(theirs)
+                self._spare(theirs)
                 return
             theirs.close()
-            tpl.spares.append(_Spare(pid, mine))
+            spares.append(_Spare(pid, mine))
 
-    def _await_handoff(self, chan: socket.socket) -> None:
-        """In a spare: wait for the command socket this process will serve."""
+    def _spare(self, chan: Sock) -> None:
+        """In a spare: wait for the command socket this process will serve.
+
+        While it waits, the spare runs the decoding and name lookup of a
+        typical ``run`` once on a dummy frame.  Those pages are then copied
+        while it idles, not after the caller has sent a command and is
+        waiting for the process to act on it.
+        """
+        decoder = P.Decoder(P.COMMANDS)
+        decoder.feed(_WARM_UP)
+        frame = decoder.next_frame()
+        if frame is not None:
+            resolve(P.decode_text(frame.payload), self.namespace)
         try:
             data, fds = _recv(chan, 1)
         except (OSError, _Corrupted):
@@ -498,7 +591,8 @@ class Server:
         if data != b"F" or len(fds) != 1:
             P.close_fds(fds)
             os._exit(0)  # the template let us go
-        self._start(fds[0])
+        self.sock = Sock(fileno=fds[0])
+        self.decoder = decoder
 
     # --- run -----------------------------------------------------------------
 
@@ -509,7 +603,7 @@ class Server:
             self.template.close()
             self.template = None
         func = resolve(name, self.namespace)
-        sock = self.sock
+        sock = socket.socket(fileno=self.sock.detach())
         sock.setblocking(True)
         _fresh_signals()
         try:
@@ -519,8 +613,8 @@ class Server:
         except KeyboardInterrupt:
             sys.__excepthook__(*sys.exc_info())  # type: ignore[arg-type]
             _run_atexit()
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
+            _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+            os.kill(os.getpid(), _signal.SIGINT)
             _exit(1, run_atexit=False)
         except BaseException:
             sys.__excepthook__(*sys.exc_info())  # type: ignore[arg-type]
@@ -540,8 +634,8 @@ def _exit_code(e: SystemExit) -> int:
 
 def _fresh_signals() -> None:
     """Dispositions of a fresh interpreter, for the user's function."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+    _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
 
 
 def _run_atexit() -> None:
@@ -551,7 +645,7 @@ def _run_atexit() -> None:
         pass
 
 
-def _exit(code: int, run_atexit: bool = True, sock: socket.socket | None = None) -> NoReturn:
+def _exit(code: int, run_atexit: bool = True, sock: Sock | None = None) -> NoReturn:
     if run_atexit:
         _run_atexit()
     for stream in (sys.stdout, sys.stderr):
@@ -570,7 +664,7 @@ def _exit(code: int, run_atexit: bool = True, sock: socket.socket | None = None)
     os._exit(code & 0xFF)
 
 
-def _fail(code: int, message: str | None, sock: socket.socket) -> NoReturn:
+def _fail(code: int, message: str | None, sock: Sock) -> NoReturn:
     """Exit on an error, after draining what is queued on the socket.
 
     Closing a Unix socket with unread data makes the peer's next read fail
@@ -596,20 +690,22 @@ def _fail(code: int, message: str | None, sock: socket.socket) -> NoReturn:
 def main(fd: int) -> NoReturn:
     """Entry point of an exec'd process: serve the command socket on ``fd``."""
     os.set_inheritable(fd, False)
+    if os.environ.pop("ANYFORK_UNSET_BIND_NOW", "0") == "1":
+        os.environ.pop("LD_BIND_NOW", None)  # set by _exec.spawn for this process only
     # Whatever else the exec let through is not ours: close it.
     os.closerange(3, fd)
     os.closerange(fd + 1, _max_fd())
     # Ctrl-C in a terminal reaches the whole process group; a process that is
     # still being prepared must not die of it with a traceback.  run()
     # restores the default before calling the user's function.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
     # The one-line bootstrap put a stand-in 'anyfork' package in sys.modules
     # so that importing this module did not import the whole library.  Remove
     # it: code run here that imports anyfork must get the real one.
     stub = sys.modules.get("anyfork")
     if stub is not None and getattr(stub, "__anyfork_stub__", False):
         del sys.modules["anyfork"]
-    Server(socket.socket(fileno=fd)).serve()
+    Server(Sock(fileno=fd)).serve()
 
 
 def _max_fd() -> int:
