@@ -56,7 +56,13 @@ async def _flush(proc: Process, sock: socket.socket) -> None:
 
 
 async def _await_reports(reports: _Reports, done: Callable[[], bool]) -> None:
-    """Wait until ``done()``, reading the report channel from the loop."""
+    """Wait until ``done()``, reading the report channel from the loop.
+
+    asyncio allows one reader per descriptor, and several tasks may wait on
+    the same template, so the loop gets one shared reader per channel: it
+    pumps the channel, and every pump that reads something wakes every
+    waiter (``_Reports._wake_async``), who then check their own condition.
+    """
     loop = asyncio.get_running_loop()
     while not done():
         fd = reports.fileno()
@@ -65,17 +71,41 @@ async def _await_reports(reports: _Reports, done: Callable[[], bool]) -> None:
         fut: asyncio.Future[None] = loop.create_future()
         entry = (loop, fut)
         reports.async_waiters.append(entry)
-        loop.add_reader(fd, _set, fut)
+        if reports.async_loops.get(loop, 0) == 0:
+            loop.add_reader(fd, _on_readable, loop, reports, fd)
+        reports.async_loops[loop] = reports.async_loops.get(loop, 0) + 1
         try:
             reports.pump(0)
             if done() or reports.fileno() < 0:
                 return
             await fut
-            reports.pump(0)
         finally:
             reports.async_waiters.remove(entry)
-            if fd >= 0:
+            left = reports.async_loops.pop(loop, 0) - 1
+            if left > 0:
+                reports.async_loops[loop] = left
+            elif left == 0 and reports.fileno() == fd:
                 loop.remove_reader(fd)
+            # left < 0: _on_readable saw the channel end and unregistered it
+
+
+def _on_readable(loop: asyncio.AbstractEventLoop, reports: _Reports, fd: int) -> None:
+    reports.pump(0)
+    if reports.fileno() != fd:
+        # The channel ended and its descriptor is closed: unregister now,
+        # before the number can be reused, and wake everyone to notice.
+        loop.remove_reader(fd)
+        reports.async_loops.pop(loop, None)
+        reports._wake_async()
+
+
+def _watch_exit(loop: asyncio.AbstractEventLoop, proc: Process) -> None:
+    """Let the running loop reap a process the caller spawned, as it exits."""
+    d = proc._direct
+    if d is None or d.pidfd < 0 or d.loop is not None or d.done():
+        return
+    d.loop = loop
+    loop.add_reader(d.pidfd, d.poll)
 
 
 async def run(proc: Process, sock: socket.socket) -> socket.socket:
@@ -96,5 +126,6 @@ async def run(proc: Process, sock: socket.socket) -> socket.socket:
     except BaseException:
         sock.close()
         raise
+    _watch_exit(asyncio.get_running_loop(), proc)
     sock.setblocking(False)
     return sock

@@ -56,50 +56,80 @@ def find_python() -> str:
 
 # -- site or no site -------------------------------------------------------------
 
-_site_cache: tuple[tuple[str, ...], bool] | None = None
+_site_cache: tuple[tuple[str, ...], tuple[bool, list[str]]] | None = None
 
 
-def needs_site(path: list[str]) -> bool:
-    """Whether a child must run site.py to import what the caller can.
+def site_plan(path: list[str]) -> tuple[bool, list[str]]:
+    """How a child gets the import hooks the caller's site processing set up.
 
     ``-S`` starts several times faster, and with the caller's sys.path handed
     over, plain path-based imports work without site.  What would be lost is
     what site *runs*: import lines in .pth files (editable-install finders,
-    other import hooks) and sitecustomize/usercustomize.  So use site if the
-    caller ran it and any of those is present.  The distutils-precedence.pth
-    that setuptools installs everywhere only shims ``import distutils``; it
-    does not count.
+    other import hooks) and sitecustomize/usercustomize.  So:
+
+    - the child runs site if the caller did and any of those is present in
+      the site directories site itself processes;
+    - directories the caller added with ``site.addsitedir`` that hold such
+      .pth files are returned, for the child to process the same way (the
+      SITE command), since the child's own site would not know them.
+
+    The distutils-precedence.pth that setuptools installs everywhere only
+    shims ``import distutils``; it does not count.
+
+    Returns:
+        (whether to run site, extra directories to ``site.addsitedir``)
     """
     global _site_cache
     key = tuple(path)
     if _site_cache is not None and _site_cache[0] == key:
         return _site_cache[1]
-    result = _needs_site(path)
+    result = _site_plan(path)
     _site_cache = (key, result)
     return result
 
 
-def _needs_site(path: list[str]) -> bool:
-    if sys.flags.no_site:
+def needs_site(path: list[str]) -> bool:
+    """Whether a child must start with site processing (see ``site_plan``)."""
+    return site_plan(path)[0]
+
+
+def _has_import_pth(entry: str) -> bool:
+    try:
+        names = os.listdir(entry or ".")
+    except OSError:
         return False
-    if "sitecustomize" in sys.modules or "usercustomize" in sys.modules:
-        return True
-    for entry in path:
+    for name in names:
+        if not name.endswith(".pth") or name == "distutils-precedence.pth":
+            continue
         try:
-            names = os.listdir(entry or ".")
+            with open(os.path.join(entry or ".", name), encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    if line.startswith(("import ", "import\t")):
+                        return True
         except OSError:
             continue
-        for name in names:
-            if not name.endswith(".pth") or name == "distutils-precedence.pth":
-                continue
-            try:
-                with open(os.path.join(entry or ".", name), encoding="utf-8", errors="replace") as f:
-                    for line in f:
-                        if line.startswith(("import ", "import\t")):
-                            return True
-            except OSError:
-                continue
     return False
+
+
+def _site_plan(path: list[str]) -> tuple[bool, list[str]]:
+    hooked = [entry for entry in path if _has_import_pth(entry)]
+    if sys.flags.no_site or "site" not in sys.modules:
+        # The caller ran without site: its hooks, if any, came from
+        # addsitedir calls, which the child repeats.
+        return False, hooked
+    import site
+
+    own = set()
+    try:
+        own.update(os.path.abspath(d) for d in site.getsitepackages())
+    except AttributeError:  # pragma: no cover - some virtualenv versions
+        pass
+    if site.ENABLE_USER_SITE:
+        own.add(os.path.abspath(site.getusersitepackages()))
+    customized = "sitecustomize" in sys.modules or "usercustomize" in sys.modules
+    use_site = customized or any(os.path.abspath(e) in own for e in hooked)
+    extra = [e for e in hooked if not (use_site and os.path.abspath(e) in own)]
+    return use_site, extra
 
 
 # -- spawning ------------------------------------------------------------------------

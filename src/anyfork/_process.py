@@ -68,6 +68,7 @@ else:
 _lock = threading.Lock()
 _generation = 0
 _owned: dict[int, socket.socket | None] = {}
+_fd_holders: weakref.WeakSet[Process] = weakref.WeakSet()  # outboxes holding send_fh duplicates
 
 
 def _own(obj: socket.socket | int) -> None:
@@ -97,6 +98,9 @@ def _after_fork_in_child() -> None:
             sock.detach()  # its finalizer must not close a reused number later
         P.close_fd(fd)
     _owned.clear()
+    for proc in list(_fd_holders):
+        proc._out.close()  # the send_fh duplicates it had not sent yet
+    _fd_holders.clear()
     _directs.clear()
     _default = None
     _early = None
@@ -112,13 +116,14 @@ if hasattr(os, "register_at_fork"):
 class _Direct:
     """A process the caller spawned itself, and so must reap."""
 
-    __slots__ = ("pid", "pidfd", "lock", "returncode", "lost")
+    __slots__ = ("pid", "pidfd", "lock", "returncode", "lost", "loop")
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.lock = threading.Lock()
         self.returncode: int | None = None
         self.lost = False
+        self.loop: Any = None  # an asyncio loop watching the pidfd (see _aio)
         self.pidfd = -1
         if hasattr(os, "pidfd_open"):
             try:
@@ -135,10 +140,14 @@ class _Direct:
             self.lost = True
         else:
             self.returncode = os.waitstatus_to_exitcode(status)
-        if self.pidfd >= 0:
-            _disown(self.pidfd)
-            P.close_fd(self.pidfd)
-            self.pidfd = -1
+        fd, self.pidfd = self.pidfd, -1
+        if fd >= 0:
+            _disown(fd)
+            loop, self.loop = self.loop, None
+            if loop is None:
+                P.close_fd(fd)
+            else:
+                _unwatch(loop, fd)
         _directs.pop(self.pid, None)
 
     def poll(self, block: bool = False) -> bool:
@@ -195,6 +204,31 @@ class _Direct:
                 os.kill(self.pid, sig)
 
 
+def _unwatch(loop: Any, fd: int) -> None:
+    """Close a pidfd an asyncio loop watches, unregistering it first.
+
+    Closing it while it is registered would leave the loop's selector with a
+    stale entry for a number the next open() may reuse.
+    """
+
+    def unregister() -> None:
+        loop.remove_reader(fd)
+        P.close_fd(fd)
+
+    try:
+        import asyncio
+
+        if asyncio.get_running_loop() is loop:
+            unregister()
+            return
+    except RuntimeError:
+        pass
+    try:
+        loop.call_soon_threadsafe(unregister)
+    except RuntimeError:  # the loop is closed: nothing is registered any more
+        P.close_fd(fd)
+
+
 _directs: dict[int, _Direct] = {}
 
 
@@ -227,6 +261,7 @@ class _Reports:
         self.ended: str | None = None  # why no more reports will come
         self.handed_over = False  # the template ran a function
         self.async_waiters: list[tuple[Any, Any]] = []
+        self.async_loops: dict[Any, int] = {}  # loop -> waiters sharing its reader (see _aio)
         _own(sock)
 
     def fileno(self) -> int:
@@ -609,6 +644,7 @@ class Process:
             except Error:
                 P.close_fds(dups)
                 raise
+            _fd_holders.add(self)
             for i in range(0, len(dups), P.MAX_FDS):
                 chunk = dups[i : i + P.MAX_FDS]
                 self._out.put(P.fh_frame(len(chunk)), chunk)
@@ -646,6 +682,9 @@ class Process:
             self._out.put(P.fork_frame(seq, new_reports), fds)
             try:
                 self._flush()
+            except ProcessExitedError as e:
+                child._close()
+                raise TemplateDiedError(f"template {e}") from e
             except Error:
                 child._close()
                 raise
@@ -879,6 +918,7 @@ class Process:
 
 _default: Process | None = None
 _default_path: list[str] = []
+_default_site: list[str] = []  # site directories the default template processed
 _early: Process | None = None  # set by anyfork.early
 _SPARES = 1
 
@@ -903,8 +943,10 @@ def new_exec() -> Process:
     """
     _check_supported()
     _reap_directs()
-    if _early is not None:
-        return _early.fork()
+    if _early is not None and _template_alive(_early):
+        proc = _early.fork()
+        proc._out.put(P.items_frame(P.PATH, sys.path))  # the early one has sys.path as of its fork
+        return proc
     mine, theirs = socket.socketpair()
     try:
         pid = _exec.spawn(theirs.fileno(), sys.path)
@@ -916,8 +958,20 @@ def new_exec() -> Process:
     direct = _Direct(pid)
     _directs[pid] = direct
     proc = Process(_TOKEN, mine, direct=direct)
-    proc._out.put(P.items_frame(P.PATH, sys.path))
+    _send_path(proc, [])
     return proc
+
+
+def _send_path(proc: Process, known_site: list[str]) -> list[str]:
+    """Queue the caller's sys.path, and the site directories it needs that
+    the process doesn't know yet; returns every site directory it now knows."""
+    path = list(sys.path)
+    proc._out.put(P.items_frame(P.PATH, path))
+    _, extra = _exec.site_plan(path)
+    new = [d for d in extra if d not in known_site]
+    if new:
+        proc._out.put(P.items_frame(P.SITE, new))
+    return known_site + new
 
 
 def _template_alive(tpl: Process) -> bool:
@@ -931,7 +985,7 @@ def _template_alive(tpl: Process) -> bool:
 
 
 def _default_template() -> Process:
-    global _default, _default_path
+    global _default, _default_path, _default_site
     tpl = _default
     if tpl is not None and _template_alive(tpl):
         return tpl
@@ -941,11 +995,15 @@ def _default_template() -> Process:
             return tpl
         if tpl is not None:
             tpl.close()
-        if _early is not None:
+        if _early is not None and _template_alive(_early):
             tpl = _early
+            with tpl._lock:  # it has sys.path as of its fork; bring it up to date
+                tpl._out.put(P.items_frame(P.PATH, sys.path))
+            _default_site = []
         else:
-            tpl = new_exec()
+            tpl = new_exec()  # it queues PATH and SITE
             tpl._out.put(P.spares_frame(_SPARES))
+            _default_site = _exec.site_plan(sys.path)[1]
         _default_path = list(sys.path)
         _default = tpl
         return tpl
@@ -973,8 +1031,7 @@ def new() -> Process:
             if attempt == 2:
                 raise
             continue
-        path = sys.path
-        if path != _default_path:
-            proc._out.put(P.items_frame(P.PATH, path))
+        if sys.path != _default_path:
+            _send_path(proc, _default_site)
         return proc
     raise AssertionError("unreachable")  # pragma: no cover

@@ -72,13 +72,14 @@ FORK = 6  # u64 seq, u8 flags; fds: new command socket [, report socket]
 RUN = 7  # UTF-8 name of the function to call
 KILL = 8  # u64 seq, i32 signal: signal a process this template forked
 SPARES = 9  # u32: how many processes to keep forked ahead
+SITE = 10  # items: directories to process as site.addsitedir does
 
 # Reports, template -> caller, on the report channel.
 PID = 64  # u64 seq, i64 pid
 EXIT = 65  # u64 seq, i64 returncode (subprocess convention)
 FAILED = 66  # u64 seq, UTF-8 reason: the fork did not happen
 
-COMMANDS = frozenset({PATH, REQUIRE, EVAL, ARG, FH, FORK, RUN, KILL, SPARES})
+COMMANDS = frozenset({PATH, REQUIRE, EVAL, ARG, FH, FORK, RUN, KILL, SPARES, SITE})
 REPORTS = frozenset({PID, EXIT, FAILED})
 
 FORK_NEW_REPORTS = 1  # flag: the second descriptor is the report channel

@@ -368,6 +368,15 @@ class Server:
             self.items.extend(P.decode_items(frame.payload))
         elif kind == P.PATH:
             sys.path[:] = P.decode_strs(frame.payload)
+        elif kind == P.SITE:
+            # Directories the caller gave to site.addsitedir: run their .pth
+            # files here too (import hooks), keeping sys.path as PATH set it.
+            import site
+
+            path = list(sys.path)
+            for directory in P.decode_strs(frame.payload):
+                site.addsitedir(directory)
+            sys.path[:] = path + [p for p in sys.path if p not in path]
         elif kind == P.REQUIRE:
             for module in P.decode_strs(frame.payload):
                 __import__(module)

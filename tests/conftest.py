@@ -1,0 +1,104 @@
+"""Fixtures shared by the test modules.
+
+``check_leaks`` is what the modules that start processes opt into (with
+``pytestmark``): after the test it diffs ``/proc/self/fd`` against the
+snapshot taken before, and looks for zombie children.  The default template
+is long-lived by design, so it is started once per session before any
+snapshot, and only the descriptors it owns at the end of a test (it may have
+been replaced during the test) are allowed to be new.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+
+import anyfork
+from anyfork import _process
+from helpers import open_fds, zombie_children
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+# How long exiting processes get to be reaped and their descriptors closed
+# before a test counts as leaking.
+SETTLE = 3.0
+
+
+@pytest.fixture(scope="session")
+def default_template() -> None:
+    """Start the default template (and its report channel) once."""
+    anyfork.new().close()
+
+
+def _default_template_fds() -> set[int]:
+    tpl = _process._default
+    if tpl is None:
+        return set()
+    fds = set()
+    if tpl._sock is not None:
+        fds.add(tpl._sock.fileno())
+    if tpl._reports is not None and tpl._reports.fileno() >= 0:
+        fds.add(tpl._reports.fileno())
+    if tpl._direct is not None and tpl._direct.pidfd >= 0:
+        fds.add(tpl._direct.pidfd)
+    return fds
+
+
+def _leaks(before: dict[int, str]) -> tuple[dict[int, str], list[int]]:
+    # Processes the test dropped are collected, and children that exited are
+    # reaped, by the next call into anyfork: make that call.
+    gc.collect()
+    _process._reap_directs()
+    now = open_fds()
+    allowed = _default_template_fds()
+    leaked = {fd: target for fd, target in now.items()
+              if fd not in allowed and before.get(fd) != target}
+    return leaked, zombie_children()
+
+
+@pytest.fixture
+def check_leaks(default_template: None) -> Iterator[None]:
+    """Fail the test if it leaves descriptors open or zombies behind."""
+    gc.collect()
+    before = open_fds()
+    yield
+    deadline = time.monotonic() + SETTLE
+    while True:
+        leaked, zombies = _leaks(before)
+        if not leaked and not zombies:
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert not leaked, f"descriptors left open: {leaked}"
+    assert not zombies, f"zombie children left: {zombies}"
+
+
+@pytest.fixture(params=["new", "new_exec", "fork"])
+def make(request: pytest.FixtureRequest) -> Iterator[Callable[[], anyfork.Process]]:
+    """Each way of getting a process: from the default template, a fresh
+    interpreter, or a fork of a template of the test's own."""
+    if request.param == "new":
+        yield anyfork.new
+    elif request.param == "new_exec":
+        yield anyfork.new_exec
+    else:
+        # Made on first use (so it sees what the test put on sys.path), and
+        # held in a list so that nothing refers to it once it is closed (a
+        # closed template keeps its report channel while referenced).
+        templates: list[anyfork.Process] = []
+
+        def fork() -> anyfork.Process:
+            if not templates:
+                templates.append(anyfork.new_exec())
+            return templates[0].fork()
+
+        yield fork
+        if templates:
+            template = templates.pop()
+            template.close()
+            assert template.wait(SETTLE) == 0

@@ -1,0 +1,200 @@
+"""The asyncio driver: ``Process.run_async``."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import socket
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+
+import anyfork
+from anyfork import _protocol as wire
+from helpers import digest, wait_exited, zombie_children
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    Make = Callable[[], anyfork.Process]
+
+pytestmark = pytest.mark.usefixtures("check_leaks")
+
+MiB = 1 << 20
+
+
+async def read_all(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """Everything until EOF, within a deadline."""
+    loop = asyncio.get_running_loop()
+
+    async def read() -> bytes:
+        chunks = []
+        while data := await loop.sock_recv(sock, MiB):
+            chunks.append(data)
+        return b"".join(chunks)
+
+    return await asyncio.wait_for(read(), timeout)
+
+
+async def outcome(p: anyfork.Process, func: str) -> object:
+    import ast
+
+    sock = await p.run_async(func)
+    with sock:
+        return ast.literal_eval((await read_all(sock)).decode())
+
+
+def test_run_async_returns_a_non_blocking_close_on_exec_socket(make: Make) -> None:
+    async def main() -> None:
+        p = make().send_arg(b"arg", "text")
+        sock = await p.run_async("helpers:items")
+        with sock:
+            assert isinstance(sock, socket.socket)
+            assert not sock.getblocking()
+            assert not os.get_inheritable(sock.fileno())
+            got = (await read_all(sock)).decode()
+        assert got == repr([("socket", True, False), digest(b"arg"), digest("text")])
+        assert p.pid > 0
+        assert p.wait(5) == 0
+
+    asyncio.run(main())
+
+
+def test_bytes_after_run_async_reach_the_function_unchanged(make: Make) -> None:
+    payload = b"".join(bytes(b) for b in wire.run_frame("evil")) + os.urandom(300_000)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        p = make()
+        sock = await p.run_async("helpers:echo")
+        with sock:
+            await loop.sock_sendall(sock, payload)
+            sock.shutdown(socket.SHUT_WR)
+            assert await read_all(sock) == payload
+        assert p.wait(5) == 0
+
+    asyncio.run(main())
+
+
+def test_a_64_mib_argument_lets_other_tasks_run(make: Make) -> None:
+    big = b"\xab" * (64 * MiB)
+
+    async def main() -> None:
+        ticks = 0
+        stop = False
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not stop:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        p = make().send_arg(big)
+        try:
+            sock = await p.run_async("helpers:items")
+            ticks_during = ticks
+        finally:
+            stop = True
+            await task
+        with sock:
+            got = (await read_all(sock, 10)).decode()
+        assert got == repr([("socket", True, False), digest(big)])
+        assert ticks_during > 20, "the event loop was blocked while writing"
+        assert p.wait(5) == 0
+
+    asyncio.run(main())
+
+
+def test_run_async_of_many_processes_from_one_template_at_once() -> None:
+    """Tasks awaiting pids on one report channel share it; none may be left
+    without a reader (several rounds, since the interleaving varies)."""
+
+    async def main() -> None:
+        t = anyfork.new_exec()
+        for round_ in range(8):
+            procs = [t.fork().send_arg(str(i)) for i in range(6)] + [anyfork.new().send_arg("new")]
+            try:
+                results = await asyncio.wait_for(
+                    asyncio.gather(*(outcome(p, "helpers:items") for p in procs)), 2)
+            except asyncio.TimeoutError:
+                pytest.fail(f"run_async hung in round {round_}")
+            for i, got in enumerate(results[:-1]):
+                assert got[1:] == [digest(str(i))]
+            assert results[-1][1:] == [digest("new")]
+            assert len({p.pid for p in procs}) == len(procs)
+            assert [p.wait(5) for p in procs] == [0] * len(procs)
+        t.close()
+        assert t.wait(5) == 0
+
+    asyncio.run(main())
+
+
+def test_run_async_spends_the_process(make: Make) -> None:
+    async def main() -> None:
+        p = make()
+        sock = await p.run_async("helpers:wait_eof")
+        with sock:
+            with pytest.raises(anyfork.ProcessStateError):
+                p.send_arg(b"late")
+            with pytest.raises(anyfork.ProcessStateError):
+                await p.run_async("helpers:pids")
+            assert p.returncode is None
+        assert p.wait(5) == 0
+
+    asyncio.run(main())
+
+
+def test_run_async_rejects_bad_functions_and_queues_nothing() -> None:
+    async def main() -> None:
+        p = anyfork.new()
+        with pytest.raises(TypeError):
+            await p.run_async(lambda sock: None)
+        with pytest.raises(ValueError):
+            await p.run_async("not a name")
+        assert await outcome(p, "helpers:items") == [("socket", True, False)]
+
+    asyncio.run(main())
+
+
+def test_run_async_of_a_child_whose_template_died_before_forking_it_raises() -> None:
+    async def main() -> None:
+        t = anyfork.new_exec().eval("import os; os._exit(9)")
+        child = t.fork()
+        with pytest.raises(anyfork.Error, match="template"):
+            await asyncio.wait_for(child.run_async("helpers:pids"), 5)
+        assert t.wait(5) == 9
+
+    asyncio.run(main())
+
+
+def test_run_async_of_a_process_that_exited_early_raises_process_exited() -> None:
+    async def main() -> None:
+        p = anyfork.new_exec().eval("import os; os._exit(4)").send_arg(b"x" * (8 * MiB))
+        with pytest.raises(anyfork.ProcessExitedError):
+            await asyncio.wait_for(p.run_async("helpers:pids"), 5)
+        assert p.wait(5) == 4
+
+    asyncio.run(main())
+
+
+def test_exited_new_exec_child_is_reaped_while_the_loop_runs() -> None:
+    """No anyfork call after the child exits: the running loop reaps it."""
+
+    async def main() -> int:
+        p = anyfork.new_exec()
+        pid = p.pid
+        sock = await p.run_async("helpers:wait_eof")
+        sock.close()
+        del p
+        gc.collect()
+        assert wait_exited(pid)
+        deadline = time.monotonic() + 1
+        while pid in zombie_children() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return pid
+
+    pid = asyncio.run(main())
+    assert pid not in zombie_children(), "still a zombie after 1 s of a running loop"

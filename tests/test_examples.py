@@ -1,0 +1,114 @@
+"""The examples in examples/ run, show what they claim, and leave nothing behind.
+
+Each example runs as its own program, in a session of its own, so that any
+process it leaves running (a template, a spare, a worker) can be found by
+its session id afterwards.  It runs in development mode with warnings as
+errors, so an unclosed descriptor shows up on its stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def _session_members(sid: int) -> list[int]:
+    """Live (non-zombie) processes in session ``sid``."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path("/proc", entry, "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid pgrp session ...": comm may hold spaces and parens.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            members.append(int(entry))
+    return members
+
+
+def run_example(name: str, tmp_path: Path) -> str:
+    """Run examples/<name>.py from the repository root; its stdout.
+
+    Output goes to files, not pipes: a process left behind would hold a pipe
+    open, and reading it to EOF would wait for that process instead of
+    catching it.
+    """
+    out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
+    with out_path.open("w") as out_f, err_path.open("w") as err_f:
+        proc = subprocess.Popen(
+            [sys.executable, "-X", "dev", "-W", "error", str(EXAMPLES / f"{name}.py")],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=out_f,
+            stderr=err_f,
+            start_new_session=True,
+        )
+    try:
+        proc.wait(timeout=30)
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        # Whatever the example started must go away on its own, and soon.
+        deadline = time.monotonic() + 5
+        while (left := _session_members(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+    out, err = out_path.read_text(), err_path.read_text()
+    assert proc.returncode == 0, f"exit status {proc.returncode}\nstdout:\n{out}\nstderr:\n{err}"
+    assert err == "", err
+    assert not left, f"{name} left processes running: {left}"
+    return out
+
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+
+
+def test_single_worker(tmp_path: Path) -> None:
+    out = run_example("single_worker", tmp_path)
+    replies = re.findall(r"^worker said: (\w+) \(from pid (\d+)\)$", out, re.M)
+    assert [word for word, _ in replies] == ["HELLO", "WORLD"]
+    worker_pid, caller_pid = map(int, re.search(r"^worker pid (\d+), caller pid (\d+)$", out, re.M).groups())
+    # The answers came from the process run() started, not from the caller.
+    assert {int(pid) for _, pid in replies} == {worker_pid}
+    assert worker_pid != caller_pid
+    assert "worker exited with status 0" in out
+
+
+def test_server_pool(tmp_path: Path) -> None:
+    out = run_example("server_pool", tmp_path)
+    pids = [int(p) for p in re.search(r"^workers: ([\d ]+)$", out, re.M).group(1).split()]
+    assert len(pids) == 4
+    assert len(set(pids)) == 4
+    answers = re.findall(r"^client got: hello from worker (\d+) \(pid (\d+)\)$", out, re.M)
+    # Four clients held open at once: four different workers accepted them,
+    # each known by the id it was sent and the pid anyfork reported for it.
+    assert sorted(int(worker_id) for worker_id, _ in answers) == [1, 2, 3, 4]
+    for worker_id, pid in answers:
+        assert pids[int(worker_id) - 1] == int(pid)
+    # kill() sent SIGTERM, and wait() reported it in subprocess's convention.
+    assert f"exit statuses: {[-signal.SIGTERM] * 4}" in out
+
+
+def test_fork_exec(tmp_path: Path) -> None:
+    out = run_example("fork_exec", tmp_path)
+    assert "echo exited with status 0" in out
+    assert "stderr: (empty)" in out
+    match = re.search(r"^(/\S+) contains: 'hi\\n'$", out, re.M)
+    assert match, out
+    # The output file lived in a temporary directory, removed on the way out.
+    assert not Path(match.group(1)).parent.exists()

@@ -1,0 +1,682 @@
+"""The caller's side: preparing a process, running it, its status, and the
+default template.  Most tests run under each way of getting a process
+(``make``: new, new_exec, fork of a template of the test's own)."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import os
+import select
+import signal
+import socket
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+import pytest
+
+import anyfork
+import helpers
+from helpers import Greeter, digest, finish, outcome, read_all, wait_exited, zombie_children
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    Make = Callable[[], anyfork.Process]
+
+pytestmark = pytest.mark.usefixtures("check_leaks")
+
+MiB = 1 << 20
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def pkg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh package on sys.path (added after the default template started):
+    <pkg>/__init__.py, <pkg>/mod.py with ``name`` and ``Class.method``."""
+    name = unique("anyfork_pkg")
+    d = tmp_path / name
+    d.mkdir()
+    (d / "__init__.py").write_text("")
+    (d / "mod.py").write_text(
+        "def name(sock, *args):\n"
+        "    sock.sendall(repr(('mod.name', len(args))).encode())\n"
+        "class Class:\n"
+        "    @staticmethod\n"
+        "    def method(sock, *args):\n"
+        "        sock.sendall(repr(('mod.Class.method', len(args))).encode())\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+# --- require ----------------------------------------------------------------------------------
+
+
+def test_require_imports_modules_in_order(
+    make: Make, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = unique("first"), unique("second")
+    for name in (first, second):
+        (tmp_path / f"{name}.py").write_text(
+            f"import sys\nsys.anyfork_order = getattr(sys, 'anyfork_order', []) + [{name!r}]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    p = make().require(second, first).eval(
+        "import sys\n"
+        "def order(sock):\n"
+        "    sock.sendall(repr(sys.anyfork_order).encode())\n")
+    assert outcome(p, "order") == [second, first]
+
+
+def test_require_rejects_bad_names_and_queues_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mod = unique("never_imported")
+    (tmp_path / f"{mod}.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    p = anyfork.new()
+    with pytest.raises(TypeError):
+        p.require(mod, 5)  # type: ignore[arg-type]
+    for bad in ("", "not a name", "a..b", "1abc", "a.", "os:path"):
+        with pytest.raises(ValueError):
+            p.require(mod, bad)
+    p.send_arg(mod)
+    assert outcome(p, "helpers:imported") == {mod: False}
+
+
+# --- eval -------------------------------------------------------------------------------------
+
+
+def test_eval_defines_functions_run_finds_by_bare_name(make: Make) -> None:
+    p = make().eval("def hello(sock):\n    sock.sendall(b'hello from eval')\n")
+    with p.run("hello") as sock:
+        assert read_all(sock) == b"hello from eval"
+
+
+def test_eval_binds_args_to_the_tuple_of_its_args(make: Make) -> None:
+    p = make().eval("seen = args", b"octets", "text \udcff")
+    assert outcome(p.send_arg("seen"), "helpers:main_names") == {"seen": repr((b"octets", "text \udcff"))}
+
+
+def test_eval_runs_in_the_processes_main_namespace(make: Make) -> None:
+    p = make().eval("import __main__\nsame = __main__.__dict__ is globals()\nx = 41").eval("x += 1")
+    assert outcome(p.send_arg("same", "x"), "helpers:main_names") == {"same": "True", "x": "42"}
+
+
+def test_eval_rejects_bad_input_at_the_call_and_queues_nothing() -> None:
+    p = anyfork.new()
+    with pytest.raises(TypeError):
+        p.eval(b"queued = 1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        p.eval("queued = 1", 5)  # type: ignore[arg-type]
+    with pytest.raises(SyntaxError):
+        p.eval("queued = ")
+    assert outcome(p.send_arg("queued"), "helpers:main_names") == {"queued": None}
+
+
+# --- send_arg ---------------------------------------------------------------------------------
+
+ARGS = [
+    b"octets",
+    bytearray(b"bytearray"),
+    memoryview(b"memoryview"),
+    "text",
+    "lone surrogates \udcff \ud800",
+    b"",
+    "",
+    b"a" * (64 * 1024 - 1),
+    b"b" * (64 * 1024),
+    b"c" * (64 * 1024 + 1),
+    os.urandom(3 * MiB),
+]
+
+
+def test_send_arg_values_arrive_unchanged_with_their_type(make: Make) -> None:
+    p = make()
+    for arg in ARGS:
+        p.send_arg(arg)
+    expected = [digest(bytes(a) if not isinstance(a, str) else a) for a in ARGS]
+    assert outcome(p, "helpers:items")[1:] == expected
+
+
+def test_send_arg_takes_several_args_at_once(make: Make) -> None:
+    p = make().send_arg(b"1", "2").send_arg().send_arg(b"3")
+    assert outcome(p, "helpers:items")[1:] == [digest(b"1"), digest("2"), digest(b"3")]
+
+
+def test_send_arg_snapshots_mutable_buffers() -> None:
+    buf = bytearray(b"before")
+    p = anyfork.new().send_arg(buf, memoryview(buf))
+    buf[:] = b"AFTER!"
+    assert outcome(p, "helpers:items")[1:] == [digest(b"before"), digest(b"before")]
+
+
+@pytest.mark.parametrize("bad", [5, None, ["x"], 1.5, object()])
+def test_send_arg_rejects_other_types_and_queues_nothing(bad: object) -> None:
+    p = anyfork.new()
+    with pytest.raises(TypeError):
+        p.send_arg(b"good", bad)  # type: ignore[arg-type]
+    assert outcome(p, "helpers:items")[1:] == []
+
+
+# --- send_fh ----------------------------------------------------------------------------------
+
+
+def read_until_eof(fd: int, timeout: float = 5.0) -> bytes:
+    deadline = time.monotonic() + timeout
+    chunks = []
+    while True:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise TimeoutError("no EOF: someone still holds the write end")
+        data = os.read(fd, 65536)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+def test_send_fh_socket_arrives_as_a_socket_and_the_caller_may_close_its_own(make: Make) -> None:
+    mine, theirs = socket.socketpair()
+    with mine:
+        p = make().send_fh(theirs)
+        theirs.close()
+        p.send_arg(b"through the passed socket")
+        assert outcome(p, "helpers:write_to") == "written"
+        mine.settimeout(5)
+        assert mine.recv(100) == b"through the passed socket"
+        assert mine.recv(100) == b""  # no copy left anywhere but in the exited process
+
+
+def test_send_fh_pipe_arrives_as_unbuffered_file_and_caller_may_close_its_own(make: Make) -> None:
+    r, w = os.pipe()
+    try:
+        p = make().send_fh(w)
+        os.close(w)
+        p.send_arg(b"through the pipe")
+        assert outcome(p, "helpers:write_to") == "written"  # FileIO: unbuffered, so written at once
+        assert read_until_eof(r) == b"through the pipe"
+    finally:
+        os.close(r)
+
+
+def test_send_fh_file_objects_arrive_with_their_access_mode(make: Make, tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_bytes(b"")
+    with open(path, "rb") as rb, open(path, "ab") as ab, open(path, "r+b") as rw, open(path, "wb") as wb:
+        p = make().send_fh(rb, ab, rw, wb)
+    got = outcome(p, "helpers:items")[1:]
+    assert got == [("FileIO", "rb"), ("FileIO", "ab"), ("FileIO", "rb+"), ("FileIO", "wb")]
+
+
+def test_send_fh_takes_int_descriptors(make: Make) -> None:
+    r, w = os.pipe()
+    try:
+        p = make().send_fh(r, w)
+    finally:
+        os.close(r)
+        os.close(w)
+    assert outcome(p, "helpers:items")[1:] == [("FileIO", "rb"), ("FileIO", "wb")]
+
+
+def test_send_fh_more_descriptors_than_one_message_carries(make: Make) -> None:
+    r, w = os.pipe()
+    try:
+        p = make().send_fh(*([w] * 300))
+    finally:
+        os.close(r)
+        os.close(w)
+    got = outcome(p, "helpers:items")[1:]
+    assert got == [("FileIO", "wb")] * 300
+
+
+def test_send_fh_rejects_bad_handles_and_queues_nothing(tmp_path: Path) -> None:
+    r, w = os.pipe()
+    closed = open(tmp_path / "f", "wb")
+    closed.close()
+    p = anyfork.new()
+    try:
+        with pytest.raises(TypeError):
+            p.send_fh(w, "not a handle")
+        with pytest.raises(TypeError):
+            p.send_fh(w, True)
+        with pytest.raises(ValueError):
+            p.send_fh(w, closed)
+        with pytest.raises(ValueError):
+            p.send_fh(w, -1)
+        with pytest.raises(OSError):
+            p.send_fh(w, 1_000_000)  # not open
+    finally:
+        os.close(w)
+    try:
+        assert outcome(p, "helpers:items")[1:] == []
+        assert read_until_eof(r) == b""  # no stray copy of w anywhere
+    finally:
+        os.close(r)
+
+
+# --- fork -------------------------------------------------------------------------------------
+
+
+REPORT = (
+    "import helpers\n"
+    "def report(sock, *items):\n"
+    "    helpers.reply(sock, (x, globals().get('y'), [helpers.describe(i) for i in items]))\n"
+)
+
+
+def test_fork_clone_has_what_was_queued_before_and_not_after(make: Make) -> None:
+    r, w = os.pipe()
+    try:
+        template = make().eval(REPORT).eval("x = 'before'").send_arg(b"before").send_fh(w)
+        clone = template.fork()
+        template.eval("x = 'template after'").send_arg(b"template after")
+        clone.eval("y = 'clone after'").send_arg(b"clone after")
+        from_clone = outcome(clone, "report")
+        from_template = outcome(template, "report")
+    finally:
+        os.close(r)
+        os.close(w)
+    inherited = [digest(b"before"), ("FileIO", "wb")]
+    assert from_clone == ("before", "clone after", [*inherited, digest(b"clone after")])
+    assert from_template == ("template after", None, [*inherited, digest(b"template after")])
+
+
+def test_fork_of_a_fork_and_siblings_are_independent(make: Make) -> None:
+    t = make().send_arg(b"t")
+    a = t.fork().send_arg(b"a")
+    b = t.fork().send_arg(b"b")
+    aa = a.fork().send_arg(b"aa")
+    got = {name: outcome(p, "helpers:items")[1:] for name, p in (("aa", aa), ("a", a), ("b", b))}
+    t.close()
+    assert got == {
+        "aa": [digest(b"t"), digest(b"a"), digest(b"aa")],
+        "a": [digest(b"t"), digest(b"a")],
+        "b": [digest(b"t"), digest(b"b")],
+    }
+    pids = {aa.pid, a.pid, b.pid}
+    assert len(pids) == 3
+
+
+# --- run --------------------------------------------------------------------------------------
+
+
+def test_run_names_module_colon_attribute(make: Make) -> None:
+    assert outcome(make(), "helpers:Greeter.hello") == ("Greeter.hello", 0)
+
+
+def test_run_names_dotted_module_function(make: Make, pkg: str) -> None:
+    assert outcome(make().send_arg(b"x"), f"{pkg}.mod.name") == ("mod.name", 1)
+
+
+def test_run_names_module_colon_function_in_a_package(make: Make, pkg: str) -> None:
+    assert outcome(make(), f"{pkg}.mod:name") == ("mod.name", 0)
+
+
+def test_run_names_dotted_class_method(make: Make, pkg: str) -> None:
+    assert outcome(make(), f"{pkg}.mod.Class.method") == ("mod.Class.method", 0)
+
+
+def test_run_takes_a_module_level_function_object(make: Make) -> None:
+    pid, _ = outcome(make(), helpers.pids)
+    assert pid > 0
+    assert outcome(make(), Greeter.hello) == ("Greeter.hello", 0)
+
+
+def _local_closure() -> Callable[..., None]:
+    value = 1
+
+    def inner(sock: socket.socket) -> None:
+        sock.sendall(bytes(value))
+
+    return inner
+
+
+@pytest.mark.parametrize(
+    "func",
+    [lambda sock: None, _local_closure(), functools.partial(helpers.pids), 42, None],
+    ids=["lambda", "closure", "partial", "int", "None"],
+)
+def test_run_rejects_unnamable_callables_with_type_error_and_queues_nothing(func: object) -> None:
+    p = anyfork.new()
+    with pytest.raises(TypeError):
+        p.run(func)  # type: ignore[arg-type]
+    assert outcome(p, "helpers:pids")  # still usable: nothing was queued or spent
+
+
+@pytest.mark.parametrize(
+    "name", ["", " ", "a b", "mod:", ":name", "a..b", "1abc", "mod:na-me", "a:b:c", "mod.", "-x", "a/b"]
+)
+def test_run_rejects_bad_names_with_value_error_and_queues_nothing(name: str) -> None:
+    p = anyfork.new()
+    with pytest.raises(ValueError):
+        p.run(name)
+    assert outcome(p, "helpers:pids")
+
+
+def test_run_returns_a_blocking_close_on_exec_socket(make: Make) -> None:
+    p = make()
+    with p.run("helpers:wait_eof") as sock:
+        assert isinstance(sock, socket.socket)
+        assert sock.getblocking()
+        assert not os.get_inheritable(sock.fileno())
+        assert sock.family == socket.AF_UNIX
+    assert p.wait(5) == 0
+
+
+# --- pid --------------------------------------------------------------------------------------
+
+
+def test_pid_is_the_processes_pid_before_and_after_run(make: Make) -> None:
+    p = make()
+    early = p.pid
+    pid, _ = outcome(p, "helpers:pids")
+    assert early == pid == p.pid
+
+
+def test_new_processes_come_from_one_kept_template() -> None:
+    (pid1, parent1), (pid2, parent2) = (outcome(anyfork.new(), "helpers:pids") for _ in range(2))
+    assert pid1 != pid2
+    assert parent1 == parent2 != os.getpid()
+
+
+def test_new_exec_processes_are_our_children() -> None:
+    p = anyfork.new_exec()
+    assert outcome(p, "helpers:pids") == (p.pid, os.getpid())
+
+
+# --- wait, returncode, kill -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("func", "arg", "status"),
+    [
+        ("helpers:wait_eof", None, 0),
+        ("helpers:exit_with", "3", 3),
+        ("helpers:hard_exit", "5", 5),
+        ("helpers:fail", None, 1),
+    ],
+)
+def test_wait_returns_the_exit_status(make: Make, func: str, arg: str | None, status: int) -> None:
+    p = make()
+    if arg is not None:
+        p.send_arg(arg)
+    assert finish(p, func) == status
+    assert p.returncode == status
+    assert p.wait() == status
+
+
+def test_sigkill_gives_minus_9(make: Make) -> None:
+    p = make()
+    with p.run("helpers:wait_eof"):
+        p.kill(signal.SIGKILL)
+        assert p.wait(5) == -signal.SIGKILL
+
+
+def test_kill_defaults_to_sigterm(make: Make) -> None:
+    p = make()
+    with p.run("helpers:wait_eof"):
+        p.kill()
+        assert p.wait(5) == -signal.SIGTERM
+
+
+def test_kill_a_process_still_being_prepared(make: Make) -> None:
+    p = make().send_arg(b"queued")
+    p.kill(signal.SIGKILL)
+    assert p.wait(5) == -signal.SIGKILL
+    p.close()
+
+
+def test_kill_after_exit_does_nothing(make: Make) -> None:
+    p = make()
+    assert finish(p, "helpers:wait_eof") == 0
+    p.kill(signal.SIGKILL)
+    assert p.wait() == 0
+
+
+def test_returncode_is_none_while_running_and_wait_times_out(make: Make) -> None:
+    p = make()
+    with p.run("helpers:wait_eof"):
+        assert p.returncode is None
+        start = time.monotonic()
+        with pytest.raises(anyfork.TimeoutExpired) as info:
+            p.wait(0.1)
+        assert 0.05 < time.monotonic() - start < 2
+        assert isinstance(info.value, TimeoutError)
+        assert isinstance(info.value, anyfork.Error)
+        assert p.returncode is None
+    assert p.wait(5) == 0
+
+
+def test_wait_rejects_a_negative_timeout() -> None:
+    p = anyfork.new_exec()
+    with pytest.raises(ValueError):
+        p.wait(-1)
+    p.close()
+    assert p.wait(5) == 0
+
+
+# --- close, context manager, garbage collection -----------------------------------------------
+
+
+def test_close_before_run_makes_the_process_exit(make: Make) -> None:
+    p = make().send_arg(b"never used")
+    pid = p.pid
+    p.close()
+    p.close()  # idempotent
+    assert p.wait(5) == 0
+    assert wait_exited(pid)
+
+
+def test_context_manager_closes_an_unrun_process(make: Make) -> None:
+    with make() as p:
+        pid = p.pid
+    assert p.wait(5) == 0
+    assert wait_exited(pid)
+
+
+def test_closed_process_refuses_preparation(make: Make) -> None:
+    p = make()
+    p.close()
+    for call in (lambda: p.eval("1"), lambda: p.require("os"), lambda: p.send_arg(b""),
+                 lambda: p.send_fh(0), p.fork, lambda: p.run("helpers:pids")):
+        with pytest.raises(anyfork.ProcessStateError):
+            call()
+    assert p.wait(5) == 0
+
+
+def test_close_after_run_leaves_the_process_running(make: Make) -> None:
+    p = make()
+    with p.run("helpers:wait_eof"):
+        p.close()
+        assert p.returncode is None
+    assert p.wait(5) == 0
+
+
+def test_a_dropped_unrun_process_exits(make: Make) -> None:
+    p = make().send_arg(b"never used")
+    pid = p.pid
+    del p
+    gc.collect()
+    assert wait_exited(pid)
+
+
+# --- a spent process --------------------------------------------------------------------------
+
+
+def test_a_run_process_is_spent_but_keeps_its_status(make: Make) -> None:
+    p = make()
+    r, w = os.pipe()
+    try:
+        with p.run("helpers:wait_eof"):
+            for call in (lambda: p.eval("1"), lambda: p.require("os"), lambda: p.send_arg(b""),
+                         lambda: p.send_fh(w), p.fork, lambda: p.run("helpers:pids")):
+                with pytest.raises(anyfork.ProcessStateError):
+                    call()
+            assert p.pid > 0
+            assert p.returncode is None
+            p.kill(signal.SIGKILL)
+            assert p.wait(5) == -signal.SIGKILL
+    finally:
+        os.close(r)
+        os.close(w)
+    assert issubclass(anyfork.ProcessStateError, anyfork.Error)
+
+
+# --- sys.path ---------------------------------------------------------------------------------
+
+
+def test_new_sees_sys_path_entries_added_after_the_template_started(
+    make: Make, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mod = unique("late_path_mod")
+    (tmp_path / f"{mod}.py").write_text("def f(sock):\n    sock.sendall(b'found')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    p = make().require(mod)
+    with p.run(f"{mod}:f") as sock:
+        assert read_all(sock) == b"found"
+
+
+def test_new_sees_the_callers_sys_path_as_of_the_call(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    p = anyfork.new()
+    monkeypatch.undo()
+    assert str(tmp_path) in outcome(p, "helpers:syspath")
+    assert str(tmp_path) not in outcome(anyfork.new(), "helpers:syspath")
+
+
+# --- the default template ---------------------------------------------------------------------
+
+
+def test_a_dead_default_template_is_replaced() -> None:
+    _, template_pid = outcome(anyfork.new(), "helpers:pids")
+    os.kill(template_pid, signal.SIGKILL)  # our unreaped child: the pid can't be recycled yet
+    assert wait_exited(template_pid)
+    _, new_template_pid = outcome(anyfork.new(), "helpers:pids")
+    assert new_template_pid not in (template_pid, os.getpid())
+    assert template_pid not in zombie_children()
+
+
+# --- a template that dies ---------------------------------------------------------------------
+
+
+def test_wait_on_a_child_of_a_dead_template_raises_instead_of_hanging() -> None:
+    t = anyfork.new_exec()
+    child = t.fork()
+    with child.run("helpers:wait_eof"):
+        t.kill(signal.SIGKILL)
+        assert t.wait(5) == -signal.SIGKILL
+        with pytest.raises(anyfork.TemplateDiedError, match="template"):
+            child.wait(5)
+    assert wait_exited(child.pid)
+
+
+def test_fork_from_a_dead_template_is_an_anyfork_error_not_broken_pipe() -> None:
+    t = anyfork.new_exec()
+    assert outcome(t.fork(), "helpers:pids")
+    t.kill(signal.SIGKILL)
+    assert t.wait(5) == -signal.SIGKILL
+    with pytest.raises(anyfork.Error, match="process"):
+        t.fork()
+    t.close()
+
+
+def test_run_of_a_child_whose_template_died_before_forking_it_raises() -> None:
+    t = anyfork.new_exec().eval("import os; os._exit(9)")
+    child = t.fork()  # written, but the template dies before it forks
+    with pytest.raises(anyfork.Error, match="template"):
+        child.run("helpers:pids")
+    assert t.wait(5) == 9
+
+
+def test_process_that_exits_before_taking_every_command_raises_process_exited() -> None:
+    p = anyfork.new_exec().eval("import os; os._exit(4)").send_arg(b"x" * (8 * MiB))
+    with pytest.raises(anyfork.ProcessExitedError) as info:
+        p.run("helpers:pids")
+    assert info.value.returncode == 4
+    assert p.wait(5) == 4
+
+
+# --- reaping ----------------------------------------------------------------------------------
+
+
+def test_dropped_new_exec_child_is_reaped_by_the_next_call_into_anyfork() -> None:
+    p = anyfork.new_exec()
+    pid = p.pid
+    p.run("helpers:wait_eof").close()
+    del p
+    gc.collect()
+    assert wait_exited(pid)
+    deadline = time.monotonic() + 5
+    while pid not in zombie_children():  # it exited: a zombie until someone reaps it
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    anyfork.new().close()
+    assert pid not in zombie_children()
+
+
+# --- threads ----------------------------------------------------------------------------------
+
+
+def _in_threads(n: int, target: Callable[[int], object]) -> list[object]:
+    results: list[object] = [None] * n
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(n)
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait(5)
+            results[i] = target(i)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert not any(t.is_alive() for t in threads)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_many_threads_calling_new_at_once() -> None:
+    def one(i: int) -> object:
+        payload = os.urandom(256 * 1024) + str(i).encode()
+        p = anyfork.new().send_arg(payload)
+        got = outcome(p, "helpers:items")[1:]
+        assert got == [digest(payload)]
+        return (p.pid, p.wait(5))
+
+    results = _in_threads(16, one)
+    assert len({pid for pid, _ in results}) == 16
+    assert {status for _, status in results} == {0}
+
+
+def test_threads_calling_new_exec_and_fork_at_once() -> None:
+    t = anyfork.new_exec()
+
+    def one(i: int) -> object:
+        p = anyfork.new_exec() if i % 2 else t.fork()
+        p.send_arg(str(i))
+        got = outcome(p, "helpers:items")[1:]
+        return got == [digest(str(i))] and p.wait(5) == 0
+
+    assert _in_threads(8, one) == [True] * 8
+    t.close()
+    assert t.wait(5) == 0
+
+
+def test_process_type_is_what_constructors_return() -> None:
+    for p in (anyfork.new(), anyfork.new_exec()):
+        assert type(p) is anyfork.Process
+        p.close()
+        assert p.wait(5) == 0
