@@ -119,7 +119,8 @@ async def run(proc: Process, sock: socket.socket) -> socket.socket:
         proc._finish_run(sock)
     try:
         if proc._pid is None:
-            assert parent is not None and parent._reports is not None
+            assert parent is not None
+            assert parent._reports is not None
             reports = parent._reports
             await _await_reports(reports, lambda: proc._pid is not None or proc._failed is not None)
             proc._check_pid(reports)

@@ -119,7 +119,7 @@ def _site_plan(path: list[str]) -> tuple[bool, list[str]]:
         return False, hooked
     import site
 
-    own = set()
+    own: set[str] = set()
     try:
         own.update(os.path.abspath(d) for d in site.getsitepackages())
     except AttributeError:  # pragma: no cover - some virtualenv versions
@@ -158,10 +158,10 @@ def command(path: list[str]) -> list[str]:
     python = find_python()
     boot = (
         "import sys\n"
-        "m = type(sys)('anyfork'); m.__path__ = [%r]; m.__anyfork_stub__ = True\n"
+        f"m = type(sys)('anyfork'); m.__path__ = [{_PKG_DIR!r}]; m.__anyfork_stub__ = True\n"
         "sys.modules['anyfork'] = m\n"
         "from anyfork._serve import main\n"
-        "main(%d)\n" % (_PKG_DIR, CHILD_FD)
+        f"main({CHILD_FD})\n"
     )
     args = [python, *_flag_args()]
     if not needs_site(path):

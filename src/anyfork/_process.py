@@ -116,7 +116,7 @@ if hasattr(os, "register_at_fork"):
 class _Direct:
     """A process the caller spawned itself, and so must reap."""
 
-    __slots__ = ("pid", "pidfd", "lock", "returncode", "lost", "loop")
+    __slots__ = ("lock", "loop", "lost", "pid", "pidfd", "returncode")
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -457,8 +457,19 @@ class Process:
     """
 
     __slots__ = (
-        "_sock", "_out", "_lock", "_spent", "_gen", "_parent", "_seq", "_pid",
-        "_returncode", "_failed", "_direct", "_reports", "__weakref__",
+        "__weakref__",
+        "_direct",
+        "_failed",
+        "_gen",
+        "_lock",
+        "_out",
+        "_parent",
+        "_pid",
+        "_reports",
+        "_returncode",
+        "_seq",
+        "_sock",
+        "_spent",
     )
 
     def __init__(
@@ -558,7 +569,7 @@ class Process:
         import select
 
         rfd = reports.fileno()
-        readable, writable, _ = select.select([rfd] if rfd >= 0 else [], [sock], [], None)
+        readable, _writable, _ = select.select([rfd] if rfd >= 0 else [], [sock], [], None)
         if readable:
             reports.pump(0)
 

@@ -107,7 +107,7 @@ class Frame:
     ones still attached.
     """
 
-    __slots__ = ("kind", "payload", "fds")
+    __slots__ = ("fds", "kind", "payload")
 
     def __init__(self, kind: int, payload: bytes, fds: list[int]) -> None:
         self.kind = kind
@@ -303,7 +303,7 @@ class Decoder:
     closes every descriptor it still holds.
     """
 
-    __slots__ = ("_kinds", "_buf", "_fds", "_kind", "_length", "_frame_fds", "_parts", "_have", "_dead")
+    __slots__ = ("_buf", "_dead", "_fds", "_frame_fds", "_have", "_kind", "_kinds", "_length", "_parts")
 
     def __init__(self, kinds: frozenset[int]) -> None:
         self._kinds = kinds
@@ -423,7 +423,7 @@ class Outbox:
             outbox.sent(n)
     """
 
-    __slots__ = ("_segments", "_bytes")
+    __slots__ = ("_bytes", "_segments")
 
     # Each segment: [remaining bytes of one buffer, descriptors to send with its
     # first byte (None once sent or when it has none)].

@@ -48,6 +48,8 @@ import socket
 import sys
 from collections import deque
 
+from . import _protocol as P
+
 # Not "from typing import ...": typing pulls in re, contextlib and more, which
 # every forked process would then carry.  mypy honours a bare TYPE_CHECKING.
 TYPE_CHECKING = False
@@ -60,7 +62,6 @@ else:
     # touching (and, after a fork, copying) far more memory than the call.
     import _signal
 
-from . import _protocol as P
 
 _ANC_SPACE = _socket.CMSG_SPACE(P.MAX_FDS * 4)
 _RECV_FLAGS = getattr(_socket, "MSG_CMSG_CLOEXEC", 0)
@@ -76,7 +77,7 @@ _MAX_READ = 1 << 20
 Sock = _socket.socket
 
 
-class _Corrupted(Exception):
+class _CorruptError(Exception):
     pass
 
 
@@ -97,7 +98,7 @@ def _recv(sock: Sock, n: int) -> tuple[bytes, list[int]]:
             os.set_inheritable(fd, False)
     if flags & _CTRUNC:
         P.close_fds(fds)
-        raise _Corrupted("descriptors lost in transit (MSG_CTRUNC: out of descriptors?)")
+        raise _CorruptError("descriptors lost in transit (MSG_CTRUNC: out of descriptors?)")
     return data, fds
 
 
@@ -117,7 +118,7 @@ def _wrap_fd(fd: int) -> object:
     else:
         mode = "r+b"
     try:
-        return open(fd, mode, buffering=0)  # noqa: SIM115 - ownership passes to the function
+        return open(fd, mode, buffering=0)  # ownership passes to the function
     except OSError:
         return fd  # directories, O_PATH and the like: the bare descriptor
 
@@ -168,11 +169,11 @@ def resolve(name: str, namespace: dict[str, object]) -> Callable[..., object]:
         obj = getattr(obj, attr)
     if not callable(obj):
         raise TypeError(f"{name!r} is not callable")
-    return obj  # type: ignore[return-value]
+    return obj
 
 
 class _Spare:
-    __slots__ = ("pid", "chan")
+    __slots__ = ("chan", "pid")
 
     def __init__(self, pid: int, chan: Sock) -> None:
         self.pid, self.chan = pid, chan
@@ -181,8 +182,17 @@ class _Spare:
 class _Template:
     """The state a process acquires when it is first forked from."""
 
-    __slots__ = ("reports", "seq_of", "pid_of", "spares", "want_spares", "poller",
-                 "unreaped_commands", "wake_r", "wake_w")
+    __slots__ = (
+        "pid_of",
+        "poller",
+        "reports",
+        "seq_of",
+        "spares",
+        "unreaped_commands",
+        "wake_r",
+        "wake_w",
+        "want_spares",
+    )
 
     def __init__(self, reports: Sock) -> None:
         self.reports = reports
@@ -264,11 +274,12 @@ class _Template:
             ours.discard(info.si_pid)
         for pid in ours:
             try:
-                got, status = os.waitpid(pid, os.WNOHANG)
+                got, wstatus = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
-                got, status = pid, None  # reaped behind our back
+                done.append((pid, None))  # reaped behind our back
+                continue
             if got:
-                done.append((pid, status))
+                done.append((pid, wstatus))
         return done
 
 
@@ -279,7 +290,7 @@ def _on_sigchld(signum: int, frame: object) -> None:
 class Server:
     """One process's serve loop.  ``serve()`` never returns."""
 
-    __slots__ = ("sock", "decoder", "items", "namespace", "template", "want_spares")
+    __slots__ = ("decoder", "items", "namespace", "sock", "template", "want_spares")
 
     def __init__(self, sock: Sock) -> None:
         self.sock = sock
@@ -316,13 +327,13 @@ class Server:
                 if frame is None:
                     _exit(0, run_atexit=False)
                 self.handle(frame)
-        except (P.ProtocolError, _Corrupted) as e:
+        except (P.ProtocolError, _CorruptError) as e:
             self.decoder.close()
             _fail(2, f"anyfork: stream corrupted: {e}", self.sock)
         except SystemExit as e:
             _fail(_exit_code(e), None, self.sock)
         except BaseException:
-            sys.__excepthook__(*sys.exc_info())  # type: ignore[arg-type]
+            sys.__excepthook__(*sys.exc_info())
             _fail(1, None, self.sock)
 
     def handle(self, frame: P.Frame) -> None:
@@ -332,7 +343,7 @@ class Server:
             return
         if frame.fds and kind != P.FH:
             frame.close()
-            raise _Corrupted("descriptors on a command that takes none")
+            raise _CorruptError("descriptors on a command that takes none")
         if kind == P.RUN:
             self.run(P.decode_text(frame.payload))
         if kind == P.KILL:
@@ -348,7 +359,7 @@ class Server:
         if kind == P.SPARES:
             count = P.decode_u32(frame.payload)
             if count > 64:
-                raise _Corrupted(f"{count} spares requested")
+                raise _CorruptError(f"{count} spares requested")
             self.want_spares = count
             if self.template is not None:
                 self.template.want_spares = count
@@ -383,7 +394,7 @@ class Server:
         elif kind == P.EVAL:
             items = P.decode_items(frame.payload)
             if not items or not isinstance(items[0], str):
-                raise _Corrupted("eval without code")
+                raise _CorruptError("eval without code")
             self.eval(items[0], tuple(items[1:]))
 
     def eval(self, code: str, args: tuple[object, ...]) -> None:
@@ -446,12 +457,12 @@ class Server:
         if new_reports:
             if self.template is not None:
                 P.close_fds(fds)
-                raise _Corrupted("second report channel")
+                raise _CorruptError("second report channel")
             self.template = _Template(Sock(fileno=fds[1]))
             self.template.want_spares = self.want_spares
         elif self.template is None:
             P.close_fds(fds)
-            raise _Corrupted("fork before any report channel")
+            raise _CorruptError("fork before any report channel")
         self._fork_for(seq, child_fd)
 
     def _fork_for(self, seq: int, child_fd: int) -> None:
@@ -594,7 +605,7 @@ class Server:
             resolve(P.decode_text(frame.payload), self.namespace)
         try:
             data, fds = _recv(chan, 1)
-        except (OSError, _Corrupted):
+        except (OSError, _CorruptError):
             data, fds = b"", []
         chan.close()
         if data != b"F" or len(fds) != 1:
@@ -620,13 +631,13 @@ class Server:
         except SystemExit as e:
             _exit(_exit_code(e), sock=sock)
         except KeyboardInterrupt:
-            sys.__excepthook__(*sys.exc_info())  # type: ignore[arg-type]
+            sys.__excepthook__(*sys.exc_info())
             _run_atexit()
             _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
             os.kill(os.getpid(), _signal.SIGINT)
             _exit(1, run_atexit=False)
         except BaseException:
-            sys.__excepthook__(*sys.exc_info())  # type: ignore[arg-type]
+            sys.__excepthook__(*sys.exc_info())
             _exit(1, sock=sock)
         _exit(0, sock=sock)
 
@@ -691,7 +702,7 @@ def _fail(code: int, message: str | None, sock: Sock) -> NoReturn:
             P.close_fds(fds)
             if not data:
                 break
-    except (OSError, _Corrupted):
+    except (OSError, _CorruptError):
         pass
     _exit(code, run_atexit=False)
 
