@@ -24,6 +24,7 @@ and ``_lock`` for the module's globals.  Lock order: Process, then channel.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import signal
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+_POLLIN, _POLLOUT = 1, 4  # POSIX values; select isn't imported unless needed
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _TOKEN = object()
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -110,7 +112,43 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _close_all_at_exit() -> None:
+    """At interpreter exit, close what anyfork still holds.
+
+    Templates and unrun processes see EOF and exit now, rather than whenever
+    module teardown gets to the objects (if it does: finalizers may not run
+    at all then, and a socket left to one warns as unclosed).
+    """
+    for fd, sock in list(_owned.items()):
+        if sock is not None:
+            sock.close()
+        else:
+            P.close_fd(fd)
+    _owned.clear()
+
+
+atexit.register(_close_all_at_exit)
+
+
+def _poll(fds: list[tuple[int, int]], timeout: float | None) -> list[int]:
+    """The descriptors among ``fds`` ((fd, poll events) pairs) that are ready.
+
+    poll, not select: a big program's descriptors can be numbered past
+    select's FD_SETSIZE (1024).
+    """
+    import select
+
+    poller = select.poll()
+    for fd, events in fds:
+        poller.register(fd, events)
+    ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+    return [fd for fd, _ in poller.poll(ms)]
+
+
 # --- direct children ------------------------------------------------------------------
+
+
+_P_PIDFD: int | None = getattr(os, "P_PIDFD", None)
 
 
 class _Direct:
@@ -135,11 +173,11 @@ class _Direct:
     def done(self) -> bool:
         return self.returncode is not None or self.lost
 
-    def _reaped(self, status: int | None) -> None:
-        if status is None:
+    def _reaped(self, returncode: int | None) -> None:
+        if returncode is None:
             self.lost = True
         else:
-            self.returncode = os.waitstatus_to_exitcode(status)
+            self.returncode = returncode
         fd, self.pidfd = self.pidfd, -1
         if fd >= 0:
             _disown(fd)
@@ -159,13 +197,24 @@ class _Direct:
         try:
             if self.done():
                 return True
+            flags = 0 if block else os.WNOHANG
             try:
-                pid, status = os.waitpid(self.pid, 0 if block else os.WNOHANG)
+                if self.pidfd >= 0 and _P_PIDFD is not None:
+                    # By pidfd, not by number: if someone else reaped ours and
+                    # the number went to another child, waitpid(pid) would
+                    # collect that stranger's status.
+                    info = os.waitid(_P_PIDFD, self.pidfd, os.WEXITED | flags)
+                    if info is None:
+                        return False
+                    code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+                    self._reaped(code)
+                    return True
+                pid, status = os.waitpid(self.pid, flags)
             except ChildProcessError:
                 self._reaped(None)
                 return True
             if pid:
-                self._reaped(status)
+                self._reaped(os.waitstatus_to_exitcode(status))
                 return True
             return False
         finally:
@@ -183,12 +232,7 @@ class _Direct:
                 raise TimeoutExpired(f"process {self.pid} still running after {timeout} s")
             fd = self.pidfd
             if fd >= 0:
-                import select
-
-                try:
-                    select.select([fd], [], [], left)
-                except (OSError, ValueError):  # closed by a concurrent reaper
-                    time.sleep(min(delay, left))
+                _poll([(fd, _POLLIN)], left)  # a pidfd turns readable at exit
             else:
                 time.sleep(min(delay, left))
                 delay = min(delay * 2, 0.05)
@@ -198,7 +242,10 @@ class _Direct:
             if self.done():
                 return
             if self.pidfd >= 0:
-                signal.pidfd_send_signal(self.pidfd, sig)
+                try:
+                    signal.pidfd_send_signal(self.pidfd, sig)
+                except ProcessLookupError:
+                    pass  # exited, and reaped by someone else: nothing to signal
             else:
                 # Not yet reaped, so the pid is still our child's: no reuse race.
                 os.kill(self.pid, sig)
@@ -295,15 +342,8 @@ class _Reports:
     def _read(self, timeout: float | None) -> bool:
         sock = self.sock
         assert sock is not None
-        if timeout != 0:
-            import select
-
-            try:
-                ready, _, _ = select.select([sock], [], [], timeout)
-            except ValueError:  # closed under us
-                return False
-            if not ready:
-                return False
+        if timeout != 0 and not _poll([(sock.fileno(), _POLLIN)], timeout):
+            return False
         got = False
         while True:
             try:
@@ -566,11 +606,11 @@ class Process:
 
     @staticmethod
     def _wait_writable(sock: socket.socket, reports: _Reports) -> None:
-        import select
-
         rfd = reports.fileno()
-        readable, _writable, _ = select.select([rfd] if rfd >= 0 else [], [sock], [], None)
-        if readable:
+        fds = [(sock.fileno(), _POLLOUT)]
+        if rfd >= 0:
+            fds.append((rfd, _POLLIN))
+        if rfd in _poll(fds, None):
             reports.pump(0)
 
     def _close(self) -> None:
