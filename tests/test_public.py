@@ -2,6 +2,8 @@
 users can build that only the library should."""
 
 from __future__ import annotations
+
+import sys
 import __future__
 
 import inspect
@@ -58,12 +60,19 @@ def test_implementation_modules_are_private() -> None:
 
 def test_exceptions_form_one_tree_rooted_at_error() -> None:
     exceptions = [getattr(anyfork, n) for n in anyfork.__all__
-                  if isinstance(getattr(anyfork, n), type) and issubclass(getattr(anyfork, n), BaseException)]
+                  if isinstance(getattr(anyfork, n), type) and issubclass(getattr(anyfork, n), BaseException)
+                  and not issubclass(getattr(anyfork, n), Warning)]
     assert anyfork.Error in exceptions
     assert len(exceptions) > 1
     for exc in exceptions:
         assert issubclass(exc, anyfork.Error), exc
     assert issubclass(anyfork.TimeoutExpired, TimeoutError)
+
+
+def test_the_one_warning_is_a_user_warning_importable_before_early() -> None:
+    # Filterable without importing anyfork.early, which forks on import.
+    assert issubclass(anyfork.LateImportWarning, UserWarning)
+    assert "anyfork.early" not in sys.modules or anyfork.early.LateImportWarning is anyfork.LateImportWarning
 
 
 def test_public_callables_are_documented() -> None:

@@ -29,6 +29,8 @@ from ._exec import freeze_support as freeze_support
 from ._process import Process as Process
 from ._process import new as new
 from ._process import new_exec as new_exec
+from ._template import LateImportWarning as LateImportWarning
+from ._template import fork_template as fork_template
 
 __version__ = "0.1.0"
 
@@ -36,6 +38,7 @@ __all__ = (
     "PYTHON",
     "Error",
     "ExitStatusLostError",
+    "LateImportWarning",
     "Process",
     "ProcessExitedError",
     "ProcessStateError",
@@ -43,6 +46,7 @@ __all__ = (
     "TemplateDiedError",
     "TimeoutExpired",
     "UnsupportedError",
+    "fork_template",
     "freeze_support",
     "new",
     "new_exec",

@@ -971,6 +971,7 @@ _default: Process | None = None
 _default_path: list[str] = []
 _default_site: list[str] = []  # site directories the default template processed
 _early: Process | None = None  # set by anyfork.early
+_early_site: list[str] = []  # site directories the program had processed when early forked
 _SPARES = 1
 
 
@@ -996,7 +997,7 @@ def new_exec() -> Process:
     _reap_directs()
     if _early is not None and _template_alive(_early):
         proc = _early.fork()
-        proc._out.put(P.items_frame(P.PATH, sys.path))  # the early one has sys.path as of its fork
+        _send_path(proc, _early_site)  # the early process has sys.path as of its fork
         return proc
     mine, theirs = socket.socketpair()
     try:
@@ -1049,8 +1050,7 @@ def _default_template() -> Process:
         if _early is not None and _template_alive(_early):
             tpl = _early
             with tpl._lock:  # it has sys.path as of its fork; bring it up to date
-                tpl._out.put(P.items_frame(P.PATH, sys.path))
-            _default_site = []
+                _default_site = _send_path(tpl, _early_site)
         else:
             tpl = new_exec()  # it queues PATH and SITE
             tpl._out.put(P.spares_frame(_SPARES))

@@ -1,0 +1,155 @@
+"""Forking the calling program on purpose: ``fork_template`` (and ``anyfork.early``).
+
+The seed's AnyEvent::Fork::Template, in Python terms.  The caller forks
+itself once, at a moment it chooses (modules and data loaded, no threads or
+event loop yet); the child runs the ordinary serve loop with the program's
+own ``__main__`` and is a template like any other: ``fork``, ``require``,
+``eval``, ``send_*`` and ``run`` all work on the Process the caller gets.
+
+What the child must not keep from the program:
+
+- anyfork's own descriptors (command sockets, report channels, pidfds of
+  other processes): ``_process._after_fork_in_child`` closes them, because a
+  stray copy would keep another template from ever seeing EOF;
+- the caller's end of this very socketpair (closed here, for the same
+  reason: the template exits when the caller's end closes);
+- the program's atexit handlers: cleared, and every exit from the serve loop
+  is an ``os._exit`` that skips destructors;
+- Ctrl-C: ignored until ``run``, like every template;
+- the program's signal wakeup fd (an event loop's self-pipe): a signal
+  delivered to the template must not wake the program's loop.
+
+The heap is frozen (``gc.freeze``) before the fork, so that the template's
+collections, and those of the processes forked from it, leave the objects
+it shares with the program alone.  The caller unfreezes its own view again
+right after the fork (unless it had frozen objects itself), so its garbage
+is still collected.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import TYPE_CHECKING
+
+from . import _process, _serve
+from ._errors import Error
+
+if TYPE_CHECKING:
+    from typing import NoReturn
+
+    from ._process import Process
+
+
+class LateImportWarning(UserWarning):
+    """``anyfork.early`` was imported after other modules or threads started.
+
+    It still works, but the early process carries whatever was loaded (and
+    any lock another thread held) into every process forked from it.
+    """
+
+
+def fork_template(*, allow_threads: bool = False) -> Process:
+    """Fork the calling program now and return the child as a template.
+
+    The child serves commands like any anyfork process: functions given to
+    ``run`` (and names used in ``eval``) are looked up in the program's own
+    ``__main__``, and everything the program has loaded or built so far is
+    shared copy-on-write with every process forked from the template.  Call
+    it after loading modules and data and before starting threads or an
+    event loop.
+
+    The template exits when the caller closes or drops the returned Process,
+    or exits itself.  The program's atexit handlers never run in it or in the
+    processes forked from it (theirs, registered after the fork, do).
+
+    Args:
+        allow_threads: fork even though other threads are running.  Only the
+            calling thread exists in the child; a lock another thread held at
+            the fork stays locked there forever.  Python 3.12+ also warns
+            (DeprecationWarning) about forking a multi-threaded process.
+
+    Returns:
+        The template, a direct child of the caller (its pid is known at once).
+
+    Raises:
+        anyfork.Error: other threads are running and ``allow_threads`` is
+            false, or the fork failed.
+        anyfork.UnsupportedError: the platform can't fork or pass descriptors.
+    """
+    _process._check_supported()
+    others = threading.active_count() - 1
+    if others > 0 and not allow_threads:
+        raise Error(
+            f"fork_template() refuses to fork: {others} other thread(s) running, and a forked "
+            "copy of a threaded process can deadlock on a lock one of them held; call it before "
+            "starting threads, or pass allow_threads=True")
+    _process._reap_directs()
+    mine, theirs = socket.socketpair()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()  # or the child flushes the same buffered text again
+        except Exception:
+            pass
+    frozen_before = gc.get_freeze_count()
+    gc.freeze()  # the template's collections must not touch what it shares
+    # A signal between the fork and the child's set-up would reach the
+    # program's handlers there: Ctrl-C would raise KeyboardInterrupt inside
+    # the after-fork hooks, and any handled signal would be written to the
+    # program's wakeup fd (an event loop's self-pipe, which the child shares).
+    # So hold every signal back across the fork.  The caller gets what came
+    # as soon as its mask is restored; the child, once it is set up.
+    mask = _block_signals()
+    try:
+        pid = os.fork()
+    except BaseException as e:
+        _restore_mask(mask)
+        if not frozen_before:
+            gc.unfreeze()
+        mine.close()
+        theirs.close()
+        if isinstance(e, OSError):
+            raise Error(f"fork_template() could not fork: {e}") from e
+        raise
+    if pid == 0:
+        _serve_forked(theirs, mine, mask)
+    _restore_mask(mask)
+    if not frozen_before:
+        gc.unfreeze()  # the caller's own garbage must still be collected
+    theirs.close()
+    direct = _process._Direct(pid)
+    _process._directs[pid] = direct
+    return _process.Process(_process._TOKEN, mine, direct=direct)
+
+
+def _block_signals() -> set[signal.Signals] | None:
+    sigmask = getattr(signal, "pthread_sigmask", None)
+    return None if sigmask is None else sigmask(signal.SIG_BLOCK, signal.valid_signals())
+
+
+def _restore_mask(mask: set[signal.Signals] | None) -> None:
+    if mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _serve_forked(
+    sock: socket.socket, callers_end: socket.socket, mask: set[signal.Signals] | None
+) -> NoReturn:
+    """In the forked child: become a template; never return into the program."""
+    try:
+        callers_end.close()
+        atexit._clear()  # the program's handlers are not ours to run
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # run() restores it
+        signal.set_wakeup_fd(-1)
+        _restore_mask(mask)  # what arrived since the fork is handled now
+        server = _serve.Server(sock)
+    except BaseException:
+        sys.__excepthook__(*sys.exc_info())
+        os._exit(1)
+    server.serve()
