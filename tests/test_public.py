@@ -2,13 +2,12 @@
 users can build that only the library should."""
 
 from __future__ import annotations
-
-import sys
 import __future__
 
 import inspect
 import os
 import socket
+import sys
 import types
 
 import pytest
