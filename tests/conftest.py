@@ -5,7 +5,8 @@
 snapshot taken before, and looks for zombie children.  The default template
 is long-lived by design, so it is started once per session before any
 snapshot, and only the descriptors it owns at the end of a test (it may have
-been replaced during the test) are allowed to be new.
+been replaced during the test, and the processes it forked ahead are) are
+allowed to be new.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def _default_template_fds() -> set[int]:
         fds.add(tpl._sock.fileno())
     if tpl._reports is not None and tpl._reports.fileno() >= 0:
         fds.add(tpl._reports.fileno())
+        # The processes it keeps forked ahead, ready for new(): replaced as
+        # they are handed out, so their sockets change from test to test.
+        fds.update(sock.fileno() for _, sock in tpl._reports.pool.values())
     if tpl._direct is not None and tpl._direct.pidfd >= 0:
         fds.add(tpl._direct.pidfd)
     return fds

@@ -85,15 +85,15 @@ def test_command_frames_round_trip() -> None:
     stream = b"".join([
         joined(wire.run_frame("pkg.mod:Class.method")),
         joined(wire.kill_frame(7, 9)),
-        joined(wire.spares_frame(3)),
+        joined(wire.spawn_frame(3, False)),
         joined(wire.items_frame(wire.PATH, ["/a", ""])),
         joined(wire.items_frame(wire.REQUIRE, ["os", "json"])),
     ])
     frames = decode_all(stream)
-    assert [k for k, _ in frames] == [wire.RUN, wire.KILL, wire.SPARES, wire.PATH, wire.REQUIRE]
+    assert [k for k, _ in frames] == [wire.RUN, wire.KILL, wire.SPAWN, wire.PATH, wire.REQUIRE]
     assert wire.decode_text(frames[0][1]) == "pkg.mod:Class.method"
     assert wire.decode_kill(frames[1][1]) == (7, 9)
-    assert wire.decode_u32(frames[2][1]) == 3
+    assert wire.decode_fork(frames[2][1]) == (3, False)
     assert wire.decode_strs(frames[3][1]) == ["/a", ""]
     assert wire.decode_strs(frames[4][1]) == ["os", "json"]
 
@@ -138,7 +138,7 @@ STREAM = b"".join([
     joined(wire.items_frame(wire.PATH, ["/x", "/y"])),
     joined(wire.items_frame(wire.EVAL, ["def f(sock): pass", b"arg"])),
     joined(wire.items_frame(wire.ARG, ["s\udcff", b"", b"\x01" * 300])),
-    joined(wire.spares_frame(1)),
+    joined(wire.kill_frame(1, 15)),
     joined(wire.run_frame("f")),
 ])
 
@@ -320,7 +320,7 @@ def test_malformed_items_are_protocol_errors(payload: bytes, match: str) -> None
 
 
 def test_fixed_size_payloads_of_the_wrong_size_are_protocol_errors() -> None:
-    for decode in (wire.decode_fork, wire.decode_kill, wire.decode_seq_int, wire.decode_u32):
+    for decode in (wire.decode_fork, wire.decode_kill, wire.decode_seq_int):
         with pytest.raises(wire.ProtocolError):
             decode(b"\x00" * 3)
     with pytest.raises(wire.ProtocolError, match="flags"):
@@ -381,7 +381,7 @@ def test_fuzz_garbage_only_raises_protocol_error_and_never_leaks_fds(
                 while (f := dec.next_frame()) is not None:
                     frames.append(f)
                     # Payload decoders see garbage too.
-                    for decode in (wire.decode_items, wire.decode_fork, wire.decode_kill, wire.decode_u32,
+                    for decode in (wire.decode_items, wire.decode_fork, wire.decode_kill,
                                    wire.decode_text, wire.decode_seq_int, wire.decode_failed):
                         try:
                             decode(f.payload)

@@ -53,6 +53,9 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+_RECV_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_CTRUNC = getattr(socket, "MSG_CTRUNC", 8)
+_ANC_SPACE = socket.CMSG_SPACE(4 * 4)  # reports carry one descriptor; leave room to see extras
 _POLLIN, _POLLOUT = 1, 4  # POSIX values; select isn't imported unless needed
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _TOKEN = object()
@@ -309,6 +312,9 @@ class _Reports:
         self.handed_over = False  # the template ran a function
         self.async_waiters: list[tuple[Any, Any]] = []
         self.async_loops: dict[Any, int] = {}  # loop -> waiters sharing its reader (see _aio)
+        # Processes forked ahead (SPAWN): seq -> (pid, caller's end), in order.
+        self.pool: dict[int, tuple[int, socket.socket]] = {}
+        self.spawning: set[int] = set()  # SPAWNs sent, not yet answered
         _own(sock)
 
     def fileno(self) -> int:
@@ -346,8 +352,15 @@ class _Reports:
             return False
         got = False
         while True:
+            fds: list[int] = []
             try:
-                data = sock.recv(65536, _DONTWAIT)
+                data, anc, flags, _ = sock.recvmsg(65536, _ANC_SPACE, _DONTWAIT | _RECV_CLOEXEC)
+                if anc:
+                    fds = P.unpack_fds(anc, socket.SOL_SOCKET, socket.SCM_RIGHTS)
+                if flags & _CTRUNC:
+                    P.close_fds(fds)
+                    fds, data = [], b""
+                    self.ended = "descriptors it sent were lost (MSG_CTRUNC: out of descriptors?)"
             except BlockingIOError:
                 return got
             except OSError as e:
@@ -362,7 +375,7 @@ class _Reports:
                 self._end()
                 return True
             try:
-                self.decoder.feed(data)
+                self.decoder.feed(data, fds)
                 while (frame := self.decoder.next_frame()) is not None:
                     self._dispatch(frame)
             except P.ProtocolError as e:
@@ -373,12 +386,20 @@ class _Reports:
     def _dispatch(self, frame: P.Frame) -> None:
         if frame.kind == P.FAILED:
             seq, reason = P.decode_failed(frame.payload)
+            self.spawning.discard(seq)
             ref = self.children.pop(seq, None)
             child = ref() if ref is not None else None
             if child is not None:
                 child._failed = reason
             return
         seq, value = P.decode_seq_int(frame.payload)
+        if frame.kind == P.SPARE:
+            fd = frame.fds.pop()
+            self.spawning.discard(seq)
+            sock = socket.socket(fileno=fd)
+            _own(sock)
+            self.pool[seq] = (value, sock)
+            return
         if frame.kind == P.PID:
             ref = self.children.get(seq)
             child = ref() if ref is not None else None
@@ -387,6 +408,9 @@ class _Reports:
             else:
                 child._pid = value
         else:  # EXIT
+            pooled = self.pool.pop(seq, None)
+            if pooled is not None:
+                _close_sock(pooled[1])  # a spare that died waiting: never hand it out
             ref = self.children.pop(seq, None)
             child = ref() if ref is not None else None
             if child is not None:
@@ -401,6 +425,13 @@ class _Reports:
         sock, self.sock = self.sock, None
         _close_sock(sock)
         self.children.clear()
+        self._drop_pool()
+
+    def _drop_pool(self) -> None:
+        """Let go of the processes forked ahead: they see EOF and exit."""
+        pool, self.pool = self.pool, {}
+        for _, sock in pool.values():
+            _close_sock(sock)
 
     def close(self) -> None:
         with self.cond:
@@ -712,20 +743,13 @@ class Process:
 
         Raises:
             ProcessStateError: this process was already run or closed.
-            TemplateDiedError, ProcessExitedError: this process is gone.
+            TemplateDiedError: this process is gone.
         """
         with self._lock:
             self._usable()
             mine, theirs = socket.socketpair()
             fds = [theirs.detach()]
-            reports = self._reports
-            if reports is None:
-                rmine, rtheirs = socket.socketpair()
-                fds.append(rtheirs.detach())
-                reports = self._reports = _Reports(rmine, self)
-                new_reports = True
-            else:
-                new_reports = False
+            reports, new_reports = self._report_channel(fds)
             seq = reports.next_seq
             reports.next_seq = seq + 1
             child = Process(_TOKEN, mine, parent=self, seq=seq)
@@ -741,6 +765,51 @@ class Process:
                 raise
         if reports.sock is not None and reports.sock.fileno() >= 0:
             reports.pump(0)  # keep the channel from filling up
+        return child
+
+    def _report_channel(self, fds: list[int]) -> tuple[_Reports, bool]:
+        """This template's report channel, made now (its end added to ``fds``
+        for the frame to carry) if this is the first fork (caller holds _lock)."""
+        reports = self._reports
+        if reports is not None:
+            return reports, False
+        rmine, rtheirs = socket.socketpair()
+        fds.append(rtheirs.detach())
+        reports = self._reports = _Reports(rmine, self)
+        return reports, True
+
+    def _spawn_ahead(self, count: int) -> None:
+        """Ask the template for ``count`` more processes forked ahead (caller holds _lock)."""
+        for _ in range(count):
+            fds: list[int] = []
+            reports, new_reports = self._report_channel(fds)
+            seq = reports.next_seq
+            reports.next_seq = seq + 1
+            reports.spawning.add(seq)
+            self._out.put(P.spawn_frame(seq, new_reports), fds)
+        try:
+            self._flush()
+        except ProcessExitedError as e:
+            raise TemplateDiedError(f"template {e}") from e
+
+    def _take_spare(self) -> Process | None:
+        """A process the template forked ahead, if one has arrived; asks for its
+        replacement.  None when the pool is empty."""
+        with self._lock:
+            self._usable()
+            reports = self._reports
+            if reports is None:
+                return None
+            if not reports.pool:
+                reports.pump(0)
+                if not reports.pool:
+                    return None
+            seq = next(iter(reports.pool))
+            pid, sock = reports.pool.pop(seq)
+            child = Process(_TOKEN, sock, parent=self, seq=seq)
+            child._pid = pid
+            reports.children[seq] = weakref.ref(child)
+            self._spawn_ahead(1)
         return child
 
     # --- run ------------------------------------------------------------------
@@ -972,7 +1041,9 @@ _default_path: list[str] = []
 _default_site: list[str] = []  # site directories the default template processed
 _early: Process | None = None  # set by anyfork.early
 _early_site: list[str] = []  # site directories the program had processed when early forked
-_SPARES = 1
+# How many processes the default template keeps forked ahead and connected,
+# ready for new().  Each idle one costs about a megabyte of private memory.
+_POOL = 2
 
 
 def _check_supported() -> None:
@@ -1051,10 +1122,12 @@ def _default_template() -> Process:
             tpl = _early
             with tpl._lock:  # it has sys.path as of its fork; bring it up to date
                 _default_site = _send_path(tpl, _early_site)
+                tpl._spawn_ahead(_POOL)
         else:
             tpl = new_exec()  # it queues PATH and SITE
-            tpl._out.put(P.spares_frame(_SPARES))
             _default_site = _exec.site_plan(sys.path)[1]
+            with tpl._lock:
+                tpl._spawn_ahead(_POOL)
         _default_path = list(sys.path)
         _default = tpl
         return tpl
@@ -1077,7 +1150,7 @@ def new() -> Process:
     for attempt in (1, 2):
         tpl = _default_template()
         try:
-            proc = tpl.fork()
+            proc = tpl._take_spare() or tpl.fork()
         except (TemplateDiedError, ProcessExitedError, ProcessStateError):
             if attempt == 2:
                 raise

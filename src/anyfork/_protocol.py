@@ -11,6 +11,12 @@ the exit status of each process it forked.  Nothing of anyfork's is ever
 written back on a command socket, so the socket ``run`` hands to both ends
 carries only what the user writes on it.
 
+A fork comes two ways.  ``FORK`` carries the child's end of a socketpair
+the caller made; the template forks and reports ``PID``.  ``SPAWN`` asks the
+template to fork *ahead*: it makes the socketpair itself and sends the
+caller's end back with the pid in a ``SPARE`` report, so the process is
+already waiting on its socket when the caller hands it out.
+
 Both directions use the same framing::
 
     header = <version u8> <kind u8> <number of fds u16> <payload length u64>
@@ -71,16 +77,17 @@ FH = 5  # no payload; 1..MAX_FDS descriptors for run
 FORK = 6  # u64 seq, u8 flags; fds: new command socket [, report socket]
 RUN = 7  # UTF-8 name of the function to call
 KILL = 8  # u64 seq, i32 signal: signal a process this template forked
-SPARES = 9  # u32: how many processes to keep forked ahead
 SITE = 10  # items: directories to process as site.addsitedir does
+SPAWN = 11  # u64 seq, u8 flags; fds: [report socket]: fork one ahead, connected
 
 # Reports, template -> caller, on the report channel.
 PID = 64  # u64 seq, i64 pid
 EXIT = 65  # u64 seq, i64 returncode (subprocess convention)
 FAILED = 66  # u64 seq, UTF-8 reason: the fork did not happen
+SPARE = 67  # u64 seq, i64 pid; fd: the caller's end of that process's command socket
 
-COMMANDS = frozenset({PATH, REQUIRE, EVAL, ARG, FH, FORK, RUN, KILL, SPARES, SITE})
-REPORTS = frozenset({PID, EXIT, FAILED})
+COMMANDS = frozenset({PATH, REQUIRE, EVAL, ARG, FH, FORK, RUN, KILL, SITE, SPAWN})
+REPORTS = frozenset({PID, EXIT, FAILED, SPARE})
 
 FORK_NEW_REPORTS = 1  # flag: the second descriptor is the report channel
 
@@ -88,7 +95,6 @@ _SEQ = struct.Struct("<Q")
 _SEQ_FLAGS = FORK_PAYLOAD = struct.Struct("<QB")
 _SEQ_INT = struct.Struct("<Qq")
 _SEQ_SIG = struct.Struct("<Qi")
-_U32 = struct.Struct("<I")
 _ITEM = struct.Struct("<cQ")
 
 
@@ -169,16 +175,17 @@ def fork_frame(seq: int, new_reports: bool) -> list[Buffer]:
     return frame(FORK, [_SEQ_FLAGS.pack(seq, flags)], 2 if new_reports else 1)
 
 
+def spawn_frame(seq: int, new_reports: bool) -> list[Buffer]:
+    flags = FORK_NEW_REPORTS if new_reports else 0
+    return frame(SPAWN, [_SEQ_FLAGS.pack(seq, flags)], 1 if new_reports else 0)
+
+
 def run_frame(name: str) -> list[Buffer]:
     return frame(RUN, [name.encode("utf-8", "surrogatepass")])
 
 
 def kill_frame(seq: int, sig: int) -> list[Buffer]:
     return frame(KILL, [_SEQ_SIG.pack(seq, sig)])
-
-
-def spares_frame(count: int) -> list[Buffer]:
-    return frame(SPARES, [_U32.pack(count)])
 
 
 def fh_frame(nfds: int) -> list[Buffer]:
@@ -189,6 +196,7 @@ def fh_frame(nfds: int) -> list[Buffer]:
 # a copy-on-write fault: keep them to a header constant and one pack.
 _PID_HEADER = HEADER.pack(VERSION, PID, 0, _SEQ_INT.size)
 _EXIT_HEADER = HEADER.pack(VERSION, EXIT, 0, _SEQ_INT.size)
+_SPARE_HEADER = HEADER.pack(VERSION, SPARE, 1, _SEQ_INT.size)
 
 
 def pid_report(seq: int, pid: int) -> bytes:
@@ -197,6 +205,11 @@ def pid_report(seq: int, pid: int) -> bytes:
 
 def exit_report(seq: int, returncode: int) -> bytes:
     return _EXIT_HEADER + _SEQ_INT.pack(seq, returncode)
+
+
+def spare_report(seq: int, pid: int) -> bytes:
+    """A SPARE report; its one descriptor goes in the same sendmsg."""
+    return _SPARE_HEADER + _SEQ_INT.pack(seq, pid)
 
 
 def failed_report(seq: int, reason: str) -> bytes:
@@ -252,6 +265,8 @@ def _unpack(st: struct.Struct, payload: bytes) -> tuple[int, ...]:
 
 
 def decode_fork(payload: bytes) -> tuple[int, bool]:
+    """FORK's and SPAWN's payload: the sequence number, and whether the frame
+    brings the template's report channel."""
     seq, flags = _unpack(_SEQ_FLAGS, payload)
     if flags & ~FORK_NEW_REPORTS:
         raise ProtocolError("unknown fork flags")
@@ -268,10 +283,6 @@ def decode_kill(payload: bytes) -> tuple[int, int]:
     return seq, sig
 
 
-def decode_u32(payload: bytes) -> int:
-    return _unpack(_U32, payload)[0]
-
-
 def decode_failed(payload: bytes) -> tuple[int, str]:
     if len(payload) < _SEQ.size:
         raise ProtocolError("truncated failure report")
@@ -284,6 +295,10 @@ def _fds_allowed(kind: int, nfds: int, payload_len: int) -> bool:
         return 1 <= nfds <= MAX_FDS and payload_len == 0
     if kind == FORK:
         return nfds in (1, 2)
+    if kind == SPAWN:
+        return nfds in (0, 1)
+    if kind == SPARE:
+        return nfds == 1
     return nfds == 0
 
 

@@ -4,9 +4,11 @@ Theory of operation
 -------------------
 A process starts in one of three ways: exec'd fresh by ``new_exec`` (``main``
 below, reached through a one-line bootstrap that imports only this module
-and ``_protocol``), forked by a template while that template was serving a
-``FORK`` command, or forked ahead of time as a *spare* that waits for a
-command socket to be handed to it.  In each case it ends up in
+and ``_protocol``), forked by a template serving a ``FORK`` command (the
+caller made the socketpair and sent one end along), or forked ahead by a
+template serving ``SPAWN`` (the template made the socketpair and sends the
+caller its end with the pid, so the process is ready before it is asked
+for).  In each case it ends up in
 ``Server.serve``, reading commands from its socket one frame at a time and
 never past the frame it is working on: after ``RUN`` the socket belongs to
 the user's function, byte for byte.
@@ -20,10 +22,9 @@ through ``signal.set_wakeup_fd``) and reports the exit status.  Only the
 template, as the parent, can name a child's pid without racing pid reuse, so
 ``KILL`` is a command to the template rather than a signal from the caller.
 
-A template asked for spares keeps that many children forked ahead, each
-blocked on a private socketpair; ``FORK`` then hands the new command socket
-to a spare instead of forking, which takes the fork off the caller's critical
-path.  Any command that changes the template's state discards its spares.
+The caller keeps a couple of SPAWNed processes of the default template in
+hand and asks for a replacement as it hands one out, so ``new()`` waits
+neither for a fork nor for a round trip to the template.
 
 Before forking, a template flushes stdio and freezes the garbage collector's
 view of its heap (``gc.freeze``): the child's collections then leave the
@@ -46,7 +47,6 @@ import gc
 import os
 import socket
 import sys
-from collections import deque
 
 from . import _protocol as P
 
@@ -85,7 +85,7 @@ _FD = __import__("struct").Struct("i")
 
 
 _NO_FDS: list[int] = []
-_WARM_UP = b"".join(P.run_frame("builtins:id"))  # see Server._spare
+_WARM_UP = b"".join(P.run_frame("builtins:id"))  # see _warm_decoder
 
 
 def _recv(sock: Sock, n: int) -> tuple[bytes, list[int]]:
@@ -100,6 +100,22 @@ def _recv(sock: Sock, n: int) -> tuple[bytes, list[int]]:
         P.close_fds(fds)
         raise _CorruptError("descriptors lost in transit (MSG_CTRUNC: out of descriptors?)")
     return data, fds
+
+
+def _warm_decoder(namespace: dict[str, object]) -> P.Decoder:
+    """A fresh decoder, after one dry run of a typical ``run`` command.
+
+    For a process forked ahead: the decoding and name lookup it will do
+    first touch pages it shares with its template, each a copy-on-write
+    fault.  Taking those while it idles keeps them off the caller's
+    critical path.
+    """
+    decoder = P.Decoder(P.COMMANDS)
+    decoder.feed(_WARM_UP)
+    frame = decoder.next_frame()
+    if frame is not None:
+        resolve(P.decode_text(frame.payload), namespace)
+    return decoder
 
 
 def _wrap_fd(fd: int) -> object:
@@ -172,13 +188,6 @@ def resolve(name: str, namespace: dict[str, object]) -> Callable[..., object]:
     return obj
 
 
-class _Spare:
-    __slots__ = ("chan", "pid")
-
-    def __init__(self, pid: int, chan: Sock) -> None:
-        self.pid, self.chan = pid, chan
-
-
 class _Template:
     """The state a process acquires when it is first forked from."""
 
@@ -187,19 +196,15 @@ class _Template:
         "poller",
         "reports",
         "seq_of",
-        "spares",
         "unreaped_commands",
         "wake_r",
         "wake_w",
-        "want_spares",
     )
 
     def __init__(self, reports: Sock) -> None:
         self.reports = reports
         self.seq_of: dict[int, int] = {}  # pid -> seq, for children not yet reaped
         self.pid_of: dict[int, int] = {}  # seq -> pid
-        self.spares: deque[_Spare] = deque()
-        self.want_spares = 0
         self.poller: Any = None  # select.poll, made on first use
         self.unreaped_commands = 0
         self.wake_r, self.wake_w = os.pipe()
@@ -222,11 +227,6 @@ class _Template:
         os.close(self.wake_r)
         os.close(self.wake_w)
         self.reports.close()
-        self.drop_spares()
-
-    def drop_spares(self) -> None:
-        while self.spares:
-            self.spares.popleft().chan.close()  # the spare sees EOF and exits
 
     def reap(self) -> None:
         try:
@@ -240,12 +240,6 @@ class _Template:
                 del self.pid_of[seq]
                 if status is not None:
                     self.report(P.exit_report(seq, os.waitstatus_to_exitcode(status)))
-                continue
-            for spare in self.spares:
-                if spare.pid == pid:
-                    self.spares.remove(spare)
-                    spare.chan.close()
-                    break
 
     def _collect(self) -> list[tuple[int, int | None]]:
         """Reap those of our children that exited: (pid, wait status or None).
@@ -256,8 +250,6 @@ class _Template:
         first in line (or there is no waitid), ask ours one by one.
         """
         ours = set(self.seq_of)
-        for spare in self.spares:
-            ours.add(spare.pid)
         done: list[tuple[int, int | None]] = []
         waitid = getattr(os, "waitid", None)
         while ours and waitid is not None:
@@ -290,7 +282,7 @@ def _on_sigchld(signum: int, frame: object) -> None:
 class Server:
     """One process's serve loop.  ``serve()`` never returns."""
 
-    __slots__ = ("decoder", "items", "namespace", "sock", "template", "want_spares")
+    __slots__ = ("decoder", "items", "namespace", "sock", "template")
 
     def __init__(self, sock: Sock) -> None:
         self.sock = sock
@@ -298,7 +290,6 @@ class Server:
         self.items: list[object] = []
         self.namespace: dict[str, object] = sys.modules["__main__"].__dict__
         self.template: _Template | None = None
-        self.want_spares = 0  # applies once the process becomes a template
 
     # --- reading -------------------------------------------------------------
 
@@ -338,7 +329,7 @@ class Server:
 
     def handle(self, frame: P.Frame) -> None:
         kind = frame.kind
-        if kind == P.FORK:
+        if kind in (P.FORK, P.SPAWN):
             self.fork(frame)
             return
         if frame.fds and kind != P.FH:
@@ -356,17 +347,6 @@ class Server:
                 except OSError:
                     pass
             return
-        if kind == P.SPARES:
-            count = P.decode_u32(frame.payload)
-            if count > 64:
-                raise _CorruptError(f"{count} spares requested")
-            self.want_spares = count
-            if self.template is not None:
-                self.template.want_spares = count
-            return
-        # Everything below changes the state a fork would copy.
-        if self.template is not None:
-            self.template.drop_spares()
         if kind == P.FH:
             fds, frame.fds = frame.fds, []
             for i, fd in enumerate(fds):
@@ -436,8 +416,6 @@ class Server:
                 os.close(tpl.wake_r)
                 os.close(tpl.wake_w)
                 tpl.reports.close()
-                for spare in tpl.spares:
-                    spare.chan.close()
             self.sock.close()
             atexit._clear()  # the parent's handlers are not ours to run
         return pid
@@ -447,62 +425,90 @@ class Server:
         self.decoder = P.Decoder(P.COMMANDS)
 
     def fork(self, frame: P.Frame) -> None:
+        """FORK (the caller made the socket) or SPAWN (fork one ahead, connected)."""
         try:
             seq, new_reports = P.decode_fork(frame.payload)
         except P.ProtocolError:
             frame.close()
             raise
         fds, frame.fds = frame.fds, []
-        child_fd = fds[0]
+        spawn = frame.kind == P.SPAWN
+        if new_reports != (len(fds) == (1 if spawn else 2)):
+            P.close_fds(fds)
+            raise _CorruptError("fork flags don't match its descriptors")
         if new_reports:
             if self.template is not None:
                 P.close_fds(fds)
                 raise _CorruptError("second report channel")
-            self.template = _Template(Sock(fileno=fds[1]))
-            self.template.want_spares = self.want_spares
+            self.template = _Template(Sock(fileno=fds.pop()))
         elif self.template is None:
             P.close_fds(fds)
             raise _CorruptError("fork before any report channel")
-        self._fork_for(seq, child_fd)
+        if spawn:
+            self._spawn(seq)
+        else:
+            self._fork_for(seq, fds[0])
 
-    def _fork_for(self, seq: int, child_fd: int) -> None:
-        """Give the caller's new command socket a process: a spare, or a fork."""
+    def _spawn(self, seq: int) -> None:
+        """Fork a process ahead with a socketpair of its own; send the caller its end.
+
+        The caller keeps a few of these and hands one out at ``new()``: no
+        round trip to the template is then on the caller's critical path,
+        and the process is already waiting on its socket.
+        """
         tpl = self.template
         assert tpl is not None
-        spares = tpl.spares
-        pid = 0
-        while spares:
-            spare = spares.popleft()
-            try:
-                spare.chan.sendmsg([b"F"], [(_SOL_SOCKET, _SCM_RIGHTS, _FD.pack(child_fd))], _SEND_FLAGS)
-            except OSError:
-                spare.chan.close()  # it died; reap() collects it
-                continue
-            spare.chan.close()
-            pid = spare.pid
-            break
-        else:
-            try:
-                pid = self._fork()
-            except OSError as e:
-                os.close(child_fd)
-                tpl.report(P.failed_report(seq, f"fork failed: {e}"))
-                return
-            if pid == 0:
-                self._start(child_fd)
-                return
+        mine, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            pid = self._fork()
+        except OSError as e:
+            mine.close()
+            theirs.close()
+            tpl.report(P.failed_report(seq, f"fork failed: {e}"))
+            return
+        if pid == 0:
+            mine.close()
+            self.decoder = _warm_decoder(self.namespace)
+            self.sock = theirs
+            return
+        theirs.close()
+        tpl.seq_of[pid] = seq
+        tpl.pid_of[seq] = pid
+        report = P.spare_report(seq, pid)
+        try:
+            n = tpl.reports.sendmsg([report], [(_SOL_SOCKET, _SCM_RIGHTS, _FD.pack(mine.fileno()))],
+                                   _SEND_FLAGS)
+            if n < len(report):
+                tpl.reports.sendall(report[n:], _SEND_FLAGS)
+        except OSError:
+            pass  # the caller stopped listening; it finds out from EOF
+        mine.close()
+
+    def _fork_for(self, seq: int, child_fd: int) -> None:
+        """Fork a process to serve the command socket the caller sent."""
+        tpl = self.template
+        assert tpl is not None
+        try:
+            pid = self._fork()
+        except OSError as e:
+            os.close(child_fd)
+            tpl.report(P.failed_report(seq, f"fork failed: {e}"))
+            return
+        if pid == 0:
+            self._start(child_fd)
+            return
         os.close(child_fd)
         tpl.seq_of[pid] = seq
         tpl.pid_of[seq] = pid
         tpl.report(P.pid_report(seq, pid))
 
     def _template_loop(self) -> None:
-        """A template's hot path: FORK after FORK, with as little Python as possible.
+        """A template's hot path: FORK and SPAWN, with as little Python as possible.
 
         A template spends its life forking, and after each fork every page it
         writes costs a copy-on-write fault (a few microseconds each), so this
-        loop is one flat function over C calls.  It takes only FORK frames of
-        exactly the expected shape.  Anything else (another command, garbage,
+        loop is one flat function over C calls.  It takes only FORK and SPAWN
+        frames of exactly the expected shape.  Anything else (another command, garbage,
         a short read) is fed to the decoder and left to the generic path,
         which owns the errors.  Returns then, or in a forked child.
 
@@ -515,7 +521,6 @@ class Server:
         sock = self.sock
         sock_fd = sock.fileno()
         wake_r = tpl.wake_r
-        spares = tpl.spares
         feed = self.decoder.feed
         poller = tpl.poller
         if poller is None:
@@ -528,15 +533,11 @@ class Server:
         hsize = P.HEADER.size
         unpack_header = P.HEADER.unpack
         fork_kind = P.FORK
+        spawn_kind = P.SPAWN
         fork_size = P.FORK_PAYLOAD.size
         unpack_fork = P.FORK_PAYLOAD.unpack
         version = P.VERSION
         while True:
-            if len(spares) < tpl.want_spares and not poll(0):
-                self.fork_spares()
-                if self.template is None:
-                    return  # a spare, handed its command socket
-                continue
             readable = woken = False
             for fd, _ in poll():
                 if fd == sock_fd:
@@ -550,11 +551,12 @@ class Server:
                 continue
             tpl.unreaped_commands += 1
             data, fds = _recv(sock, hsize)
-            if len(data) != hsize or data[1] != fork_kind:
+            if len(data) != hsize or (data[1] != fork_kind and data[1] != spawn_kind):
                 feed(data, fds)
                 return
-            ver, _, nfds, length = unpack_header(data)
-            if ver != version or nfds != 1 or len(fds) != 1 or length != fork_size:
+            ver, kind, nfds, length = unpack_header(data)
+            want_fds = 1 if kind == fork_kind else 0
+            if ver != version or nfds != want_fds or len(fds) != want_fds or length != fork_size:
                 feed(data, fds)
                 return
             payload, more = _recv(sock, length)
@@ -567,52 +569,12 @@ class Server:
                 feed(data, fds)
                 feed(payload)
                 return
-            self._fork_for(seq, fds[0])
+            if want_fds:
+                self._fork_for(seq, fds[0])
+            else:
+                self._spawn(seq)
             if self.template is None:
-                return  # the child of a direct fork
-
-    def fork_spares(self) -> None:
-        tpl = self.template
-        assert tpl is not None
-        spares = tpl.spares
-        while len(spares) < tpl.want_spares:
-            mine, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
-            try:
-                pid = self._fork()
-            except OSError:
-                mine.close()
-                theirs.close()
-                return
-            if pid == 0:
-                mine.close()
-                self._spare(theirs)
-                return
-            theirs.close()
-            spares.append(_Spare(pid, mine))
-
-    def _spare(self, chan: Sock) -> None:
-        """In a spare: wait for the command socket this process will serve.
-
-        While it waits, the spare runs the decoding and name lookup of a
-        typical ``run`` once on a dummy frame.  Those pages are then copied
-        while it idles, not after the caller has sent a command and is
-        waiting for the process to act on it.
-        """
-        decoder = P.Decoder(P.COMMANDS)
-        decoder.feed(_WARM_UP)
-        frame = decoder.next_frame()
-        if frame is not None:
-            resolve(P.decode_text(frame.payload), self.namespace)
-        try:
-            data, fds = _recv(chan, 1)
-        except (OSError, _CorruptError):
-            data, fds = b"", []
-        chan.close()
-        if data != b"F" or len(fds) != 1:
-            P.close_fds(fds)
-            os._exit(0)  # the template let us go
-        self.sock = Sock(fileno=fds[0])
-        self.decoder = decoder
+                return  # the child of a fork
 
     # --- run -----------------------------------------------------------------
 

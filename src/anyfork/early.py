@@ -34,7 +34,6 @@ import warnings
 from typing import TYPE_CHECKING
 
 from . import _exec, _process
-from ._protocol import spares_frame
 from ._template import LateImportWarning, fork_template
 
 if TYPE_CHECKING:
@@ -114,8 +113,6 @@ def _start() -> Process:
         warnings.warn(f"anyfork.early was not the first import: {why}", LateImportWarning, stacklevel=3)
     proc = fork_template(allow_threads=True)
     _process._early_site = _exec.site_plan(sys.path)[1]  # what it has processed already
-    with proc._lock:
-        proc._out.put(spares_frame(_process._SPARES))  # it is the default template
     _process._early = proc  # closed at exit with the rest of anyfork's sockets
     return proc
 

@@ -111,7 +111,7 @@ def _cases(marker):
         "fork_without_fd": ([(HDR.pack(1, P.FORK, 0, 9) + struct.pack("<QB", 1, 1) + ev, 0)], True),
         "fork_bad_flags": ([(HDR.pack(1, P.FORK, 1, 9) + struct.pack("<QB", 1, 0x80) + ev, 1)], True),
         "run_name_not_utf8": ([(HDR.pack(1, P.RUN, 0, 2) + b"\xff\xfe", 0)], True),
-        "spares_bad_size": ([(HDR.pack(1, P.SPARES, 0, 3) + b"\x01\x00\x00" + ev, 0)], True),
+        "spawn_bad_size": ([(HDR.pack(1, P.SPAWN, 0, 3) + b"\x01\x00\x00" + ev, 0)], True),
     }
 
 
@@ -174,7 +174,7 @@ def _valid_stream() -> tuple[list[tuple[bytes, int]], list[tuple[int, bytes, int
         (P.fork_frame(7, True), 2),
         (P.fh_frame(1), 1),
         (P.kill_frame(7, 15), 0),
-        (P.spares_frame(3), 0),
+        (P.spawn_frame(3, False), 0),
         (P.run_frame("mod:func"), 0),
     ]
     out = []
@@ -259,12 +259,10 @@ def _decode_payload(frame: P.Frame) -> None:
         P.decode_items(pl)
     elif k == P.RUN:
         P.decode_text(pl)
-    elif k == P.FORK:
+    elif k in (P.FORK, P.SPAWN):
         P.decode_fork(pl)
     elif k == P.KILL:
         P.decode_kill(pl)
-    elif k == P.SPARES:
-        P.decode_u32(pl)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -298,7 +296,7 @@ def test_command_decoder_fuzz_raises_only_protocol_error_and_closes_fds(chunks):
 @given(st.binary(max_size=64))
 def test_payload_decoders_fuzz_raise_only_protocol_error(payload):
     for decode in (P.decode_items, P.decode_strs, P.decode_text, P.decode_fork, P.decode_kill,
-                   P.decode_u32, P.decode_seq_int, P.decode_failed):
+                   P.decode_seq_int, P.decode_failed):
         try:
             decode(payload)
         except P.ProtocolError:

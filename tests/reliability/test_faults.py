@@ -52,8 +52,16 @@ def test_default_template_sigkilled_mid_fork_raises_within_2s(h, default_templat
     # (written, not yet served) when it is killed.
     os.kill(pid, signal.SIGSTOP)
     killer = threading.Timer(0.2, os.kill, (pid, signal.SIGKILL))
+    ready = []  # processes the template forked ahead: they exist already, and are fine
     try:
-        p = anyfork.new().eval(ECHO)
+        # Use up those forked ahead (their replacements can't come while the
+        # template is stopped): the next new() is a fork request in flight.
+        p = anyfork.new()
+        while p._pid is not None:
+            ready.append(p)
+            assert len(ready) <= 8, "new() kept handing out processes forked ahead"
+            p = anyfork.new()
+        p.eval(ECHO)
         killer.start()
         t0 = time.monotonic()
         sock, err = h.call_with_deadline(lambda: p.run("echo"), 2.5,
@@ -66,6 +74,8 @@ def test_default_template_sigkilled_mid_fork_raises_within_2s(h, default_templat
             os.kill(pid, signal.SIGKILL)
     if sock is not None:
         sock.close()
+    for q in ready:
+        q.close()
     assert isinstance(err, anyfork.Error), f"expected an anyfork error, got {err!r}"
     assert elapsed < 2.2  # 0.2 s until the kill, then at most 2 s
 

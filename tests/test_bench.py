@@ -1,0 +1,147 @@
+"""``python -m anyfork bench``: the report's shape and completeness, never its figures.
+
+One ``--quick`` run (in a subprocess, as a user would start it) is shared by
+the tests that read its output; the figures themselves are machine-dependent
+and checked only for being there and positive.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import pytest
+
+import anyfork
+from anyfork import _bench
+from anyfork.__main__ import build_parser, main
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(anyfork.__file__)))
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+class QuickRun(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+    result: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "anyfork", "bench", "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=40, env=_env(), check=False,
+    )
+    result = json.loads(out.read_text()) if out.exists() else {}
+    return QuickRun(proc.returncode, proc.stdout, proc.stderr, result)
+
+
+# The rows a --quick run must produce (its sizes are 0 and 200 MB).
+QUICK_ROWS = {
+    "fork@0", "new@0", "fork@200", "new@200", "tplfork", "new_exec", "mp_fork", "mp_forkserver", "mp_spawn",
+    "ttfr_pool_cold", "ttfr_anyfork_cold", "ttfr_pool_warm", "ttfr_anyfork_warm",
+    "conc_anyfork", "conc_mp_forkserver",
+    *(f"mem_{kind}_{how}" for kind in ("uss", "pss")
+      for how in ("anyfork", "mp_fork", "mp_forkserver", "mp_spawn")),
+}
+
+
+def test_quick_run_succeeds_and_reports_every_section(quick: QuickRun) -> None:
+    assert quick.returncode == 0, quick.stdout + quick.stderr
+    for heading in ("Process creation", "Time to first result", "Many at once", "Memory per idle worker",
+                    "Targets"):
+        assert heading in quick.stdout
+    # The machine, the spread, and the plain warning about noise.
+    machine = quick.stdout.splitlines()[1]
+    assert machine.startswith("machine:")
+    assert "cores" in machine
+    assert quick.result["machine"]["python"] in machine
+    assert "median of" in quick.stdout
+    assert "min..max" in quick.stdout
+    assert "NOISY" in quick.stdout
+    # A progress line per job, on stderr.
+    assert "bench: [1/" in quick.stderr
+
+
+def test_every_row_has_a_positive_figure(quick: QuickRun) -> None:
+    rows = {row["id"]: row for row in quick.result["rows"]}
+    assert quick.result["failed"] == []
+    assert set(rows) == QUICK_ROWS
+    for rid, row in rows.items():
+        assert row["samples"], rid
+        assert all(x > 0 for x in row["samples"]), rid
+        assert 0 < row["min"] <= row["median"] <= row["max"], rid
+
+
+def test_json_has_every_figure_the_report_shows(quick: QuickRun) -> None:
+    result = quick.result
+    assert {"command", "machine", "config", "rows", "targets", "notes", "failed"} <= set(result)
+    assert result["machine"]["cores"] >= 1
+    assert result["config"]["quick"] is True
+    for row in result["rows"]:
+        assert row["label"] in quick.stdout
+        assert {"median", "min", "max", "samples", "unit", "vs_fork", "vs_mp", "caller_mb"} <= set(row)
+        assert row["vs_mp"] > 0, row["id"]
+    assert len(result["targets"]) == 5
+    for target in result["targets"]:
+        assert target["target"] in quick.stdout
+        # --quick has no 2000 MB caller: that one target is "n/a", the rest have a figure.
+        if "2000 MB" in target["target"]:
+            assert target["met"] is None
+        else:
+            assert target["value"] > 0
+            assert isinstance(target["met"], bool)
+
+
+def test_importing_the_command_line_does_nothing() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", "import anyfork.__main__, anyfork._bench"],
+        capture_output=True, text=True, timeout=30, env=_env(), check=False,
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "--sizes", "x"],
+    ["bench", "--sizes", "-20"],
+    ["bench", "--rounds", "0"],
+    [],
+])
+def test_bad_arguments_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_options_override_the_defaults() -> None:
+    args = build_parser().parse_args(["bench", "--quick", "--rounds", "2", "--sizes", "200,0,20"])
+    cfg = _bench.make_config(args.quick, rounds=args.rounds, sizes=args.sizes)
+    assert cfg.quick
+    assert cfg.rounds == 2
+    assert cfg.sizes == (0, 20, 200)
+    assert _bench.make_config(False).sizes == (0, 20, 200, 2000)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed")
+def test_plot_without_matplotlib_says_how_to_get_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Fails before measuring anything.
+    assert main(["bench", "--quick", "--plot", str(tmp_path / "b.png")]) == 2
+    assert "pip install 'anyfork[plot]'" in capsys.readouterr().err
+    assert not (tmp_path / "b.png").exists()
