@@ -1043,7 +1043,7 @@ _early: Process | None = None  # set by anyfork.early
 _early_site: list[str] = []  # site directories the program had processed when early forked
 # How many processes the default template keeps forked ahead and connected,
 # ready for new().  Each idle one costs about a megabyte of private memory.
-_POOL = 2
+_POOL = 3
 
 
 def _check_supported() -> None:

@@ -22,7 +22,7 @@ through ``signal.set_wakeup_fd``) and reports the exit status.  Only the
 template, as the parent, can name a child's pid without racing pid reuse, so
 ``KILL`` is a command to the template rather than a signal from the caller.
 
-The caller keeps a couple of SPAWNed processes of the default template in
+The caller keeps a few SPAWNed processes of the default template in
 hand and asks for a replacement as it hands one out, so ``new()`` waits
 neither for a fork nor for a round trip to the template.
 
