@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import _protocol as P
+from ._process import _close_sock
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -59,44 +60,50 @@ async def _await_reports(reports: _Reports, done: Callable[[], bool]) -> None:
     """Wait until ``done()``, reading the report channel from the loop.
 
     asyncio allows one reader per descriptor, and several tasks may wait on
-    the same template, so the loop gets one shared reader per channel: it
-    pumps the channel, and every pump that reads something wakes every
-    waiter (``_Reports._wake_async``), who then check their own condition.
+    the same template, so each loop gets one shared reader per channel
+    (counted in ``reports.async_loops``): it pumps the channel, and every
+    pump that reads something wakes every waiter, who then check their own
+    condition.  If the channel ends meanwhile, its socket is not closed under
+    the loop: the last task to unregister closes it (``reports.closing``).
     """
     loop = asyncio.get_running_loop()
     while not done():
-        fd = reports.fileno()
-        if fd < 0:
-            return
-        fut: asyncio.Future[None] = loop.create_future()
-        entry = (loop, fut)
-        reports.async_waiters.append(entry)
-        if reports.async_loops.get(loop, 0) == 0:
-            loop.add_reader(fd, _on_readable, loop, reports, fd)
-        reports.async_loops[loop] = reports.async_loops.get(loop, 0) + 1
+        with reports.cond:
+            fd = reports.fileno()
+            if fd < 0:
+                return
+            fut: asyncio.Future[None] = loop.create_future()
+            entry = (loop, fut)
+            reports.async_waiters.append(entry)
+            count = reports.async_loops.get(loop, 0)
+            reports.async_loops[loop] = count + 1
+        if count == 0:
+            loop.add_reader(fd, reports.pump, 0)
         try:
-            reports.pump(0)
+            reports.pump(0, done)
             if done() or reports.fileno() < 0:
                 return
             await fut
         finally:
-            reports.async_waiters.remove(entry)
-            left = reports.async_loops.pop(loop, 0) - 1
-            if left > 0:
-                reports.async_loops[loop] = left
-            elif left == 0 and reports.fileno() == fd:
-                loop.remove_reader(fd)
-            # left < 0: _on_readable saw the channel end and unregistered it
+            _unregister(loop, reports, entry, fd)
 
 
-def _on_readable(loop: asyncio.AbstractEventLoop, reports: _Reports, fd: int) -> None:
-    reports.pump(0)
-    if reports.fileno() != fd:
-        # The channel ended and its descriptor is closed: unregister now,
-        # before the number can be reused, and wake everyone to notice.
-        loop.remove_reader(fd)
-        reports.async_loops.pop(loop, None)
-        reports._wake_async()
+def _unregister(loop: asyncio.AbstractEventLoop, reports: _Reports, entry: tuple[Any, Any],
+                fd: int) -> None:
+    with reports.cond:
+        reports.async_waiters.remove(entry)
+        left = reports.async_loops[loop] - 1
+        if left:
+            reports.async_loops[loop] = left
+        else:
+            del reports.async_loops[loop]
+        closing = reports.closing if not reports.async_loops else None
+        if closing is not None:
+            reports.closing = None
+    if not left:
+        loop.remove_reader(fd)  # before the close below, never after
+    if closing is not None:
+        _close_sock(closing)
 
 
 def _watch_exit(loop: asyncio.AbstractEventLoop, proc: Process) -> None:
@@ -111,10 +118,16 @@ def _watch_exit(loop: asyncio.AbstractEventLoop, proc: Process) -> None:
 async def run(proc: Process, sock: socket.socket) -> socket.socket:
     """Flush ``proc`` (its RUN already queued), then wait for its pid."""
     parent = proc._parent
-    if parent is not None:
-        with parent._lock:
-            parent._flush()  # normally empty: fork() already wrote the FORK
-    await _flush(proc, sock)
+    try:
+        if parent is not None:
+            with parent._lock:
+                parent._flush()  # normally empty: fork() already wrote the FORK
+        await _flush(proc, sock)
+    except BaseException:
+        # Cancelled or failed part-way: a frame may be half written and RUN is
+        # still queued.  The process can't be prepared any further; let it go.
+        proc.close()
+        raise
     with proc._lock:
         proc._finish_run(sock)
     try:

@@ -42,6 +42,7 @@ from ._errors import (
     ExitStatusLostError,
     ProcessExitedError,
     ProcessStateError,
+    ProtocolError,
     TemplateDiedError,
     TimeoutExpired,
 )
@@ -98,6 +99,8 @@ def _after_fork_in_child() -> None:
     global _generation, _lock, _default, _early
     _generation += 1
     _lock = threading.Lock()
+    for d in _directs.values():
+        d.pidfd = -1  # closed below with the rest; the number may be reused
     for fd, sock in list(_owned.items()):
         if sock is not None:
             sock.detach()  # its finalizer must not close a reused number later
@@ -115,13 +118,24 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+_shut_down = False
+
+
 def _close_all_at_exit() -> None:
     """At interpreter exit, close what anyfork still holds.
 
     Templates and unrun processes see EOF and exit now, rather than whenever
     module teardown gets to the objects (if it does: finalizers may not run
-    at all then, and a socket left to one warns as unclosed).
+    at all then, and a socket left to one warns as unclosed).  Objects made
+    before are dead from here on, like those a fork inherits: an atexit
+    handler of the program's that runs later gets ProcessStateError from
+    them, never a descriptor number that may be reused.
     """
+    global _generation, _shut_down
+    _generation += 1
+    _shut_down = True
+    for d in list(_directs.values()):
+        d.pidfd = -1  # closed below with the rest
     for fd, sock in list(_owned.items()):
         if sock is not None:
             sock.close()
@@ -161,7 +175,7 @@ class _Direct:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.returncode: int | None = None
         self.lost = False
         self.loop: Any = None  # an asyncio loop watching the pidfd (see _aio)
@@ -191,28 +205,32 @@ class _Direct:
                 _unwatch(loop, fd)
         _directs.pop(self.pid, None)
 
-    def poll(self, block: bool = False) -> bool:
-        """Reap it if it has exited (or wait until it has); True once done."""
+    def poll(self) -> bool:
+        """Reap it if it has exited; True once done.  Never blocks.
+
+        The lock is never held across a blocking wait, so that kill() from
+        another thread, or from a signal handler that interrupted a wait on
+        this same thread (hence an RLock), is never stuck behind one.
+        """
         if self.done():
             return True
-        if not self.lock.acquire(blocking=block):
+        if not self.lock.acquire(blocking=False):
             return False
         try:
             if self.done():
                 return True
-            flags = 0 if block else os.WNOHANG
             try:
                 if self.pidfd >= 0 and _P_PIDFD is not None:
                     # By pidfd, not by number: if someone else reaped ours and
                     # the number went to another child, waitpid(pid) would
                     # collect that stranger's status.
-                    info = os.waitid(_P_PIDFD, self.pidfd, os.WEXITED | flags)
+                    info = os.waitid(_P_PIDFD, self.pidfd, os.WEXITED | os.WNOHANG)
                     if info is None:
                         return False
                     code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
                     self._reaped(code)
                     return True
-                pid, status = os.waitpid(self.pid, flags)
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
             except ChildProcessError:
                 self._reaped(None)
                 return True
@@ -224,20 +242,20 @@ class _Direct:
             self.lock.release()
 
     def wait(self, timeout: float | None) -> None:
-        if timeout is None:
-            self.poll(block=True)
-            return
-        deadline = time.monotonic() + timeout
+        """Until it is reaped, or raise TimeoutExpired after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.0005
         while not self.poll():
-            left = deadline - time.monotonic()
-            if left <= 0:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
                 raise TimeoutExpired(f"process {self.pid} still running after {timeout} s")
             fd = self.pidfd
             if fd >= 0:
-                _poll([(fd, _POLLIN)], left)  # a pidfd turns readable at exit
+                # A pidfd turns readable when the process exits; wake now and
+                # then anyway, in case another thread reaped and closed it.
+                _poll([(fd, _POLLIN)], 0.1 if left is None else min(left, 0.1))
             else:
-                time.sleep(min(delay, left))
+                time.sleep(delay if left is None else min(delay, left))
                 delay = min(delay * 2, 0.05)
 
     def signal(self, sig: int) -> None:
@@ -295,24 +313,32 @@ class _Reports:
     """The caller's end of a template's report channel.
 
     The template reports, for each fork, the child's pid (or why it failed),
-    and later its exit status.  Reports are read lazily: whenever a caller
-    needs one, and opportunistically when it writes to the template (so the
-    template never blocks on a full channel while the caller blocks on it).
+    and later its exit status; for each SPAWN, the process forked ahead and
+    the caller's end of its socket.  Reports are read lazily: whenever a
+    caller needs one, and opportunistically when it writes to the template.
+
+    One thread reads at a time (``reading``); the others wait on ``cond`` for
+    what it dispatches.  Everything that more than one thread mutates (the
+    pool, ``children``, the asyncio registrations) changes under ``cond``.
     """
 
-    def __init__(self, sock: socket.socket, owner: Process) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.sock: socket.socket | None = sock
         self.decoder = P.Decoder(P.REPORTS)
         self.cond = threading.Condition(threading.Lock())
         self.reading = False
+        self.close_requested = False
         self.next_seq = 1
         self.children: dict[int, weakref.ref[Process]] = {}
-        self.owner_pid = owner._pid
-        self.ended: str | None = None  # why no more reports will come
+        self.ended: str | None = None  # why no more reports will come: "exited", ...
+        self.corrupt = False  # ended because the template sent garbage
         self.handed_over = False  # the template ran a function
+        # asyncio (see _aio): the waiting tasks, how many per loop share that
+        # loop's reader, and a socket whose closing waits for them to unregister.
         self.async_waiters: list[tuple[Any, Any]] = []
-        self.async_loops: dict[Any, int] = {}  # loop -> waiters sharing its reader (see _aio)
-        # Processes forked ahead (SPAWN): seq -> (pid, caller's end), in order.
+        self.async_loops: dict[Any, int] = {}
+        self.closing: socket.socket | None = None
+        # Processes forked ahead (SPAWN): seq -> (pid, caller's end), oldest first.
         self.pool: dict[int, tuple[int, socket.socket]] = {}
         self.spawning: set[int] = set()  # SPAWNs sent, not yet answered
         _own(sock)
@@ -321,13 +347,16 @@ class _Reports:
         sock = self.sock
         return sock.fileno() if sock is not None else -1
 
-    def pump(self, timeout: float | None) -> None:
+    def pump(self, timeout: float | None, done: Callable[[], bool] | None = None) -> None:
         """Read and dispatch reports, waiting up to ``timeout`` for the first.
 
-        Only one thread reads at a time; a thread that finds another reading
-        waits on the condition for what that one dispatches instead.
+        ``done`` is checked under the lock before waiting or reading: a report
+        another thread dispatched a moment ago must not leave us waiting for
+        the next one.
         """
         with self.cond:
+            if done is not None and done():
+                return
             if self.reading:
                 if timeout != 0:
                     self.cond.wait(timeout)
@@ -341,7 +370,10 @@ class _Reports:
         finally:
             with self.cond:
                 self.reading = False
+                close = self.close_requested
                 self.cond.notify_all()
+            if close:
+                self.close()
             if woke:
                 self._wake_async()
 
@@ -360,12 +392,12 @@ class _Reports:
                 if flags & _CTRUNC:
                     P.close_fds(fds)
                     fds, data = [], b""
-                    self.ended = "descriptors it sent were lost (MSG_CTRUNC: out of descriptors?)"
+                    self.ended = "lost descriptors it sent (MSG_CTRUNC: out of descriptors?)"
             except BlockingIOError:
                 return got
             except OSError as e:
                 data = b""
-                self.ended = f"its report channel failed: {e}"
+                self.ended = f"could not be read from ({e})"
             got = True
             if not data:
                 try:
@@ -377,28 +409,33 @@ class _Reports:
             try:
                 self.decoder.feed(data, fds)
                 while (frame := self.decoder.next_frame()) is not None:
-                    self._dispatch(frame)
+                    try:
+                        self._dispatch(frame)
+                    finally:
+                        frame.close()  # whatever descriptors the frame still holds
             except P.ProtocolError as e:
-                self.ended = f"it sent a corrupt report ({e})"
+                self.ended = f"sent a corrupt report ({e})"
+                self.corrupt = True
                 self._end()
                 return True
 
     def _dispatch(self, frame: P.Frame) -> None:
         if frame.kind == P.FAILED:
             seq, reason = P.decode_failed(frame.payload)
-            self.spawning.discard(seq)
-            ref = self.children.pop(seq, None)
+            with self.cond:
+                self.spawning.discard(seq)
+                ref = self.children.pop(seq, None)
             child = ref() if ref is not None else None
             if child is not None:
                 child._failed = reason
             return
         seq, value = P.decode_seq_int(frame.payload)
         if frame.kind == P.SPARE:
-            fd = frame.fds.pop()
-            self.spawning.discard(seq)
-            sock = socket.socket(fileno=fd)
+            sock = socket.socket(fileno=frame.fds.pop())
             _own(sock)
-            self.pool[seq] = (value, sock)
+            with self.cond:
+                self.spawning.discard(seq)
+                self.pool[seq] = (value, sock)
             return
         if frame.kind == P.PID:
             ref = self.children.get(seq)
@@ -407,55 +444,96 @@ class _Reports:
                 self.children.pop(seq, None)
             else:
                 child._pid = value
-        else:  # EXIT
+            return
+        # EXIT
+        with self.cond:
             pooled = self.pool.pop(seq, None)
-            if pooled is not None:
-                _close_sock(pooled[1])  # a spare that died waiting: never hand it out
             ref = self.children.pop(seq, None)
-            child = ref() if ref is not None else None
-            if child is not None:
-                child._returncode = value
+        if pooled is not None:
+            _close_sock(pooled[1])  # a process forked ahead died waiting: never hand it out
+        child = ref() if ref is not None else None
+        if child is not None:
+            child._returncode = value
+
+    def take(self, parent: Process) -> Process | None:
+        """The oldest process forked ahead, as a Process, or None."""
+        with self.cond:
+            if not self.pool:
+                return None
+            seq = next(iter(self.pool))
+            pid, sock = self.pool.pop(seq)
+            child = Process(_TOKEN, sock, parent=parent, seq=seq)
+            child._pid = pid
+            self.children[seq] = weakref.ref(child)
+            return child
 
     def _end(self) -> None:
         if self.ended is None:
-            if self.handed_over:
-                self.ended = "it ran a function, which now owns its children"
-            else:
-                self.ended = "it exited"
+            self.ended = "ran a function, which now owns its children" if self.handed_over else "exited"
         sock, self.sock = self.sock, None
-        _close_sock(sock)
-        self.children.clear()
+        with self.cond:
+            self.children.clear()
         self._drop_pool()
+        self._release(sock)
+
+    def _release(self, sock: socket.socket | None) -> None:
+        """Close the channel's socket, unless asyncio loops still watch it.
+
+        Closing a descriptor a selector still holds would leave the loop a
+        stale entry for a number the next socket may reuse; then the last
+        task to unregister it closes it (see _aio).
+        """
+        if sock is None:
+            return
+        with self.cond:
+            if self.async_loops:
+                self.closing = sock
+                sock = None
+        if sock is None:
+            self._wake_async()
+        else:
+            _close_sock(sock)
 
     def _drop_pool(self) -> None:
         """Let go of the processes forked ahead: they see EOF and exit."""
-        pool, self.pool = self.pool, {}
+        with self.cond:
+            pool, self.pool = self.pool, {}
         for _, sock in pool.values():
             _close_sock(sock)
 
     def close(self) -> None:
+        """Stop listening: no more reports will be read (a reader finishes first)."""
         with self.cond:
             if self.reading:
-                return  # the reader will find the socket closed soon enough
+                self.close_requested = True
+                return
             if self.ended is None:
-                self.ended = "it was closed"
+                self.ended = "was closed"
             sock, self.sock = self.sock, None
-        _close_sock(sock)
+        self._drop_pool()
+        self._release(sock)
 
     def wait_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
+        """Pump until ``done()``; False if ``timeout`` ran out (0: look once)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not done():
             if self.sock is None:
                 return done()
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return False
-            self.pump(left)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self.pump(left, done)
+            if left == 0:
+                return done()
         return True
+
+    def describe_end(self) -> str:
+        return self.ended or "stopped reporting"
 
     def _wake_async(self) -> None:
         for loop, fut in list(self.async_waiters):
-            loop.call_soon_threadsafe(_set_done, fut)
+            try:
+                loop.call_soon_threadsafe(_set_done, fut)
+            except RuntimeError:  # that loop is closed; its task is gone
+                pass
 
 
 def _set_done(fut: Any) -> None:
@@ -580,9 +658,22 @@ class Process:
             return f"process {self._pid}"
         return f"process #{self._seq} of {self._parent._describe()}" if self._parent else "process"
 
-    def _usable(self) -> socket.socket:
+    def _mine(self) -> None:
+        """Raise unless this object belongs to this process, and reap on the way.
+
+        After a fork of the caller (or once anyfork shut down at exit), the
+        descriptors behind this object are closed and their numbers may be
+        someone else's: nothing may be done with them.
+        """
         if self._gen != _generation:
-            raise ProcessStateError(f"{self._describe()} belongs to the process this one was forked from")
+            raise ProcessStateError(
+                f"{self._describe()} belongs to the process this one was forked from"
+                if _generation > 0 and not _shut_down
+                else f"{self._describe()}: anyfork has shut down (interpreter exit)")
+        _reap_directs()
+
+    def _usable(self) -> socket.socket:
+        self._mine()
         if self._spent is not None or self._sock is None:
             raise ProcessStateError(f"{self._describe()} was already {self._spent or 'closed'}")
         return self._sock
@@ -597,10 +688,13 @@ class Process:
                 if self._failed:
                     return Error(f"{parent._describe()} could not fork: {self._failed}")
                 if reports.ended is not None and self._pid is None:
-                    return TemplateDiedError(f"template {parent._describe()} died: {reports.ended}")
+                    return parent._template_error(reports)
         rc = None
         if self._direct is not None:
-            self._direct.wait(1.0) if self._direct.pidfd >= 0 else self._direct.poll()
+            try:
+                self._direct.wait(1.0)
+            except TimeoutExpired:
+                pass
             rc = self._direct.returncode
         elif self._returncode is not None:
             rc = self._returncode
@@ -747,9 +841,17 @@ class Process:
         """
         with self._lock:
             self._usable()
-            mine, theirs = socket.socketpair()
+            try:
+                mine, theirs = socket.socketpair()
+            except OSError as e:
+                raise Error(f"fork(): no socketpair for the new process: {e}") from e
             fds = [theirs.detach()]
-            reports, new_reports = self._report_channel(fds)
+            try:
+                reports, new_reports = self._report_channel(fds)
+            except Error:
+                mine.close()
+                P.close_fds(fds)
+                raise
             seq = reports.next_seq
             reports.next_seq = seq + 1
             child = Process(_TOKEN, mine, parent=self, seq=seq)
@@ -763,8 +865,7 @@ class Process:
             except Error:
                 child._close()
                 raise
-        if reports.sock is not None and reports.sock.fileno() >= 0:
-            reports.pump(0)  # keep the channel from filling up
+        reports.pump(0)  # keep the channel from filling up
         return child
 
     def _report_channel(self, fds: list[int]) -> tuple[_Reports, bool]:
@@ -773,9 +874,12 @@ class Process:
         reports = self._reports
         if reports is not None:
             return reports, False
-        rmine, rtheirs = socket.socketpair()
+        try:
+            rmine, rtheirs = socket.socketpair()
+        except OSError as e:
+            raise Error(f"no socketpair for the report channel: {e}") from e
         fds.append(rtheirs.detach())
-        reports = self._reports = _Reports(rmine, self)
+        reports = self._reports = _Reports(rmine)
         return reports, True
 
     def _spawn_ahead(self, count: int) -> None:
@@ -800,15 +904,12 @@ class Process:
             reports = self._reports
             if reports is None:
                 return None
-            if not reports.pool:
+            child = reports.take(self)
+            if child is None:
                 reports.pump(0)
-                if not reports.pool:
+                child = reports.take(self)
+                if child is None:
                     return None
-            seq = next(iter(reports.pool))
-            pid, sock = reports.pool.pop(seq)
-            child = Process(_TOKEN, sock, parent=self, seq=seq)
-            child._pid = pid
-            reports.children[seq] = weakref.ref(child)
             self._spawn_ahead(1)
         return child
 
@@ -886,8 +987,16 @@ class Process:
         assert self._parent is not None
         if self._failed is not None:
             raise Error(f"{self._parent._describe()} could not fork: {self._failed}")
-        raise TemplateDiedError(
-            f"template {self._parent._describe()} can't report {self._describe()}: {reports.ended}")
+        raise self._parent._template_error(reports, f"; no pid for {self._describe()}")
+
+    def _template_error(self, reports: _Reports, detail: str = "") -> Error:
+        """Why this template can't answer any more, as the error to raise."""
+        message = f"template {self._describe()} {reports.describe_end()}{detail}"
+        if reports.corrupt:
+            return ProtocolError(message)
+        if reports.handed_over:
+            return ProcessStateError(message)
+        return TemplateDiedError(message)
 
     # --- status -------------------------------------------------------------
 
@@ -895,10 +1004,12 @@ class Process:
     def pid(self) -> int:
         """The process id, for every process anyfork made.
 
-        Known at once for ``new_exec`` processes and once ``run`` returned for
-        forked ones; reading it earlier on a forked process blocks until its
-        template reports it.
+        Known once ``run`` returned, and at once for processes the caller
+        spawned itself and those the default template forked ahead; reading
+        it earlier on another forked process blocks until its template
+        reports it.
         """
+        self._mine()
         if self._pid is None:
             self._await_pid()
         assert self._pid is not None
@@ -908,6 +1019,7 @@ class Process:
     def returncode(self) -> int | None:
         """The exit status once known, else None (subprocess's convention:
         negative for a signal).  Never blocks."""
+        self._mine()
         self._status(0)
         return self._returncode
 
@@ -917,7 +1029,6 @@ class Process:
             return
         d = self._direct
         if d is not None:
-            _reap_directs()
             if timeout == 0:
                 d.poll()
             else:
@@ -939,9 +1050,8 @@ class Process:
         if self._failed is not None:
             raise Error(f"{parent._describe()} could not fork: {self._failed}")
         if reports.sock is None:
-            cls = ProcessStateError if reports.handed_over else TemplateDiedError
-            raise cls(f"the exit status of {self._describe()} can't be known: "
-                      f"its template {parent._describe()} {reports.ended}")
+            raise parent._template_error(
+                reports, f", so the exit status of {self._describe()} can't be known")
         if not finished and timeout != 0:
             raise TimeoutExpired(f"{self._describe()} still running after {timeout} s")
 
@@ -956,12 +1066,14 @@ class Process:
         """
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be >= 0")
+        self._mine()
         if self._direct is None and self._parent is not None:
             with self._parent._lock:
                 if self._parent._sock is not None:
                     self._parent._flush()
         self._status(timeout)
-        assert self._returncode is not None
+        if self._returncode is None:  # timeout 0, still running
+            raise TimeoutExpired(f"{self._describe()} still running after {timeout} s")
         return self._returncode
 
     def kill(self, sig: int = signal.SIGTERM) -> None:
@@ -973,11 +1085,14 @@ class Process:
         the process is known to have exited.
 
         Raises:
+            ValueError: not a signal number.
             ProcessStateError: its template ran a function or was closed, so no
                 one can name the pid safely any more.
             TemplateDiedError: its template died.
         """
         sig = int(sig)
+        if sig != 0 and sig not in signal.valid_signals():
+            raise ValueError(f"not a signal number: {sig}")
         if self.returncode is not None:
             return
         if self._direct is not None:
@@ -995,7 +1110,7 @@ class Process:
             except Error as e:
                 reports = parent._reports
                 if reports is not None and reports.ended is not None:
-                    raise TemplateDiedError(f"template {parent._describe()} died: {reports.ended}") from e
+                    raise parent._template_error(reports) from e
                 raise
 
     # --- closing --------------------------------------------------------------
@@ -1011,6 +1126,9 @@ class Process:
             if self._spent is None:
                 self._spent = "closed"
             self._close()
+        reports = self._reports
+        if reports is not None:
+            reports._drop_pool()  # what it forked ahead would never be handed out
 
     def __enter__(self) -> Self:
         return self

@@ -67,6 +67,7 @@ _ANC_SPACE = _socket.CMSG_SPACE(P.MAX_FDS * 4)
 _RECV_FLAGS = getattr(_socket, "MSG_CMSG_CLOEXEC", 0)
 _SEND_FLAGS = getattr(_socket, "MSG_NOSIGNAL", 0)
 _CTRUNC = getattr(_socket, "MSG_CTRUNC", 8)
+_DONTWAIT = getattr(_socket, "MSG_DONTWAIT", 0x40)
 _SOL_SOCKET = _socket.SOL_SOCKET
 _SCM_RIGHTS = _socket.SCM_RIGHTS
 _MAX_READ = 1 << 20
@@ -192,12 +193,14 @@ class _Template:
     """The state a process acquires when it is first forked from."""
 
     __slots__ = (
+        "backlog",
         "pid_of",
         "poller",
         "reports",
         "seq_of",
         "unreaped_commands",
         "wake_r",
+        "watching_out",
         "wake_w",
     )
 
@@ -207,6 +210,12 @@ class _Template:
         self.pid_of: dict[int, int] = {}  # seq -> pid
         self.poller: Any = None  # select.poll, made on first use
         self.unreaped_commands = 0
+        # Reports the channel had no room for, each with the descriptor it
+        # carries (-1 for none; owned here until sent).  A template never
+        # blocks on a caller that isn't reading: it goes on serving commands
+        # (close among them) and flushes this when the channel is writable.
+        self.backlog: list[tuple[bytes, int]] = []
+        self.watching_out = False  # the poller waits for room on the channel
         self.wake_r, self.wake_w = os.pipe()
         for fd in (self.wake_r, self.wake_w):
             os.set_blocking(fd, False)
@@ -214,11 +223,40 @@ class _Template:
         _signal.signal(_signal.SIGCHLD, _on_sigchld)
         _signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
 
-    def report(self, data: bytes) -> None:
+    def report(self, data: bytes, fd: int = -1) -> None:
+        """Send a report (with ``fd``, which this takes over) or queue it."""
+        if self.backlog:
+            self.backlog.append((data, fd))
+        else:
+            self._send(data, fd)
+
+    def _send(self, data: bytes, fd: int) -> bool:
+        """Send what the channel takes now; queue the rest.  False if it's full."""
         try:
-            self.reports.sendall(data, _SEND_FLAGS)
+            if fd >= 0:
+                n = self.reports.sendmsg([data], [(_SOL_SOCKET, _SCM_RIGHTS, _FD.pack(fd))],
+                                       _SEND_FLAGS | _DONTWAIT)
+            else:
+                n = self.reports.send(data, _SEND_FLAGS | _DONTWAIT)
+        except BlockingIOError:
+            n = 0
         except OSError:
-            pass  # the caller stopped listening; it finds out from EOF
+            n = len(data)  # the caller stopped listening; it finds out from EOF
+        if n and fd >= 0:
+            os.close(fd)  # it went with the first byte
+            fd = -1
+        if n == len(data):
+            return True
+        self.backlog.insert(0, (data[n:], fd))
+        return False
+
+    def flush(self) -> None:
+        """Send the backlog, as far as the channel takes it."""
+        backlog, self.backlog = self.backlog, []
+        for i, (data, fd) in enumerate(backlog):
+            if not self._send(data, fd):
+                self.backlog.extend(backlog[i + 1 :])
+                return
 
     def close(self) -> None:
         """Give up the template role: in a child, or when the process runs."""
@@ -227,6 +265,10 @@ class _Template:
         os.close(self.wake_r)
         os.close(self.wake_w)
         self.reports.close()
+        for _, fd in self.backlog:
+            if fd >= 0:
+                os.close(fd)
+        self.backlog = []
 
     def reap(self) -> None:
         try:
@@ -416,6 +458,9 @@ class Server:
                 os.close(tpl.wake_r)
                 os.close(tpl.wake_w)
                 tpl.reports.close()
+                for _, fd in tpl.backlog:
+                    if fd >= 0:
+                        os.close(fd)  # a process's only other end: keep none here
             self.sock.close()
             atexit._clear()  # the parent's handlers are not ours to run
         return pid
@@ -474,15 +519,7 @@ class Server:
         theirs.close()
         tpl.seq_of[pid] = seq
         tpl.pid_of[seq] = pid
-        report = P.spare_report(seq, pid)
-        try:
-            n = tpl.reports.sendmsg([report], [(_SOL_SOCKET, _SCM_RIGHTS, _FD.pack(mine.fileno()))],
-                                   _SEND_FLAGS)
-            if n < len(report):
-                tpl.reports.sendall(report[n:], _SEND_FLAGS)
-        except OSError:
-            pass  # the caller stopped listening; it finds out from EOF
-        mine.close()
+        tpl.report(P.spare_report(seq, pid), mine.detach())
 
     def _fork_for(self, seq: int, child_fd: int) -> None:
         """Fork a process to serve the command socket the caller sent."""
@@ -530,6 +567,7 @@ class Server:
             poller.register(sock_fd, select.POLLIN)
             poller.register(wake_r, select.POLLIN)
         poll = poller.poll
+        reports_fd = tpl.reports.fileno()
         hsize = P.HEADER.size
         unpack_header = P.HEADER.unpack
         fork_kind = P.FORK
@@ -538,12 +576,20 @@ class Server:
         unpack_fork = P.FORK_PAYLOAD.unpack
         version = P.VERSION
         while True:
+            if bool(tpl.backlog) != tpl.watching_out:
+                tpl.watching_out = not tpl.watching_out
+                if tpl.watching_out:
+                    poller.register(reports_fd, 4)  # POLLOUT
+                else:
+                    poller.unregister(reports_fd)
             readable = woken = False
             for fd, _ in poll():
                 if fd == sock_fd:
                     readable = True
                 elif fd == wake_r:
                     woken = True
+                elif fd == reports_fd:
+                    tpl.flush()
             if woken and (not readable or tpl.unreaped_commands > 16):
                 tpl.unreaped_commands = 0
                 tpl.reap()

@@ -313,10 +313,6 @@ class _FakeChild:
         self._failed = None
 
 
-class _FakeOwner:
-    _pid = 12345
-
-
 _reports = st.lists(
     st.one_of(
         st.binary(min_size=1, max_size=40),
@@ -338,7 +334,7 @@ def test_report_reader_fuzz_ends_cleanly(reports):
     dispatches what is valid, and ends the channel on garbage or EOF, without
     raising and without leaking its socket."""
     mine, theirs = socket.socketpair()
-    reader = _process._Reports(mine, _FakeOwner())  # type: ignore[arg-type]
+    reader = _process._Reports(mine)
     kids = [_FakeChild() for _ in range(3)]
     for seq, kid in enumerate(kids, 1):
         reader.children[seq] = weakref.ref(kid)  # type: ignore[assignment]
