@@ -200,8 +200,8 @@ class _Template:
         "seq_of",
         "unreaped_commands",
         "wake_r",
-        "watching_out",
         "wake_w",
+        "watching_out",
     )
 
     def __init__(self, reports: Sock) -> None:
