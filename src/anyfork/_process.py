@@ -1256,9 +1256,10 @@ def new() -> Process:
 
     The template is a small interpreter started with :func:`new_exec` on
     first use (or the ``anyfork.early`` process) and kept; if it died, the
-    next call starts another.  It keeps one process forked ahead, so the fork
-    is off the caller's critical path.  The process sees the caller's
-    ``sys.path`` as of this call.
+    next call starts another.  It keeps a few processes forked ahead and
+    already connected, so this usually hands one out without waiting for a
+    fork or for the template.  The process sees the caller's ``sys.path`` as
+    of this call.
 
     Raises:
         TemplateDiedError: the template died twice in a row.

@@ -324,7 +324,7 @@ def _on_sigchld(signum: int, frame: object) -> None:
 class Server:
     """One process's serve loop.  ``serve()`` never returns."""
 
-    __slots__ = ("decoder", "items", "namespace", "sock", "template")
+    __slots__ = ("decoder", "inherited_signals", "items", "namespace", "sock", "template")
 
     def __init__(self, sock: Sock) -> None:
         self.sock = sock
@@ -332,6 +332,10 @@ class Server:
         self.items: list[object] = []
         self.namespace: dict[str, object] = sys.modules["__main__"].__dict__
         self.template: _Template | None = None
+        # Set in a process forked from a program (fork_template, early): it
+        # carries that program's signal handlers and mask, which run() must
+        # reset in full.  Exec'd templates start with default dispositions.
+        self.inherited_signals = False
 
     # --- reading -------------------------------------------------------------
 
@@ -633,7 +637,7 @@ class Server:
         func = resolve(name, self.namespace)
         sock = socket.socket(fileno=self.sock.detach())
         sock.setblocking(True)
-        _fresh_signals()
+        _fresh_signals(self.inherited_signals)
         try:
             func(sock, *self.items)
         except SystemExit as e:
@@ -660,8 +664,24 @@ def _exit_code(e: SystemExit) -> int:
     return 1
 
 
-def _fresh_signals() -> None:
-    """Dispositions of a fresh interpreter, for the user's function."""
+def _fresh_signals(everything: bool) -> None:
+    """Dispositions (and mask) of a fresh interpreter, for the user's function.
+
+    A process exec'd by anyfork, and one forked from such a template, differs
+    from that only in SIGINT (ignored while it is prepared) and SIGCHLD (a
+    template's reaper).  One forked from a program inherited the program's
+    handlers and mask: every signal is reset.
+    """
+    if everything:
+        keep_ignored = {getattr(_signal, n) for n in ("SIGPIPE", "SIGXFSZ") if hasattr(_signal, n)}
+        for sig in _signal.valid_signals():
+            if sig in (_signal.SIGKILL, _signal.SIGSTOP):
+                continue
+            try:
+                _signal.signal(sig, _signal.SIG_IGN if sig in keep_ignored else _signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass  # signals the C library reserves for itself
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
     _signal.signal(_signal.SIGINT, _signal.default_int_handler)
     _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
 

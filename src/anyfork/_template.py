@@ -149,6 +149,7 @@ def _serve_forked(
         signal.set_wakeup_fd(-1)
         _restore_mask(mask)  # what arrived since the fork is handled now
         server = _serve.Server(sock)
+        server.inherited_signals = True  # the program's handlers: run() resets them all
     except BaseException:
         sys.__excepthook__(*sys.exc_info())
         os._exit(1)
