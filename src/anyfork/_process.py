@@ -1122,6 +1122,7 @@ class Process:
         """
         if self._gen != _generation:
             return
+        _reap_directs()
         with self._lock:
             if self._spent is None:
                 self._spent = "closed"

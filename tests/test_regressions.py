@@ -1,0 +1,680 @@
+"""Regression tests for the defects found in review (demos in /tmp/review).
+
+Each test pins the behaviour a defect broke.  Scenarios that could hang the
+test process, fork it, or leave it with a stuck thread run in a caller of
+their own (``[sys.executable, "-c", code]``, killed at a deadline); the
+caller prints one JSON line of facts and the test checks them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import types
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+import anyfork
+from anyfork import _process
+from anyfork import _protocol as wire
+from helpers import wait_exited, zombie_children
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    Make = Callable[[], anyfork.Process]
+
+pytestmark = pytest.mark.usefixtures("check_leaks")
+
+MiB = 1 << 20
+_SRC = str(Path(anyfork.__file__).resolve().parent.parent)
+_TESTS = str(Path(__file__).resolve().parent)
+
+
+def run_caller(code: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Run ``code`` as a caller of its own; the JSON line of facts it printed.
+
+    Output goes to files, not pipes: a process left behind must not keep the
+    test waiting for EOF.
+    """
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [_SRC, _TESTS, os.environ.get("PYTHONPATH", "")]))
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)], stdout=out, stderr=err, env=env)
+        try:
+            rc: int | None = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            rc = None
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+    if rc is None:
+        pytest.fail(f"the caller hung for {timeout} s\nstdout: {stdout}\nstderr: {stderr}")
+    assert rc == 0, f"caller exited with {rc}\nstdout: {stdout}\nstderr: {stderr}"
+    facts = [line for line in stdout.splitlines() if line.startswith("{")]
+    assert len(facts) == 1, f"stdout: {stdout}\nstderr: {stderr}"
+    result: dict[str, Any] = json.loads(facts[0])
+    return result
+
+
+# --- status -----------------------------------------------------------------------------
+
+
+# Defect d16: returncode on a forked process never read the report channel.
+@pytest.mark.parametrize("how", ["new", "fork"])
+def test_polling_returncode_alone_sees_the_exit_status(how: str) -> None:
+    tpl = anyfork.new_exec() if how == "fork" else None
+    p = tpl.fork() if tpl is not None else anyfork.new()
+    try:
+        p.run("helpers:wait_eof").close()  # it exits now, with status 0
+        deadline = time.monotonic() + 3
+        while p.returncode is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert p.returncode == 0, "returncode still None 3 s after the process exited"
+    finally:
+        p.wait(5)
+        if tpl is not None:
+            tpl.close()
+            tpl.wait(5)
+
+
+# Defect d01: wait(0) on a running process let an AssertionError escape.
+def test_wait_zero_on_a_running_process_raises_timeout_expired(make: Make) -> None:
+    p = make()
+    sock = p.run("helpers:wait_eof")
+    try:
+        with pytest.raises(anyfork.TimeoutExpired):
+            p.wait(0)
+    finally:
+        sock.close()
+    assert p.wait(5) == 0
+
+
+# Defect d12: a corrupt report surfaced as TemplateDiedError, never ProtocolError.
+_SEND_CORRUPT_REPORT = (
+    "import sys\n"
+    "f = sys._getframe()\n"
+    "while f is not None and type(f.f_locals.get('self')).__name__ != 'Server':\n"
+    "    f = f.f_back\n"
+    "f.f_locals['self'].template.reports.sendall(b'\\xff' * 16)\n"
+)
+
+
+def test_corrupt_report_raises_protocol_error_from_wait() -> None:
+    tpl = anyfork.new_exec()
+    c = tpl.fork()
+    sock = c.run("helpers:wait_eof")
+    extra = None
+    try:
+        tpl.eval(_SEND_CORRUPT_REPORT)
+        extra = tpl.fork()  # writes the eval; the template then sends garbage
+        with pytest.raises(anyfork.ProtocolError):
+            c.wait(3)
+    finally:
+        sock.close()
+        if extra is not None:
+            extra.close()
+        tpl.close()
+        assert tpl.wait(5) == 0
+
+
+# --- kill -------------------------------------------------------------------------------
+
+
+# Defect d14: kill(bad signal) gave a bare OSError (new_exec) or did nothing (forked).
+@pytest.mark.parametrize("sig", [999, -1])
+def test_kill_with_an_invalid_signal_raises_value_error(make: Make, sig: int) -> None:
+    p = make()
+    sock = p.run("helpers:wait_eof")
+    try:
+        with pytest.raises(ValueError):
+            p.kill(sig)
+    finally:
+        sock.close()
+    assert p.wait(5) == 0
+
+
+# Defect d02: kill() blocked on the lock wait() held in a blocking waitid.
+_KILL_FROM_THREAD = """
+import anyfork, helpers, json, os, signal, sys, threading, time
+p = anyfork.new_exec().eval("import time\\ndef f(s):\\n    time.sleep(60)\\n")
+s = p.run("f")
+statuses = []
+waiter = threading.Thread(target=lambda: statuses.append(p.wait()), daemon=True)
+waiter.start()
+time.sleep(0.3)  # the waiter is in wait() now
+killer = threading.Thread(target=p.kill, daemon=True)
+killer.start()
+killer.join(3)
+facts = {"kill_returned": not killer.is_alive(), "exited": helpers.wait_exited(p.pid, 3)}
+if not facts["exited"]:
+    os.kill(p.pid, signal.SIGKILL)  # by hand, to let the waiter go
+waiter.join(5)
+facts["status"] = statuses[0] if statuses else None
+print(json.dumps(facts))
+sys.stdout.flush()
+os._exit(0)
+"""
+
+_KILL_FROM_HANDLER = """
+import anyfork, helpers, json, os, signal, sys, threading, time
+q = anyfork.new_exec().eval("import time\\ndef f(s):\\n    time.sleep(60)\\n")
+s = q.run("f")
+rescued = []
+def rescue():
+    if not helpers.wait_exited(q.pid, 5):
+        rescued.append(True)
+        os.kill(q.pid, signal.SIGKILL)
+threading.Thread(target=rescue, daemon=True).start()
+signal.signal(signal.SIGALRM, lambda signum, frame: q.kill())
+signal.setitimer(signal.ITIMER_REAL, 0.3)
+t0 = time.monotonic()
+try:
+    status = q.wait(10)
+except anyfork.TimeoutExpired:
+    status = None
+print(json.dumps({"status": status, "elapsed": time.monotonic() - t0, "rescued": bool(rescued)}))
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("where", ["other_thread", "signal_handler"])
+def test_kill_while_waiting_signals_promptly(where: str) -> None:
+    if where == "other_thread":
+        facts = run_caller(_KILL_FROM_THREAD, timeout=20)
+        assert facts["kill_returned"], f"kill() blocked while another thread waits: {facts}"
+        assert facts["exited"], f"the process was not signalled: {facts}"
+        assert facts["status"] == -signal.SIGTERM, facts
+    else:
+        facts = run_caller(_KILL_FROM_HANDLER, timeout=20)
+        assert not facts["rescued"], f"kill() in the handler did not signal the process: {facts}"
+        assert facts["status"] == -signal.SIGTERM, facts
+        assert facts["elapsed"] < 3, facts
+
+
+# Defect d17: fork_template kept the program's signal handlers and mask in its children.
+_FORK_TEMPLATE_SIGNALS = """
+import anyfork, helpers, json, signal, socket
+def on_term(signum, frame):
+    pass  # the program's own: ignore SIGTERM
+signal.signal(signal.SIGTERM, on_term)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+tpl = anyfork.fork_template()
+p = tpl.fork().eval(
+    "import signal, socket\\n"
+    "def probe(s):\\n"
+    "    default = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL\\n"
+    "    mask = sorted(int(x) for x in signal.pthread_sigmask(signal.SIG_BLOCK, []))\\n"
+    "    s.sendall(repr((default, mask)).encode())\\n"
+    "    s.shutdown(socket.SHUT_WR)\\n"
+    "    s.recv(1)\\n")
+s = p.run("probe")
+default, mask = helpers.result(s)
+p.kill()
+try:
+    status = p.wait(3)
+except anyfork.TimeoutExpired:
+    status = None
+    p.kill(signal.SIGKILL)
+    p.wait(5)
+s.close()
+tpl.close()
+tpl.wait(5)
+print(json.dumps({"sigterm_default": default, "mask": mask, "status": status}))
+"""
+
+
+def test_function_forked_from_fork_template_has_fresh_signal_state() -> None:
+    facts = run_caller(_FORK_TEMPLATE_SIGNALS, timeout=20)
+    assert facts["sigterm_default"], f"the program's SIGTERM handler is still installed: {facts}"
+    assert facts["mask"] == [], f"signals still blocked: {facts}"
+    assert facts["status"] == -signal.SIGTERM, f"kill() (SIGTERM) did not terminate it: {facts}"
+
+
+# --- after os.fork ----------------------------------------------------------------------
+
+
+# Defect d04: in a child of os.fork, inherited Processes used closed descriptor numbers.
+_INHERITED_AFTER_FORK = """
+import anyfork, helpers, json, os, signal, subprocess, sys, threading
+p = anyfork.new_exec().eval("import time\\ndef f(s):\\n    time.sleep(60)\\n")
+s = p.run("f")
+tpl = anyfork.new_exec()
+c = tpl.fork()  # its pid not read yet
+stale = p._direct.pidfd
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(r)
+    facts = {}
+    victim = subprocess.Popen(["sleep", "20"])
+    held = []
+    for _ in range(64):  # make p's old pidfd number name an unrelated process
+        fd = os.pidfd_open(victim.pid)
+        if fd == stale:
+            break
+        held.append(fd)
+    facts["reused"] = fd == stale
+    def attempt(name, call):
+        box = []
+        def go():
+            try:
+                call()
+                box.append("returned")
+            except BaseException as e:
+                box.append(type(e).__name__)
+        t = threading.Thread(target=go, daemon=True)
+        t.start()
+        t.join(2)
+        facts[name] = box[0] if box else "hung"
+    for who, proc in (("p", p), ("c", c)):
+        attempt(who + ".kill", lambda: proc.kill(signal.SIGKILL))
+        attempt(who + ".wait", lambda: proc.wait(1))
+        attempt(who + ".returncode", lambda: proc.returncode)
+        attempt(who + ".pid", lambda: proc.pid)
+    facts["victim_killed"] = helpers.wait_exited(victim.pid, 0.5)
+    victim.kill()
+    victim.wait()
+    os.write(w, json.dumps(facts).encode())
+    os._exit(0)
+os.close(w)
+chunks = []
+while data := os.read(r, 65536):
+    chunks.append(data)
+os.close(r)
+os.waitpid(pid, 0)
+facts = json.loads(b"".join(chunks) or b"{}")
+facts["p_alive_in_parent"] = p.returncode is None
+p.kill()
+facts["p_status"] = p.wait(5)
+s.close()
+c.close()
+tpl.close()
+tpl.wait(5)
+print(json.dumps(facts))
+"""
+
+
+def test_inherited_process_in_a_forked_child_refuses_and_signals_nothing() -> None:
+    facts = run_caller(_INHERITED_AFTER_FORK, timeout=45)
+    assert not facts["victim_killed"], f"kill() in the child signalled an unrelated process: {facts}"
+    calls = {k: v for k, v in facts.items() if k.startswith(("p.", "c."))}
+    assert len(calls) == 8, f"{facts}"
+    assert calls == dict.fromkeys(calls, "ProcessStateError"), f"in the child: {calls}"
+    assert facts["p_alive_in_parent"], f"{facts}"
+    assert facts["p_status"] == -signal.SIGTERM, f"{facts}"
+
+
+# --- the default template's forked-ahead processes --------------------------------------
+
+
+# Defect d06: a default template's spares outlived it, and its descriptors piled up.
+_POOL_COMMON = """
+import anyfork, gc, helpers, json, os, signal, time
+from anyfork import _process
+
+def fill_pool(tpl):
+    deadline = time.monotonic() + 5
+    while len(tpl._reports.pool) < _process._POOL and time.monotonic() < deadline:
+        tpl._reports.pump(0.1)
+    return [pid for pid, _ in tpl._reports.pool.values()]
+
+def template_fds(tpl):
+    fds = {tpl._sock.fileno(), tpl._direct.pidfd, tpl._reports.fileno()}
+    return fds | {sock.fileno() for _, sock in tpl._reports.pool.values()}
+
+def still_alive(pids):
+    deadline = time.monotonic() + 3
+    alive = [pid for pid in pids if not helpers.wait_exited(pid, max(0, deadline - time.monotonic()))]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)  # clean up what the test started
+    return alive
+
+before = helpers.open_fds()
+anyfork.new().close()
+"""
+
+_POOL_REPLACED = _POOL_COMMON + """
+spares = []
+for _ in range(5):
+    tpl = _process._default
+    spares += fill_pool(tpl)
+    os.kill(tpl.pid, signal.SIGKILL)
+    helpers.wait_exited(tpl.pid, 5)
+    del tpl
+    anyfork.new().close()  # replaces the template
+fill_pool(_process._default)
+deadline = time.monotonic() + 3
+while True:
+    gc.collect()
+    _process._reap_directs()
+    allowed = template_fds(_process._default)
+    leaked = {fd: t for fd, t in helpers.open_fds().items() if fd not in allowed and before.get(fd) != t}
+    if not leaked or time.monotonic() > deadline:
+        break
+    time.sleep(0.05)
+print(json.dumps({"spares": len(spares), "alive": still_alive(spares), "leaked": leaked}))
+"""
+
+_POOL_CLOSED = _POOL_COMMON + """
+tpl = _process._default
+spares = fill_pool(tpl)
+tpl.close()
+print(json.dumps({"spares": len(spares), "alive": still_alive(spares), "leaked": {}}))
+"""
+
+_POOL_DROPPED = _POOL_COMMON + """
+spares = fill_pool(_process._default)
+_process._default = None
+gc.collect()
+print(json.dumps({"spares": len(spares), "alive": still_alive(spares), "leaked": {}}))
+"""
+
+
+@pytest.mark.parametrize("code", [
+    pytest.param(_POOL_REPLACED, id="replaced"),
+    pytest.param(_POOL_CLOSED, id="closed"),
+    pytest.param(_POOL_DROPPED, id="dropped"),
+])
+def test_default_template_spares_exit_with_it_and_leave_no_descriptors(code: str) -> None:
+    facts = run_caller(code, timeout=40)
+    assert facts["spares"] >= _process._POOL, f"setup: the pool never filled: {facts}"
+    assert facts["alive"] == [], f"forked-ahead processes outlived their template: {facts}"
+    assert facts["leaked"] == {}, f"descriptors piled up across template restarts: {facts}"
+
+
+# --- a template blocked writing reports -------------------------------------------------
+
+_BLOCKED_TEMPLATE = """
+import anyfork, asyncio, helpers, json, os, signal, time
+tpl = anyfork.new_exec().eval("def f(s):\\n    s.recv(1)\\ndef g(s, *a):\\n    pass\\n")
+kids = [tpl.fork() for _ in range(400)]
+socks = [k.run("f") for k in kids]
+pids = [k.pid for k in kids]
+for s in socks:
+    s.send(b"x")
+    s.close()
+deadline = time.monotonic() + 10
+for pid in pids:
+    helpers.wait_exited(pid, max(0, deadline - time.monotonic()))
+time.sleep(1)  # the template reaps them and blocks writing 400 unread exit reports
+"""
+
+_RUN_ASYNC_ON_BLOCKED = _BLOCKED_TEMPLATE + """
+tpl.send_arg(b"x" * (8 << 20))
+async def main():
+    try:
+        sock = await asyncio.wait_for(tpl.run_async("g"), 8)
+    except asyncio.TimeoutError:
+        return False
+    sock.close()
+    return True
+completed = asyncio.run(main())
+if not completed:
+    os.kill(tpl.pid, signal.SIGKILL)
+print(json.dumps({"completed": completed, "status": tpl.wait(5)}))
+"""
+
+_CLOSE_BLOCKED = _BLOCKED_TEMPLATE + """
+pid = tpl.pid
+tpl.close()
+exited = helpers.wait_exited(pid, 3)
+if not exited:
+    os.kill(pid, signal.SIGKILL)
+print(json.dumps({"exited": exited, "status": tpl.wait(5)}))
+"""
+
+
+# Defect d08: run_async on a template blocked writing reports never read them: a hang.
+def test_run_async_on_a_template_with_many_unread_reports_completes() -> None:
+    facts = run_caller(_RUN_ASYNC_ON_BLOCKED, timeout=50)
+    assert facts["completed"], f"run_async hung on a template blocked writing reports: {facts}"
+    assert facts["status"] == 0, facts
+
+
+# Defect d15: close() left a template blocked writing reports running.
+def test_close_makes_a_template_blocked_writing_reports_exit() -> None:
+    facts = run_caller(_CLOSE_BLOCKED, timeout=50)
+    assert facts["exited"], f"the template still runs 3 s after close(): {facts}"
+
+
+# --- threads ----------------------------------------------------------------------------
+
+
+# Defect d03: a waiter whose status another thread dispatched blocked as the next reader.
+# The seam: _Reports.pump is wrapped so that thread Y, past wait_until's done()
+# check, is held until another thread has dispatched its exit status.
+_LOST_WAKEUP = """
+import anyfork, json, os, sys, threading, time
+from anyfork import _process
+tpl = anyfork.new_exec().eval("def slow(s):\\n    s.recv(1)\\ndef quick(s):\\n    pass\\n")
+a = tpl.fork()
+sa = a.run("slow")  # runs until it gets a byte
+b = tpl.fork()
+reports = tpl._reports
+real_pump = _process._Reports.pump
+hook = {"hit": False}
+def pump(self, *args, **kwargs):
+    if threading.current_thread().name == "Y" and not hook["hit"]:
+        hook["hit"] = True
+        deadline = time.monotonic() + 5
+        while b._returncode is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return real_pump(self, *args, **kwargs)
+_process._Reports.pump = pump
+x = threading.Thread(target=a.wait, name="X", daemon=True)
+x.start()
+deadline = time.monotonic() + 5
+while not reports.reading and time.monotonic() < deadline:
+    time.sleep(0.01)  # until X is the reader
+y = threading.Thread(target=b.wait, name="Y", daemon=True)
+y.start()
+sb = b.run("quick")  # b exits at once: X (or this thread) dispatches its status
+y.join(3)
+facts = {"hook_hit": hook["hit"], "b_status": b._returncode, "y_blocked": y.is_alive()}
+sa.send(b"x")  # a exits: one more report, to let the threads go
+x.join(3)
+y.join(3)
+print(json.dumps(facts))
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def test_waiter_whose_status_was_dispatched_by_another_thread_returns() -> None:
+    facts = run_caller(_LOST_WAKEUP, timeout=30)
+    assert not facts["y_blocked"], f"wait() missed a status another thread dispatched: {facts}"
+
+
+# --- asyncio ----------------------------------------------------------------------------
+
+
+# Defect d05: the report channel ended under an asyncio waiter left a stale reader.
+def test_report_channel_ending_under_an_asyncio_waiter_leaves_no_stale_reader() -> None:
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        # The sleep holds the fork back until fork() has returned, so run_async
+        # is what reads its pid report.
+        tpl = anyfork.new_exec().eval("import time\ntime.sleep(0.3)\ndef f(s):\n    pass\n")
+        c = tpl.fork()
+        rfd = tpl._reports.fileno()
+        assert c._pid is None
+        assert select.select([rfd], [], [], 5)[0], "setup: no pid report within 5 s"
+        os.kill(tpl.pid, signal.SIGKILL)
+        tpl.wait(5)
+        (await asyncio.wait_for(c.run_async("f"), 5)).close()  # reads the pid, then EOF
+        pairs: list[tuple[socket.socket, socket.socket]] = []
+        try:
+            for _ in range(256):  # until a new socket reuses the channel's number
+                pairs.append(socket.socketpair())
+                if rfd in (pairs[-1][0].fileno(), pairs[-1][1].fileno()):
+                    break
+            else:
+                pytest.fail(f"setup: descriptor {rfd} was never reused")
+            r, w = pairs[-1] if pairs[-1][0].fileno() == rfd else pairs[-1][::-1]
+            r.setblocking(False)
+            loop.call_later(0.2, w.send, b"hello")
+            try:
+                return await asyncio.wait_for(loop.sock_recv(r, 5), 3)
+            except asyncio.TimeoutError:
+                pytest.fail(f"sock_recv on reused descriptor {rfd} never completed: a stale reader")
+        finally:
+            for a, b in pairs:
+                a.close()
+                b.close()
+
+    assert asyncio.run(main()) == b"hello"
+
+
+# Defect d13: run_async cancelled mid-write left RUN queued; a later run() sent a second one.
+def test_cancelled_run_async_leaves_the_process_spent(tmp_path: Path) -> None:
+    seen = tmp_path / "seen"
+    p = anyfork.new_exec().eval(
+        "def f(s, *a):\n"
+        f"    open({str(seen)!r}, 'wb').write(s.recv(100))\n")
+    p.send_arg(b"x" * (64 * MiB))
+
+    async def main() -> None:
+        task = asyncio.ensure_future(p.run_async("f"))
+        await asyncio.sleep(0)  # the task writes what the socket takes, then waits
+        assert not task.done(), "setup: the write was not in progress"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    try:
+        sock = p.run("f")
+    except anyfork.ProcessStateError:
+        pass
+    else:
+        sock.sendall(b"hello")
+        sock.close()
+        p.wait(5)
+        pytest.fail("run() after a cancelled run_async went ahead; the function first read "
+                    f"{seen.read_bytes() if seen.exists() else None!r}")
+    assert isinstance(p.wait(5), int), "the process did not exit"
+    assert not seen.exists() or seen.read_bytes() == b"", "a RUN frame reached the function as data"
+
+
+# --- descriptors and reaping ------------------------------------------------------------
+
+
+# Defect d07: fork() failing with EMFILE leaked a detached descriptor and raised a bare OSError.
+_FORK_EMFILE = """
+import anyfork, gc, helpers, json, resource
+tpl = anyfork.new_exec()
+gc.collect()
+before = helpers.open_fds()
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+free = [n for n in range(max(before) + FREE + 2) if n not in before]
+resource.setrlimit(resource.RLIMIT_NOFILE, (free[FREE], hard))  # FREE numbers left
+try:
+    tpl.fork()
+    raised, is_error = None, False
+except Exception as e:
+    raised, is_error = type(e).__name__, isinstance(e, anyfork.Error)
+finally:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+gc.collect()
+leaked = {fd: t for fd, t in helpers.open_fds().items() if before.get(fd) != t}
+tpl.close()
+tpl.wait(5)
+print(json.dumps({"raised": raised, "is_error": is_error, "leaked": leaked}))
+"""
+
+
+@pytest.mark.parametrize("free", [
+    pytest.param(0, id="command-socketpair"),
+    pytest.param(2, id="report-channel-socketpair"),
+])
+def test_fork_out_of_descriptors_raises_error_and_leaks_nothing(free: int) -> None:
+    facts = run_caller(_FORK_EMFILE.replace("FREE", str(free)), timeout=20)
+    assert facts["raised"] is not None, f"setup: fork() succeeded: {facts}"
+    assert facts["is_error"], f"fork() raised {facts['raised']}, not anyfork.Error: {facts}"
+    assert facts["leaked"] == {}, f"descriptors leaked: {facts}"
+
+
+# Defect d11: an exited new_exec child stayed a zombie across most calls into anyfork.
+_CALLS: dict[str, Callable[[anyfork.Process], object]] = {
+    "send_arg": lambda q: q.send_arg("x"),
+    "eval": lambda q: q.eval("pass"),
+    "require": lambda q: q.require("os"),
+    "fork": lambda q: q.fork(),
+    "run": lambda q: q.run("helpers:wait_eof"),
+    "close": lambda q: q.close(),
+}
+
+
+@pytest.mark.parametrize("call", list(_CALLS))
+def test_exited_new_exec_child_is_reaped_by_the_next_call(call: str) -> None:
+    q = anyfork.new_exec()  # made first: making a process reaps
+    p = anyfork.new_exec()
+    pid = p.pid
+    p.send_arg("3").run("helpers:exit_with").close()
+    assert wait_exited(pid), "setup: the process did not exit"
+    assert pid in zombie_children(), "setup: something reaped it already"
+    made = _CALLS[call](q)
+    try:
+        assert pid not in zombie_children(), f"still a zombie after another process's {call}()"
+    finally:
+        if isinstance(made, socket.socket) or (isinstance(made, anyfork.Process) and made is not q):
+            made.close()
+        q.close()
+        q.wait(5)
+    assert p.wait(5) == 3
+
+
+# Defect d10: a malformed SPARE report leaked the descriptor it carried.
+def _reports_channel(sock: socket.socket) -> _process._Reports:
+    """A bare report channel on ``sock`` (its constructor once took an owner too)."""
+    if len(inspect.signature(_process._Reports).parameters) > 1:
+        return _process._Reports(sock, types.SimpleNamespace(_pid=None))  # type: ignore[call-arg]
+    return _process._Reports(sock)
+
+
+def test_malformed_spare_report_closes_the_descriptor_it_carried() -> None:
+    mine, theirs = socket.socketpair()
+    r, w = os.pipe()
+    reports = None
+    try:
+        reports = _reports_channel(mine)
+        header = wire.HEADER.pack(wire.VERSION, wire.SPARE, 1, 8)  # a SPARE payload is 16 bytes
+        theirs.sendmsg([header + bytes(8)],
+                       [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", w))])
+        os.close(w)
+        w = -1
+        reports.pump(1)
+        assert reports.ended is not None, "setup: the corrupt report was not read"
+        os.set_blocking(r, False)
+        try:
+            data = os.read(r, 1)
+        except BlockingIOError:
+            pytest.fail("the pipe's write end, received with the report, is still open")
+        assert data == b""
+    finally:
+        if reports is not None:
+            reports.close()
+        mine.close()
+        theirs.close()
+        os.close(r)
+        if w >= 0:
+            os.close(w)
