@@ -19,6 +19,7 @@ import pytest
 
 import anyfork
 import helpers
+from anyfork import _process
 from helpers import Greeter, digest, finish, outcome, read_all, wait_exited, zombie_children
 
 if TYPE_CHECKING:
@@ -680,3 +681,14 @@ def test_process_type_is_what_constructors_return() -> None:
         assert type(p) is anyfork.Process
         p.close()
         assert p.wait(5) == 0
+
+
+def test_a_platform_without_descriptor_passing_gets_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What anyfork finds missing at import (no AF_UNIX/SCM_RIGHTS, no fork or
+    # posix_spawn) turns every constructor into an UnsupportedError, raised
+    # before anything is created.
+    monkeypatch.setattr(_process, "_UNSUPPORTED", "this platform has no Unix sockets with descriptor passing")
+    for make in (anyfork.new, anyfork.new_exec, anyfork.fork_template):
+        with pytest.raises(anyfork.UnsupportedError, match="descriptor passing"):
+            make()
+    assert issubclass(anyfork.UnsupportedError, anyfork.Error)
