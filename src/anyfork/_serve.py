@@ -267,7 +267,7 @@ class _Template:
         self.reports.close()
         for _, fd in self.backlog:
             if fd >= 0:
-                os.close(fd)
+                os.close(fd)  # the caller's end of a process forked ahead: keep no copy
         self.backlog = []
 
     def reap(self) -> None:
@@ -457,14 +457,7 @@ class Server:
             tpl = self.template
             if tpl is not None:
                 self.template = None
-                _signal.set_wakeup_fd(-1)
-                _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
-                os.close(tpl.wake_r)
-                os.close(tpl.wake_w)
-                tpl.reports.close()
-                for _, fd in tpl.backlog:
-                    if fd >= 0:
-                        os.close(fd)  # a process's only other end: keep none here
+                tpl.close()
             self.sock.close()
             atexit._clear()  # the parent's handlers are not ours to run
         return pid
