@@ -1266,9 +1266,8 @@ def new() -> Process:
         TemplateDiedError: the template died twice in a row.
     """
     _check_supported()
-    _reap_directs()
     for attempt in (1, 2):
-        tpl = _default_template()
+        tpl = _default_template()  # reaps on the way, like every call into anyfork
         try:
             proc = tpl._take_spare() or tpl.fork()
         except (TemplateDiedError, ProcessExitedError, ProcessStateError):
