@@ -692,3 +692,79 @@ def test_a_platform_without_descriptor_passing_gets_a_clear_error(monkeypatch: p
         with pytest.raises(anyfork.UnsupportedError, match="descriptor passing"):
             make()
     assert issubclass(anyfork.UnsupportedError, anyfork.Error)
+
+
+# --- forking ahead from a template of the user's ------------------------------------------------
+
+
+def _children_of(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return {int(p) for p in f.read().split()}
+
+
+def _until(predicate: Callable[[], bool], seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+STATE = ("def show(sock, *items):\n"
+         "    kinds = tuple(i if isinstance(i, str) else type(i).__name__ for i in items)\n"
+         "    sock.sendall(repr((x, kinds)).encode())\n")
+
+
+def _reply(proc: anyfork.Process) -> bytes:
+    with proc.run("show") as sock:
+        sock.settimeout(5)
+        return sock.recv(1000)
+
+
+def test_a_template_forked_from_twice_keeps_processes_forked_ahead_of_the_same_state() -> None:
+    tpl = anyfork.new_exec().eval("x = 1\n" + STATE)
+    try:
+        first = [tpl.fork(), tpl.fork()]  # forked from twice, unchanged: a pool template
+        assert _until(lambda: len(_children_of(tpl.pid)) >= len(first) + _process._USER_AHEAD)
+        ahead = _children_of(tpl.pid) - {p.pid for p in first}
+        third = tpl.fork()
+        assert third.pid in ahead  # handed out, not forked on request
+        assert _reply(third) == repr((1, ())).encode()
+        assert third.wait(5) == 0
+        for p in first:
+            p.close()
+    finally:
+        tpl.close()
+
+
+@pytest.mark.parametrize("change", ["eval", "send_arg", "require", "send_fh"])
+def test_changing_a_template_lets_its_processes_forked_ahead_go(change: str) -> None:
+    tpl = anyfork.new_exec().eval("x = 1\n" + STATE)
+    a, b = socket.socketpair()
+    try:
+        first = [tpl.fork(), tpl.fork()]
+        assert _until(lambda: len(_children_of(tpl.pid)) >= len(first) + _process._USER_AHEAD)
+        ahead = _children_of(tpl.pid) - {p.pid for p in first}
+        if change == "eval":
+            tpl.eval("x = 2")
+        elif change == "send_arg":
+            tpl.send_arg("new")
+        elif change == "require":
+            tpl.require("json")
+        else:
+            tpl.send_fh(a)
+        after = tpl.fork()
+        assert after.pid not in ahead
+        # Those forked ahead had the old state: they exit rather than be handed out.
+        assert _until(lambda: not (ahead & _children_of(tpl.pid)))
+        x, items = eval(_reply(after))
+        assert x == (2 if change == "eval" else 1)
+        assert items == {"send_arg": ("new",), "send_fh": ("socket",)}.get(change, ())
+        assert after.wait(5) == 0
+        for p in first:
+            p.close()
+    finally:
+        a.close()
+        b.close()
+        tpl.close()

@@ -340,7 +340,10 @@ class _Reports:
         self.closing: socket.socket | None = None
         # Processes forked ahead (SPAWN): seq -> (pid, caller's end), oldest first.
         self.pool: dict[int, tuple[int, socket.socket]] = {}
-        self.spawning: set[int] = set()  # SPAWNs sent, not yet answered
+        # The template's state version (see Process._queue_state), and for
+        # each SPAWN sent but not yet answered, the version it will fork.
+        self.version = 0
+        self.spawning: dict[int, int] = {}
         _own(sock)
 
     def fileno(self) -> int:
@@ -423,7 +426,7 @@ class _Reports:
         if frame.kind == P.FAILED:
             seq, reason = P.decode_failed(frame.payload)
             with self.cond:
-                self.spawning.discard(seq)
+                self.spawning.pop(seq, None)
                 ref = self.children.pop(seq, None)
             child = ref() if ref is not None else None
             if child is not None:
@@ -434,8 +437,11 @@ class _Reports:
             sock = socket.socket(fileno=frame.fds.pop())
             _own(sock)
             with self.cond:
-                self.spawning.discard(seq)
-                self.pool[seq] = (value, sock)
+                current = self.spawning.pop(seq, None) == self.version
+                if current:
+                    self.pool[seq] = (value, sock)
+            if not current:
+                _close_sock(sock)  # forked from a state the template no longer has
             return
         if frame.kind == P.PID:
             ref = self.children.get(seq)
@@ -607,8 +613,10 @@ class Process:
 
     __slots__ = (
         "__weakref__",
+        "_ahead",
         "_direct",
         "_failed",
+        "_forks_unchanged",
         "_gen",
         "_lock",
         "_out",
@@ -645,6 +653,8 @@ class Process:
         self._returncode: int | None = None
         self._failed: str | None = None
         self._reports: _Reports | None = None
+        self._ahead = 0  # how many processes to keep forked ahead (see fork)
+        self._forks_unchanged = 0  # forks since the state last changed
 
     def __repr__(self) -> str:
         state = self._spent or "preparing"
@@ -759,7 +769,7 @@ class Process:
         with self._lock:
             self._usable()
             if modules:
-                self._out.put(P.items_frame(P.REQUIRE, modules))
+                self._queue_state(P.items_frame(P.REQUIRE, modules))
         return self
 
     def eval(self, code: str, *args: bytes | str) -> Self:
@@ -779,7 +789,7 @@ class Process:
         compile(code, "<anyfork eval>", "exec", dont_inherit=True)
         with self._lock:
             self._usable()
-            self._out.put(P.items_frame(P.EVAL, [code, *items]))
+            self._queue_state(P.items_frame(P.EVAL, [code, *items]))
         return self
 
     def send_arg(self, *args: bytes | str | bytearray | memoryview) -> Self:
@@ -792,7 +802,7 @@ class Process:
         with self._lock:
             self._usable()
             if items:
-                self._out.put(P.items_frame(P.ARG, items))
+                self._queue_state(P.items_frame(P.ARG, items))
         return self
 
     def send_fh(self, *handles: Any) -> Self:
@@ -823,7 +833,7 @@ class Process:
             _fd_holders.add(self)
             for i in range(0, len(dups), P.MAX_FDS):
                 chunk = dups[i : i + P.MAX_FDS]
-                self._out.put(P.fh_frame(len(chunk)), chunk)
+                self._queue_state(P.fh_frame(len(chunk)), chunk)
         return self
 
     # --- forking ------------------------------------------------------------
@@ -835,38 +845,84 @@ class Process:
         of each process forked from it.  What is queued on this process is
         written now; what is queued later goes only where it is queued.
 
+        A template forked from repeatedly without changing in between keeps a
+        couple of processes forked ahead (see ``_queue_state``), so ``fork``
+        may hand out one that was forked a moment before it was asked for,
+        from exactly the same state.
+
         Raises:
             ProcessStateError: this process was already run or closed.
             TemplateDiedError: this process is gone.
         """
         with self._lock:
             self._usable()
+            reports = self._reports
+            child = None
+            if reports is not None and self._ahead:
+                child = reports.take(self)
+                if child is None:
+                    reports.pump(0)
+                    child = reports.take(self)
+            if child is None:
+                child = self._fork_now()
+            self._forks_unchanged += 1
+            if not self._ahead and self._forks_unchanged >= 2 and self is not _default:
+                self._ahead = _USER_AHEAD  # it is being used as a pool: fork ahead
             try:
-                mine, theirs = socket.socketpair()
-            except OSError as e:
-                raise Error(f"fork(): no socketpair for the new process: {e}") from e
-            fds = [theirs.detach()]
-            try:
-                reports, new_reports = self._report_channel(fds)
-            except Error:
-                mine.close()
-                P.close_fds(fds)
-                raise
-            seq = reports.next_seq
-            reports.next_seq = seq + 1
-            child = Process(_TOKEN, mine, parent=self, seq=seq)
-            reports.children[seq] = weakref.ref(child)
-            self._out.put(P.fork_frame(seq, new_reports), fds)
-            try:
-                self._flush()
-            except ProcessExitedError as e:
-                child._close()
-                raise TemplateDiedError(f"template {e}") from e
+                self._spawn_ahead()
             except Error:
                 child._close()
                 raise
+        reports = self._reports
+        assert reports is not None
         reports.pump(0)  # keep the channel from filling up
         return child
+
+    def _fork_now(self) -> Process:
+        """FORK: the caller makes the socketpair; the template forks now."""
+        try:
+            mine, theirs = socket.socketpair()
+        except OSError as e:
+            raise Error(f"fork(): no socketpair for the new process: {e}") from e
+        fds = [theirs.detach()]
+        try:
+            reports, new_reports = self._report_channel(fds)
+        except Error:
+            mine.close()
+            P.close_fds(fds)
+            raise
+        seq = reports.next_seq
+        reports.next_seq = seq + 1
+        child = Process(_TOKEN, mine, parent=self, seq=seq)
+        reports.children[seq] = weakref.ref(child)
+        self._out.put(P.fork_frame(seq, new_reports), fds)
+        try:
+            self._flush()
+        except ProcessExitedError as e:
+            child._close()
+            raise TemplateDiedError(f"template {e}") from e
+        except Error:
+            child._close()
+            raise
+        return child
+
+    def _queue_state(self, parts: list[P.Buffer], fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Queue a command that changes the state a fork copies (caller holds _lock).
+
+        Processes forked ahead have the old state: they are let go, and a user
+        template stops forking ahead until it is forked from twice more
+        without a change in between.
+        """
+        self._out.put(parts, fds)
+        self._forks_unchanged = 0
+        reports = self._reports
+        if reports is not None:
+            reports.version += 1
+            with reports.cond:
+                reports.spawning.clear()  # those still coming are stale: dropped on arrival
+            reports._drop_pool()
+            if self is not _default:
+                self._ahead = 0
 
     def _report_channel(self, fds: list[int]) -> tuple[_Reports, bool]:
         """This template's report channel, made now (its end added to ``fds``
@@ -882,36 +938,25 @@ class Process:
         reports = self._reports = _Reports(rmine)
         return reports, True
 
-    def _spawn_ahead(self, count: int) -> None:
-        """Ask the template for ``count`` more processes forked ahead (caller holds _lock)."""
-        for _ in range(count):
+    def _spawn_ahead(self) -> None:
+        """Ask the template for what is missing of its processes forked ahead
+        (caller holds _lock)."""
+        reports = self._reports
+        missing = self._ahead
+        if reports is not None:
+            missing -= len(reports.pool) + len(reports.spawning)
+        for _ in range(missing):
             fds: list[int] = []
             reports, new_reports = self._report_channel(fds)
             seq = reports.next_seq
             reports.next_seq = seq + 1
-            reports.spawning.add(seq)
+            with reports.cond:
+                reports.spawning[seq] = reports.version
             self._out.put(P.spawn_frame(seq, new_reports), fds)
         try:
             self._flush()
         except ProcessExitedError as e:
             raise TemplateDiedError(f"template {e}") from e
-
-    def _take_spare(self) -> Process | None:
-        """A process the template forked ahead, if one has arrived; asks for its
-        replacement.  None when the pool is empty."""
-        with self._lock:
-            self._usable()
-            reports = self._reports
-            if reports is None:
-                return None
-            child = reports.take(self)
-            if child is None:
-                reports.pump(0)
-                child = reports.take(self)
-                if child is None:
-                    return None
-            self._spawn_ahead(1)
-        return child
 
     # --- run ------------------------------------------------------------------
 
@@ -928,6 +973,7 @@ class Process:
         _disown(sock)
         if self._reports is not None:
             self._reports.handed_over = True
+            self._reports._drop_pool()  # no fork() will hand them out now
 
     def run(self, func: str | Callable[..., Any]) -> socket.socket:
         """Write everything queued and tell the process to call ``func``.
@@ -1163,6 +1209,9 @@ _early_site: list[str] = []  # site directories the program had processed when e
 # How many processes the default template keeps forked ahead and connected,
 # ready for new().  Each idle one costs about a megabyte of private memory.
 _POOL = 3
+# How many a template of the user's keeps forked ahead, once it is forked from
+# twice without changing in between (it is being used as a pool template).
+_USER_AHEAD = 2
 
 
 def _check_supported() -> None:
@@ -1208,11 +1257,11 @@ def _send_path(proc: Process, known_site: list[str]) -> list[str]:
     """Queue the caller's sys.path, and the site directories it needs that
     the process doesn't know yet; returns every site directory it now knows."""
     path = list(sys.path)
-    proc._out.put(P.items_frame(P.PATH, path))
+    proc._queue_state(P.items_frame(P.PATH, path))
     _, extra = _exec.site_plan(path)
     new = [d for d in extra if d not in known_site]
     if new:
-        proc._out.put(P.items_frame(P.SITE, new))
+        proc._queue_state(P.items_frame(P.SITE, new))
     return known_site + new
 
 
@@ -1241,12 +1290,14 @@ def _default_template() -> Process:
             tpl = _early
             with tpl._lock:  # it has sys.path as of its fork; bring it up to date
                 _default_site = _send_path(tpl, _early_site)
-                tpl._spawn_ahead(_POOL)
+                tpl._ahead = _POOL
+                tpl._spawn_ahead()
         else:
             tpl = new_exec()  # it queues PATH and SITE
             _default_site = _exec.site_plan(sys.path)[1]
             with tpl._lock:
-                tpl._spawn_ahead(_POOL)
+                tpl._ahead = _POOL
+                tpl._spawn_ahead()
         _default_path = list(sys.path)
         _default = tpl
         return tpl
@@ -1269,7 +1320,7 @@ def new() -> Process:
     for attempt in (1, 2):
         tpl = _default_template()  # reaps on the way, like every call into anyfork
         try:
-            proc = tpl._take_spare() or tpl.fork()
+            proc = tpl.fork()
         except (TemplateDiedError, ProcessExitedError, ProcessStateError):
             if attempt == 2:
                 raise
