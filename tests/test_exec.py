@@ -53,6 +53,12 @@ def site_dir(tmp_path: Path, pth: str) -> Path:
     return d
 
 
+@pytest.fixture
+def hook_ran(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As if the caller had processed extra.pth: the module it imports is loaded."""
+    monkeypatch.setitem(sys.modules, "hookfinder", types.ModuleType("hookfinder"))
+
+
 @pytest.fixture(autouse=True)
 def _no_site_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_exec, "_site_cache", None)
@@ -61,6 +67,7 @@ def _no_site_cache(monkeypatch: pytest.MonkeyPatch) -> None:
 # --- site or no site --------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("hook_ran")
 def test_needs_site_for_a_pth_import_line_in_a_site_directory(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     d = site_dir(tmp_path, "# a comment\nimport hookfinder; hookfinder.install()\n")
@@ -68,11 +75,21 @@ def test_needs_site_for_a_pth_import_line_in_a_site_directory(
     assert _exec.site_plan([str(d)]) == (True, [])
 
 
+@pytest.mark.usefixtures("hook_ran")
 def test_an_added_site_directory_with_a_pth_import_line_is_sent_not_sited(tmp_path: Path) -> None:
     # Not one of the interpreter's own site directories: the child's site
     # would not process it, so it goes in the SITE command, and -S stays.
     d = site_dir(tmp_path, "# a comment\nimport hookfinder; hookfinder.install()\n")
     assert _exec.site_plan([str(d)]) == (False, [str(d)])
+
+
+def test_a_pth_file_the_caller_never_processed_is_left_alone(tmp_path: Path) -> None:
+    # A directory on sys.path that nobody processed as a site directory (a
+    # script's own, a PYTHONPATH entry): its .pth import lines never ran here,
+    # so they must not run in a child either.
+    d = site_dir(tmp_path, "import hookfinder; hookfinder.install()\n")
+    assert "hookfinder" not in sys.modules
+    assert _exec.site_plan([str(d)]) == (False, [])
 
 
 def test_no_site_needed_for_pth_path_lines_only(tmp_path: Path) -> None:
@@ -103,6 +120,7 @@ def test_no_site_in_a_caller_that_did_not_run_site(tmp_path: Path) -> None:
     assert out.strip() == "False"
 
 
+@pytest.mark.usefixtures("hook_ran")
 def test_command_uses_dash_s_exactly_when_site_is_not_needed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     plain = tmp_path / "plain"

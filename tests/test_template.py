@@ -268,11 +268,13 @@ def test_template_ignores_sigint_and_leaves_program_wakeup_fd_alone(tmp_path: Pa
         r, w = os.pipe()
         os.set_blocking(r, False)
         os.set_blocking(w, False)
-        signal.signal(signal.SIGUSR1, lambda *a: None)
+        # A handler of the program's, for a signal whose default is to ignore it:
+        # in the template it must be neither run nor wake the program's loop.
+        signal.signal(signal.SIGWINCH, lambda *a: None)
         signal.set_wakeup_fd(w)                    # as an event loop's self-pipe does
         t = anyfork.fork_template()
         os.kill(t.pid, signal.SIGINT)              # Ctrl-C reaches the whole process group
-        os.kill(t.pid, signal.SIGUSR1)
+        os.kill(t.pid, signal.SIGWINCH)
         s = t.fork().run(handlers)                 # a round trip: both signals handled by now
         default_in_run = json.loads(s.recv(100))
         s.close()

@@ -93,7 +93,15 @@ def needs_site(path: list[str]) -> bool:
     return site_plan(path)[0]
 
 
-def _has_import_pth(entry: str) -> bool:
+def _ran_import_pth(entry: str) -> bool:
+    """Whether ``entry`` holds a .pth file with import lines that ran here.
+
+    A directory on sys.path may hold .pth files nobody processed (it was put
+    there by PYTHONPATH or is a script's own directory, not a site
+    directory).  Their code must not run in a child when it never ran in the
+    caller, so an import line counts only if the modules it imports are
+    loaded here: the trace processing it would have left.
+    """
     try:
         names = os.listdir(entry or ".")
     except OSError:
@@ -104,15 +112,22 @@ def _has_import_pth(entry: str) -> bool:
         try:
             with open(os.path.join(entry or ".", name), encoding="utf-8", errors="replace") as f:
                 for line in f:
-                    if line.startswith(("import ", "import\t")):
+                    if line.startswith(("import ", "import\t")) and _imports_loaded(line):
                         return True
         except OSError:
             continue
     return False
 
 
+def _imports_loaded(line: str) -> bool:
+    """Whether every module an ``import a, b.c; ...`` line names is in sys.modules."""
+    names = line[len("import") :].split(";", 1)[0].split(",")
+    modules = [n.split(" as ")[0].strip() for n in names]
+    return bool(modules) and all(m and m in sys.modules for m in modules)
+
+
 def _site_plan(path: list[str]) -> tuple[bool, list[str]]:
-    hooked = [entry for entry in path if _has_import_pth(entry)]
+    hooked = [entry for entry in path if _ran_import_pth(entry)]
     if sys.flags.no_site or "site" not in sys.modules:
         # The caller ran without site: its hooks, if any, came from
         # addsitedir calls, which the child repeats.
@@ -138,6 +153,13 @@ def _site_plan(path: list[str]) -> tuple[bool, list[str]]:
 def _flag_args() -> list[str]:
     """Interpreter options the child should share with the caller."""
     args = []
+    if sys.flags.isolated:
+        args.append("-I")
+    else:
+        if sys.flags.ignore_environment:
+            args.append("-E")
+        if sys.flags.no_user_site:
+            args.append("-s")
     if sys.flags.optimize:
         args.append("-" + "O" * sys.flags.optimize)
     if sys.flags.dont_write_bytecode:

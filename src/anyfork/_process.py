@@ -291,9 +291,18 @@ def _unwatch(loop: Any, fd: int) -> None:
             return
     except RuntimeError:
         pass
+    if loop.is_closed():  # its selector is gone, and the registration with it
+        P.close_fd(fd)
+        return
+    if not loop.is_running():  # no callback would run: unregister from here
+        try:
+            loop.remove_reader(fd)
+        finally:
+            P.close_fd(fd)
+        return
     try:
         loop.call_soon_threadsafe(unregister)
-    except RuntimeError:  # the loop is closed: nothing is registered any more
+    except RuntimeError:  # closed just now
         P.close_fd(fd)
 
 
@@ -344,6 +353,7 @@ class _Reports:
         # each SPAWN sent but not yet answered, the version it will fork.
         self.version = 0
         self.spawning: dict[int, int] = {}
+        self.pool_closed = False  # the template was closed or run: no more pool
         _own(sock)
 
     def fileno(self) -> int:
@@ -393,9 +403,17 @@ class _Reports:
                 if anc:
                     fds = P.unpack_fds(anc, socket.SOL_SOCKET, socket.SCM_RIGHTS)
                 if flags & _CTRUNC:
-                    P.close_fds(fds)
-                    fds, data = [], b""
-                    self.ended = "lost descriptors it sent (MSG_CTRUNC: out of descriptors?)"
+                    if fds:  # more than one report's worth: not from a template
+                        P.close_fds(fds)
+                        fds, data = [], b""
+                        self.ended = "sent more descriptors than a report carries"
+                        self.corrupt = True
+                    else:
+                        # We were out of descriptors as a SPARE arrived: the
+                        # kernel dropped its socket (the process it belonged
+                        # to sees EOF and exits).  A placeholder keeps the
+                        # frame decodable and the channel alive.
+                        fds = [-1]
             except BlockingIOError:
                 return got
             except OSError as e:
@@ -434,14 +452,30 @@ class _Reports:
             return
         seq, value = P.decode_seq_int(frame.payload)
         if frame.kind == P.SPARE:
-            sock = socket.socket(fileno=frame.fds.pop())
+            fd = frame.fds.pop()
+            if fd < 0:  # lost in transit (see _read)
+                with self.cond:
+                    self.spawning.pop(seq, None)
+                return
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError as e:
+                P.close_fd(fd)
+                raise P.ProtocolError(f"a SPARE report carried no socket ({e})") from e
             _own(sock)
             with self.cond:
-                current = self.spawning.pop(seq, None) == self.version
+                current = self.spawning.pop(seq, None) == self.version and not self.pool_closed
                 if current:
                     self.pool[seq] = (value, sock)
             if not current:
-                _close_sock(sock)  # forked from a state the template no longer has
+                _close_sock(sock)  # forked from a state the template no longer has, or closed
+            return
+        if frame.kind == P.LOST:
+            with self.cond:
+                ref = self.children.pop(seq, None)
+            child = ref() if ref is not None else None
+            if child is not None:
+                child._lost = True
             return
         if frame.kind == P.PID:
             ref = self.children.get(seq)
@@ -479,7 +513,7 @@ class _Reports:
         sock, self.sock = self.sock, None
         with self.cond:
             self.children.clear()
-        self._drop_pool()
+        self._drop_pool(final=True)
         self._release(sock)
 
     def _release(self, sock: socket.socket | None) -> None:
@@ -500,10 +534,16 @@ class _Reports:
         else:
             _close_sock(sock)
 
-    def _drop_pool(self) -> None:
-        """Let go of the processes forked ahead: they see EOF and exit."""
+    def _drop_pool(self, final: bool = False) -> None:
+        """Let go of the processes forked ahead: they see EOF and exit.
+
+        ``final``: for good (the template was closed, run or ended), so those
+        still on their way are let go as they arrive.
+        """
         with self.cond:
             pool, self.pool = self.pool, {}
+            if final:
+                self.pool_closed = True
         for _, sock in pool.values():
             _close_sock(sock)
 
@@ -516,7 +556,7 @@ class _Reports:
             if self.ended is None:
                 self.ended = "was closed"
             sock, self.sock = self.sock, None
-        self._drop_pool()
+        self._drop_pool(final=True)
         self._release(sock)
 
     def wait_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
@@ -619,6 +659,7 @@ class Process:
         "_forks_unchanged",
         "_gen",
         "_lock",
+        "_lost",
         "_out",
         "_parent",
         "_pid",
@@ -652,6 +693,7 @@ class Process:
         self._pid: int | None = direct.pid if direct is not None else None
         self._returncode: int | None = None
         self._failed: str | None = None
+        self._lost = False  # its template says someone else collected its status
         self._reports: _Reports | None = None
         self._ahead = 0  # how many processes to keep forked ahead (see fork)
         self._forks_unchanged = 0  # forks since the state last changed
@@ -973,7 +1015,7 @@ class Process:
         _disown(sock)
         if self._reports is not None:
             self._reports.handed_over = True
-            self._reports._drop_pool()  # no fork() will hand them out now
+            self._reports._drop_pool(final=True)  # no fork() will hand them out now
 
     def run(self, func: str | Callable[..., Any]) -> socket.socket:
         """Write everything queued and tell the process to call ``func``.
@@ -1090,9 +1132,13 @@ class Process:
         reports = parent._reports
         assert reports is not None
         finished = reports.wait_until(
-            lambda: self._returncode is not None or self._failed is not None, timeout)
+            lambda: self._returncode is not None or self._failed is not None or self._lost, timeout)
         if self._returncode is not None:
             return
+        if self._lost:
+            raise ExitStatusLostError(
+                f"{self._describe()} exited, but code run in its template {parent._describe()} "
+                "collected its status (os.wait, a SIGCHLD handler, a child watcher)")
         if self._failed is not None:
             raise Error(f"{parent._describe()} could not fork: {self._failed}")
         if reports.sock is None:
@@ -1175,7 +1221,11 @@ class Process:
             self._close()
         reports = self._reports
         if reports is not None:
-            reports._drop_pool()  # what it forked ahead would never be handed out
+            # What it forked ahead would never be handed out: let it go, with
+            # what is still on its way (the template answers the SPAWNs it
+            # already read before it sees EOF, so this wait is short).
+            reports._drop_pool(final=True)
+            reports.wait_until(lambda: not reports.spawning, 1.0)
 
     def __enter__(self) -> Self:
         return self
@@ -1238,7 +1288,10 @@ def new_exec() -> Process:
         proc = _early.fork()
         _send_path(proc, _early_site)  # the early process has sys.path as of its fork
         return proc
-    mine, theirs = socket.socketpair()
+    try:
+        mine, theirs = socket.socketpair()
+    except OSError as e:
+        raise Error(f"new_exec(): no socketpair for the new process: {e}") from e
     try:
         pid = _exec.spawn(theirs.fileno(), sys.path)
     except BaseException:
@@ -1289,7 +1342,7 @@ def _default_template() -> Process:
         if _early is not None and _template_alive(_early):
             tpl = _early
             with tpl._lock:  # it has sys.path as of its fork; bring it up to date
-                _default_site = _send_path(tpl, _early_site)
+                _default_site = _early_site[:] = _send_path(tpl, _early_site)
                 tpl._ahead = _POOL
                 tpl._spawn_ahead()
         else:

@@ -85,9 +85,10 @@ PID = 64  # u64 seq, i64 pid
 EXIT = 65  # u64 seq, i64 returncode (subprocess convention)
 FAILED = 66  # u64 seq, UTF-8 reason: the fork did not happen
 SPARE = 67  # u64 seq, i64 pid; fd: the caller's end of that process's command socket
+LOST = 68  # u64 seq, i64 pid: it exited, but someone else collected its status
 
 COMMANDS = frozenset({PATH, REQUIRE, EVAL, ARG, FH, FORK, RUN, KILL, SITE, SPAWN})
-REPORTS = frozenset({PID, EXIT, FAILED, SPARE})
+REPORTS = frozenset({PID, EXIT, FAILED, SPARE, LOST})
 
 FORK_NEW_REPORTS = 1  # flag: the second descriptor is the report channel
 
@@ -205,6 +206,10 @@ def pid_report(seq: int, pid: int) -> bytes:
 
 def exit_report(seq: int, returncode: int) -> bytes:
     return _EXIT_HEADER + _SEQ_INT.pack(seq, returncode)
+
+
+def lost_report(seq: int, pid: int) -> bytes:
+    return b"".join(frame(LOST, [_SEQ_INT.pack(seq, pid)]))
 
 
 def spare_report(seq: int, pid: int) -> bytes:

@@ -280,7 +280,9 @@ class _Template:
             seq = self.seq_of.pop(pid, 0)
             if seq:
                 del self.pid_of[seq]
-                if status is not None:
+                if status is None:  # code run here reaped it (os.wait, a child watcher)
+                    self.report(P.lost_report(seq, pid))
+                else:
                     self.report(P.exit_report(seq, os.waitstatus_to_exitcode(status)))
 
     def _collect(self) -> list[tuple[int, int | None]]:
@@ -500,7 +502,11 @@ class Server:
         """
         tpl = self.template
         assert tpl is not None
-        mine, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            mine, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        except OSError as e:  # out of descriptors: say so, and go on serving
+            tpl.report(P.failed_report(seq, f"no socketpair: {e}"))
+            return
         try:
             pid = self._fork()
         except OSError as e:
@@ -657,26 +663,34 @@ def _exit_code(e: SystemExit) -> int:
     return 1
 
 
-def _fresh_signals(everything: bool) -> None:
+def _fresh_signals(everything: bool, ignore_sigint: bool = False) -> None:
     """Dispositions (and mask) of a fresh interpreter, for the user's function.
 
     A process exec'd by anyfork, and one forked from such a template, differs
     from that only in SIGINT (ignored while it is prepared) and SIGCHLD (a
     template's reaper).  One forked from a program inherited the program's
-    handlers and mask: every signal is reset.
+    handlers and mask: every signal is reset, and the mask cleared last, so
+    a signal held back until then meets its final disposition.
+
+    Args:
+        everything: reset every signal and the mask, not just those two.
+        ignore_sigint: leave SIGINT ignored (a template being set up) instead
+            of raising KeyboardInterrupt.
     """
     if everything:
         keep_ignored = {getattr(_signal, n) for n in ("SIGPIPE", "SIGXFSZ") if hasattr(_signal, n)}
         for sig in _signal.valid_signals():
-            if sig in (_signal.SIGKILL, _signal.SIGSTOP):
+            if sig in (_signal.SIGKILL, _signal.SIGSTOP, _signal.SIGINT):
                 continue
             try:
                 _signal.signal(sig, _signal.SIG_IGN if sig in keep_ignored else _signal.SIG_DFL)
             except (OSError, ValueError):
                 pass  # signals the C library reserves for itself
+    else:
+        _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN if ignore_sigint else _signal.default_int_handler)
+    if everything:
         _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
-    _signal.signal(_signal.SIGINT, _signal.default_int_handler)
-    _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
 
 
 def _run_atexit() -> None:

@@ -90,7 +90,10 @@ def fork_template(*, allow_threads: bool = False) -> Process:
             "copy of a threaded process can deadlock on a lock one of them held; call it before "
             "starting threads, or pass allow_threads=True")
     _process._reap_directs()
-    mine, theirs = socket.socketpair()
+    try:
+        mine, theirs = socket.socketpair()
+    except OSError as e:
+        raise Error(f"fork_template(): no socketpair for the template: {e}") from e
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
@@ -118,7 +121,7 @@ def fork_template(*, allow_threads: bool = False) -> Process:
             raise Error(f"fork_template() could not fork: {e}") from e
         raise
     if pid == 0:
-        _serve_forked(theirs, mine, mask)
+        _serve_forked(theirs, mine)
     _restore_mask(mask)
     if not frozen_before:
         gc.unfreeze()  # the caller's own garbage must still be collected
@@ -138,16 +141,25 @@ def _restore_mask(mask: set[signal.Signals] | None) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
-def _serve_forked(
-    sock: socket.socket, callers_end: socket.socket, mask: set[signal.Signals] | None
-) -> NoReturn:
+def _serve_forked(sock: socket.socket, callers_end: socket.socket) -> NoReturn:
     """In the forked child: become a template; never return into the program."""
     try:
         callers_end.close()
         atexit._clear()  # the program's handlers are not ours to run
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # run() restores it
         signal.set_wakeup_fd(-1)
-        _restore_mask(mask)  # what arrived since the fork is handled now
+        # The program's handlers must not run here (a SIGTERM handler that only
+        # sets a flag would make the template unkillable): defaults, as in a
+        # fresh interpreter, except SIGINT, ignored until run() like every
+        # template's.  Signals that arrived since the fork then get those.
+        _serve._fresh_signals(True, ignore_sigint=True)
+        # Modules this thread was in the middle of importing (anyfork.early,
+        # a module that called fork_template at import) never finish here:
+        # mark them done, or another thread importing one would wait forever
+        # for their import lock.
+        for module in list(sys.modules.values()):
+            spec = getattr(module, "__spec__", None)
+            if getattr(spec, "_initializing", False):
+                spec._initializing = False  # type: ignore[union-attr]
         server = _serve.Server(sock)
         server.inherited_signals = True  # the program's handlers: run() resets them all
     except BaseException:
