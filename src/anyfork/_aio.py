@@ -109,10 +109,13 @@ def _unregister(loop: asyncio.AbstractEventLoop, reports: _Reports, entry: tuple
 def _watch_exit(loop: asyncio.AbstractEventLoop, proc: Process) -> None:
     """Let the running loop reap a process the caller spawned, as it exits."""
     d = proc._direct
-    if d is None or d.pidfd < 0 or d.loop is not None or d.done():
+    if d is None:
         return
-    d.loop = loop
-    loop.add_reader(d.pidfd, d.poll)
+    with d.lock:  # a reap in another thread must not close the pidfd in between
+        if d.pidfd < 0 or d.loop is not None or d.done():
+            return
+        d.loop = loop
+        loop.add_reader(d.pidfd, d.poll)
 
 
 async def run(proc: Process, sock: socket.socket) -> socket.socket:
