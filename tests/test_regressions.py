@@ -678,3 +678,377 @@ def test_malformed_spare_report_closes_the_descriptor_it_carried() -> None:
         os.close(r)
         if w >= 0:
             os.close(w)
+
+
+# --- second review ----------------------------------------------------------------------
+# (demos in /tmp/review2)
+
+
+# Defect r2-handlers: a fork_template template kept the program's SIGTERM handler: kill() did nothing.
+_FORK_TEMPLATE_FLAG_HANDLER = """
+import anyfork, json, signal
+stop = []
+signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))  # a shutdown flag
+tpl = anyfork.fork_template()
+child = tpl.fork()  # never run
+def killed(p):
+    p.kill()
+    try:
+        return p.wait(3)
+    except anyfork.TimeoutExpired:
+        p.kill(signal.SIGKILL)  # clean up what the test started
+        p.wait(5)
+        return None
+facts = {"child": killed(child), "template": killed(tpl)}
+print(json.dumps(facts))
+"""
+
+
+def test_fork_template_and_its_unrun_child_die_of_kill_despite_a_sigterm_handler() -> None:
+    facts = run_caller(_FORK_TEMPLATE_FLAG_HANDLER, timeout=30)
+    assert facts["child"] == -signal.SIGTERM, f"the unrun child survived kill(): {facts}"
+    assert facts["template"] == -signal.SIGTERM, f"the template survived kill(): {facts}"
+
+
+# Defect r2-ctrunc: out of descriptors as a SPARE arrived ended the default template's report channel.
+_SPARE_WHILE_OUT_OF_FDS = """
+import anyfork, json, os, resource, select, time
+from anyfork import _process
+anyfork.new().close()
+tpl = _process._default
+deadline = time.monotonic() + 5
+while len(tpl._reports.pool) < _process._POOL and time.monotonic() < deadline:
+    tpl._reports.pump(0.1)
+p = anyfork.new()  # takes a process forked ahead; a SPAWN asks for its replacement
+s = p.eval("def f(s):\\n    s.recv(1)\\n").run("f")
+queued = bool(select.select([tpl._reports.fileno()], [], [], 5)[0])
+time.sleep(0.2)  # the replacement's SPARE, with its descriptor, waits for us
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+hog = []
+try:
+    while True:
+        hog.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+try:
+    p.wait(0.2)
+    during = "returned"
+except Exception as e:
+    during = type(e).__name__
+for fd in hog:
+    os.close(fd)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+ended = tpl._reports.ended
+s.close()
+try:
+    after = p.wait(5)
+except Exception as e:
+    after = type(e).__name__
+print(json.dumps({"queued": queued, "during": during, "ended": ended, "after": after}))
+"""
+
+
+def test_report_channel_survives_running_out_of_descriptors_as_a_spare_arrives() -> None:
+    facts = run_caller(_SPARE_WHILE_OUT_OF_FDS, timeout=30)
+    assert facts["queued"], f"setup: no SPARE report was waiting: {facts}"
+    assert facts["ended"] is None, f"the report channel ended: {facts}"
+    assert facts["after"] == 0, f"wait() once descriptors were freed: {facts}"
+
+
+# Defect r2-inflight: closing a template left its forked-ahead processes still on their way alive.
+_CLOSE_WITH_SPAWNS_IN_FLIGHT = """
+import anyfork.early  # first, on purpose
+import anyfork, ctypes, json, os, signal, time
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans become ours
+
+def live_children():
+    me, out = os.getpid(), []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == me and fields[0] != "Z":
+                out.append(int(d))
+    return sorted(out)
+
+tpl = anyfork.early.process
+p = anyfork.new()  # the early process becomes the default template: SPAWNs in flight
+p.close()
+tpl.close()
+status = tpl.wait(5)
+deadline = time.monotonic() + 2
+while (left := live_children()) and time.monotonic() < deadline:
+    time.sleep(0.05)
+for pid in left:
+    os.kill(pid, signal.SIGKILL)  # clean up what the test started
+print(json.dumps({"status": status, "left": left}))
+"""
+
+
+def test_closing_the_early_template_lets_go_of_processes_forked_ahead_on_their_way() -> None:
+    facts = run_caller(_CLOSE_WITH_SPAWNS_IN_FLIGHT, timeout=30)
+    assert facts["status"] == 0, facts
+    assert facts["left"] == [], f"processes forked ahead outlived their closed template: {facts}"
+
+
+# Defect r2-pool-shrink: forked-ahead processes that died were never replaced; the pool stayed empty.
+_POOL_AFTER_SPARES_KILLED = """
+import anyfork, helpers, json, os, signal, time
+from anyfork import _process
+anyfork.new().close()
+tpl = _process._default
+
+def fill_pool():
+    deadline = time.monotonic() + 5
+    while len(tpl._reports.pool) < _process._POOL and time.monotonic() < deadline:
+        tpl._reports.pump(0.1)
+    return len(tpl._reports.pool)
+
+before = fill_pool()
+killed = [pid for pid, _ in tpl._reports.pool.values()]
+for pid in killed:
+    os.kill(pid, signal.SIGKILL)
+for pid in killed:
+    helpers.wait_exited(pid, 5)
+deadline = time.monotonic() + 5
+while tpl._reports.pool and time.monotonic() < deadline:
+    tpl._reports.pump(0.1)  # their exit reports take them out of the pool
+emptied = not tpl._reports.pool
+for _ in range(5):
+    p = anyfork.new()
+    p.run("builtins:id").close()
+    p.wait(5)
+after = fill_pool()
+p = anyfork.new()
+from_pool = p._pid is not None  # a process forked ahead comes with its pid
+p.close()
+p.wait(5)
+print(json.dumps({"before": before, "killed": len(killed), "emptied": emptied, "after": after,
+                  "from_pool": from_pool}))
+"""
+
+
+def test_pool_refills_after_its_processes_forked_ahead_were_killed() -> None:
+    facts = run_caller(_POOL_AFTER_SPARES_KILLED, timeout=40)
+    assert facts["before"] == facts["killed"] == _process._POOL, f"setup: {facts}"
+    assert facts["emptied"], f"setup: the killed processes stayed in the pool: {facts}"
+    assert facts["after"] == _process._POOL, f"the pool never refilled: {facts}"
+    assert facts["from_pool"], f"new() no longer hands out processes forked ahead: {facts}"
+
+
+# Defect r2-lost-status: a child reaped by code eval'd in its template made wait() hang.
+_REAPED_IN_TEMPLATE = """
+import anyfork, json, time
+tpl = anyfork.new_exec()
+kid = tpl.fork()
+s = kid.run("helpers:wait_eof")
+tpl.eval(f"import os\\nos.waitpid({kid.pid}, 0)\\n")
+extra = tpl.fork()  # writes the eval: the template blocks in waitpid
+s.close()  # the kid exits, and the template's own code collects its status
+t0 = time.monotonic()
+try:
+    got = kid.wait(5)
+except anyfork.Error as e:
+    got = type(e).__name__
+elapsed = time.monotonic() - t0
+extra.close()
+tpl.close()
+print(json.dumps({"got": got, "elapsed": elapsed, "template": tpl.wait(5)}))
+"""
+
+
+def test_child_reaped_by_code_in_its_template_raises_exit_status_lost() -> None:
+    facts = run_caller(_REAPED_IN_TEMPLATE, timeout=30)
+    assert facts["got"] == "ExitStatusLostError", f"wait() on a child its template reaped: {facts}"
+    assert facts["elapsed"] < 3, facts
+
+
+# Defect r2-emfile: out of descriptors, new_exec(), the first new() and fork_template() raised a bare OSError.
+_EMFILE_CALL = """
+import anyfork, json, os, resource
+call = getattr(anyfork, NAME)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+hog = []
+try:
+    while True:
+        hog.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+os.close(hog.pop())  # one free descriptor: not enough for a socketpair
+made = None
+try:
+    made = call()
+    raised, is_error = None, False
+except Exception as e:
+    raised, is_error = type(e).__name__, isinstance(e, anyfork.Error)
+for fd in hog:
+    os.close(fd)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+if made is not None:
+    made.close()
+    made.wait(5)
+print(json.dumps({"raised": raised, "is_error": is_error}))
+"""
+
+
+@pytest.mark.parametrize("name", ["new_exec", "new", "fork_template"])
+def test_out_of_descriptors_raises_anyfork_error(name: str) -> None:
+    facts = run_caller(_EMFILE_CALL.replace("NAME", repr(name)), timeout=30)
+    assert facts["raised"] is not None, f"setup: {name}() succeeded: {facts}"
+    assert facts["is_error"], f"{name}() raised {facts['raised']}, not anyfork.Error"
+
+
+# Defect r2-pth: .pth import lines the caller never ran (a plain sys.path directory) ran in every child.
+_UNRUN_PTH = """
+import anyfork, json, os, sys
+sys.path.insert(0, DIR)  # like a script's own directory: never processed by site
+for make in (anyfork.new_exec, anyfork.new):
+    p = make()
+    p.run("builtins:id").close()
+    p.wait(5)
+mark = os.path.join(DIR, "ran")
+print(json.dumps({"ran_in": open(mark).read().split() if os.path.exists(mark) else []}))
+"""
+
+
+@pytest.mark.parametrize("hook", [
+    pytest.param("import anyfork_pth_hook\n", id="imports-a-module"),
+    pytest.param(
+        "import sys; open(MARK, 'a').write('%d\\n' % sys.modules['os'].getpid())\n",
+        id="demo-import-sys"),
+])
+def test_pth_hook_the_caller_never_ran_runs_in_no_child(tmp_path: Path, hook: str) -> None:
+    mark = str(tmp_path / "ran")
+    (tmp_path / "anyfork_pth_hook.py").write_text(
+        f"import os\nopen({mark!r}, 'a').write('%d\\n' % os.getpid())\n")
+    (tmp_path / "hook.pth").write_text(hook.replace("MARK", repr(mark)))
+    facts = run_caller(_UNRUN_PTH.replace("DIR", repr(str(tmp_path))), timeout=30)
+    assert facts["ran_in"] == [], f"a .pth hook the caller never ran ran in processes {facts}"
+
+
+# Defect r2-pth-early: under anyfork.early, new_exec() ran a hook again the early process had run.
+_EARLY_SITE_TWICE = """
+import anyfork.early  # first, on purpose
+import anyfork, helpers, json, site
+site.addsitedir(DIR)  # runs count.pth here: the hook counts 1
+import anyfork_pth_count
+code = "import anyfork_pth_count\\ndef f(s):\\n    s.sendall(str(anyfork_pth_count.count).encode())\\n"
+counts = {"caller": anyfork_pth_count.count}
+for name, make in (("new", anyfork.new), ("new_exec", anyfork.new_exec)):
+    p = make().eval(code)
+    s = p.run("f")
+    counts[name] = int(helpers.read_all(s))
+    s.close()
+    p.wait(5)
+print(json.dumps(counts))
+"""
+
+
+def test_hook_is_not_run_twice_in_processes_of_the_early_process(tmp_path: Path) -> None:
+    (tmp_path / "anyfork_pth_count.py").write_text(
+        "count = 0\n\ndef bump():\n    global count\n    count += 1\n")
+    (tmp_path / "count.pth").write_text("import anyfork_pth_count; anyfork_pth_count.bump()\n")
+    facts = run_caller(_EARLY_SITE_TWICE.replace("DIR", repr(str(tmp_path))), timeout=30)
+    assert facts == {"caller": 1, "new": 1, "new_exec": 1}, f"times the hook ran: {facts}"
+
+
+# Defect r2-spare-notsock: a SPARE report carrying a pipe let a bare OSError out and leaked the pipe.
+def test_spare_report_carrying_a_pipe_is_a_protocol_error_and_closes_it() -> None:
+    mine, theirs = socket.socketpair()
+    r, w = os.pipe()
+    reports = None
+    try:
+        reports = _reports_channel(mine)
+        theirs.sendmsg([wire.spare_report(1, 12345)],
+                       [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", w))])
+        os.close(w)
+        w = -1
+        try:
+            reports.pump(1)
+        except anyfork.ProtocolError:
+            pass
+        else:
+            assert reports.ended is not None, "the SPARE carrying a pipe was accepted"
+            assert reports.corrupt, f"the channel ended, but not as corrupt: {reports.ended}"
+        os.set_blocking(r, False)
+        try:
+            data = os.read(r, 1)
+        except BlockingIOError:
+            pytest.fail("the pipe's write end, received with the report, is still open")
+        assert data == b""
+    finally:
+        if reports is not None:
+            reports.close()
+        mine.close()
+        theirs.close()
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+# Defect r2-early-lock: in a process of the early process, another thread importing anyfork.early hung.
+_EARLY_IMPORT_IN_THREAD = """
+import anyfork.early  # first, on purpose
+import anyfork, helpers, json
+p = anyfork.new_exec().eval(
+    "import threading\\n"
+    "def job(sock):\\n"
+    "    def imp():\\n"
+    "        import anyfork.early\\n"
+    "    t = threading.Thread(target=imp, daemon=True)\\n"
+    "    t.start()\\n"
+    "    t.join(3)\\n"
+    "    sock.sendall(b'hung' if t.is_alive() else b'imported')\\n")
+s = p.run("job")
+said = helpers.read_all(s, 8).decode()
+s.close()
+try:
+    status = p.wait(3)
+except anyfork.TimeoutExpired:
+    p.kill(9)
+    status = p.wait(5)
+print(json.dumps({"said": said, "status": status}))
+"""
+
+
+def test_thread_importing_anyfork_early_in_a_process_of_the_early_process_completes() -> None:
+    facts = run_caller(_EARLY_IMPORT_IN_THREAD, timeout=30)
+    assert facts["said"] == "imported", f"the thread's import did not complete: {facts}"
+
+
+# Defect r2-pidfd: a run_async process reaped once its loop was closed leaked its pidfd.
+_PIDFD_AFTER_LOOP_CLOSED = """
+import anyfork, asyncio, gc, json, os
+
+def pidfds():
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if "pidfd" in os.readlink(f"/proc/self/fd/{fd}"):
+                out.append(int(fd))
+        except OSError:
+            pass
+    return sorted(out)
+
+loop = asyncio.new_event_loop()
+before = pidfds()
+for _ in range(3):
+    p = anyfork.new_exec().eval("def f(s):\\n    s.recv(1)\\n")
+    s = loop.run_until_complete(p.run_async("f"))
+    s.close()
+    p.wait(5)  # reaped here, outside the loop
+loop.close()
+del p
+gc.collect()
+print(json.dumps({"before": before, "after": pidfds()}))
+"""
+
+
+def test_run_async_process_reaped_after_its_loop_closed_leaves_no_pidfd() -> None:
+    facts = run_caller(_PIDFD_AFTER_LOOP_CLOSED, timeout=30)
+    assert facts["after"] == facts["before"], f"pidfds left open: {facts}"

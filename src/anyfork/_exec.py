@@ -120,10 +120,19 @@ def _ran_import_pth(entry: str) -> bool:
 
 
 def _imports_loaded(line: str) -> bool:
-    """Whether every module an ``import a, b.c; ...`` line names is in sys.modules."""
+    """Whether an ``import a, b.c; ...`` line left its trace here.
+
+    Every module it names must be loaded, and one of them must be outside
+    the standard library: ``import os`` or ``import sys`` is loaded in every
+    interpreter, so it proves nothing.  A hook that imports only standard
+    modules is therefore never repeated in a child (the safe side: never run
+    code the caller may not have run).
+    """
     names = line[len("import") :].split(";", 1)[0].split(",")
     modules = [n.split(" as ")[0].strip() for n in names]
-    return bool(modules) and all(m and m in sys.modules for m in modules)
+    stdlib: frozenset[str] = getattr(sys, "stdlib_module_names", frozenset())
+    return (bool(modules) and all(m and m in sys.modules for m in modules)
+            and any(m.partition(".")[0] not in stdlib for m in modules))
 
 
 def _site_plan(path: list[str]) -> tuple[bool, list[str]]:

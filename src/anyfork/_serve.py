@@ -290,8 +290,11 @@ class _Template:
 
         Code eval'd in a template may run children of its own (subprocess);
         waitpid(-1) would steal their statuses.  So peek at the first zombie
-        with WNOWAIT and reap it only if it is ours; when someone else's is
-        first in line (or there is no waitid), ask ours one by one.
+        with WNOWAIT and reap it only if it is ours.  When someone else's is
+        first in line, or none of ours was waiting (a SIGCHLD still came: one
+        of ours may have been reaped behind our back, by os.wait() or a child
+        watcher in code run here), or there is no waitid, ask ours one by one;
+        one that is no longer our child comes back with status None.
         """
         ours = set(self.seq_of)
         done: list[tuple[int, int | None]] = []
@@ -300,10 +303,10 @@ class _Template:
             try:
                 info = waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
-                return done
-            if info is None:
-                return done
-            if info.si_pid not in ours:
+                info = None  # no children at all: ours, if any, were taken
+            if info is None or info.si_pid not in ours:
+                if done:
+                    return done  # reaped what was waiting: the usual case
                 break
             _, status = os.waitpid(info.si_pid, 0)  # a zombie: does not block
             done.append((info.si_pid, status))
