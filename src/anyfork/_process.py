@@ -7,7 +7,9 @@ Every descriptor the library holds has one owner that closes it:
 - a ``Process`` owns the caller's end of its command socket until ``run``
   hands it to the user, and its ``Outbox`` owns the duplicates of handles
   queued with ``send_fh`` until the kernel has taken them;
-- a template's ``_Reports`` owns the caller's end of its report channel;
+- a template's ``_Reports`` owns the caller's end of its report channel, and
+  the caller's ends of the processes it forked ahead until one is handed out
+  (then that Process owns it);
 - a ``_Direct`` owns the pidfd of a process the caller spawned itself.
 
 All of them are listed in ``_owned`` so that a process forked from the
