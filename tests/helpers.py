@@ -82,6 +82,25 @@ def interrupt(sock: socket.socket) -> None:
     raise KeyboardInterrupt
 
 
+def exhaust_descriptors(limit: int = 64) -> list[int]:
+    """Lower RLIMIT_NOFILE to ``limit`` and open descriptors until none is left.
+
+    For callers run as a program of their own (never the test process):
+    returns what it opened, so the caller can free exactly as many as it wants.
+    """
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    held: list[int] = []
+    try:
+        while True:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+    return held
+
+
 def open_fds() -> dict[int, str]:
     """This process's descriptors and what they point at."""
     fds = {}

@@ -719,7 +719,7 @@ def test_fork_template_and_its_unrun_child_die_of_kill_despite_a_sigterm_handler
 
 # Defect r2-ctrunc: out of descriptors as a SPARE arrived ended the default template's report channel.
 _SPARE_WHILE_OUT_OF_FDS = """
-import anyfork, json, os, resource, select, time
+import anyfork, helpers, json, os, resource, select, time
 from anyfork import _process
 anyfork.new().close()
 tpl = _process._default
@@ -730,14 +730,8 @@ p = anyfork.new()  # takes a process forked ahead; a SPAWN asks for its replacem
 s = p.eval("def f(s):\\n    s.recv(1)\\n").run("f")
 queued = bool(select.select([tpl._reports.fileno()], [], [], 5)[0])
 time.sleep(0.2)  # the replacement's SPARE, with its descriptor, waits for us
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
-hog = []
-try:
-    while True:
-        hog.append(os.open("/dev/null", os.O_RDONLY))
-except OSError:
-    pass
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # restored below
+hog = helpers.exhaust_descriptors(64)
 try:
     p.wait(0.2)
     during = "returned"
@@ -876,16 +870,10 @@ def test_child_reaped_by_code_in_its_template_raises_exit_status_lost() -> None:
 
 # Defect r2-emfile: out of descriptors, new_exec(), the first new() and fork_template() raised a bare OSError.
 _EMFILE_CALL = """
-import anyfork, json, os, resource
+import anyfork, helpers, json, os, resource
 call = getattr(anyfork, NAME)
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
-hog = []
-try:
-    while True:
-        hog.append(os.open("/dev/null", os.O_RDONLY))
-except OSError:
-    pass
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # restored below
+hog = helpers.exhaust_descriptors(64)
 os.close(hog.pop())  # one free descriptor: not enough for a socketpair
 made = None
 try:
