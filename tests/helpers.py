@@ -60,6 +60,10 @@ def echo(sock: socket.socket, *args: object) -> None:
     sock.sendall(b"".join(chunks))
 
 
+def timeout_of(sock: socket.socket, *args: object) -> None:
+    reply(sock, sock.gettimeout())
+
+
 def wait_eof(sock: socket.socket) -> None:
     """Keep running until the caller closes its end."""
     while sock.recv(4096):

@@ -27,7 +27,7 @@ from anyfork import _serve
 from helpers import Greeter, finish, outcome, read_all, result, wait_exited
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
     Make = Callable[[], anyfork.Process]
@@ -182,6 +182,90 @@ def test_bytes_after_run_reach_the_function_unchanged(make: Make) -> None:
         sock.shutdown(socket.SHUT_WR)
         assert read_all(sock) == payload
     assert p.wait(5) == 0
+
+
+@pytest.fixture(params=["new", "fork"])
+def forked(request: pytest.FixtureRequest) -> Iterator[Make]:
+    """Processes forked by a template, whose first command is read without
+    the decoder when it is RUN.  (Raw frames skip the PATH command that a
+    new_exec process needs before it can import the test's helpers.)"""
+    if request.param == "new":
+        yield anyfork.new
+        return
+    templates: list[anyfork.Process] = []
+
+    def fork() -> anyfork.Process:
+        if not templates:
+            templates.append(anyfork.new_exec().require("helpers"))
+        return templates[0].fork()
+
+    yield fork
+    if templates:
+        template = templates.pop()
+        template.close()
+        assert template.wait(5) == 0
+
+
+def test_bytes_right_behind_a_first_run_reach_the_function(forked: Make) -> None:
+    """RUN as a forked process's first command is read without the decoder:
+    it must still stop at the frame's end, even when the bytes behind it
+    arrive in the same read."""
+    payload = b"".join(bytes(b) for b in wire.run_frame("evil")) + os.urandom(100_000)
+    p = forked()
+    sock = p._sock
+    assert sock is not None
+    frame = b"".join(bytes(b) for b in wire.run_frame("helpers:echo"))
+    sock.sendall(frame + payload)  # one write: the process may read them together
+    sock.shutdown(socket.SHUT_WR)
+    assert read_all(sock) == payload
+    assert p.wait(5) == 0
+    p.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "status"),
+    [
+        (b"builtins:" + b"x" * 5000, 1),  # longer than the short path takes: the decoder's, then lookup fails
+        (b"builtins:\xed\xb3\xbf", 1),  # a lone surrogate (surrogatepass): decodes, lookup fails
+        (b"builtins:\xff\xfe", 2),  # not UTF-8 at all: the stream is corrupt
+    ],
+    ids=["long", "surrogate", "not-utf8"],
+)
+def test_a_first_run_that_cannot_be_run_fails_with_its_status(forked: Make, name: bytes, status: int) -> None:
+    p = forked()
+    corrupt(p, wire.HEADER.pack(wire.VERSION, wire.RUN, 0, len(name)) + name)
+    assert p.wait(5) == status
+    p.close()
+
+
+def test_first_run_cut_short_by_eof_is_never_run(forked: Make) -> None:
+    p = forked()
+    corrupt(p, b"".join(bytes(b) for b in wire.run_frame("helpers:echo"))[:-3], eof=True)
+    assert p.wait(5) == 2
+    p.close()
+
+
+def test_a_default_timeout_set_in_a_template_leaves_its_childrens_sockets_blocking() -> None:
+    with anyfork.new_exec().eval("import socket; socket.setdefaulttimeout(3.5)") as tpl:
+        assert outcome(tpl.fork(), "helpers:timeout_of") is None
+        assert outcome(tpl.fork().fork(), "helpers:timeout_of") is None  # a child that became a template
+        tpl.close()
+        assert tpl.wait(5) == 0
+
+
+def test_a_forked_child_that_becomes_a_template_gives_each_child_its_own_socket(make: Make) -> None:
+    """The template re-initialises one socket object for each child it forks;
+    a child that forks in turn must not hand its own command socket on."""
+    parent = make().require("helpers")
+    children = [parent.fork() for _ in range(3)]
+    for child in children:
+        with child.run("helpers:echo") as sock:
+            sock.sendall(b"ping")
+            sock.shutdown(socket.SHUT_WR)
+            assert read_all(sock) == b"ping"
+        assert child.wait(5) == 0
+    parent.close()
+    assert parent.wait(5) == 0
 
 
 def test_function_returning_exits_0_even_with_a_non_daemon_thread(make: Make) -> None:

@@ -86,7 +86,18 @@ _FD = __import__("struct").Struct("i")
 
 
 _NO_FDS: list[int] = []
-_WARM_UP = b"".join(P.run_frame("builtins:id"))  # see _warm_decoder
+
+# A process's first command read without a decoder (see _first_command): the
+# header of a RUN frame carrying no descriptors, and the longest name taken.
+_HSIZE = P.HEADER.size
+_RUN_PREFIX = P.HEADER.pack(P.VERSION, P.RUN, 0, 0)[:4]
+_FIRST_RUN_MAX = 4096
+
+# The socket.socket a forked child's function gets, made ready by its template
+# before the fork (see Server._child_socket): making one costs a new process
+# some thirty copy-on-write faults, re-initialising this one costs the
+# template a C call.  None until the process first forks.
+_child_sock: socket.socket | None = None
 
 
 def _recv(sock: Sock, n: int) -> tuple[bytes, list[int]]:
@@ -101,22 +112,6 @@ def _recv(sock: Sock, n: int) -> tuple[bytes, list[int]]:
         P.close_fds(fds)
         raise _CorruptError("descriptors lost in transit (MSG_CTRUNC: out of descriptors?)")
     return data, fds
-
-
-def _warm_decoder(namespace: dict[str, object]) -> P.Decoder:
-    """A fresh decoder, after one dry run of a typical ``run`` command.
-
-    For a process forked ahead: the decoding and name lookup it will do
-    first touch pages it shares with its template, each a copy-on-write
-    fault.  Taking those while it idles keeps them off the caller's
-    critical path.
-    """
-    decoder = P.Decoder(P.COMMANDS)
-    decoder.feed(_WARM_UP)
-    frame = decoder.next_frame()
-    if frame is not None:
-        resolve(P.decode_text(frame.payload), namespace)
-    return decoder
 
 
 def _wrap_fd(fd: int) -> object:
@@ -360,8 +355,12 @@ class Server:
 
     # --- the loop ------------------------------------------------------------
 
-    def serve(self) -> NoReturn:
+    def serve(self, first: socket.socket | None = None) -> NoReturn:
+        """Serve commands until RUN or EOF.  ``first``: a forked child's socket,
+        whose first command is read without a decoder (see _first_command)."""
         try:
+            if first is not None:
+                self._first_command(first)
             while True:
                 if self.template is not None and self.decoder.idle():
                     self._template_loop()
@@ -377,6 +376,32 @@ class Server:
         except BaseException:
             sys.__excepthook__(*sys.exc_info())
             _fail(1, None, self.sock)
+
+    def _first_command(self, sock: socket.socket) -> None:
+        """Read a forked child's first command; if it is RUN, run it now.
+
+        A process forked ahead is most often asked for nothing but RUN.  The
+        generic path (decoder, frame, dispatch) would touch a few dozen more
+        objects, each a copy-on-write fault in a freshly forked process; this
+        reads the one frame with two calls and hands ``run`` the socket.socket
+        the template made.  Any other command goes to the decoder, as read.
+        """
+        data, fds = _recv(sock, _HSIZE)
+        if not fds and len(data) == _HSIZE and data.startswith(_RUN_PREFIX):
+            length = P.HEADER.unpack(data)[3]
+            if length <= _FIRST_RUN_MAX:
+                payload = b""
+                while len(payload) < length:
+                    more = sock.recv(length - len(payload))
+                    if not more:
+                        break
+                    payload += more
+                if len(payload) == length:
+                    self.run(P.decode_text(payload), sock)
+                data += payload
+        self.sock = Sock(fileno=Sock.detach(sock))
+        self.decoder = P.Decoder(P.COMMANDS)
+        self.decoder.feed(data, fds)
 
     def handle(self, frame: P.Frame) -> None:
         kind = frame.kind
@@ -443,12 +468,14 @@ class Server:
 
     # --- forking -------------------------------------------------------------
 
-    def _fork(self) -> int:
-        """Fork; in the child, shed the template role before returning 0.
+    def _fork(self, sock: socket.socket, mine: Sock | None = None) -> int:
+        """Fork a child to serve ``sock`` (and close ``mine``); return its pid.
 
-        Everything a freshly forked process runs writes to pages it shares
-        with its template, and each such page costs a copy-on-write fault
-        (a few microseconds): the child's side is kept to C calls.
+        In the child this never returns: it sheds the template role and
+        serves ``sock``.  Everything a freshly forked process runs writes to
+        pages it shares with its template, and each such page costs a
+        copy-on-write fault (a few microseconds), so the child's first steps
+        are kept to a few C calls.
         """
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -464,12 +491,33 @@ class Server:
                 self.template = None
                 tpl.close()
             self.sock.close()
+            if mine is not None:
+                mine.close()
             atexit._clear()  # the parent's handlers are not ours to run
+            self.sock = sock
+            self.serve(sock)
         return pid
 
-    def _start(self, fd: int) -> None:
-        self.sock = Sock(fileno=fd)
-        self.decoder = P.Decoder(P.COMMANDS)
+    def _child_socket(self, fd: int, known: bool) -> socket.socket:
+        """The socket.socket a child about to be forked serves, made from ``fd``.
+
+        One object, re-initialised for each child with a C call (the child
+        gets its own copy at the fork; the template detaches its copy after).
+        ``known``: ``fd`` is one end of a socketpair made here, so the kernel
+        need not be asked what it is.  Raises OSError if ``fd`` is no socket.
+        """
+        global _child_sock
+        sock = _child_sock
+        if sock is None:
+            sock = _child_sock = socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+            Sock.close(sock)
+        if known:
+            Sock.__init__(sock, _socket.AF_UNIX, _socket.SOCK_STREAM, 0, fd)
+        else:
+            Sock.__init__(sock, fileno=fd)
+        if sock.gettimeout() is not None:  # socket.setdefaulttimeout() in code run here
+            sock.setblocking(True)
+        return sock
 
     def fork(self, frame: P.Frame) -> None:
         """FORK (the caller made the socket) or SPAWN (fork one ahead, connected)."""
@@ -510,19 +558,15 @@ class Server:
         except OSError as e:  # out of descriptors: say so, and go on serving
             tpl.report(P.failed_report(seq, f"no socketpair: {e}"))
             return
+        sock = self._child_socket(theirs.detach(), True)
         try:
-            pid = self._fork()
+            pid = self._fork(sock, mine)
         except OSError as e:
             mine.close()
-            theirs.close()
+            Sock.close(sock)
             tpl.report(P.failed_report(seq, f"fork failed: {e}"))
             return
-        if pid == 0:
-            mine.close()
-            self.decoder = _warm_decoder(self.namespace)
-            self.sock = theirs
-            return
-        theirs.close()
+        Sock.close(sock)
         tpl.seq_of[pid] = seq
         tpl.pid_of[seq] = pid
         tpl.report(P.spare_report(seq, pid), mine.detach())
@@ -532,15 +576,18 @@ class Server:
         tpl = self.template
         assert tpl is not None
         try:
-            pid = self._fork()
+            sock = self._child_socket(child_fd, False)
         except OSError as e:
             os.close(child_fd)
+            tpl.report(P.failed_report(seq, f"fork failed: not a socket: {e}"))
+            return
+        try:
+            pid = self._fork(sock)
+        except OSError as e:
+            Sock.close(sock)
             tpl.report(P.failed_report(seq, f"fork failed: {e}"))
             return
-        if pid == 0:
-            self._start(child_fd)
-            return
-        os.close(child_fd)
+        Sock.close(sock)
         tpl.seq_of[pid] = seq
         tpl.pid_of[seq] = pid
         tpl.report(P.pid_report(seq, pid))
@@ -553,7 +600,7 @@ class Server:
         loop is one flat function over C calls.  It takes only FORK and SPAWN
         frames of exactly the expected shape.  Anything else (another command, garbage,
         a short read) is fed to the decoder and left to the generic path,
-        which owns the errors.  Returns then, or in a forked child.
+        which owns the errors.  Returns then; a forked child never returns.
 
         Pending commands go before reaping: they are on the caller's critical
         path, an exit report is read lazily.  Reaping still happens at least
@@ -625,20 +672,24 @@ class Server:
                 self._fork_for(seq, fds[0])
             else:
                 self._spawn(seq)
-            if self.template is None:
-                return  # the child of a fork
 
     # --- run -----------------------------------------------------------------
 
-    def run(self, name: str) -> NoReturn:
+    def run(self, name: str, sock: socket.socket | None = None) -> NoReturn:
+        """Call the function ``name`` with the socket and the arguments; exit.
+
+        ``sock``: the socket.socket a forked child's template made ready;
+        otherwise the command socket is wrapped in one here.
+        """
         if self.template is not None:
             # Our children are the function's now: stop reaping and reporting.
             # The caller sees EOF on the report channel.
             self.template.close()
             self.template = None
         func = resolve(name, self.namespace)
-        sock = socket.socket(fileno=self.sock.detach())
-        sock.setblocking(True)
+        if sock is None:
+            sock = socket.socket(fileno=self.sock.detach())
+            sock.setblocking(True)
         _fresh_signals(self.inherited_signals)
         try:
             func(sock, *self.items)
@@ -716,7 +767,7 @@ def _exit(code: int, run_atexit: bool = True, sock: Sock | None = None) -> NoRet
         # The kernel closes descriptors only after tearing down the address
         # space; closing ours first lets the caller see EOF that much sooner.
         try:
-            sock.close()
+            Sock.close(sock)  # the C close: socket.socket's is Python code
         except OSError:
             pass
     os._exit(code & 0xFF)
