@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from ._process import Process, _Reports
 
-_SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0) | getattr(socket, "MSG_DONTWAIT", 0)
+_SEND_FLAGS = int(getattr(socket, "MSG_NOSIGNAL", 0)) | int(getattr(socket, "MSG_DONTWAIT", 0))
 
 
 async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:

@@ -55,12 +55,14 @@ if TYPE_CHECKING:
 
     from typing_extensions import Self
 
-_SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
-_RECV_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
-_CTRUNC = getattr(socket, "MSG_CTRUNC", 8)
+# Plain ints: socket's constants are IntFlag members, and "|" on those is
+# Python code in enum.py, several calls on every command sent.
+_SEND_FLAGS = int(getattr(socket, "MSG_NOSIGNAL", 0))
+_RECV_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_CTRUNC = int(getattr(socket, "MSG_CTRUNC", 8))
 _ANC_SPACE = socket.CMSG_SPACE(4 * 4)  # reports carry one descriptor; leave room to see extras
 _POLLIN, _POLLOUT = 1, 4  # POSIX values; select isn't imported unless needed
-_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+_DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
 _TOKEN = object()
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 

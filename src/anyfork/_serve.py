@@ -104,6 +104,11 @@ def _recv(sock: Sock, n: int) -> tuple[bytes, list[int]]:
     data, anc, flags, _ = sock.recvmsg(n, _ANC_SPACE, _RECV_FLAGS)
     if not anc and not flags & _CTRUNC:
         return data, _NO_FDS
+    return data, _fds_of(anc, flags)
+
+
+def _fds_of(anc: list[tuple[int, int, bytes]], flags: int) -> list[int]:
+    """The descriptors that came with a message (raises if some were lost)."""
     fds = P.unpack_fds(anc, _SOL_SOCKET, _SCM_RIGHTS)
     if not _RECV_FLAGS:
         for fd in fds:
@@ -111,7 +116,7 @@ def _recv(sock: Sock, n: int) -> tuple[bytes, list[int]]:
     if flags & _CTRUNC:
         P.close_fds(fds)
         raise _CorruptError("descriptors lost in transit (MSG_CTRUNC: out of descriptors?)")
-    return data, fds
+    return fds
 
 
 def _wrap_fd(fd: int) -> object:
@@ -266,22 +271,7 @@ class _Template:
         self.backlog = []
 
     def reap(self) -> None:
-        try:
-            while os.read(self.wake_r, 256):
-                pass
-        except OSError:
-            pass
-        for pid, status in self._collect():
-            seq = self.seq_of.pop(pid, 0)
-            if seq:
-                del self.pid_of[seq]
-                if status is None:  # code run here reaped it (os.wait, a child watcher)
-                    self.report(P.lost_report(seq, pid))
-                else:
-                    self.report(P.exit_report(seq, os.waitstatus_to_exitcode(status)))
-
-    def _collect(self) -> list[tuple[int, int | None]]:
-        """Reap those of our children that exited: (pid, wait status or None).
+        """Reap those of our children that exited and report their statuses.
 
         Code eval'd in a template may run children of its own (subprocess);
         waitpid(-1) would steal their statuses.  So peek at the first zombie
@@ -289,32 +279,52 @@ class _Template:
         first in line, or none of ours was waiting (a SIGCHLD still came: one
         of ours may have been reaped behind our back, by os.wait() or a child
         watcher in code run here), or there is no waitid, ask ours one by one;
-        one that is no longer our child comes back with status None.
+        one that is no longer our child is reported LOST.
+
+        The statuses go out in one send: this runs between forks, where every
+        object touched costs a copy-on-write fault.
         """
-        ours = set(self.seq_of)
-        done: list[tuple[int, int | None]] = []
-        waitid = getattr(os, "waitid", None)
-        while ours and waitid is not None:
+        try:
+            os.read(self.wake_r, 4096)  # more left: the loop wakes once more
+        except OSError:
+            pass
+        seq_of = self.seq_of
+        reports = []
+        while seq_of and _waitid is not None:
             try:
-                info = waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                info = _waitid(os.P_ALL, 0, _PEEK)
             except ChildProcessError:
-                info = None  # no children at all: ours, if any, were taken
-            if info is None or info.si_pid not in ours:
-                if done:
-                    return done  # reaped what was waiting: the usual case
+                break  # no children at all: ours, if any, were taken
+            if info is None:
                 break
-            _, status = os.waitpid(info.si_pid, 0)  # a zombie: does not block
-            done.append((info.si_pid, status))
-            ours.discard(info.si_pid)
-        for pid in ours:
-            try:
-                got, wstatus = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done.append((pid, None))  # reaped behind our back
-                continue
-            if got:
-                done.append((pid, wstatus))
-        return done
+            seq = seq_of.pop(info.si_pid, 0)
+            if not seq:
+                break  # someone else's is first in line
+            reports.append(self._reaped(info.si_pid, seq, 0))
+        if not reports:
+            for pid in list(seq_of):
+                reports.append(self._reaped(pid, seq_of[pid], os.WNOHANG))
+        data = reports[0] if len(reports) == 1 else b"".join(reports)
+        if data:
+            self.report(data)
+
+    def _reaped(self, pid: int, seq: int, options: int) -> bytes:
+        """Collect ``pid``'s status; the report to send (b"" if it is still running)."""
+        try:
+            got, status = os.waitpid(pid, options)
+        except ChildProcessError:
+            report = P.lost_report(seq, pid)  # reaped behind our back
+        else:
+            if not got:
+                return b""
+            report = P.exit_report(seq, os.waitstatus_to_exitcode(status))
+        self.seq_of.pop(pid, None)
+        del self.pid_of[seq]
+        return report
+
+
+_waitid = getattr(os, "waitid", None)
+_PEEK = getattr(os, "WEXITED", 4) | getattr(os, "WNOHANG", 1) | getattr(os, "WNOWAIT", 0x1000000)
 
 
 def _on_sigchld(signum: int, frame: object) -> None:
@@ -610,6 +620,7 @@ class Server:
         assert tpl is not None
         sock = self.sock
         sock_fd = sock.fileno()
+        recvmsg = sock.recvmsg
         wake_r = tpl.wake_r
         feed = self.decoder.feed
         poller = tpl.poller
@@ -649,7 +660,8 @@ class Server:
             if not readable:
                 continue
             tpl.unreaped_commands += 1
-            data, fds = _recv(sock, hsize)
+            data, anc, flags, _ = recvmsg(hsize, _ANC_SPACE, _RECV_FLAGS)
+            fds = _fds_of(anc, flags) if anc or flags & _CTRUNC else _NO_FDS
             if len(data) != hsize or (data[1] != fork_kind and data[1] != spawn_kind):
                 feed(data, fds)
                 return
@@ -658,7 +670,8 @@ class Server:
             if ver != version or nfds != want_fds or len(fds) != want_fds or length != fork_size:
                 feed(data, fds)
                 return
-            payload, more = _recv(sock, length)
+            payload, anc, flags, _ = recvmsg(length, _ANC_SPACE, _RECV_FLAGS)
+            more = _fds_of(anc, flags) if anc or flags & _CTRUNC else _NO_FDS
             if len(payload) != length or more:
                 feed(data, fds)
                 feed(payload, more)
