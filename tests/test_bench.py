@@ -52,7 +52,8 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
 
 # The rows a --quick run must produce (its sizes are 0 and 200 MB).
 QUICK_ROWS = {
-    "fork@0", "new@0", "fork@200", "new@200", "tplfork", "new_exec", "mp_fork", "mp_forkserver", "mp_spawn",
+    "fork@0", "new@0", "floor", "fork@200", "new@200",
+    "tplfork", "new_exec", "mp_fork", "mp_forkserver", "mp_spawn",
     "ttfr_pool_cold", "ttfr_anyfork_cold", "ttfr_pool_warm", "ttfr_anyfork_warm",
     "conc_anyfork", "conc_mp_forkserver",
     *(f"mem_{kind}_{how}" for kind in ("uss", "pss")
@@ -105,6 +106,10 @@ def test_json_has_every_figure_the_report_shows(quick: QuickRun) -> None:
         else:
             assert target["value"] > 0
             assert isinstance(target["met"], bool)
+    # The 2x target is shown beside what the floor row (a minimal template) reaches.
+    first = result["targets"][0]
+    assert first["floor"] > 0
+    assert f"(the floor row: {first['floor']:.2f}x)" in quick.stdout
 
 
 def test_importing_the_command_line_does_nothing() -> None:

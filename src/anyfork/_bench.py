@@ -131,6 +131,49 @@ def _mp_start(ctx: Any) -> None:
         raise RuntimeError(f"multiprocessing child exited with {proc.exitcode}")
 
 
+# The floor row: the least a Python template can be.  It receives a socket,
+# forks, and the child exits; SIGCHLD is ignored, so the kernel reaps.  No
+# reports, no statuses, no function: what anyfork.new() adds is the difference.
+_FLOOR_CODE = """\
+import os, signal, socket
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+ctl = socket.socket(fileno=3)
+while True:
+    msg, fds, _, _ = socket.recv_fds(ctl, 1, 1)
+    if not msg:
+        os._exit(0)
+    if os.fork() == 0:
+        os._exit(0)
+    for fd in fds:
+        os.close(fd)
+"""
+
+
+class _Floor:
+    """A minimal template (``python -S``, started like anyfork's), for the floor row."""
+
+    def __init__(self) -> None:
+        self.ctl, theirs = socket.socketpair()
+        try:
+            self.pid = os.posix_spawn(sys.executable, [sys.executable, "-S", "-c", _FLOOR_CODE],
+                                      dict(os.environ),
+                                      file_actions=[(os.POSIX_SPAWN_DUP2, theirs.fileno(), 3)])
+        finally:
+            theirs.close()
+
+    def __call__(self) -> None:
+        mine, theirs = socket.socketpair()
+        try:
+            socket.send_fds(self.ctl, [b"x"], [theirs.fileno()])
+        finally:
+            theirs.close()
+        _expect_eof(mine)
+
+    def close(self) -> None:
+        self.ctl.close()
+        os.waitpid(self.pid, 0)
+
+
 def _rate(fn: Callable[[], None], seconds: float, min_count: int) -> float:
     n = 0
     t0 = time.perf_counter()
@@ -183,7 +226,15 @@ def _job_size(job: _Job) -> None:
     size = int(job.params["size_mb"])
     ballast = _ballast(size)
     job.extra["rss_mb"] = _rss_mb()
-    job.rates({f"fork@{size}": _manual_fork, f"new@{size}": _anyfork_new})
+    fns = {f"fork@{size}": _manual_fork, f"new@{size}": _anyfork_new}
+    floor = _Floor() if job.params.get("floor") else None
+    if floor is not None:
+        fns["floor"] = floor
+    try:
+        job.rates(fns)
+    finally:
+        if floor is not None:
+            floor.close()
     del ballast
 
 
@@ -569,6 +620,8 @@ def _rows(cfg: Config, sizes: Sequence[int]) -> list[_Row]:
     for s in sizes:
         rows.append(rate(f"fork@{s}", "manual socketpair + os.fork()", f"fork@{s}"))
         rows.append(rate(f"new@{s}", "anyfork.new().run()", f"fork@{s}"))
+        if s == sizes[0]:
+            rows.append(rate("floor", "floor: a 20-line template, no reports (not a library)", f"fork@{s}"))
     rows += [
         rate("tplfork", f"tpl.fork().run(), tpl required {', '.join(TEMPLATE_MODULES)}"),
         rate("new_exec", "anyfork.new_exec().run()"),
@@ -618,7 +671,8 @@ def _plan(cfg: Config) -> _Plan:
     jobs: list[tuple[str, dict[str, Any]]] = []
     for s in sizes:
         what = "as started" if s == 0 else f"{s} MB"
-        jobs.append((f"manual fork and anyfork.new(), caller {what}", {"job": "size", "size_mb": s}))
+        jobs.append((f"manual fork and anyfork.new(), caller {what}",
+                     {"job": "size", "size_mb": s, "floor": s == sizes[0]}))
     jobs.append(("tpl.fork() and new_exec()", {"job": "anyfork"}))
     jobs.append(("multiprocessing fork, forkserver, spawn", {"job": "mp"}))
     jobs.append((f"{cfg.concurrency} at once", {"job": "concurrent"}))
@@ -679,6 +733,7 @@ def _targets(fig: dict[str, float], sizes: Sequence[int]) -> list[dict[str, Any]
     where = "as started" if small == 0 else f"of {small} MB"
     target(f"anyfork.new() >= 2x manual fork, caller {where}",
            ratio(f"new@{small}", f"fork@{small}"), 2.0, "not measured")
+    out[-1]["floor"] = ratio("floor", f"fork@{small}")
     target(f"anyfork.new() >= 50x manual fork, caller {big} MB",
            ratio(f"new@{big}", f"fork@{big}"), 50.0, f"not measured: --sizes has no {big}, or it was skipped")
     target("anyfork.new() >= 6x multiprocessing forkserver",
@@ -834,7 +889,9 @@ def report(result: dict[str, Any]) -> str:
         if t["met"] is None:
             out.append(f"  n/a     {t['target']}: {t['note']}")
         else:
-            out.append(f"  {'met   ' if t['met'] else 'MISSED'}  {t['target']}: {t['value']:.2f}x")
+            floor = t.get("floor")
+            beside = f" (the floor row: {floor:.2f}x)" if floor else ""
+            out.append(f"  {'met   ' if t['met'] else 'MISSED'}  {t['target']}: {t['value']:.2f}x{beside}")
     for n in result["notes"]:
         out.append(f"note: {n}")
     for f in result["failed"]:
