@@ -265,10 +265,11 @@ class _Template:
         os.close(self.wake_r)
         os.close(self.wake_w)
         self.reports.close()
-        for _, fd in self.backlog:
-            if fd >= 0:
-                os.close(fd)  # the caller's end of a process forked ahead: keep no copy
-        self.backlog = []
+        if self.backlog:
+            for _, fd in self.backlog:
+                if fd >= 0:
+                    os.close(fd)  # the caller's end of a process forked ahead: keep no copy
+            self.backlog = []
 
     def reap(self) -> None:
         """Reap those of our children that exited and report their statuses.
@@ -396,9 +397,10 @@ class Server:
         reads the one frame with two calls and hands ``run`` the socket.socket
         the template made.  Any other command goes to the decoder, as read.
         """
-        data, fds = _recv(sock, _HSIZE)
+        data, anc, flags, _ = sock.recvmsg(_HSIZE, _ANC_SPACE, _RECV_FLAGS)
+        fds = _fds_of(anc, flags) if anc or flags & _CTRUNC else _NO_FDS
         if not fds and len(data) == _HSIZE and data.startswith(_RUN_PREFIX):
-            length = P.HEADER.unpack(data)[3]
+            length = int.from_bytes(data[4:], "little")
             if length <= _FIRST_RUN_MAX:
                 payload = b""
                 while len(payload) < length:
@@ -496,13 +498,13 @@ class Server:
         gc.freeze()  # keep the child's collections off the shared pages
         pid = os.fork()
         if pid == 0:
-            tpl = self.template
-            if tpl is not None:
-                self.template = None
-                tpl.close()
-            self.sock.close()
             if mine is not None:
                 mine.close()
+            tpl = self.template
+            self.template = None
+            if tpl is not None:
+                tpl.close()
+            self.sock.close()
             atexit._clear()  # the parent's handlers are not ours to run
             self.sock = sock
             self.serve(sock)
