@@ -553,3 +553,11 @@ def test_a_template_that_is_run_hands_its_children_to_the_function() -> None:
     with pytest.raises(anyfork.ProcessStateError):
         child.kill()
     assert t.wait(5) == 0
+
+
+def test_every_lookup_a_template_makes_for_its_children_exists() -> None:
+    """The template makes its children's attribute lookups ahead (getattr
+    with a default, so a misspelt or renamed one would pass silently)."""
+    for obj, names in _serve._CHILD_LOOKUPS:
+        for name in names:
+            assert hasattr(obj, name), (obj, name)
