@@ -341,6 +341,24 @@ def test_stdout_is_the_callers_and_flushed_at_exit(
     assert capfd.readouterr().out == "unflushed text from the child"
 
 
+@pytest.mark.parametrize("how", ["eval", "require"])
+def test_output_a_template_buffered_is_written_once_not_by_each_child(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, how: str
+) -> None:
+    """A template flushes stdio before forking once code of the user's ran in it."""
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # block-buffered: the flush matters
+    name = f"writes_at_import_{uuid.uuid4().hex}"
+    (tmp_path / f"{name}.py").write_text("import sys\nsys.stdout.write('from the template')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tpl = anyfork.new_exec()
+    tpl = tpl.eval(f"import {name}") if how == "eval" else tpl.require(name)
+    for _ in range(3):
+        assert finish(tpl.fork(), "builtins:id") == 0
+    tpl.close()
+    assert tpl.wait(5) == 0
+    assert capfd.readouterr().out.count("from the template") == 1
+
+
 # --- malformed command streams ----------------------------------------------------------------
 
 

@@ -358,7 +358,7 @@ def _on_sigchld(signum: int, frame: object) -> None:
 class Server:
     """One process's serve loop.  ``serve()`` never returns."""
 
-    __slots__ = ("decoder", "inherited_signals", "items", "namespace", "sock", "template")
+    __slots__ = ("decoder", "inherited_signals", "items", "namespace", "sock", "template", "user_code")
 
     def __init__(self, sock: Sock) -> None:
         self.sock = sock
@@ -370,6 +370,10 @@ class Server:
         # carries that program's signal handlers and mask, which run() must
         # reset in full.  Exec'd templates start with default dispositions.
         self.inherited_signals = False
+        # Code not anyfork's may have run here (eval, require, .pth hooks, a
+        # program that forked itself): stdio may hold output to flush before
+        # each fork.  Only main() knows better, and says so.
+        self.user_code = True
 
     # --- reading -------------------------------------------------------------
 
@@ -470,7 +474,13 @@ class Server:
             self.items.extend(P.decode_items(frame.payload))
         elif kind == P.PATH:
             sys.path[:] = P.decode_strs(frame.payload)
-        elif kind == P.SITE:
+        elif kind in (P.SITE, P.REQUIRE, P.EVAL):
+            self.user_code = True
+            self._run_code(kind, frame)
+
+    def _run_code(self, kind: int, frame: P.Frame) -> None:
+        """SITE, REQUIRE or EVAL: the commands that run code not anyfork's."""
+        if kind == P.SITE:
             # Directories the caller gave to site.addsitedir: run their .pth
             # files here too (import hooks), keeping sys.path as PATH set it.
             import site
@@ -512,12 +522,13 @@ class Server:
         copy-on-write fault (a few microseconds), so the child's first steps
         are kept to a few C calls.
         """
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                if stream is not None:
-                    stream.flush()
-            except Exception:
-                pass
+        if self.user_code:  # else nothing here ever wrote to them
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    if stream is not None:
+                        stream.flush()
+                except Exception:
+                    pass
         gc.freeze()  # keep the child's collections off the shared pages
         pid = os.fork()
         if pid == 0:
@@ -874,7 +885,9 @@ def main(fd: int) -> NoReturn:
     stub = sys.modules.get("anyfork")
     if stub is not None and getattr(stub, "__anyfork_stub__", False):
         del sys.modules["anyfork"]
-    Server(Sock(fileno=fd)).serve()
+    server = Server(Sock(fileno=fd))
+    server.user_code = False  # only the bootstrap and anyfork's modules have run
+    server.serve()
 
 
 def _max_fd() -> int:
