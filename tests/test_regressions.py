@@ -1013,3 +1013,216 @@ print(json.dumps({"before": before, "after": pidfds()}))
 def test_run_async_process_reaped_after_its_loop_closed_leaves_no_pidfd() -> None:
     facts = run_caller(_PIDFD_AFTER_LOOP_CLOSED, timeout=30)
     assert facts["after"] == facts["before"], f"pidfds left open: {facts}"
+
+
+# --- the third review (of the first-command path and the template-made socket) -----------------
+
+
+# Defect r3-site-stdout: a template started with site skipped its stdio flush, and every child
+# wrote again what sitecustomize had left in the template's stdout buffer.
+def test_output_site_left_in_a_template_is_written_once(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.stdout.write('from sitecustomize')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # block-buffered: only a flush gets it out
+    monkeypatch.setattr(anyfork._exec, "site_plan", lambda path: (True, []))  # start it with site
+    tpl = anyfork.new_exec()
+    for _ in range(3):
+        child = tpl.fork()
+        child.run("builtins:id").close()
+        assert child.wait(5) == 0
+    tpl.close()
+    assert tpl.wait(5) == 0
+    assert capfd.readouterr().out.count("from sitecustomize") == 1
+
+
+# Defect r3-patched-socket: a template whose code replaced socket.socket (gevent, eventlet) died on
+# its next fork; before the first fork, its children were still given the original class.
+_GREEN = """
+import socket, _socket
+class GreenSocket:  # like gevent's: wraps a real socket, is not one
+    def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
+        self._sock = _socket.socket(family, type, proto, fileno)
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+    def close(self):
+        self._sock.close()
+socket.socket = GreenSocket
+"""
+
+
+@pytest.mark.parametrize("forked_before", [False, True], ids=["patched-first", "patched-later"])
+def test_a_template_that_patches_socket_gives_children_the_patched_class(forked_before: bool) -> None:
+    tpl = anyfork.new_exec().eval("def kind(sock):\n    sock.sendall(type(sock).__name__.encode())\n")
+    if forked_before:
+        first = tpl.fork()
+        with first.run("kind") as sock:
+            assert read_exactly(sock, 6) == b"socket"
+        assert first.wait(5) == 0
+    tpl.eval(_GREEN)
+    for _ in range(2):
+        child = tpl.fork()
+        with child.run("kind") as sock:
+            assert read_exactly(sock, 11) == b"GreenSocket"
+        assert child.wait(5) == 0
+    tpl.close()
+    assert tpl.wait(5) == 0
+
+
+def read_exactly(sock: socket.socket, n: int) -> bytes:
+    sock.settimeout(10)
+    data = b""
+    while len(data) < n and (more := sock.recv(n - len(data))):
+        data += more
+    return data
+
+
+# Defect r3-closed-flag: a worker that closed its socket and then became a template with
+# fork_template() handed its children that very object, flagged closed: closing a makefile()
+# object then closed their socket.
+_CLOSED_FLAG = """
+def grandchild(sock):
+    f = sock.makefile("rb")
+    f.close()  # must leave the socket open
+    sock.sendall(b"still open")
+
+def worker(sock):
+    sock.close()
+    import anyfork
+    sub = anyfork.fork_template()
+    p = sub.fork()
+    s = p.run("grandchild")
+    s.settimeout(5)
+    got = b"".join(iter(lambda: s.recv(100), b""))
+    status = p.wait(5)
+    sub.close()
+    with open(RESULT, "w") as f:
+        f.write(repr((got, status)))
+"""
+
+
+def test_a_worker_that_becomes_a_template_gives_its_children_open_sockets(tmp_path: Path) -> None:
+    result = tmp_path / "result"
+    tpl = anyfork.new_exec().eval(_CLOSED_FLAG).eval(f"RESULT = {str(result)!r}")
+    worker = tpl.fork()  # forked: its first command is RUN, so it gets the template-made socket
+    worker.run("worker").close()
+    assert worker.wait(15) == 0
+    assert result.read_text() == repr((b"still open", 0))
+    tpl.close()
+    assert tpl.wait(5) == 0
+
+
+# Defect r3-stack: each generation of forks (a child forked from a child ...) nested another serve
+# loop, until one hit RecursionError around the 190th generation.
+def test_a_long_chain_of_forks_keeps_a_flat_stack() -> None:
+    p = anyfork.new_exec().eval(
+        "import inspect\n"
+        "def depth(sock):\n"
+        "    sock.sendall(b'%d' % len(inspect.stack(0)))\n"
+    )
+    chain = [p]
+    for _ in range(250):
+        chain.append(chain[-1].fork())
+    with chain[-1].run("depth") as sock:
+        depth = int(read_exactly(sock, 3) or b"0")
+    assert 0 < depth < 20
+    assert chain[-1].wait(10) == 0
+    for q in reversed(chain[:-1]):  # each one's template reports its status, so it goes last
+        q.close()
+        assert q.wait(10) == 0
+
+
+# Defect r3-emfile-first-fork: making the template's socket object opened a descriptor, so a
+# template one descriptor short failed its first fork (or died of it, forking ahead).
+_SHORT_TEMPLATE = """
+import resource, os
+def short_of_descriptors():
+    fds = []
+    try:
+        while True:
+            fds.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+    for fd in fds[-4:]:
+        os.close(fd)  # what the first fork needs: the 2 descriptors it brings, a 2-ended wake pipe
+    return fds[:-4]
+HOG = short_of_descriptors()
+"""
+
+
+def test_a_template_one_descriptor_short_still_forks() -> None:
+    tpl = anyfork.new_exec().eval("import resource\nresource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n")
+    tpl.eval(_SHORT_TEMPLATE)
+    child = tpl.fork()
+    child.run("builtins:id").close()
+    assert child.wait(5) == 0
+    tpl.close()
+    assert tpl.wait(5) == 0
+
+
+# Defect r3-fds-on-run: descriptors sent with a first RUN's payload were dropped and the function
+# ran; the stream is malformed (RUN takes none) and must be refused.
+def test_descriptors_with_a_first_run_payload_are_a_corrupted_stream() -> None:
+    tpl = anyfork.new_exec()
+    p = tpl.fork()
+    sock = p._sock
+    assert sock is not None
+    r, w = os.pipe()
+    try:
+        name = b"builtins:id"
+        sock.sendall(wire.HEADER.pack(wire.VERSION, wire.RUN, 0, len(name)))
+        time.sleep(0.2)  # the header alone first: the payload is a read of its own
+        sock.sendmsg([name], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", w))])
+    finally:
+        os.close(r)
+        os.close(w)
+    assert p.wait(5) == 2
+    p.close()
+    tpl.close()
+    assert tpl.wait(5) == 0
+
+
+# Defect r3-caller-timeout: under socket.setdefaulttimeout() in the caller, the sockets it handed
+# to processes were O_NONBLOCK, and a forked child died at its first read that had to wait.
+def test_a_callers_default_timeout_does_not_reach_its_processes() -> None:
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(0.5)
+    try:
+        tpl = anyfork.new_exec().require("helpers")
+        time.sleep(0.3)
+        child = tpl.fork()
+        time.sleep(0.8)  # longer than the timeout: the child waits for RUN all along
+        with child.run("helpers:echo") as sock:
+            sock.sendall(b"ping")
+            sock.shutdown(socket.SHUT_WR)
+            assert read_exactly(sock, 4) == b"ping"
+        assert child.wait(5) == 0
+        tpl.close()
+        assert tpl.wait(5) == 0
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+# Defect r3-reap-foreign (there before the change): a zombie of the template's own code first in
+# line stopped reaping, and the statuses of children behind it were never reported.
+def test_statuses_behind_a_zombie_of_the_templates_own_code_are_reported() -> None:
+    tpl = anyfork.new_exec().eval("def wait_eof(sock):\n    while sock.recv(4096):\n        pass\n")
+    a = tpl.fork()
+    sa = a.run("wait_eof")
+    tpl.eval("import subprocess\nhelper = subprocess.Popen(['true'])")  # not waited for: a zombie
+    b = tpl.fork()
+    sb = b.run("wait_eof")
+    time.sleep(0.5)  # the helper has exited
+    os.kill(tpl.pid, signal.SIGSTOP)  # let both workers exit before the template looks
+    try:
+        sa.close()
+        sb.close()
+        time.sleep(0.5)
+    finally:
+        os.kill(tpl.pid, signal.SIGCONT)
+    assert a.wait(5) == 0
+    assert b.wait(5) == 0
+    tpl.eval("helper.wait()")
+    tpl.close()
+    assert tpl.wait(5) == 0

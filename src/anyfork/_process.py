@@ -930,6 +930,7 @@ class Process:
             mine, theirs = socket.socketpair()
         except OSError as e:
             raise Error(f"fork(): no socketpair for the new process: {e}") from e
+        theirs.setblocking(True)  # under socket.setdefaulttimeout() it would go O_NONBLOCK
         fds = [theirs.detach()]
         try:
             reports, new_reports = self._report_channel(fds)
@@ -980,6 +981,10 @@ class Process:
             rmine, rtheirs = socket.socketpair()
         except OSError as e:
             raise Error(f"no socketpair for the report channel: {e}") from e
+        # Both ends plain, whatever socket.setdefaulttimeout() says: reads here
+        # are non-blocking by flag, and a timeout would make them wait first.
+        rmine.setblocking(True)
+        rtheirs.setblocking(True)
         fds.append(rtheirs.detach())
         reports = self._reports = _Reports(rmine)
         return reports, True
@@ -1296,6 +1301,7 @@ def new_exec() -> Process:
         mine, theirs = socket.socketpair()
     except OSError as e:
         raise Error(f"new_exec(): no socketpair for the new process: {e}") from e
+    theirs.setblocking(True)  # under socket.setdefaulttimeout() it would go O_NONBLOCK
     try:
         pid = _exec.spawn(theirs.fileno(), sys.path)
     except BaseException:

@@ -96,8 +96,12 @@ _FIRST_RUN_MAX = 4096
 # The socket.socket a forked child's function gets, made ready by its template
 # before the fork (see Server._child_socket): making one costs a new process
 # some thirty copy-on-write faults, re-initialising this one costs the
-# template a C call.  None until the process first forks.
+# template a C call.  None until the process first forks, and in a child.
 _child_sock: socket.socket | None = None
+# The class that object is.  Once code run here has replaced socket.socket
+# (gevent, eventlet), children make their function's socket themselves, of
+# whatever class socket.socket is then, as run() always did.
+_SOCKET_CLASS = socket.socket
 
 
 def _recv(sock: Sock, n: int) -> tuple[bytes, list[int]]:
@@ -105,6 +109,14 @@ def _recv(sock: Sock, n: int) -> tuple[bytes, list[int]]:
     if not anc and not flags & _CTRUNC:
         return data, _NO_FDS
     return data, _fds_of(anc, flags)
+
+
+def _blocking(sock: Sock) -> Sock:
+    """``sock``, blocking: socket.setdefaulttimeout() in code run here would
+    have given a new socket object a timeout (and its descriptor O_NONBLOCK)."""
+    if sock.gettimeout() is not None:
+        sock.setblocking(True)
+    return sock
 
 
 def _fds_of(anc: list[tuple[int, int, bytes]], flags: int) -> list[int]:
@@ -291,18 +303,21 @@ class _Template:
             pass
         seq_of = self.seq_of
         reports = []
-        while seq_of and _waitid is not None:
+        waitid = _waitid
+        blocked = waitid is None
+        while seq_of and waitid is not None:
             try:
-                info = _waitid(os.P_ALL, 0, _PEEK)
+                info = waitid(os.P_ALL, 0, _PEEK)
             except ChildProcessError:
                 break  # no children at all: ours, if any, were taken
             if info is None:
                 break
             seq = seq_of.pop(info.si_pid, 0)
             if not seq:
-                break  # someone else's is first in line
+                blocked = True  # someone else's is first in line: ours may wait behind it
+                break
             reports.append(self._reaped(info.si_pid, seq, 0))
-        if not reports:
+        if blocked or not reports:
             for pid in list(seq_of):
                 reports.append(self._reaped(pid, seq_of[pid], os.WNOHANG))
         data = reports[0] if len(reports) == 1 else b"".join(reports)
@@ -393,12 +408,9 @@ class Server:
 
     # --- the loop ------------------------------------------------------------
 
-    def serve(self, first: socket.socket | None = None) -> NoReturn:
-        """Serve commands until RUN or EOF.  ``first``: a forked child's socket,
-        whose first command is read without a decoder (see _first_command)."""
+    def serve(self) -> NoReturn:
+        """Serve commands until RUN or EOF."""
         try:
-            if first is not None:
-                self._first_command(first)
             while True:
                 if self.template is not None and self.decoder.idle():
                     self._template_loop()
@@ -415,7 +427,7 @@ class Server:
             sys.__excepthook__(*sys.exc_info())
             _fail(1, None, self.sock)
 
-    def _first_command(self, sock: socket.socket) -> None:
+    def _first_command(self, sock: Sock) -> None:
         """Read a forked child's first command; if it is RUN, run it now.
 
         A process forked ahead is most often asked for nothing but RUN.  The
@@ -424,6 +436,7 @@ class Server:
         reads the one frame with two calls and hands ``run`` the socket.socket
         the template made.  Any other command goes to the decoder, as read.
         """
+        ready = sock if type(sock) is _SOCKET_CLASS else None
         data, anc, flags, _ = sock.recvmsg(_HSIZE, _ANC_SPACE, _RECV_FLAGS)
         fds = _fds_of(anc, flags) if anc or flags & _CTRUNC else _NO_FDS
         if not fds and len(data) == _HSIZE and data.startswith(_RUN_PREFIX):
@@ -431,14 +444,18 @@ class Server:
             if length <= _FIRST_RUN_MAX:
                 payload = b""
                 while len(payload) < length:
-                    more = sock.recv(length - len(payload))
+                    more, anc, flags, _ = sock.recvmsg(length - len(payload), _ANC_SPACE, _RECV_FLAGS)
+                    if anc or flags & _CTRUNC:
+                        P.close_fds(_fds_of(anc, flags))
+                        raise _CorruptError("descriptors on a command that takes none")
                     if not more:
                         break
                     payload += more
                 if len(payload) == length:
-                    self.run(P.decode_text(payload), sock)
+                    self.run(P.decode_text(payload), ready)
                 data += payload
-        self.sock = Sock(fileno=Sock.detach(sock))
+        if ready is not None:
+            self.sock = _blocking(Sock(fileno=Sock.detach(sock)))
         self.decoder = P.Decoder(P.COMMANDS)
         self.decoder.feed(data, fds)
 
@@ -513,15 +530,8 @@ class Server:
 
     # --- forking -------------------------------------------------------------
 
-    def _fork(self, sock: socket.socket, mine: Sock | None = None) -> int:
-        """Fork a child to serve ``sock`` (and close ``mine``); return its pid.
-
-        In the child this never returns: it sheds the template role and
-        serves ``sock``.  Everything a freshly forked process runs writes to
-        pages it shares with its template, and each such page costs a
-        copy-on-write fault (a few microseconds), so the child's first steps
-        are kept to a few C calls.
-        """
+    def _fork(self) -> int:
+        """Fork, with stdio flushed and the heap frozen; ``os.fork()``'s result."""
         if self.user_code:  # else nothing here ever wrote to them
             for stream in (sys.stdout, sys.stderr):
                 try:
@@ -530,40 +540,53 @@ class Server:
                 except Exception:
                     pass
         gc.freeze()  # keep the child's collections off the shared pages
-        pid = os.fork()
-        if pid == 0:
-            if mine is not None:
-                mine.close()
-            tpl = self.template
-            self.template = None
-            if tpl is not None:
-                tpl.close()
-            self.sock.close()
-            atexit._clear()  # the parent's handlers are not ours to run
-            self.sock = sock
-            self.serve(sock)
-        return pid
+        return os.fork()
 
-    def _child_socket(self, fd: int, known: bool) -> socket.socket:
-        """The socket.socket a child about to be forked serves, made from ``fd``.
+    def _child(self, sock: Sock, mine: Sock | None) -> None:
+        """In a child just forked: shed the template role, serve ``sock``.
 
-        One object, re-initialised for each child with a C call (the child
-        gets its own copy at the fork; the template detaches its copy after).
-        ``known``: ``fd`` is one end of a socketpair made here, so the kernel
-        need not be asked what it is.  Raises OSError if ``fd`` is no socket.
+        Runs its first command straight from here when it is RUN (the process
+        then exits: nothing of the template's stack is unwound, or freed).
+        Returns when there is more to it; the caller unwinds to the serve
+        loop, so that a child forking in turn nests nothing.  Everything a
+        freshly forked process runs writes to pages it shares with its
+        template, and each such page costs a copy-on-write fault (a few
+        microseconds): the steps here are a few C calls.
         """
         global _child_sock
-        sock = _child_sock
-        if sock is None:
-            sock = _child_sock = socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-            Sock.close(sock)
-        if known:
-            Sock.__init__(sock, _socket.AF_UNIX, _socket.SOCK_STREAM, 0, fd)
+        _child_sock = None  # this process's own socket now: not to be re-initialised
+        if mine is not None:
+            mine.close()
+        tpl = self.template
+        self.template = None
+        if tpl is not None:
+            tpl.close()
+        self.sock.close()
+        atexit._clear()  # the parent's handlers are not ours to run
+        self.sock = sock
+        self._first_command(sock)
+
+    def _child_socket(self, fd: int, known: bool) -> Sock:
+        """The socket a child about to be forked serves, made from ``fd``.
+
+        A socket.socket for its function, normally: one object, re-initialised
+        for each child with a C call (the child gets its own copy at the fork;
+        the template closes its copy after).  ``known``: ``fd`` is one end of
+        a socketpair made here, so the kernel need not be asked what it is.
+        Raises OSError if ``fd`` is no socket.
+        """
+        global _child_sock
+        family, kind, proto = (_socket.AF_UNIX, _socket.SOCK_STREAM, 0) if known else (-1, -1, -1)
+        if socket.socket is not _SOCKET_CLASS:
+            sock: Sock = Sock(family, kind, proto, fd)  # patched: see _SOCKET_CLASS
+        elif _child_sock is None:
+            sock = _child_sock = _SOCKET_CLASS(family, kind, proto, fd)
         else:
-            Sock.__init__(sock, fileno=fd)
-        if sock.gettimeout() is not None:  # socket.setdefaulttimeout() in code run here
-            sock.setblocking(True)
-        return sock
+            sock = _child_sock
+            Sock.__init__(sock, family, kind, proto, fd)
+        if not known:
+            sock.setblocking(True)  # a caller's default timeout left it O_NONBLOCK
+        return _blocking(sock)
 
     def fork(self, frame: P.Frame) -> None:
         """FORK (the caller made the socket) or SPAWN (fork one ahead, connected)."""
@@ -604,13 +627,21 @@ class Server:
         except OSError as e:  # out of descriptors: say so, and go on serving
             tpl.report(P.failed_report(seq, f"no socketpair: {e}"))
             return
-        sock = self._child_socket(theirs.detach(), True)
         try:
-            pid = self._fork(sock, mine)
+            sock = self._child_socket(theirs.detach(), True)
+        except OSError as e:
+            mine.close()
+            tpl.report(P.failed_report(seq, f"no socket for the new process: {e}"))
+            return
+        try:
+            pid = self._fork()
         except OSError as e:
             mine.close()
             Sock.close(sock)
             tpl.report(P.failed_report(seq, f"fork failed: {e}"))
+            return
+        if pid == 0:
+            self._child(sock, mine)
             return
         Sock.close(sock)
         tpl.seq_of[pid] = seq
@@ -628,10 +659,13 @@ class Server:
             tpl.report(P.failed_report(seq, f"fork failed: not a socket: {e}"))
             return
         try:
-            pid = self._fork(sock)
+            pid = self._fork()
         except OSError as e:
             Sock.close(sock)
             tpl.report(P.failed_report(seq, f"fork failed: {e}"))
+            return
+        if pid == 0:
+            self._child(sock, None)
             return
         Sock.close(sock)
         tpl.seq_of[pid] = seq
@@ -646,7 +680,7 @@ class Server:
         loop is one flat function over C calls.  It takes only FORK and SPAWN
         frames of exactly the expected shape.  Anything else (another command, garbage,
         a short read) is fed to the decoder and left to the generic path,
-        which owns the errors.  Returns then; a forked child never returns.
+        which owns the errors.  Returns then, or in a forked child.
 
         Pending commands go before reaping: they are on the caller's critical
         path, an exit report is read lazily.  Reaping still happens at least
@@ -722,6 +756,8 @@ class Server:
                 self._fork_for(seq, fds[0])
             else:
                 self._spawn(seq)
+            if self.template is None:
+                return  # the child of a fork
 
     # --- run -----------------------------------------------------------------
 
@@ -763,7 +799,7 @@ _CHILD_LOOKUPS: tuple[tuple[object, tuple[str, ...]], ...] = (
     (Sock, ("close", "detach", "recvmsg", "recv", "fileno")),
     (socket.socket, ("close", "detach", "recvmsg", "recv", "fileno", "gettimeout")),
     (_Template, ("close", "wake_r", "wake_w", "reports", "backlog")),
-    (Server, ("template", "sock", "serve", "_first_command", "run", "namespace", "items",
+    (Server, ("template", "sock", "_child", "_first_command", "run", "namespace", "items",
               "inherited_signals", "decoder")),
     (bytes, ("startswith", "decode")),
     (str, ("partition", "split")),
@@ -838,7 +874,10 @@ def _exit(code: int, run_atexit: bool = True, sock: Sock | None = None) -> NoRet
         # The kernel closes descriptors only after tearing down the address
         # space; closing ours first lets the caller see EOF that much sooner.
         try:
-            Sock.close(sock)  # the C close: socket.socket's is Python code
+            if isinstance(sock, Sock):
+                Sock.close(sock)  # the C close: socket.socket's is Python code
+            else:
+                sock.close()  # a patched socket class (gevent, eventlet)
         except OSError:
             pass
     os._exit(code & 0xFF)
@@ -870,6 +909,7 @@ def _fail(code: int, message: str | None, sock: Sock) -> NoReturn:
 def main(fd: int) -> NoReturn:
     """Entry point of an exec'd process: serve the command socket on ``fd``."""
     os.set_inheritable(fd, False)
+    os.set_blocking(fd, True)
     if os.environ.pop("ANYFORK_UNSET_BIND_NOW", "0") == "1":
         os.environ.pop("LD_BIND_NOW", None)  # set by _exec.spawn for this process only
     # Whatever else the exec let through is not ours: close it.
@@ -886,7 +926,17 @@ def main(fd: int) -> NoReturn:
     if stub is not None and getattr(stub, "__anyfork_stub__", False):
         del sys.modules["anyfork"]
     server = Server(Sock(fileno=fd))
-    server.user_code = False  # only the bootstrap and anyfork's modules have run
+    # Whatever ran before us (site, sitecustomize, a frozen program) may have
+    # left output in stdio's buffers: out with it now, once.  From here only
+    # anyfork's code runs, unless site or the program left threads or
+    # signal handlers behind: then flush before every fork as well.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
+    server.user_code = not sys.flags.no_site or bool(getattr(sys, "frozen", False))
     server.serve()
 
 
