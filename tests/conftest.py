@@ -82,10 +82,7 @@ def check_leaks(default_template: None) -> Iterator[None]:
     assert not zombies, f"zombie children left: {zombies}"
 
 
-@pytest.fixture(params=["new", "new_exec", "fork"])
-def make(request: pytest.FixtureRequest) -> Iterator[Callable[[], anyfork.Process]]:
-    """Each way of getting a process: from the default template, a fresh
-    interpreter, or a fork of a template of the test's own."""
+def _ways(request: pytest.FixtureRequest) -> Iterator[Callable[[], anyfork.Process]]:
     if request.param == "new":
         yield anyfork.new
     elif request.param == "new_exec":
@@ -106,3 +103,18 @@ def make(request: pytest.FixtureRequest) -> Iterator[Callable[[], anyfork.Proces
             template = templates.pop()
             template.close()
             assert template.wait(SETTLE) == 0
+
+
+@pytest.fixture(params=["new", "new_exec", "fork"])
+def make(request: pytest.FixtureRequest) -> Iterator[Callable[[], anyfork.Process]]:
+    """Each way of getting a process: from the default template, a fresh
+    interpreter, or a fork of a template of the test's own."""
+    yield from _ways(request)
+
+
+@pytest.fixture(params=["new", "fork"])
+def forked(request: pytest.FixtureRequest) -> Iterator[Callable[[], anyfork.Process]]:
+    """The ways of getting a process a template forks, whose first command is
+    read without the decoder when it is RUN.  (Raw frames skip the PATH
+    command a new_exec process needs before it can import the test's helpers.)"""
+    yield from _ways(request)

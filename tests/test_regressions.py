@@ -1135,25 +1135,14 @@ def test_a_long_chain_of_forks_keeps_a_flat_stack() -> None:
 
 # Defect r3-emfile-first-fork: making the template's socket object opened a descriptor, so a
 # template one descriptor short failed its first fork (or died of it, forking ahead).
-_SHORT_TEMPLATE = """
-import resource, os
-def short_of_descriptors():
-    fds = []
-    try:
-        while True:
-            fds.append(os.open(os.devnull, os.O_RDONLY))
-    except OSError:
-        pass
-    for fd in fds[-4:]:
-        os.close(fd)  # what the first fork needs: the 2 descriptors it brings, a 2-ended wake pipe
-    return fds[:-4]
-HOG = short_of_descriptors()
-"""
-
-
 def test_a_template_one_descriptor_short_still_forks() -> None:
-    tpl = anyfork.new_exec().eval("import resource\nresource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n")
-    tpl.eval(_SHORT_TEMPLATE)
+    tpl = anyfork.new_exec().eval(
+        "import helpers, os\n"
+        "HOG = helpers.exhaust_descriptors(64)\n"
+        "for fd in HOG[-4:]:\n"
+        "    os.close(fd)  # what a first fork needs: the 2 descriptors it brings, a wake pipe\n"
+        "del HOG[-4:]\n"
+    )
     child = tpl.fork()
     child.run("builtins:id").close()
     assert child.wait(5) == 0

@@ -27,7 +27,7 @@ from anyfork import _serve
 from helpers import Greeter, finish, outcome, read_all, result, wait_exited
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
     from pathlib import Path
 
     Make = Callable[[], anyfork.Process]
@@ -182,28 +182,6 @@ def test_bytes_after_run_reach_the_function_unchanged(make: Make) -> None:
         sock.shutdown(socket.SHUT_WR)
         assert read_all(sock) == payload
     assert p.wait(5) == 0
-
-
-@pytest.fixture(params=["new", "fork"])
-def forked(request: pytest.FixtureRequest) -> Iterator[Make]:
-    """Processes forked by a template, whose first command is read without
-    the decoder when it is RUN.  (Raw frames skip the PATH command that a
-    new_exec process needs before it can import the test's helpers.)"""
-    if request.param == "new":
-        yield anyfork.new
-        return
-    templates: list[anyfork.Process] = []
-
-    def fork() -> anyfork.Process:
-        if not templates:
-            templates.append(anyfork.new_exec().require("helpers"))
-        return templates[0].fork()
-
-    yield fork
-    if templates:
-        template = templates.pop()
-        template.close()
-        assert template.wait(5) == 0
 
 
 def test_bytes_right_behind_a_first_run_reach_the_function(forked: Make) -> None:

@@ -530,17 +530,33 @@ class Server:
 
     # --- forking -------------------------------------------------------------
 
-    def _fork(self) -> int:
-        """Fork, with stdio flushed and the heap frozen; ``os.fork()``'s result."""
+    def _fork(self, seq: int, sock: Sock, mine: Sock | None) -> int:
+        """Fork a child to serve ``sock`` (closing ``mine`` there) as ``seq``.
+
+        The pid in the template (its copy of ``sock`` closed, the child
+        recorded), 0 in a child that returns (see ``_child``), -1 if the fork
+        failed (reported; ``sock`` and ``mine`` closed).
+        """
+        tpl = self.template
+        assert tpl is not None
         if self.user_code:  # else nothing here ever wrote to them
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    if stream is not None:
-                        stream.flush()
-                except Exception:
-                    pass
+            _flush_stdio()
         gc.freeze()  # keep the child's collections off the shared pages
-        return os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            if mine is not None:
+                mine.close()
+            Sock.close(sock)
+            tpl.report(P.failed_report(seq, f"fork failed: {e}"))
+            return -1
+        if pid == 0:
+            self._child(sock, mine)
+            return 0
+        Sock.close(sock)
+        tpl.seq_of[pid] = seq
+        tpl.pid_of[seq] = pid
+        return pid
 
     def _child(self, sock: Sock, mine: Sock | None) -> None:
         """In a child just forked: shed the template role, serve ``sock``.
@@ -633,20 +649,9 @@ class Server:
             mine.close()
             tpl.report(P.failed_report(seq, f"no socket for the new process: {e}"))
             return
-        try:
-            pid = self._fork()
-        except OSError as e:
-            mine.close()
-            Sock.close(sock)
-            tpl.report(P.failed_report(seq, f"fork failed: {e}"))
-            return
-        if pid == 0:
-            self._child(sock, mine)
-            return
-        Sock.close(sock)
-        tpl.seq_of[pid] = seq
-        tpl.pid_of[seq] = pid
-        tpl.report(P.spare_report(seq, pid), mine.detach())
+        pid = self._fork(seq, sock, mine)
+        if pid > 0:
+            tpl.report(P.spare_report(seq, pid), mine.detach())
 
     def _fork_for(self, seq: int, child_fd: int) -> None:
         """Fork a process to serve the command socket the caller sent."""
@@ -658,19 +663,9 @@ class Server:
             os.close(child_fd)
             tpl.report(P.failed_report(seq, f"fork failed: not a socket: {e}"))
             return
-        try:
-            pid = self._fork()
-        except OSError as e:
-            Sock.close(sock)
-            tpl.report(P.failed_report(seq, f"fork failed: {e}"))
-            return
-        if pid == 0:
-            self._child(sock, None)
-            return
-        Sock.close(sock)
-        tpl.seq_of[pid] = seq
-        tpl.pid_of[seq] = pid
-        tpl.report(P.pid_report(seq, pid))
+        pid = self._fork(seq, sock, None)
+        if pid > 0:
+            tpl.report(P.pid_report(seq, pid))
 
     def _template_loop(self) -> None:
         """A template's hot path: FORK and SPAWN, with as little Python as possible.
@@ -854,6 +849,15 @@ def _fresh_signals(everything: bool, ignore_sigint: bool = False) -> None:
         _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
 
 
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
+
+
 def _run_atexit() -> None:
     try:
         atexit._run_exitfuncs()
@@ -864,12 +868,7 @@ def _run_atexit() -> None:
 def _exit(code: int, run_atexit: bool = True, sock: Sock | None = None) -> NoReturn:
     if run_atexit:
         _run_atexit()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except Exception:
-            pass
+    _flush_stdio()
     if sock is not None:
         # The kernel closes descriptors only after tearing down the address
         # space; closing ours first lets the caller see EOF that much sooner.
@@ -930,12 +929,7 @@ def main(fd: int) -> NoReturn:
     # left output in stdio's buffers: out with it now, once.  From here only
     # anyfork's code runs, unless site or the program left threads or
     # signal handlers behind: then flush before every fork as well.
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except Exception:
-            pass
+    _flush_stdio()
     server.user_code = not sys.flags.no_site or bool(getattr(sys, "frozen", False))
     server.serve()
 
