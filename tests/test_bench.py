@@ -52,7 +52,7 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
 
 # The rows a --quick run must produce (its sizes are 0 and 200 MB).
 QUICK_ROWS = {
-    "fork@0", "new@0", "floor", "fork@200", "new@200",
+    "fork@0", "new@0", "floor", "fork_bare", "fork@200", "new@200",
     "tplfork", "new_exec", "mp_fork", "mp_forkserver", "mp_spawn",
     "ttfr_pool_cold", "ttfr_anyfork_cold", "ttfr_pool_warm", "ttfr_anyfork_warm",
     "conc_anyfork", "conc_mp_forkserver",
@@ -110,6 +110,13 @@ def test_json_has_every_figure_the_report_shows(quick: QuickRun) -> None:
     first = result["targets"][0]
     assert first["floor"] > 0
     assert f"(the floor row: {first['floor']:.2f}x)" in quick.stdout
+
+
+def test_the_bare_fork_row_runs_in_an_interpreter_without_anyfork_or_threading() -> None:
+    cfg = _bench.make_config(quick=True)._replace(rounds=1, seconds=0.05, min_count=5)
+    result = _bench._run_job(cfg, "bare", {"job": "bare"}, timeout=30)
+    assert result["loaded"] == []
+    assert result["rows"]["fork_bare"][0] > 0
 
 
 def test_importing_the_command_line_does_nothing() -> None:

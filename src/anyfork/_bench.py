@@ -460,7 +460,14 @@ def _job_memory(job: _Job) -> None:
             mine.close()
 
 
+def _job_bare(job: _Job) -> None:
+    """Manual fork from an interpreter that never imported anyfork (see _BARE_RUNNER)."""
+    job.extra["loaded"] = [name for name in ("anyfork", "threading") if name in sys.modules]
+    job.rates({"fork_bare": _manual_fork})
+
+
 _JOBS: dict[str, Callable[[_Job], None]] = {
+    "bare": _job_bare,
     "size": _job_size,
     "anyfork": _job_anyfork,
     "mp": _job_mp,
@@ -622,6 +629,8 @@ def _rows(cfg: Config, sizes: Sequence[int]) -> list[_Row]:
         rows.append(rate(f"new@{s}", "anyfork.new().run()", f"fork@{s}"))
         if s == sizes[0]:
             rows.append(rate("floor", "floor: a 20-line template, no reports (not a library)", f"fork@{s}"))
+            rows.append(rate("fork_bare", "manual fork from a bare python -S: no anyfork, no threading",
+                             f"fork@{s}"))
     rows += [
         rate("tplfork", f"tpl.fork().run(), tpl required {', '.join(TEMPLATE_MODULES)}"),
         rate("new_exec", "anyfork.new_exec().run()"),
@@ -668,7 +677,7 @@ def _plan(cfg: Config) -> _Plan:
             notes.append(f"skipped the {s} MB caller: MemAvailable is only {avail} MB")
         else:
             sizes.append(s)
-    jobs: list[tuple[str, dict[str, Any]]] = []
+    jobs: list[tuple[str, dict[str, Any]]] = [("manual fork, bare interpreter", {"job": "bare"})]
     for s in sizes:
         what = "as started" if s == 0 else f"{s} MB"
         jobs.append((f"manual fork and anyfork.new(), caller {what}",
@@ -685,6 +694,18 @@ def _plan(cfg: Config) -> _Plan:
     return _Plan(jobs, sizes, notes)
 
 
+# The "bare" job loads this file alone, not the anyfork package, in a python -S:
+# no anyfork, so no at-fork handler of its and no threading (which anyfork
+# imports, as most programs do) runs in each manually forked child.
+_BARE_RUNNER = """\
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("_anyfork_bench_alone", sys.argv.pop(1))
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+bench.child()
+"""
+
+
 def _run_job(cfg: Config, title: str, params: dict[str, Any], timeout: float) -> dict[str, Any]:
     import json
     import subprocess
@@ -696,8 +717,10 @@ def _run_job(cfg: Config, title: str, params: dict[str, Any], timeout: float) ->
     # The job must import this very anyfork, installed or not.
     root = os.path.dirname(os.path.dirname(os.path.abspath(anyfork.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    runner = ["-S", "-c", _BARE_RUNNER, __file__] if params["job"] == "bare" else \
+        ["-c", "from anyfork._bench import child; child()"]
     proc = subprocess.run(
-        [sys.executable, "-c", "from anyfork._bench import child; child()", json.dumps(params)],
+        [sys.executable, *runner, json.dumps(params)],
         stdout=subprocess.PIPE, env=env, timeout=timeout, check=False,
     )
     out = proc.stdout.decode(errors="replace")
