@@ -60,6 +60,10 @@ def echo(sock: socket.socket, *args: object) -> None:
     sock.sendall(b"".join(chunks))
 
 
+def arg_length(sock: socket.socket, arg: bytes) -> None:
+    sock.sendall(b"%d" % len(arg))
+
+
 def timeout_of(sock: socket.socket, *args: object) -> None:
     reply(sock, sock.gettimeout())
 

@@ -30,7 +30,7 @@ import pytest
 import anyfork
 from anyfork import _process
 from anyfork import _protocol as wire
-from helpers import wait_exited, zombie_children
+from helpers import read_all, wait_exited, zombie_children
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -1215,3 +1215,111 @@ def test_statuses_behind_a_zombie_of_the_templates_own_code_are_reported() -> No
     tpl.eval("helper.wait()")
     tpl.close()
     assert tpl.wait(5) == 0
+
+
+# --- the fourth review (of the third one's fixes) ------------------------------------------------
+
+
+# Defect r4-lost: a child reaped by code run in its template was never reported LOST when another
+# child's status came in the same pass.
+def test_a_child_reaped_behind_the_templates_back_is_lost_even_beside_another_exit() -> None:
+    tpl = anyfork.new_exec().eval(
+        "import os, time\ndef quick(sock): time.sleep(0.5)\ndef later(sock): time.sleep(0.3)\n")
+    a = tpl.fork()
+    a.run("quick").close()
+    b = tpl.fork()
+    b.run("later").close()
+    tpl.eval("os.waitpid(int(args[0]), 0)\ntime.sleep(1.0)\n", str(a.pid))
+    assert b.wait(5) == 0
+    with pytest.raises(anyfork.ExitStatusLostError):
+        a.wait(5)
+    tpl.close()
+    assert tpl.wait(5) == 0
+
+
+def _blocking_facts(sock: socket.socket) -> tuple[object, bool]:
+    return sock.gettimeout(), os.get_blocking(sock.fileno())
+
+
+# Defect r4-spare-timeout: under socket.setdefaulttimeout() in a template, the caller's ends of the
+# processes it forked ahead came back O_NONBLOCK, so run()'s socket raised BlockingIOError.
+def test_sockets_of_processes_a_timeout_template_forked_ahead_are_blocking() -> None:
+    tpl = anyfork.new_exec().eval("import socket\nsocket.setdefaulttimeout(5)\n")
+    for _ in range(4):  # forked from twice without a change: it forks ahead from then on
+        p = tpl.fork()
+        with p.run("builtins:id") as sock:
+            assert _blocking_facts(sock) == (None, True)
+        assert p.wait(5) == 0
+    tpl.close()
+    assert tpl.wait(5) == 0
+
+
+# Defect r4-report-timeout: the same template's report channel had the timeout: a send it could not
+# make at once waited for it, then the report was dropped as if the caller had gone.
+def test_a_timeout_templates_report_channel_has_no_timeout(tmp_path: Path) -> None:
+    out = tmp_path / "timeout"
+    tpl = anyfork.new_exec().eval("import socket\nsocket.setdefaulttimeout(5)\n")
+    p = tpl.fork()  # the first fork brings the report channel
+    p.run("builtins:id").close()
+    assert p.wait(5) == 0
+    tpl.eval(
+        "import gc, anyfork._serve as s\n"
+        "gc.unfreeze()  # frozen objects are not in gc.get_objects()\n"
+        "tpl = next(o for o in gc.get_objects() if isinstance(o, s._Template))\n"
+        f"open({str(out)!r}, 'w').write(repr(tpl.reports.gettimeout()))\n")
+    p = tpl.fork()  # sends the eval along
+    p.run("builtins:id").close()
+    assert p.wait(5) == 0
+    tpl.close()
+    assert tpl.wait(5) == 0
+    assert out.read_text() == "None"
+
+
+# Defect r4-caller-timeout: under the caller's socket.setdefaulttimeout(), the sockets run() returned
+# had the timeout (README: blocking), and anyfork's own writes of a big argument timed out.
+def test_a_callers_default_timeout_leaves_its_sockets_blocking_and_its_writes_whole() -> None:
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(0.2)
+    try:
+        for make in (anyfork.new_exec, anyfork.new):
+            p = make().eval("import time\ntime.sleep(0.6)\n").send_arg(b"x" * (8 << 20))
+            with p.run("helpers:arg_length") as sock:
+                assert _blocking_facts(sock) == (None, True)
+                assert read_all(sock) == b"%d" % (8 << 20)
+            assert p.wait(10) == 0
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+# Defect r4-patched-first: a program that replaced socket.socket before importing anyfork (what
+# gevent advises) could not fork from fork_template(): the template died of a TypeError.
+_PATCHED_FIRST = """
+import json, socket
+real = socket.socket
+class GreenSocket:
+    def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
+        self._sock = real(family, type, proto, fileno)
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+socket.socket = GreenSocket
+import anyfork
+
+def kind(sock):
+    sock.sendall(type(sock).__name__.encode())
+
+tpl = anyfork.fork_template()
+got = []
+for _ in range(2):
+    p = tpl.fork()
+    s = p.run("kind")
+    got.append(s.recv(100).decode())
+    s.close()
+    p.wait(5)
+tpl.close()
+print(json.dumps({"got": got, "template": tpl.wait(5)}))
+"""
+
+
+def test_socket_patched_before_anyfork_was_imported_reaches_the_children() -> None:
+    facts = run_caller(_PATCHED_FIRST, timeout=30)
+    assert facts == {"got": ["GreenSocket", "GreenSocket"], "template": 0}

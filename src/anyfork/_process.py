@@ -92,6 +92,15 @@ def _disown(obj: socket.socket | int) -> None:
     _owned.pop(obj if isinstance(obj, int) else obj.fileno(), None)
 
 
+def _plain(*socks: socket.socket) -> None:
+    """Make sockets blocking, with no timeout, whatever socket.setdefaulttimeout()
+    said: the ends a process serves, and the caller's, which run() returns
+    blocking and on which anyfork's own writes must not time out."""
+    for sock in socks:
+        if sock.gettimeout() is not None:  # else it is, and its descriptor too
+            sock.setblocking(True)
+
+
 def _close_sock(sock: socket.socket | None) -> None:
     if sock is not None and sock.fileno() >= 0:
         _disown(sock)
@@ -466,6 +475,7 @@ class _Reports:
             except OSError as e:
                 P.close_fd(fd)
                 raise P.ProtocolError(f"a SPARE report carried no socket ({e})") from e
+            _plain(sock)
             _own(sock)
             with self.cond:
                 current = self.spawning.pop(seq, None) == self.version and not self.pool_closed
@@ -930,7 +940,7 @@ class Process:
             mine, theirs = socket.socketpair()
         except OSError as e:
             raise Error(f"fork(): no socketpair for the new process: {e}") from e
-        theirs.setblocking(True)  # under socket.setdefaulttimeout() it would go O_NONBLOCK
+        _plain(mine, theirs)
         fds = [theirs.detach()]
         try:
             reports, new_reports = self._report_channel(fds)
@@ -981,10 +991,7 @@ class Process:
             rmine, rtheirs = socket.socketpair()
         except OSError as e:
             raise Error(f"no socketpair for the report channel: {e}") from e
-        # Both ends plain, whatever socket.setdefaulttimeout() says: reads here
-        # are non-blocking by flag, and a timeout would make them wait first.
-        rmine.setblocking(True)
-        rtheirs.setblocking(True)
+        _plain(rmine, rtheirs)  # reads here are non-blocking by flag: a timeout would wait first
         fds.append(rtheirs.detach())
         reports = self._reports = _Reports(rmine)
         return reports, True
@@ -1301,7 +1308,7 @@ def new_exec() -> Process:
         mine, theirs = socket.socketpair()
     except OSError as e:
         raise Error(f"new_exec(): no socketpair for the new process: {e}") from e
-    theirs.setblocking(True)  # under socket.setdefaulttimeout() it would go O_NONBLOCK
+    _plain(mine, theirs)
     try:
         pid = _exec.spawn(theirs.fileno(), sys.path)
     except BaseException:

@@ -98,10 +98,15 @@ _FIRST_RUN_MAX = 4096
 # some thirty copy-on-write faults, re-initialising this one costs the
 # template a C call.  None until the process first forks, and in a child.
 _child_sock: socket.socket | None = None
-# The class that object is.  Once code run here has replaced socket.socket
-# (gevent, eventlet), children make their function's socket themselves, of
-# whatever class socket.socket is then, as run() always did.
-_SOCKET_CLASS = socket.socket
+
+
+def _stdlib_socket_class(cls: object) -> bool:
+    """Whether ``cls`` is socket.py's own class.  When something has replaced
+    socket.socket (gevent, eventlet: before anyfork was imported, or in code
+    run here), children make their function's socket themselves, of whatever
+    class socket.socket is then, as run() always did."""
+    return (isinstance(cls, type) and issubclass(cls, Sock) and cls.__module__ == "socket"
+            and cls.__qualname__ == "socket")
 
 
 def _recv(sock: Sock, n: int) -> tuple[bytes, list[int]]:
@@ -283,7 +288,7 @@ class _Template:
                     os.close(fd)  # the caller's end of a process forked ahead: keep no copy
             self.backlog = []
 
-    def reap(self) -> None:
+    def reap(self, thorough: bool) -> None:
         """Reap those of our children that exited and report their statuses.
 
         Code eval'd in a template may run children of its own (subprocess);
@@ -292,7 +297,8 @@ class _Template:
         first in line, or none of ours was waiting (a SIGCHLD still came: one
         of ours may have been reaped behind our back, by os.wait() or a child
         watcher in code run here), or there is no waitid, ask ours one by one;
-        one that is no longer our child is reported LOST.
+        one that is no longer our child is reported LOST.  ``thorough``: code
+        not anyfork's runs here, so ask ours one by one every time.
 
         The statuses go out in one send: this runs between forks, where every
         object touched costs a copy-on-write fault.
@@ -309,7 +315,8 @@ class _Template:
             try:
                 info = waitid(os.P_ALL, 0, _PEEK)
             except ChildProcessError:
-                break  # no children at all: ours, if any, were taken
+                blocked = True  # no children at all: ours, if any, were taken
+                break
             if info is None:
                 break
             seq = seq_of.pop(info.si_pid, 0)
@@ -317,7 +324,7 @@ class _Template:
                 blocked = True  # someone else's is first in line: ours may wait behind it
                 break
             reports.append(self._reaped(info.si_pid, seq, 0))
-        if blocked or not reports:
+        if blocked or thorough or not reports:
             for pid in list(seq_of):
                 reports.append(self._reaped(pid, seq_of[pid], os.WNOHANG))
         data = reports[0] if len(reports) == 1 else b"".join(reports)
@@ -436,7 +443,7 @@ class Server:
         reads the one frame with two calls and hands ``run`` the socket.socket
         the template made.  Any other command goes to the decoder, as read.
         """
-        ready = sock if type(sock) is _SOCKET_CLASS else None
+        ready = None if type(sock) is Sock else sock  # a socket.socket the template made
         data, anc, flags, _ = sock.recvmsg(_HSIZE, _ANC_SPACE, _RECV_FLAGS)
         fds = _fds_of(anc, flags) if anc or flags & _CTRUNC else _NO_FDS
         if not fds and len(data) == _HSIZE and data.startswith(_RUN_PREFIX):
@@ -593,13 +600,14 @@ class Server:
         """
         global _child_sock
         family, kind, proto = (_socket.AF_UNIX, _socket.SOCK_STREAM, 0) if known else (-1, -1, -1)
-        if socket.socket is not _SOCKET_CLASS:
-            sock: Sock = Sock(family, kind, proto, fd)  # patched: see _SOCKET_CLASS
-        elif _child_sock is None:
-            sock = _child_sock = _SOCKET_CLASS(family, kind, proto, fd)
-        else:
-            sock = _child_sock
+        cls = socket.socket
+        if _child_sock is not None and type(_child_sock) is cls:
+            sock: Sock = _child_sock
             Sock.__init__(sock, family, kind, proto, fd)
+        elif _stdlib_socket_class(cls):
+            sock = _child_sock = cls(family, kind, proto, fd)
+        else:
+            sock = Sock(family, kind, proto, fd)  # see _stdlib_socket_class
         if not known:
             sock.setblocking(True)  # a caller's default timeout left it O_NONBLOCK
         return _blocking(sock)
@@ -620,7 +628,7 @@ class Server:
             if self.template is not None:
                 P.close_fds(fds)
                 raise _CorruptError("second report channel")
-            self.template = _Template(Sock(fileno=fds.pop()))
+            self.template = _Template(_blocking(Sock(fileno=fds.pop())))
         elif self.template is None:
             P.close_fds(fds)
             raise _CorruptError("fork before any report channel")
@@ -644,6 +652,7 @@ class Server:
             tpl.report(P.failed_report(seq, f"no socketpair: {e}"))
             return
         try:
+            _blocking(mine)  # the caller's: run() returns it, blocking
             sock = self._child_socket(theirs.detach(), True)
         except OSError as e:
             mine.close()
@@ -722,7 +731,7 @@ class Server:
                     tpl.flush()
             if woken and (not readable or tpl.unreaped_commands > 16):
                 tpl.unreaped_commands = 0
-                tpl.reap()
+                tpl.reap(self.user_code)
             if not readable:
                 continue
             tpl.unreaped_commands += 1
@@ -756,7 +765,7 @@ class Server:
 
     # --- run -----------------------------------------------------------------
 
-    def run(self, name: str, sock: socket.socket | None = None) -> NoReturn:
+    def run(self, name: str, sock: Sock | None = None) -> NoReturn:
         """Call the function ``name`` with the socket and the arguments; exit.
 
         ``sock``: the socket.socket a forked child's template made ready;

@@ -94,7 +94,7 @@ def fork_template(*, allow_threads: bool = False) -> Process:
         mine, theirs = socket.socketpair()
     except OSError as e:
         raise Error(f"fork_template(): no socketpair for the template: {e}") from e
-    theirs.setblocking(True)  # under socket.setdefaulttimeout() it would go O_NONBLOCK
+    _process._plain(mine, theirs)
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
