@@ -1323,3 +1323,37 @@ print(json.dumps({"got": got, "template": tpl.wait(5)}))
 def test_socket_patched_before_anyfork_was_imported_reaches_the_children() -> None:
     facts = run_caller(_PATCHED_FIRST, timeout=30)
     assert facts == {"got": ["GreenSocket", "GreenSocket"], "template": 0}
+
+
+# Defect r4-foreign-exit (there before): code eval'd in a process forked a helper that ended with
+# sys.exit(); the helper unwound into the serve loop it inherited and drained the process's queued
+# commands from their shared socket (the RUN among them), so the function never ran.
+def test_a_helper_forked_by_eval_that_exits_leaves_the_process_alone() -> None:
+    p = anyfork.new_exec()
+    p.eval("import os, sys, time\nif os.fork() == 0:\n    sys.exit(0)\ntime.sleep(0.3)\n")
+    p.eval("def f(sock):\n    sock.sendall(b'ran')\n")
+    with p.run("f") as sock:
+        assert read_all(sock) == b"ran"
+    assert p.wait(5) == 0
+
+
+# Defect r4-signals (there before): a handler or mask set by code eval'd in an exec'd template
+# reached the function of every process forked from it (README: a fresh interpreter's).
+def test_signals_set_by_code_in_a_template_do_not_reach_the_function() -> None:
+    tpl = anyfork.new_exec().eval(
+        "import signal\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})\n"
+        "def show(sock):\n"
+        "    state = (signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,\n"
+        "             signal.pthread_sigmask(signal.SIG_BLOCK, ()))\n"
+        "    sock.sendall(repr(state).encode())\n"
+        "    sock.recv(1)\n")
+    p = tpl.fork()
+    with p.run("show") as sock:
+        sock.settimeout(10)
+        assert sock.recv(100) == b"(True, set())"
+        p.kill()
+        assert p.wait(5) == -signal.SIGTERM
+    tpl.close()
+    assert tpl.wait(5) == 0

@@ -380,7 +380,8 @@ def _on_sigchld(signum: int, frame: object) -> None:
 class Server:
     """One process's serve loop.  ``serve()`` never returns."""
 
-    __slots__ = ("decoder", "inherited_signals", "items", "namespace", "sock", "template", "user_code")
+    __slots__ = ("decoder", "inherited_signals", "items", "namespace", "pid", "sock", "template",
+                 "user_code")
 
     def __init__(self, sock: Sock) -> None:
         self.sock = sock
@@ -388,6 +389,9 @@ class Server:
         self.items: list[object] = []
         self.namespace: dict[str, object] = sys.modules["__main__"].__dict__
         self.template: _Template | None = None
+        # The process this loop serves: a fork made by code run here (os.fork,
+        # multiprocessing) inherits the loop but is not it (see serve).
+        self.pid = os.getpid()
         # Set in a process forked from a program (fork_template, early): it
         # carries that program's signal handlers and mask, which run() must
         # reset in full.  Exec'd templates start with default dispositions.
@@ -425,12 +429,17 @@ class Server:
                 if frame is None:
                     _exit(0, run_atexit=False)
                 self.handle(frame)
-        except (P.ProtocolError, _CorruptError) as e:
-            self.decoder.close()
-            _fail(2, f"anyfork: stream corrupted: {e}", self.sock)
         except SystemExit as e:
+            if os.getpid() != self.pid:  # a fork of code run here, ending: not ours to drain
+                _exit(_exit_code(e))
             _fail(_exit_code(e), None, self.sock)
-        except BaseException:
+        except BaseException as e:
+            if os.getpid() != self.pid:
+                sys.__excepthook__(*sys.exc_info())
+                _exit(1)
+            if isinstance(e, (P.ProtocolError, _CorruptError)):
+                self.decoder.close()
+                _fail(2, f"anyfork: stream corrupted: {e}", self.sock)
             sys.__excepthook__(*sys.exc_info())
             _fail(1, None, self.sock)
 
@@ -500,7 +509,10 @@ class Server:
             sys.path[:] = P.decode_strs(frame.payload)
         elif kind in (P.SITE, P.REQUIRE, P.EVAL):
             self.user_code = True
+            before = _signal_state()
             self._run_code(kind, frame)
+            if _signal_state() != before:
+                self.inherited_signals = True  # run() resets every signal, as for a program's
 
     def _run_code(self, kind: int, frame: P.Frame) -> None:
         """SITE, REQUIRE or EVAL: the commands that run code not anyfork's."""
@@ -587,6 +599,7 @@ class Server:
         self.sock.close()
         atexit._clear()  # the parent's handlers are not ours to run
         self.sock = sock
+        self.pid = os.getpid()
         self._first_command(sock)
 
     def _child_socket(self, fd: int, known: bool) -> Sock:
@@ -856,6 +869,13 @@ def _fresh_signals(everything: bool, ignore_sigint: bool = False) -> None:
     _signal.signal(_signal.SIGINT, _signal.SIG_IGN if ignore_sigint else _signal.default_int_handler)
     if everything:
         _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
+
+
+def _signal_state() -> tuple[object, ...]:
+    """Every signal's disposition, and the mask: what code run here may change."""
+    handlers = tuple(_signal.getsignal(sig) for sig in sorted(_signal.valid_signals()))
+    sigmask = getattr(_signal, "pthread_sigmask", None)
+    return (*handlers, frozenset(sigmask(_signal.SIG_BLOCK, ()) if sigmask is not None else ()))
 
 
 def _flush_stdio() -> None:
