@@ -590,16 +590,18 @@ class Server:
         """
         global _child_sock
         _child_sock = None  # this process's own socket now: not to be re-initialised
-        if mine is not None:
-            mine.close()
+        # Ours from the first step: an error from here on ends this process
+        # (serve's handlers), never drains the template's socket.
+        self.pid = os.getpid()
+        template_sock, self.sock = self.sock, sock
         tpl = self.template
         self.template = None
+        if mine is not None:
+            mine.close()
         if tpl is not None:
             tpl.close()
-        self.sock.close()
+        template_sock.close()
         atexit._clear()  # the parent's handlers are not ours to run
-        self.sock = sock
-        self.pid = os.getpid()
         self._first_command(sock)
 
     def _child_socket(self, fd: int, known: bool) -> Sock:
@@ -609,7 +611,7 @@ class Server:
         for each child with a C call (the child gets its own copy at the fork;
         the template closes its copy after).  ``known``: ``fd`` is one end of
         a socketpair made here, so the kernel need not be asked what it is.
-        Raises OSError if ``fd`` is no socket.
+        Raises OSError if ``fd`` is no socket; ``fd`` is then still the caller's.
         """
         global _child_sock
         family, kind, proto = (_socket.AF_UNIX, _socket.SOCK_STREAM, 0) if known else (-1, -1, -1)
@@ -621,9 +623,13 @@ class Server:
             sock = _child_sock = cls(family, kind, proto, fd)
         else:
             sock = Sock(family, kind, proto, fd)  # see _stdlib_socket_class
-        if not known:
-            sock.setblocking(True)  # a caller's default timeout left it O_NONBLOCK
-        return _blocking(sock)
+        try:
+            if not known:
+                sock.setblocking(True)  # a caller's default timeout left it O_NONBLOCK
+            return _blocking(sock)
+        except OSError:
+            Sock.detach(sock)  # the descriptor stays the caller's to close
+            raise
 
     def fork(self, frame: P.Frame) -> None:
         """FORK (the caller made the socket) or SPAWN (fork one ahead, connected)."""
@@ -664,10 +670,12 @@ class Server:
         except OSError as e:  # out of descriptors: say so, and go on serving
             tpl.report(P.failed_report(seq, f"no socketpair: {e}"))
             return
+        fd = theirs.detach()
         try:
             _blocking(mine)  # the caller's: run() returns it, blocking
-            sock = self._child_socket(theirs.detach(), True)
+            sock = self._child_socket(fd, True)
         except OSError as e:
+            os.close(fd)
             mine.close()
             tpl.report(P.failed_report(seq, f"no socket for the new process: {e}"))
             return
