@@ -1,0 +1,469 @@
+"""The relay at each end of a remote connection: local sockets <-> mux channels.
+
+Theory of operation
+-------------------
+Both ends of a remote connection run this loop (the caller's side in a
+thread, the remote host's hub as its whole life).  Each mux channel is tied
+to a local stream socket: what the socket gives is sent on the channel,
+what the channel brings is written to the socket.  So an anyfork process on
+the remote host talks over an ordinary socketpair to the hub, and the
+caller's ``Process`` over an ordinary socketpair to its relay: neither side
+of anyfork's own code knows the connection is there.
+
+Descriptors are the one thing a byte stream can't carry, and anyfork's
+commands and reports carry sockets (FORK, SPAWN, SPARE).  The relay turns
+each socket that arrives into a channel of its own: it opens
+``fd:<channel>`` just before it sends the first byte of the frame the
+socket belongs to.  The relay at the other end makes a fresh socketpair for
+the new channel and sends one end, with ``sendmsg``, together with the next
+byte it writes on ``<channel>``: that frame's first byte.  So a descriptor
+arrives with its frame, as anyfork's serve loop requires.
+
+Which frame is that?  A descriptor comes with the ``recvmsg`` that reaches
+its message, but that read may begin with earlier bytes of the stream
+(Linux glues descriptor-less data in front of a message that carries
+some).  So the relay follows anyfork's framing on the streams that carry
+it (a channel is framed until a RUN frame has gone by: after that its bytes
+are the user's) and attaches the descriptors to the next frame whose header
+counts them.  Header bytes split over two reads are held back until the
+header is whole.  On a stream that is the user's, a descriptor goes with
+the start of the read it came with: the most a byte stream can promise.
+Only ``AF_UNIX`` stream sockets can be carried this way; any other
+descriptor is closed and the channel it came on is closed too (the process
+then sees its socket break, and anyfork's own code refuses such
+descriptors at the call before they get here).
+
+Flow control is the mux's: a channel whose peer has not granted room stops
+being read here (``pending``), and credit is granted back only as bytes are
+written to the local socket.  The connection's own stream is read whenever
+it has data: the mux bounds what each channel may have in flight.
+
+This module imports the standard library and ``_mux`` only: it is sent, as
+source, to the remote interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+from collections import deque
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from . import _mux as M
+else:
+    try:
+        from . import _mux as M
+    except ImportError:  # loaded from source on a remote host, as a top-level module
+        import _mux as M  # type: ignore[no-redef]
+
+_READ = 1 << 16
+_ANC = socket.CMSG_SPACE(64 * 4)
+_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+_POLLIN, _POLLOUT = select.POLLIN, select.POLLOUT
+
+
+class _Local:
+    """The local socket of one channel, and what is waiting to be written to it."""
+
+    __slots__ = ("eof_in", "eof_out", "header", "out", "raw", "skip", "sock", "unattached")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        sock.setblocking(False)
+        # Following anyfork's framing of what is read here (see the module doc).
+        self.raw = False  # a RUN went by: the rest is the user's
+        self.skip = 0  # payload bytes of the current frame still to pass
+        self.header = b""  # a header's first bytes, held back until it is whole
+        self.unattached: deque[socket.socket] = deque()  # arrived, their frame not yet seen
+        # bytes to write, and sockets to send with the next byte (markers)
+        self.out: deque[bytes | memoryview | socket.socket] = deque()
+        self.eof_in = False  # the socket said EOF: nothing more to read
+        self.eof_out = False  # the peer sent EOF: shut the socket down once out is written
+
+
+class Relay:
+    """One end's relay.
+
+    Args:
+        mux: this end's multiplexer.
+        rfd, wfd: the connection's descriptors (the same socket, or ssh's pipes).
+        on_open: called with (channel, what) for a channel the peer opened
+            that is not a descriptor's; returns the local socket to tie it
+            to, or None to refuse (close) it.
+        on_control: called with each CONTROL message.
+    """
+
+    def __init__(self, mux: M.Mux, rfd: int, wfd: int,
+                 on_open: Callable[[int, str], socket.socket | None],
+                 on_control: Callable[[bytes], None]) -> None:
+        self.mux = mux
+        self.rfd = rfd
+        self.wfd = wfd
+        self.on_open = on_open
+        self.on_control = on_control
+        self.locals: dict[int, _Local] = {}
+        self._out: deque[memoryview] = deque()  # the connection's bytes to write
+        self.connected = True
+        os.set_blocking(rfd, False)
+        os.set_blocking(wfd, False)
+
+    # --- what the owner does -------------------------------------------------------
+
+    def tie(self, ch: int, sock: socket.socket, what: str = "") -> None:
+        """Tie channel ``ch`` to ``sock`` (the relay owns it from now on).
+
+        A channel whose ``what`` starts with "raw" carries the user's bytes
+        from the start; any other follows anyfork's framing until a RUN.
+        """
+        loc = self.locals[ch] = _Local(sock)
+        loc.raw = what.startswith("raw")
+
+    def open(self, what: str, sock: socket.socket) -> int:
+        """Open a channel for ``sock``; its number."""
+        ch = self.mux.open(what)
+        self.tie(ch, sock, what)
+        return ch
+
+    def drop(self, ch: int) -> None:
+        """Close channel ``ch`` and its socket."""
+        loc = self.locals.pop(ch, None)
+        if loc is not None:
+            self._close_local(loc)
+        self.mux.close(ch)
+
+    def close(self) -> None:
+        """Close every local socket (the connection is gone)."""
+        for ch in list(self.locals):
+            self._close_local(self.locals.pop(ch))
+
+    # --- the loop ---------------------------------------------------------------------
+
+    def interest(self) -> list[tuple[int, int]]:
+        """The (descriptor, poll events) the loop waits on."""
+        self._take_output()
+        fds: list[tuple[int, int]] = []
+        if self.connected:
+            fds.append((self.rfd, _POLLIN))
+            if self._out:
+                if self.wfd == self.rfd:
+                    fds[0] = (self.rfd, _POLLIN | _POLLOUT)
+                else:
+                    fds.append((self.wfd, _POLLOUT))
+        for ch, loc in self.locals.items():
+            events = 0
+            if not loc.eof_in and self.mux.pending(ch) < M.WINDOW and self.connected:
+                events |= _POLLIN
+            if loc.out and any(not isinstance(x, socket.socket) for x in loc.out):
+                events |= _POLLOUT
+            if events:
+                fds.append((loc.sock.fileno(), events))
+        return fds
+
+    def ready(self, fd: int, events: int) -> None:
+        """Handle one descriptor ``poll`` found ready."""
+        if fd == self.rfd and events & (_POLLIN | select.POLLHUP | select.POLLERR):
+            self._read_connection()
+        if fd == self.wfd and events & (_POLLOUT | select.POLLHUP | select.POLLERR):
+            self._write_connection()
+        if fd in (self.rfd, self.wfd):
+            return
+        for ch, loc in list(self.locals.items()):
+            if loc.sock.fileno() == fd:
+                if events & (_POLLIN | select.POLLHUP | select.POLLERR):
+                    self._read_local(ch, loc)
+                if events & (_POLLOUT | select.POLLERR) and ch in self.locals:
+                    self._write_local(ch, loc)
+                break
+
+    def flush(self) -> None:
+        """Write what the connection can take now (without waiting)."""
+        self._take_output()
+        if self._out and self.connected:
+            self._write_connection()
+
+    # --- the connection -------------------------------------------------------------
+
+    def _take_output(self) -> None:
+        for part in self.mux.data_to_send():
+            self._out.append(memoryview(part).cast("B"))
+
+    def _read_connection(self) -> None:
+        try:
+            data = os.read(self.rfd, _READ * 4)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        try:
+            self.mux.receive_data(data)
+        except M.MuxError as e:
+            self._disconnected(f"the peer broke the protocol: {e}")
+            return
+        for event in self.mux.events():
+            self._event(event)
+        if not data:
+            self._disconnected("the connection ended")
+
+    def _write_connection(self) -> None:
+        while self._out:
+            try:
+                n = os.writev(self.wfd, list(self._out)[:64])
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self._disconnected(f"the connection broke ({e})")
+                return
+            while n:
+                head = self._out[0]
+                if n >= len(head):
+                    n -= len(head)
+                    self._out.popleft()
+                else:
+                    self._out[0] = head[n:]
+                    n = 0
+
+    def _disconnected(self, why: str) -> None:
+        if not self.connected:
+            return
+        self.connected = False
+        self._out.clear()
+        self.close()
+        self.on_control(b"DISCONNECTED " + why.encode("utf-8", "replace"))
+
+    def _event(self, event: M.Event) -> None:
+        kind, ch = event.kind, event.channel
+        if kind == M.CONTROL:
+            self.on_control(event.data)
+        elif kind == M.OPEN:
+            what = event.data.decode("utf-8", "replace")
+            if what.startswith("fd:"):
+                self._descriptor_channel(ch, what)
+                return
+            sock = self.on_open(ch, what)
+            if sock is None:
+                self.mux.close(ch)
+            else:
+                self.tie(ch, sock, what)
+        elif kind == M.DATA:
+            loc = self.locals.get(ch)
+            if loc is None:
+                return  # we dropped it; the mux answers with CLOSE
+            loc.out.append(event.data)
+            self._write_local(ch, loc)
+        elif kind == M.EOF:
+            loc = self.locals.get(ch)
+            if loc is not None:
+                loc.eof_out = True
+                self._write_local(ch, loc)
+        elif kind == M.CLOSE:
+            loc = self.locals.pop(ch, None)
+            if loc is not None:
+                self._close_local(loc)
+
+    def _descriptor_channel(self, ch: int, what: str) -> None:
+        """The peer sends a socket: make ours, and queue its other end to go
+        with the next byte written on the channel it came on."""
+        try:
+            owner = self.locals.get(int(what[3:]))
+        except ValueError:
+            owner = None
+        if owner is None:
+            self.mux.close(ch)
+            return
+        mine, theirs = socket.socketpair()
+        self.tie(ch, mine)
+        owner.out.append(theirs)
+
+    # --- local sockets -----------------------------------------------------------------
+
+    def _read_local(self, ch: int, loc: _Local) -> None:
+        try:
+            data, anc, flags, _ = loc.sock.recvmsg(_READ, _ANC, _RECV_FLAGS)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.drop(ch)
+            return
+        fds: list[int] = []
+        for level, kind, raw in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(memoryview(raw[: len(raw) - len(raw) % 4]).cast("i"))
+        carried = []
+        refused = bool(flags & getattr(socket, "MSG_CTRUNC", 8))
+        for fd in fds:
+            try:
+                s = socket.socket(fileno=fd)
+            except OSError:
+                os.close(fd)
+                refused = True
+                continue
+            if s.family != socket.AF_UNIX or s.type != socket.SOCK_STREAM:
+                s.close()
+                refused = True
+                continue
+            carried.append(s)
+        if refused:
+            for s in carried:
+                s.close()
+            self.drop(ch)  # it can't arrive whole: break it rather than corrupt it
+            return
+        loc.unattached.extend(carried)
+        if data:
+            try:
+                pieces = _frames(loc, data)
+            except ValueError:
+                self.drop(ch)  # a frame counts descriptors that never came
+                return
+            for piece in pieces:
+                if isinstance(piece, int):
+                    for _ in range(piece):
+                        self.open(f"fd:{ch}", loc.unattached.popleft())
+                else:
+                    self.mux.send(ch, piece)
+        else:
+            loc.eof_in = True
+            self.mux.eof(ch)
+            self._maybe_done(ch, loc)
+
+    def _write_local(self, ch: int, loc: _Local) -> None:
+        sent = 0
+        try:
+            while loc.out:
+                head = loc.out[0]
+                if isinstance(head, socket.socket):
+                    if len(loc.out) < 2:
+                        break  # it goes with the next byte, which has not come yet
+                    data = loc.out[1]
+                    assert not isinstance(data, socket.socket)
+                    n = loc.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                   _pack_fd(head.fileno()))], _SEND_FLAGS)
+                    loc.out.popleft()
+                    head.close()
+                    head = data
+                else:
+                    n = loc.sock.send(head, _SEND_FLAGS)
+                sent += n
+                if n >= len(head):
+                    loc.out.popleft()
+                else:
+                    loc.out[0] = memoryview(head)[n:]
+                    break
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.mux.consumed(ch, sent)
+            self.drop(ch)
+            return
+        self.mux.consumed(ch, sent)
+        if not loc.out and loc.eof_out:
+            try:
+                loc.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            self._maybe_done(ch, loc)
+
+    def _maybe_done(self, ch: int, loc: _Local) -> None:
+        """Both directions ended: the channel is done."""
+        if loc.eof_in and loc.eof_out and not loc.out:
+            self.drop(ch)
+
+    @staticmethod
+    def _close_local(loc: _Local) -> None:
+        for item in loc.out:
+            if isinstance(item, socket.socket):
+                item.close()
+        loc.out.clear()
+        while loc.unattached:
+            loc.unattached.popleft().close()
+        loc.sock.close()
+
+
+# anyfork's frame header (see _protocol): version u8, kind u8, fds u16, length u64.
+_HSIZE = 12
+_RUN = 7
+
+
+def _frames(loc: _Local, data: bytes) -> list[bytes | int]:
+    """Cut ``data`` where descriptors go: bytes to send, and before a frame
+    that carries descriptors, how many of ``loc.unattached`` go with it.
+
+    Raises ValueError if a frame counts more descriptors than have come.
+    """
+    out: list[bytes | int] = []
+    view = memoryview(loc.header + data) if loc.header else memoryview(data)
+    loc.header = b""
+    pos = start = 0
+    end = len(view)
+    while pos < end and not loc.raw:
+        if loc.skip:
+            step = min(loc.skip, end - pos)
+            pos += step
+            loc.skip -= step
+            continue
+        if end - pos < _HSIZE:
+            loc.header = bytes(view[pos:])  # the rest of this header comes with the next read
+            end = pos
+            break
+        nfds = int.from_bytes(view[pos + 2 : pos + 4], "little")
+        length = int.from_bytes(view[pos + 4 : pos + 12], "little")
+        if nfds:
+            if nfds > len(loc.unattached) - sum(p for p in out if isinstance(p, int)):
+                raise ValueError("a frame counts descriptors that never came")
+            if pos > start:
+                out.append(bytes(view[start:pos]))
+            out.append(nfds)
+            start = pos
+        if view[pos + 1] == _RUN:
+            loc.raw = True
+        pos += _HSIZE
+        loc.skip = length
+    if loc.raw and loc.unattached:
+        # The user's stream: what came goes with the start of this read.
+        extra = len(loc.unattached) - sum(p for p in out if isinstance(p, int))
+        if extra > 0:
+            out.insert(0, extra)
+    if end > start:
+        out.append(bytes(view[start:end]))
+    return out
+
+
+def _pack_fd(fd: int) -> bytes:
+    return fd.to_bytes(4, "little", signed=True) if _LITTLE else fd.to_bytes(4, "big", signed=True)
+
+
+_LITTLE = __import__("sys").byteorder == "little"
+
+
+def run(relay: Relay, wake_fd: int = -1, until: Callable[[], bool] | None = None) -> None:
+    """Run ``relay`` until the connection is gone and every channel closed,
+    or ``until()`` says to stop.  ``wake_fd``: readable when the owner added
+    work from another thread (drained here)."""
+    poller = select.poll
+    while relay.connected or relay.locals:
+        if until is not None and until():
+            return
+        fds = relay.interest()
+        if wake_fd >= 0:
+            fds.append((wake_fd, _POLLIN))
+        if not fds:
+            return
+        p = poller()
+        for fd, events in fds:
+            p.register(fd, events)
+        for fd, events in p.poll():
+            if fd == wake_fd:
+                try:
+                    os.read(wake_fd, 4096)
+                except OSError:
+                    pass
+                continue
+            relay.ready(fd, events)
+        relay.flush()
+        if not relay.connected:
+            relay.close()
+            return

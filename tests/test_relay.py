@@ -1,0 +1,257 @@
+"""The relays of a remote connection (_relay), both ends in this process over a socketpair."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from typing import TYPE_CHECKING
+
+import pytest
+
+from anyfork import _mux as M
+from anyfork import _protocol as P
+from anyfork import _relay as R
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+pytestmark = pytest.mark.usefixtures("check_leaks")
+
+
+class End:
+    """One relay in a thread of its own."""
+
+    def __init__(self, conn: socket.socket, caller: bool) -> None:
+        self.conn = conn
+        self.opened: list[tuple[int, str, socket.socket]] = []  # what the peer opened, our user's ends
+        self.controls: list[bytes] = []
+        self.wake_r, self.wake_w = os.pipe()
+        self.lock = threading.Lock()
+        self.relay = R.Relay(M.Mux(caller), conn.fileno(), conn.fileno(), self._on_open, self.controls.append)
+        self.stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _on_open(self, ch: int, what: str) -> socket.socket:
+        mine, user = socket.socketpair()
+        self.opened.append((ch, what, user))
+        return mine
+
+    def _run(self) -> None:
+        R.run(self.relay, self.wake_r, lambda: self.stop)
+
+    def open(self, what: str) -> socket.socket:
+        """A channel to the peer; the user's end of it."""
+        mine, user = socket.socketpair()
+        with self.lock:
+            self.relay.open(what, mine)
+        os.write(self.wake_w, b"x")
+        return user
+
+    def close(self) -> None:
+        self.stop = True
+        os.write(self.wake_w, b"x")
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        self.relay.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+        for _, _, user in self.opened:
+            user.close()
+
+
+@pytest.fixture
+def ends() -> Iterator[tuple[End, End]]:
+    a, b = socket.socketpair()
+    caller, remote = End(a, True), End(b, False)
+    yield caller, remote
+    caller.close()
+    remote.close()
+    a.close()
+    b.close()
+
+
+def _peer_socket(end: End, index: int = 0) -> socket.socket:
+    for _ in range(1000):
+        if len(end.opened) > index:
+            return end.opened[index][2]
+        threading.Event().wait(0.005)
+    raise AssertionError("the peer never opened the channel")
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    sock.settimeout(10)
+    chunks = []
+    while n:
+        data = sock.recv(min(n, 1 << 20))
+        assert data, "EOF too soon"
+        chunks.append(data)
+        n -= len(data)
+    return b"".join(chunks)
+
+
+def test_bytes_cross_both_ways_with_eof(ends: tuple[End, End]) -> None:
+    caller, remote = ends
+    with caller.open("raw") as user:
+        peer = _peer_socket(remote)
+        assert remote.opened[0][1] == "raw"
+        user.sendall(b"ping")
+        assert _recv_exactly(peer, 4) == b"ping"
+        peer.sendall(b"pong")
+        assert _recv_exactly(user, 4) == b"pong"
+        user.shutdown(socket.SHUT_WR)
+        peer.settimeout(10)
+        assert peer.recv(10) == b""  # EOF crossed
+        peer.sendall(b"after")  # the other direction still works
+        assert _recv_exactly(user, 5) == b"after"
+        peer.shutdown(socket.SHUT_WR)
+        user.settimeout(10)
+        assert user.recv(10) == b""
+
+
+def test_a_large_stream_arrives_whole_with_both_directions_full(ends: tuple[End, End]) -> None:
+    caller, remote = ends
+    size = 8 * M.WINDOW + 12345
+    blob = os.urandom(size)
+    with caller.open("raw") as user:
+        peer = _peer_socket(remote)
+        got: dict[str, bytes] = {}
+
+        def echo_back() -> None:
+            got["peer"] = _recv_exactly(peer, size)
+            peer.sendall(got["peer"][::-1])
+
+        t = threading.Thread(target=echo_back)
+        t.start()
+        user.sendall(blob)
+        assert _recv_exactly(user, size) == blob[::-1]
+        t.join(20)
+        assert got["peer"] == blob
+
+
+def _fd(fd: int) -> list[tuple[int, int, bytes]]:
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(4, "little"))]
+
+
+def _frame_bytes(parts: list[P.Buffer]) -> bytes:
+    return b"".join(bytes(p) for p in parts)
+
+
+def test_a_socket_arrives_with_the_frame_it_was_sent_with(ends: tuple[End, End]) -> None:
+    caller, remote = ends
+    with caller.open("serve") as user:
+        peer = _peer_socket(remote)
+        keep, send = socket.socketpair()
+        with keep:
+            before = _frame_bytes(P.items_frame(P.ARG, [b"before" * 1000]))
+            fh = _frame_bytes(P.fh_frame(1))
+            after = _frame_bytes(P.items_frame(P.ARG, ["after"]))
+            # Written before the relay reads, so its read glues `before` to the
+            # frame the descriptor came with: it must still go with `fh`.
+            user.sendall(before)
+            user.sendmsg([fh, after], _fd(send.fileno()))
+            send.close()  # the sender may close its copy at once
+            # Read the way the serve loop reads, never past the frame at hand:
+            # a descriptor that came early would show up in these reads.
+            peer.settimeout(10)
+            got = b""
+            while len(got) < len(before):
+                data, anc, _, _ = peer.recvmsg(len(before) - len(got), socket.CMSG_SPACE(4))
+                assert data
+                assert not anc, "the descriptor came with an earlier frame's bytes"
+                got += data
+            assert got == before
+            data, anc, _, _ = peer.recvmsg(len(fh), socket.CMSG_SPACE(4))
+            assert data == fh
+            fds = [int.from_bytes(raw[:4], "little") for _, _, raw in anc]
+            assert _recv_exactly(peer, len(after)) == after
+            assert len(fds) == 1
+            with socket.socket(fileno=fds[0]) as arrived:
+                assert arrived.family == socket.AF_UNIX
+                # It is connected to our `keep`, across the relays (and carries
+                # anyfork's frames, as the sockets FORK and SPARE carry do).
+                through = _frame_bytes(P.items_frame(P.ARG, ["through"]))
+                arrived.sendall(through)
+                assert _recv_exactly(keep, len(through)) == through
+                back = _frame_bytes(P.run_frame("m:f")) + b"back"
+                keep.sendall(back)
+                assert _recv_exactly(arrived, len(back)) == back
+
+
+def test_a_header_split_over_two_reads_still_gets_its_descriptor(ends: tuple[End, End]) -> None:
+    caller, remote = ends
+    with caller.open("serve") as user:
+        peer = _peer_socket(remote)
+        keep, send = socket.socketpair()
+        with keep:
+            fh = _frame_bytes(P.fh_frame(1))
+            user.sendmsg([fh[:5]], _fd(send.fileno()))  # descriptors come with the header's first bytes
+            send.close()
+            threading.Event().wait(0.05)  # let the relay read the piece on its own
+            user.sendall(fh[5:])
+            peer.settimeout(10)
+            data, anc, _, _ = peer.recvmsg(100, socket.CMSG_SPACE(4))
+            assert len(anc) == 1
+            while len(data) < len(fh):
+                data += peer.recv(100)
+            assert data == fh
+            os.close(int.from_bytes(anc[0][2][:4], "little"))
+
+
+def test_after_run_the_stream_is_the_users(ends: tuple[End, End]) -> None:
+    caller, remote = ends
+    with caller.open("serve") as user:
+        peer = _peer_socket(remote)
+        run = _frame_bytes(P.run_frame("m:f"))
+        user.sendall(run + b"ab")  # not a header: the user's bytes, passed on at once
+        assert _recv_exactly(peer, len(run) + 2) == run + b"ab"
+
+
+def test_a_descriptor_that_is_not_a_unix_stream_socket_breaks_the_channel(ends: tuple[End, End]) -> None:
+    caller, remote = ends
+    with caller.open("serve") as user:
+        peer = _peer_socket(remote)
+        r, w = os.pipe()
+        try:
+            user.sendmsg([_frame_bytes(P.fh_frame(1))], _fd(r))
+        finally:
+            os.close(r)
+            os.close(w)
+        peer.settimeout(10)
+        assert peer.recv(10) == b""  # broken, not delivered without its descriptor
+
+
+def test_the_end_of_the_connection_closes_every_channel(ends: tuple[End, End]) -> None:
+    caller, remote = ends
+    user = caller.open("raw")
+    with user:
+        peer = _peer_socket(remote)
+        caller.conn.shutdown(socket.SHUT_RDWR)
+        peer.settimeout(10)
+        user.settimeout(10)
+        assert peer.recv(10) == b""
+        assert user.recv(10) == b""
+    assert any(c.startswith(b"DISCONNECTED") for c in remote.controls)
+
+
+def test_a_reader_that_never_reads_bounds_what_the_relays_hold(ends: tuple[End, End]) -> None:
+    caller, remote = ends
+    with caller.open("raw") as user:
+        _peer_socket(remote)  # opened, and never read
+        user.setblocking(False)
+        chunk = b"z" * 65536
+        written = 0
+        for _ in range(2000):  # a bound: the kernel's buffers are far smaller than this
+            try:
+                written += user.send(chunk)
+            except BlockingIOError:
+                threading.Event().wait(0.05)  # let the relay take what it will
+                try:
+                    written += user.send(chunk)
+                except BlockingIOError:
+                    break
+        (ch,) = caller.relay.locals
+        # Held in the caller's relay: at most one read beyond the window.
+        assert caller.relay.mux.pending(ch) <= M.WINDOW + (1 << 16)
+        assert written < 100 * (1 << 20)  # the user was made to wait, not buffered without end
