@@ -43,10 +43,87 @@ def test_resolve_module_colon_name() -> None:
     assert _serve.resolve("helpers:Greeter.hello", {}) is Greeter.hello
 
 
-def test_resolve_dotted_takes_the_longest_importable_module_prefix() -> None:
+def test_resolve_dotted_walks_modules_then_attributes() -> None:
     assert _serve.resolve("os.path.join", {}) is os.path.join
     assert _serve.resolve("helpers.Greeter.hello", {}) is Greeter.hello
     assert _serve.resolve("email.message.Message.get", {}) is __import__("email.message").message.Message.get
+
+
+def test_resolve_dotted_name_makes_no_failed_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 9: "socket.socket.close" tried to import socket.socket.close and
+    socket.socket (each a search of sys.path) before it found socket."""
+    import builtins
+    import email.message
+
+    real = builtins.__import__
+    tried: list[str] = []
+
+    def recording(name: str, *args: object, **kwargs: object) -> object:
+        tried.append(name)
+        return real(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", recording)
+    assert _serve.resolve("socket.socket.close", {}) is socket.socket.close
+    assert _serve.resolve("os.path.join", {}) is os.path.join
+    assert _serve.resolve("email.message.Message.get", {}) is email.message.Message.get
+    assert tried == []  # all of them were loaded: nothing to import at all
+
+
+def test_resolve_dotted_imports_the_submodules_it_needs_and_only_those(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import builtins
+
+    pkg = f"pkg_{uuid.uuid4().hex}"
+    (tmp_path / pkg / "sub").mkdir(parents=True)
+    (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / pkg / "sub" / "__init__.py").write_text("")
+    (tmp_path / pkg / "sub" / "mod.py").write_text("class C:\n    @staticmethod\n    def f(sock): pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real = builtins.__import__
+    failed: list[str] = []
+
+    def recording(name: str, *args: object, **kwargs: object) -> object:
+        try:
+            return real(name, *args, **kwargs)  # type: ignore[arg-type]
+        except ImportError:
+            failed.append(name)
+            raise
+
+    monkeypatch.setattr(builtins, "__import__", recording)
+    try:
+        f = _serve.resolve(f"{pkg}.sub.mod.C.f", {})
+    finally:
+        monkeypatch.setattr(builtins, "__import__", real)
+    assert f is sys.modules[f"{pkg}.sub.mod"].C.f  # type: ignore[attr-defined]
+    assert failed == []
+    for mod in [m for m in sys.modules if m == pkg or m.startswith(pkg + ".")]:
+        del sys.modules[mod]
+
+
+def test_resolve_dotted_missing_names_raise_attribute_error() -> None:
+    with pytest.raises(AttributeError):
+        _serve.resolve("os.no_such_attribute_x", {})  # os is a module, not a package
+    with pytest.raises(AttributeError):
+        _serve.resolve("email.no_such_name_x", {})  # a package: no such submodule either
+    with pytest.raises(AttributeError):
+        _serve.resolve("socket.socket.no_such_method_x", {})
+
+
+def test_resolve_does_not_hide_a_broken_submodule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pkg = f"pkg_{uuid.uuid4().hex}"
+    dep = f"missingdep_{uuid.uuid4().hex}"
+    (tmp_path / pkg).mkdir()
+    (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / pkg / "bad.py").write_text(f"import {dep}\ndef f(sock): pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(ModuleNotFoundError) as info:
+            _serve.resolve(f"{pkg}.bad.f", {})
+        assert info.value.name == dep
+    finally:
+        for mod in [m for m in sys.modules if m == pkg or m.startswith(pkg + ".")]:
+            del sys.modules[mod]
 
 
 def test_resolve_bare_name_comes_from_the_namespace() -> None:

@@ -167,38 +167,66 @@ def _import(modname: str) -> object:
     return module
 
 
+_MISSING = object()
+
+
 def resolve(name: str, namespace: dict[str, object]) -> Callable[..., object]:
-    """Find the function ``run`` names: "mod:attr", "pkg.mod.attr" or "name"."""
+    """Find the function ``run`` names: "mod:attr", "pkg.mod.attr" or "name".
+
+    A dotted name is walked forward from its first component, which must be
+    a module, as ``pkgutil.resolve_name`` does: each next component is the
+    submodule already in sys.modules, else an attribute, else (on a
+    package) a submodule to import.  So "socket.socket.close" imports
+    nothing when socket is loaded, and never tries "socket.socket.close" or
+    "socket.socket" as modules: a failed import searches the whole sys.path,
+    and in a freshly forked process each step of it is copy-on-write faults.
+    """
     if ":" in name:
         modname, _, attrs = name.partition(":")
         obj: object = _import(modname)
         path = attrs.split(".")
     else:
-        parts = name.split(".")
-        if len(parts) == 1:
+        path = name.split(".")
+        modname = path[0]
+        if len(path) == 1:
             if name in namespace:
                 return namespace[name]  # type: ignore[return-value]
             import builtins
 
             return getattr(builtins, name)  # type: ignore[no-any-return]
-        obj = None
-        for i in range(len(parts) - 1, 0, -1):
-            modname = ".".join(parts[:i])
-            if modname == "__main__":
-                obj = sys.modules["__main__"]
-                break
-            try:
-                obj = _import(modname)
-            except ModuleNotFoundError as e:
-                # Only "that prefix isn't a module" means try a shorter one;
-                # a module that exists but fails to import is a real error.
-                if e.name is None or not (modname == e.name or modname.startswith(e.name + ".")):
-                    raise
-                continue
-            break
-        else:
-            raise ModuleNotFoundError(f"no module found for {name!r}", name=parts[0])
-        path = parts[i:]
+        try:
+            obj = _import(modname)
+        except ModuleNotFoundError as e:
+            if e.name != modname:
+                raise  # it exists, and failed to import: that is the error
+            raise ModuleNotFoundError(f"no module found for {name!r}", name=modname) from None
+        modules = sys.modules
+        module_type = type(sys)
+        rest = 1  # path[:rest] is walked
+        while rest < len(path):
+            attr = path[rest]
+            sub = modname + "." + attr
+            found = modules.get(sub)
+            if found is None:
+                found = getattr(obj, attr, _MISSING)
+                if found is _MISSING:
+                    if not hasattr(obj, "__path__"):
+                        break  # not a package: the getattr below says what is missing
+                    try:
+                        found = _import(sub)
+                    except ModuleNotFoundError as e:
+                        if e.name != sub:
+                            raise  # a submodule that exists but fails to import
+                        break
+                elif not isinstance(found, module_type):
+                    obj = found
+                    rest += 1
+                    break  # past the modules: the rest are attributes
+                else:
+                    sub = getattr(found, "__name__", sub)  # a module bound under another name
+            obj, modname = found, sub
+            rest += 1
+        path = path[rest:]
     for attr in path:
         obj = getattr(obj, attr)
     if not callable(obj):
@@ -369,6 +397,7 @@ def _rehearse_child(namespace: dict[str, object]) -> None:
         for name in names:
             getattr(obj, name, None)
     resolve("builtins:id", namespace)
+    resolve("builtins.id", namespace)  # the dotted walk, as "socket.socket.close" takes it
     P.decode_text(b"x")
     int.from_bytes(b"\x01", "little")
 
