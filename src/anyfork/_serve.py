@@ -206,7 +206,7 @@ def resolve(name: str, namespace: dict[str, object]) -> Callable[..., object]:
         while rest < len(path):
             attr = path[rest]
             sub = modname + "." + attr
-            found = modules.get(sub)
+            found: object = modules.get(sub)
             if found is None:
                 found = getattr(obj, attr, _MISSING)
                 if found is _MISSING:
