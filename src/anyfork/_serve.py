@@ -88,16 +88,9 @@ _FD = __import__("struct").Struct("i")
 _NO_FDS: list[int] = []
 
 # A process's first command read without a decoder (see _first_command): the
-# header of a RUN frame carrying no descriptors, and the longest name taken.
+# longest RUN name taken that way.
 _HSIZE = P.HEADER.size
-_RUN_PREFIX = P.HEADER.pack(P.VERSION, P.RUN, 0, 0)[:4]
 _FIRST_RUN_MAX = 4096
-
-# The socket.socket a forked child's function gets, made ready by its template
-# before the fork (see Server._child_socket): making one costs a new process
-# some thirty copy-on-write faults, re-initialising this one costs the
-# template a C call.  None until the process first forks, and in a child.
-_child_sock: socket.socket | None = None
 
 
 def _stdlib_socket_class(cls: object) -> bool:
@@ -110,6 +103,9 @@ def _stdlib_socket_class(cls: object) -> bool:
 
 
 def _recv(sock: Sock, n: int) -> tuple[bytes, list[int]]:
+    """Up to ``n`` bytes and the descriptors that came with them: the serve
+    side's one recvmsg.  The list is shared when empty: don't change it.
+    Raises _CorruptError if descriptors were lost (MSG_CTRUNC)."""
     data, anc, flags, _ = sock.recvmsg(n, _ANC_SPACE, _RECV_FLAGS)
     if not anc and not flags & _CTRUNC:
         return data, _NO_FDS
@@ -399,6 +395,7 @@ def _rehearse_child(namespace: dict[str, object]) -> None:
     resolve("builtins:id", namespace)
     resolve("builtins.id", namespace)  # the dotted walk, as "socket.socket.close" takes it
     P.decode_text(b"x")
+    P.match_run(P.HEADER.pack(P.VERSION, P.RUN, 0, 1))
     int.from_bytes(b"\x01", "little")
 
 
@@ -409,12 +406,12 @@ def _on_sigchld(signum: int, frame: object) -> None:
 class Server:
     """One process's serve loop.  ``serve()`` never returns."""
 
-    __slots__ = ("decoder", "inherited_signals", "items", "namespace", "pid", "sock", "template",
-                 "user_code")
+    __slots__ = ("child_sock", "decoder", "inherited_signals", "items", "namespace", "pid", "sock",
+                 "template", "user_code")
 
     def __init__(self, sock: Sock) -> None:
         self.sock = sock
-        self.decoder = P.Decoder(P.COMMANDS)
+        self.decoder = P.Decoder(P.COMMAND_TABLE)
         self.items: list[object] = []
         self.namespace: dict[str, object] = sys.modules["__main__"].__dict__
         self.template: _Template | None = None
@@ -429,6 +426,12 @@ class Server:
         # program that forked itself): stdio may hold output to flush before
         # each fork.  Only main() knows better, and says so.
         self.user_code = True
+        # The socket.socket a forked child's function gets, made ready by this
+        # template before the fork (see _child_socket): making one costs a new
+        # process some thirty copy-on-write faults, re-initialising this one
+        # costs the template a C call.  None until the process first forks,
+        # and in a child.
+        self.child_sock: socket.socket | None = None
 
     # --- reading -------------------------------------------------------------
 
@@ -482,49 +485,37 @@ class Server:
         the template made.  Any other command goes to the decoder, as read.
         """
         ready = None if type(sock) is Sock else sock  # a socket.socket the template made
-        data, anc, flags, _ = sock.recvmsg(_HSIZE, _ANC_SPACE, _RECV_FLAGS)
-        fds = _fds_of(anc, flags) if anc or flags & _CTRUNC else _NO_FDS
-        if not fds and len(data) == _HSIZE and data.startswith(_RUN_PREFIX):
-            length = int.from_bytes(data[4:], "little")
-            if length <= _FIRST_RUN_MAX:
-                payload = b""
-                while len(payload) < length:
-                    more, anc, flags, _ = sock.recvmsg(length - len(payload), _ANC_SPACE, _RECV_FLAGS)
-                    if anc or flags & _CTRUNC:
-                        P.close_fds(_fds_of(anc, flags))
-                        raise _CorruptError("descriptors on a command that takes none")
-                    if not more:
-                        break
-                    payload += more
-                if len(payload) == length:
-                    self.run(P.decode_text(payload), ready)
-                data += payload
+        data, fds = _recv(sock, _HSIZE)
+        length = P.match_run(data)
+        if 0 <= length <= _FIRST_RUN_MAX and not fds:
+            payload = b""
+            while len(payload) < length:
+                more, fds = _recv(sock, length - len(payload))
+                if fds:
+                    P.close_fds(fds)
+                    raise _CorruptError("descriptors on a command that takes none")
+                if not more:
+                    break
+                payload += more
+            if len(payload) == length:
+                self.run(P.decode_text(payload), ready)
+            data += payload
         if ready is not None:
             self.sock = _blocking(Sock(fileno=Sock.detach(sock)))
-        self.decoder = P.Decoder(P.COMMANDS)
+        self.decoder = P.Decoder(P.COMMAND_TABLE)
         self.decoder.feed(data, fds)
 
     def handle(self, frame: P.Frame) -> None:
+        """Serve one command.  The decoder has checked its shape against the
+        command table: only FH, FORK and SPAWN come with descriptors."""
         kind = frame.kind
         if kind in (P.FORK, P.SPAWN):
             self.fork(frame)
-            return
-        if frame.fds and kind != P.FH:
-            frame.close()
-            raise _CorruptError("descriptors on a command that takes none")
-        if kind == P.RUN:
+        elif kind == P.RUN:
             self.run(P.decode_text(frame.payload))
-        if kind == P.KILL:
-            seq, sig = P.decode_kill(frame.payload)
-            tpl = self.template
-            pid = tpl.pid_of.get(seq) if tpl is not None else None
-            if pid is not None:  # not yet reaped, so the pid is still our child's
-                try:
-                    os.kill(pid, sig)
-                except OSError:
-                    pass
-            return
-        if kind == P.FH:
+        elif kind == P.KILL:
+            self.kill(*P.decode_kill(frame.payload))
+        elif kind == P.FH:
             fds, frame.fds = frame.fds, []
             for i, fd in enumerate(fds):
                 try:
@@ -536,12 +527,22 @@ class Server:
             self.items.extend(P.decode_items(frame.payload))
         elif kind == P.PATH:
             sys.path[:] = P.decode_strs(frame.payload)
-        elif kind in (P.SITE, P.REQUIRE, P.EVAL):
+        else:  # SITE, REQUIRE, EVAL
             self.user_code = True
             before = _signal_state()
             self._run_code(kind, frame)
             if _signal_state() != before:
                 self.inherited_signals = True  # run() resets every signal, as for a program's
+
+    def kill(self, seq: int, sig: int) -> None:
+        """KILL: signal a process this template forked, if not yet reaped."""
+        tpl = self.template
+        pid = tpl.pid_of.get(seq) if tpl is not None else None
+        if pid is not None:  # not yet reaped, so the pid is still our child's
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
 
     def _run_code(self, kind: int, frame: P.Frame) -> None:
         """SITE, REQUIRE or EVAL: the commands that run code not anyfork's."""
@@ -557,7 +558,7 @@ class Server:
         elif kind == P.REQUIRE:
             for module in P.decode_strs(frame.payload):
                 __import__(module)
-        elif kind == P.EVAL:
+        else:
             items = P.decode_items(frame.payload)
             if not items or not isinstance(items[0], str):
                 raise _CorruptError("eval without code")
@@ -617,8 +618,7 @@ class Server:
         template, and each such page costs a copy-on-write fault (a few
         microseconds): the steps here are a few C calls.
         """
-        global _child_sock
-        _child_sock = None  # this process's own socket now: not to be re-initialised
+        self.child_sock = None  # this process's own socket now: not to be re-initialised
         # Ours from the first step: an error from here on ends this process
         # (serve's handlers), never drains the template's socket.
         self.pid = os.getpid()
@@ -642,14 +642,14 @@ class Server:
         a socketpair made here, so the kernel need not be asked what it is.
         Raises OSError if ``fd`` is no socket; ``fd`` is then still the caller's.
         """
-        global _child_sock
         family, kind, proto = (_socket.AF_UNIX, _socket.SOCK_STREAM, 0) if known else (-1, -1, -1)
         cls = socket.socket
-        if _child_sock is not None and type(_child_sock) is cls:
-            sock: Sock = _child_sock
+        ready = self.child_sock
+        if ready is not None and type(ready) is cls:
+            sock: Sock = ready
             Sock.__init__(sock, family, kind, proto, fd)
         elif _stdlib_socket_class(cls):
-            sock = _child_sock = cls(family, kind, proto, fd)
+            sock = self.child_sock = cls(family, kind, proto, fd)
         else:
             sock = Sock(family, kind, proto, fd)  # see _stdlib_socket_class
         try:
@@ -745,7 +745,7 @@ class Server:
         _rehearse_child(self.namespace)  # code run since may have pushed those entries out
         sock = self.sock
         sock_fd = sock.fileno()
-        recvmsg = sock.recvmsg
+        recv = _recv
         wake_r = tpl.wake_r
         feed = self.decoder.feed
         poller = tpl.poller
@@ -758,12 +758,9 @@ class Server:
         poll = poller.poll
         reports_fd = tpl.reports.fileno()
         hsize = P.HEADER.size
-        unpack_header = P.HEADER.unpack
-        fork_kind = P.FORK
-        spawn_kind = P.SPAWN
+        match_fork = P.match_fork
         fork_size = P.FORK_PAYLOAD.size
-        unpack_fork = P.FORK_PAYLOAD.unpack
-        version = P.VERSION
+        match_payload = P.match_fork_payload
         while True:
             if bool(tpl.backlog) != tpl.watching_out:
                 tpl.watching_out = not tpl.watching_out
@@ -785,26 +782,16 @@ class Server:
             if not readable:
                 continue
             tpl.unreaped_commands += 1
-            data, anc, flags, _ = recvmsg(hsize, _ANC_SPACE, _RECV_FLAGS)
-            fds = _fds_of(anc, flags) if anc or flags & _CTRUNC else _NO_FDS
-            if len(data) != hsize or (data[1] != fork_kind and data[1] != spawn_kind):
+            data, fds = recv(sock, hsize)
+            want_fds = match_fork(data)  # 1: FORK, 0: SPAWN, -1: neither
+            if want_fds < 0 or len(fds) != want_fds:
                 feed(data, fds)
                 return
-            ver, kind, nfds, length = unpack_header(data)
-            want_fds = 1 if kind == fork_kind else 0
-            if ver != version or nfds != want_fds or len(fds) != want_fds or length != fork_size:
-                feed(data, fds)
-                return
-            payload, anc, flags, _ = recvmsg(length, _ANC_SPACE, _RECV_FLAGS)
-            more = _fds_of(anc, flags) if anc or flags & _CTRUNC else _NO_FDS
-            if len(payload) != length or more:
+            payload, more = recv(sock, fork_size)
+            seq = match_payload(payload)
+            if seq < 0 or more:
                 feed(data, fds)
                 feed(payload, more)
-                return
-            seq, flags = unpack_fork(payload)
-            if flags:
-                feed(data, fds)
-                feed(payload)
                 return
             if want_fds:
                 self._fork_for(seq, fds[0])
@@ -812,7 +799,6 @@ class Server:
                 self._spawn(seq)
             if self.template is None:
                 return  # the child of a fork
-
     # --- run -----------------------------------------------------------------
 
     def run(self, name: str, sock: Sock | None = None) -> NoReturn:
@@ -854,7 +840,7 @@ _CHILD_LOOKUPS: tuple[tuple[object, tuple[str, ...]], ...] = (
     (socket.socket, ("close", "detach", "recvmsg", "recv", "fileno", "gettimeout")),
     (_Template, ("close", "wake_r", "wake_w", "reports", "backlog")),
     (Server, ("template", "sock", "_child", "_first_command", "run", "namespace", "items",
-              "inherited_signals", "decoder")),
+              "inherited_signals", "decoder", "child_sock", "pid")),
     (bytes, ("startswith", "decode")),
     (str, ("partition", "split")),
     (dict, ("get",)),
@@ -864,7 +850,7 @@ _CHILD_LOOKUPS: tuple[tuple[object, tuple[str, ...]], ...] = (
     (atexit, ("_clear", "_run_exitfuncs")),
     (_signal, ("set_wakeup_fd", "signal", "SIGCHLD", "SIGINT", "SIG_DFL", "SIG_IGN",
                "default_int_handler", "pthread_sigmask", "SIG_SETMASK", "valid_signals")),
-    (P, ("decode_text", "ProtocolError")),
+    (P, ("decode_text", "match_run", "ProtocolError")),
 )
 
 
