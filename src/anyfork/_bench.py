@@ -548,7 +548,7 @@ def _stale_bytecode() -> list[str]:
 
     here = os.path.dirname(os.path.abspath(__file__))
     stale = []
-    for name in ("_serve", "_protocol"):
+    for name in ("_boot", "_serve", "_protocol"):
         src = os.path.join(here, name + ".py")
         try:
             st = os.stat(src)

@@ -17,12 +17,8 @@ import sysconfig
 
 from ._errors import Error
 
-#: Set to the path of a Python interpreter to override the one anyfork finds.
-#: The ``ANYFORK_PYTHON`` environment variable does the same; this wins.
-PYTHON: str | None = None
-
 FROZEN_MARKER = "--anyfork-serve"
-_BIND_MARK = "ANYFORK_UNSET_BIND_NOW"  # read and removed by _serve.main
+_BIND_MARK = "ANYFORK_UNSET_BIND_NOW"  # read and removed by _boot.main
 CHILD_FD = 3
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -191,7 +187,7 @@ def command(path: list[str]) -> list[str]:
         "import sys\n"
         f"m = type(sys)('anyfork'); m.__path__ = [{_PKG_DIR!r}]; m.__anyfork_stub__ = True\n"
         "sys.modules['anyfork'] = m\n"
-        "from anyfork._serve import main\n"
+        "from anyfork._boot import main\n"
         f"main({CHILD_FD})\n"
     )
     args = [python, *_flag_args()]
@@ -259,6 +255,6 @@ def freeze_support() -> None:
     never returns; everywhere else it does nothing.
     """
     if getattr(sys, "frozen", False) and len(sys.argv) >= 3 and sys.argv[1] == FROZEN_MARKER:
-        from ._serve import main
+        from ._boot import main
 
         main(int(sys.argv[2]))
