@@ -10,6 +10,7 @@ captured stdio; the default template's stdio is the session's.
 from __future__ import annotations
 
 import array
+import ast
 import io
 import os
 import signal
@@ -22,8 +23,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 import anyfork
+from anyfork import _exec, _serve
 from anyfork import _protocol as wire
-from anyfork import _serve
 from helpers import Greeter, finish, outcome, read_all, result, wait_exited
 
 if TYPE_CHECKING:
@@ -634,3 +635,135 @@ def test_every_lookup_a_template_makes_for_its_children_exists() -> None:
     for obj, names in _serve._CHILD_LOOKUPS:
         for name in names:
             assert hasattr(obj, name), (obj, name)
+
+
+# --- over a pipe pair, loaded from source -----------------------------------------------------
+
+
+def _frames(*frames: list[wire.Buffer]) -> bytes:
+    return b"".join(bytes(b) for f in frames for b in f)
+
+
+def start_over_pipes(tmp_path: Path) -> subprocess.Popen[bytes]:
+    """A serve loop the way a remote host would get one: ``python -S -I``, no
+    environment, cwd elsewhere, so no anyfork anywhere on its path; the
+    loop's modules arrive on stdin."""
+    program, preamble = _exec.pipe_bootstrap()
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir(exist_ok=True)
+    err = open(tmp_path / "stderr", "wb")  # closed by the caller through proc
+    proc = subprocess.Popen(["env", "-i", sys.executable, "-S", "-I", "-c", program], cwd=cwd,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+    err.close()
+    assert proc.stdin is not None
+    proc.stdin.write(preamble)
+    return proc
+
+
+def finish_over_pipes(proc: subprocess.Popen[bytes], tmp_path: Path) -> tuple[bytes, int, str]:
+    """Close stdin; what came on stdout, the status and stderr."""
+    try:
+        out, _ = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return out, proc.returncode, (tmp_path / "stderr").read_text()
+
+
+PIPE_FUNCTION = '''
+import os, sys
+def talk(sock, *args):
+    line = b""
+    while not line.endswith(b"\\n"):
+        line += sock.recv(100)
+    import helper_for_pipes
+    print("printed by the function")  # stdout is stderr here: never in the stream
+    facts = {
+        "args": args, "line": line, "loaded": helper_for_pipes.LOADED, "path": sys.path[:1],
+        "anyfork": sorted(n for n in sys.modules if "anyfork" in n),
+        "no_site": sys.flags.no_site, "sock": type(sock).__name__,
+    }
+    sock.sendall(repr(facts).encode())
+    sock.shutdown(1)
+    while sock.recv(100):
+        pass
+'''
+
+
+def test_the_serve_loop_runs_over_a_pipe_pair_from_source_with_no_anyfork_on_its_path(tmp_path: Path) -> None:
+    """Issue 9: the loop and the protocol load from source strings and serve
+    a stream with no descriptor passing; the function talks over the pipes."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "helper_for_pipes.py").write_text("LOADED = 'yes'\n")
+    proc = start_over_pipes(tmp_path)
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    proc.stdin.write(_frames(
+        wire.items_frame(wire.PATH, [str(lib)]),
+        wire.items_frame(wire.REQUIRE, ["helper_for_pipes"]),
+        wire.items_frame(wire.EVAL, [PIPE_FUNCTION]),
+        wire.items_frame(wire.ARG, ["text", b"\x00bytes"]),
+        wire.run_frame("talk"),
+    ) + b"a line for the function\n")
+    proc.stdin.flush()
+    out = proc.stdout.read1(1 << 16)  # the function answers before our end closes
+    while not out.endswith(b"}"):
+        more = proc.stdout.read1(1 << 16)
+        assert more, out
+        out += more
+    facts = ast.literal_eval(out.decode())
+    _, status, err = finish_over_pipes(proc, tmp_path)
+    assert status == 0, err
+    assert facts == {
+        "args": ("text", b"\x00bytes"), "line": b"a line for the function\n", "loaded": "yes",
+        "path": [str(lib)],
+        "anyfork": ["_anyfork_remote", "_anyfork_remote._protocol", "_anyfork_remote._serve"],
+        "no_site": 1, "sock": "PipeSocket",
+    }
+    assert "printed by the function" in err
+
+
+def test_anyfork_is_not_importable_where_the_pipe_loop_runs(tmp_path: Path) -> None:
+    """The check the test above relies on: the loop did not come from disk."""
+    proc = start_over_pipes(tmp_path)
+    assert proc.stdin is not None
+    proc.stdin.write(_frames(
+        wire.items_frame(wire.EVAL, [
+            "import importlib.util, sys\n"
+            "def where(sock):\n"
+            "    sock.sendall(repr(importlib.util.find_spec('anyfork')).encode())\n"]),
+        wire.run_frame("where"),
+    ))
+    out, status, err = finish_over_pipes(proc, tmp_path)
+    assert (out, status) == (b"None", 0), err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [_frames(wire.fork_frame(1, True)), _frames(wire.spawn_frame(1, False)), _frames(wire.fh_frame(1))],
+    ids=["FORK", "SPAWN", "FH"],
+)
+def test_a_pipe_loop_refuses_commands_that_carry_descriptors(tmp_path: Path, command: bytes) -> None:
+    """No descriptor can cross a pipe: the header alone is refused, with a
+    clear message and status 2, and nothing queued behind it runs."""
+    marker = tmp_path / "ran"
+    proc = start_over_pipes(tmp_path)
+    assert proc.stdin is not None
+    proc.stdin.write(command + _frames(wire.items_frame(wire.EVAL, [f"open({str(marker)!r}, 'w').close()"])))
+    out, status, err = finish_over_pipes(proc, tmp_path)
+    name = wire.NAMES[command[1]]
+    assert (out, status) == (b"", 2)
+    assert f"anyfork: command refused: {name} carries descriptors, which a pipe pair can't" in err
+    assert "Traceback" not in err
+    assert not marker.exists()
+
+
+def test_a_pipe_loop_reports_garbage_as_a_corrupted_stream(tmp_path: Path) -> None:
+    proc = start_over_pipes(tmp_path)
+    assert proc.stdin is not None
+    proc.stdin.write(b"\xff" * 40)
+    out, status, err = finish_over_pipes(proc, tmp_path)
+    assert (out, status) == (b"", 2)
+    assert "anyfork: stream corrupted" in err

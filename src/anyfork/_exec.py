@@ -231,6 +231,34 @@ def spawn(child_fd: int, path: list[str]) -> int:
             os.close(fd)
 
 
+# -- a serve loop from source -------------------------------------------------------
+
+#: The modules of the serve loop, in the order they must be built.
+SERVE_MODULES = ("_protocol", "_serve")
+
+
+def pipe_bootstrap() -> tuple[str, bytes]:
+    """What starts a serve loop where anyfork isn't installed, over a pipe pair.
+
+    Returns ``(program, preamble)``: run ``[python, "-S", "-c", program]``
+    (on a remote host: through ssh), write ``preamble`` on its stdin, then
+    the commands, encoded with ``_protocol``.  The program is ``_stage1``: it
+    reads the serve loop's modules from the preamble, builds them in memory
+    and serves stdin and stdout (see ``_serve.serve_pipes``).  Commands that
+    carry descriptors (``send_fh``, ``fork``) are refused there.  After RUN
+    the function talks to the caller over the same two pipes.
+    """
+    with open(os.path.join(_PKG_DIR, "_stage1.py"), encoding="utf-8") as f:
+        program = f.read()
+    parts = [len(SERVE_MODULES).to_bytes(4, "little")]
+    for name in SERVE_MODULES:
+        with open(os.path.join(_PKG_DIR, name + ".py"), "rb") as f:
+            source = f.read()
+        encoded = name.encode()
+        parts += [len(encoded).to_bytes(4, "little"), encoded, len(source).to_bytes(8, "little"), source]
+    return program, b"".join(parts)
+
+
 _SIGNALS: tuple[int, ...] | None = None
 
 

@@ -2,16 +2,20 @@
 
 Theory of operation
 -------------------
-A process starts in one of three ways: exec'd fresh by ``new_exec`` (``main``
-below, reached through a one-line bootstrap that imports only this module
-and ``_protocol``), forked by a template serving a ``FORK`` command (the
+A process starts in one of four ways: exec'd fresh by ``new_exec``
+(``_boot.main``, reached through a one-line bootstrap that imports only that
+module, this one and ``_protocol``), started over a pipe pair with this
+module and ``_protocol`` sent as source (``serve_pipes``, see ``_stage1``;
+no descriptor passing there, so no FH, FORK or SPAWN), forked by a template
+serving a ``FORK`` command (the
 caller made the socketpair and sent one end along), or forked ahead by a
 template serving ``SPAWN`` (the template made the socketpair and sends the
 caller its end with the pid, so the process is ready before it is asked
 for).  In each case it ends up in
-``Server.serve``, reading commands from its socket one frame at a time and
-never past the frame it is working on: after ``RUN`` the socket belongs to
-the user's function, byte for byte.
+``Server.serve``, reading commands from its transport (a socket, or a
+``PipeSocket``) one frame at a time and never past the frame it is working
+on: after ``RUN`` the transport belongs to the user's function, byte for
+byte.
 
 Commands change the process's state (``sys.path``, imported modules, the
 ``__main__`` namespace, the list of arguments for ``run``).  ``FORK`` clones
@@ -403,15 +407,120 @@ def _on_sigchld(signum: int, frame: object) -> None:
     pass  # the wakeup fd does the work; the loop reaps
 
 
+# --- transports -----------------------------------------------------------------------
+#
+# The loop reads its commands from a *transport*: an object with the few
+# socket methods it uses (recvmsg, fileno, setblocking, detach or close).
+# A local AF_UNIX socket is one as it is, and passes descriptors with
+# SCM_RIGHTS.  A PipeSocket is one over a pair of pipes (ssh's stdin and
+# stdout): bytes only, so a process served over it refuses FH, FORK and
+# SPAWN at their header ("command refused", status 2).  After RUN, the
+# function gets the transport to talk over: a socket.socket made of the
+# socket, or the PipeSocket itself.
+
+
+class PipeSocket:
+    """A byte stream over two pipe ends, with the socket methods the serve
+    loop and a function usually call.
+
+    ``recv``/``recvmsg`` read the read end, ``send``/``sendall`` write the
+    write end; ``shutdown(SHUT_WR)`` closes the write end, so the peer reads
+    EOF; ``close`` closes both.  It owns both descriptors.  No descriptor
+    passing: ``recvmsg`` never returns ancillary data.
+    """
+
+    __slots__ = ("_r", "_w")
+
+    def __init__(self, rfd: int, wfd: int) -> None:
+        self._r = rfd
+        self._w = wfd
+
+    def fileno(self) -> int:
+        return self._r
+
+    def recvmsg(
+        self, bufsize: int, ancbufsize: int = 0, flags: int = 0
+    ) -> tuple[bytes, list[Any], int, None]:
+        return os.read(self._r, bufsize), [], 0, None  # the loop's read: never any descriptors
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        return os.read(self._r, bufsize)
+
+    def send(self, data: bytes, flags: int = 0) -> int:
+        return os.write(self._w, data)
+
+    def sendall(self, data: bytes, flags: int = 0) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[os.write(self._w, view) :]
+
+    def setblocking(self, flag: bool) -> None:
+        os.set_blocking(self._r, flag)
+
+    def shutdown(self, how: int) -> None:
+        if how in (_socket.SHUT_WR, _socket.SHUT_RDWR) and self._w >= 0:
+            os.close(self._w)
+            self._w = -1
+        if how in (_socket.SHUT_RD, _socket.SHUT_RDWR) and self._r >= 0:
+            os.close(self._r)
+            self._r = -1
+
+    def close(self) -> None:
+        # -1 once closed: a stale number then raises EBADF, never hits a file
+        # that has the number since.
+        fds, self._r, self._w = (self._r, self._w), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+
+    def __enter__(self) -> PipeSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def serve_pipes(rfd: int = 0, wfd: int = 1) -> NoReturn:
+    """Serve commands read from ``rfd``; reply to nobody until RUN.
+
+    The entry point of a process whose caller reaches it over a pipe pair
+    (``_stage1`` calls it with its stdin and stdout).  The function that RUN
+    names gets a ``PipeSocket`` over ``rfd``/``wfd``.  When those are stdin
+    and stdout, the loop moves them to descriptors of its own and leaves
+    stdin reading /dev/null and stdout writing to stderr, so that what code
+    run here prints can't land in the stream.
+    """
+    r, w = os.dup(rfd), os.dup(wfd)  # close-on-exec, and off 0 and 1
+    for fd in {rfd, wfd}:
+        if fd == 0:
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.close(null)
+        elif fd == 1:
+            _flush_stdio()
+            os.dup2(2, 1)
+        elif fd > 2:
+            os.close(fd)
+    os.set_blocking(r, True)
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)  # as _boot.main: run() restores it
+    Server(PipeSocket(r, w), passes_fds=False).serve()
+
+
 class Server:
     """One process's serve loop.  ``serve()`` never returns."""
 
     __slots__ = ("child_sock", "decoder", "inherited_signals", "items", "namespace", "pid", "sock",
                  "template", "user_code")
 
-    def __init__(self, sock: Sock) -> None:
-        self.sock = sock
-        self.decoder = P.Decoder(P.COMMAND_TABLE)
+    def __init__(self, sock: Sock | PipeSocket, passes_fds: bool = True) -> None:
+        """``sock``: the transport, a socket (of whatever class socket.socket
+        is: gevent's is no _socket.socket) or a ``PipeSocket``;
+        ``passes_fds``: whether it carries descriptors."""
+        self.sock: Sock = sock  # type: ignore[assignment]  # a PipeSocket has what the loop uses
+        # A byte stream without descriptor passing refuses the commands that
+        # carry descriptors at their header (see P.without_fds).
+        table = P.COMMAND_TABLE if passes_fds else P.without_fds(P.COMMAND_TABLE, "a pipe pair")
+        self.decoder = P.Decoder(table)
         self.items: list[object] = []
         self.namespace: dict[str, object] = sys.modules["__main__"].__dict__
         self.template: _Template | None = None
@@ -469,6 +578,9 @@ class Server:
             if os.getpid() != self.pid:
                 sys.__excepthook__(*sys.exc_info())
                 _exit(1)
+            if isinstance(e, P.RefusedError):
+                self.decoder.close()
+                _fail(2, f"anyfork: command refused: {e}", self.sock)
             if isinstance(e, (P.ProtocolError, _CorruptError)):
                 self.decoder.close()
                 _fail(2, f"anyfork: stream corrupted: {e}", self.sock)
@@ -801,7 +913,7 @@ class Server:
                 return  # the child of a fork
     # --- run -----------------------------------------------------------------
 
-    def run(self, name: str, sock: Sock | None = None) -> NoReturn:
+    def run(self, name: str, sock: Sock | PipeSocket | None = None) -> NoReturn:
         """Call the function ``name`` with the socket and the arguments; exit.
 
         ``sock``: the socket.socket a forked child's template made ready;
@@ -814,8 +926,12 @@ class Server:
             self.template = None
         func = resolve(name, self.namespace)
         if sock is None:
-            sock = socket.socket(fileno=self.sock.detach())
-            sock.setblocking(True)
+            stream = self.sock
+            if isinstance(stream, PipeSocket):
+                sock = stream  # the function talks over the pipes as they are
+            else:
+                sock = socket.socket(fileno=stream.detach())
+                sock.setblocking(True)
         _fresh_signals(self.inherited_signals)
         try:
             func(sock, *self.items)
@@ -917,7 +1033,7 @@ def _run_atexit() -> None:
         pass
 
 
-def _exit(code: int, run_atexit: bool = True, sock: Sock | None = None) -> NoReturn:
+def _exit(code: int, run_atexit: bool = True, sock: Sock | PipeSocket | None = None) -> NoReturn:
     if run_atexit:
         _run_atexit()
     _flush_stdio()
