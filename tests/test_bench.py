@@ -52,7 +52,7 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
 
 # The rows a --quick run must produce (its sizes are 0 and 200 MB).
 QUICK_ROWS = {
-    "fork@0", "new@0", "floor", "fork_bare", "fork@200", "new@200",
+    "fork@0", "new@0", "new_dotted", "floor", "fork_bare", "fork@200", "new@200",
     "tplfork", "new_exec", "mp_fork", "mp_forkserver", "mp_spawn",
     "ttfr_pool_cold", "ttfr_anyfork_cold", "ttfr_pool_warm", "ttfr_anyfork_warm",
     "conc_anyfork", "conc_mp_forkserver",

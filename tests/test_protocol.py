@@ -406,6 +406,194 @@ def test_fuzz_garbage_only_raises_protocol_error_and_never_leaks_fds(
     assert not any(is_open(fd) for fd in fed)
 
 
+# --- the command table ------------------------------------------------------------------
+
+
+def test_every_kind_has_a_shape_and_the_kind_sets_are_the_tables() -> None:
+    assert set(wire.COMMAND_TABLE) == wire.COMMANDS
+    assert set(wire.REPORT_TABLE) == wire.REPORTS
+    assert not wire.COMMANDS & wire.REPORTS
+    assert set(wire.NAMES) == wire.COMMANDS | wire.REPORTS
+
+
+@pytest.mark.parametrize(
+    ("kind", "nfds", "length", "ok"),
+    [
+        (wire.FORK, 1, 9, True), (wire.FORK, 2, 9, True), (wire.FORK, 0, 9, False), (wire.FORK, 1, 8, False),
+        (wire.SPAWN, 0, 9, True), (wire.SPAWN, 1, 9, True), (wire.SPAWN, 2, 9, False),
+        (wire.KILL, 0, 12, True), (wire.KILL, 0, 13, False),
+        (wire.FH, wire.MAX_FDS, 0, True), (wire.FH, 1, 1, False),
+        (wire.RUN, 0, 5000, True), (wire.EVAL, 1, 3, False),
+    ],
+)
+def test_the_decoder_enforces_the_command_tables_shapes(
+    kind: int, nfds: int, length: int, ok: bool
+) -> None:
+    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(nfds)]
+    dec = wire.Decoder(wire.COMMAND_TABLE)
+    dec.feed(header(kind=kind, nfds=nfds, length=length) + bytes(length), fds)
+    try:
+        if ok:
+            frame = dec.next_frame()
+            assert frame is not None
+            assert (frame.kind, len(frame.fds), len(frame.payload)) == (kind, nfds, length)
+            frame.close()
+        else:
+            with pytest.raises(wire.ProtocolError):
+                dec.next_frame()
+            assert not any(is_open(fd) for fd in fds)
+    finally:
+        dec.close()
+
+
+def test_a_table_without_fds_refuses_every_kind_that_carries_them_at_its_header() -> None:
+    table = wire.without_fds(wire.COMMAND_TABLE, "a pipe pair")
+    refused = {kind for kind, shape in table.items() if shape.refused}
+    assert refused == {wire.FH, wire.FORK, wire.SPAWN}
+    for kind in refused:
+        dec = wire.Decoder(table)
+        dec.feed(header(kind=kind, length=9))  # no descriptors can come: refused on the header alone
+        with pytest.raises(wire.RefusedError, match=f"{wire.NAMES[kind]} carries descriptors"):
+            dec.next_frame()
+    dec = wire.Decoder(table)
+    dec.feed(joined(wire.run_frame("f")))
+    frame = dec.next_frame()
+    assert frame is not None
+    assert frame.kind == wire.RUN
+
+
+# --- matchers: the serve loop's fast paths against the Decoder ----------------------------------
+
+# The verdicts: the frame taken (kind, descriptors, payload), "incomplete"
+# (the stream ended first), "error", or None (a matcher declines it).
+Verdict = tuple[int, int, object] | str | None
+
+
+def by_decoder(data: bytes, nfds: int) -> Verdict:
+    """What a Decoder on the command table makes of ``data``, read the way
+    the serve loop reads: a header with whatever descriptors came with it,
+    then what the decoder wants, never past the frame."""
+    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(nfds)]
+    dec = wire.Decoder(wire.COMMAND_TABLE)
+    try:
+        dec.feed(data[: wire.HEADER.size], fds)
+        frame = dec.next_frame()
+        if frame is None and dec.wanted() > 0 and len(data) > wire.HEADER.size:
+            dec.feed(data[wire.HEADER.size : wire.HEADER.size + dec.wanted()])
+            frame = dec.next_frame()
+        if frame is None:
+            return "incomplete"
+        got_fds = len(frame.fds)
+        frame.close()
+        if frame.kind in (wire.FORK, wire.SPAWN):
+            return frame.kind, got_fds, wire.decode_fork(frame.payload)  # what the handler serves
+        return frame.kind, got_fds, frame.payload
+    except wire.ProtocolError:
+        return "error"
+    finally:
+        dec.close()
+        assert not any(is_open(fd) for fd in fds)
+
+
+def by_run_matcher(data: bytes, nfds: int) -> Verdict:
+    """What Server._first_command takes."""
+    length = wire.match_run(data[: wire.HEADER.size])
+    if length < 0 or nfds:
+        return None
+    payload = data[wire.HEADER.size : wire.HEADER.size + length]
+    return (wire.RUN, 0, payload) if len(payload) == length else "incomplete"
+
+
+def by_fork_matcher(data: bytes, nfds: int) -> Verdict:
+    """What Server._template_loop takes."""
+    want = wire.match_fork(data[: wire.HEADER.size])
+    if want < 0 or nfds != want:
+        return None
+    seq = wire.match_fork_payload(data[wire.HEADER.size : wire.HEADER.size + wire.FORK_PAYLOAD.size])
+    if seq < 0:
+        return None
+    return (wire.FORK if want else wire.SPAWN), want, (seq, False)  # served on the current channel
+
+
+_VALID_FRAMES = [
+    (joined(wire.run_frame("helpers:echo")), 0),
+    (joined(wire.run_frame("")), 0),
+    (joined(wire.run_frame("x" * 300)), 0),
+    (joined(wire.fork_frame(7, False)), 1),
+    (joined(wire.fork_frame(2**64 - 1, False)), 1),
+    (joined(wire.fork_frame(3, True)), 2),
+    (joined(wire.spawn_frame(9, False)), 0),
+    (joined(wire.spawn_frame(0, True)), 1),
+    (joined(wire.items_frame(wire.ARG, ["a", b"b"])), 0),
+    (joined(wire.items_frame(wire.EVAL, ["pass"])), 0),
+    (joined(wire.fh_frame(2)), 2),
+    (joined(wire.kill_frame(1, 15)), 0),
+]
+
+
+@st.composite
+def _mutated(draw: st.DrawFn) -> tuple[bytes, int]:
+    data, nfds = draw(st.sampled_from(_VALID_FRAMES))
+    buf = bytearray(data)
+    for _ in range(draw(st.integers(0, 3))):
+        how = draw(st.sampled_from(["flip", "length", "nfds-field", "fds", "cut", "extend", "kind"]))
+        if how == "flip" and buf:
+            i = draw(st.integers(0, len(buf) - 1))
+            buf[i] ^= draw(st.integers(1, 255))
+        elif how == "length":
+            n = draw(st.one_of(st.integers(0, 40), st.sampled_from([wire.MAX_PAYLOAD, wire.MAX_PAYLOAD + 1])))
+            buf[4:12] = n.to_bytes(8, "little")
+        elif how == "nfds-field":
+            buf[2:4] = draw(st.integers(0, 3)).to_bytes(2, "little")
+        elif how == "fds":
+            nfds = draw(st.integers(0, 3))
+        elif how == "cut":
+            del buf[draw(st.integers(0, len(buf))) :]
+        elif how == "extend":
+            buf += draw(st.binary(min_size=1, max_size=12))
+        elif how == "kind" and len(buf) > 1:
+            buf[1] = draw(st.sampled_from(sorted(wire.COMMANDS | {0, 200})))
+    return bytes(buf), nfds
+
+
+def _check_matchers(data: bytes, nfds: int) -> None:
+    decoded = by_decoder(data, nfds)
+    for matcher, kinds in ((by_run_matcher, {wire.RUN}), (by_fork_matcher, {wire.FORK, wire.SPAWN})):
+        taken = matcher(data, nfds)
+        if taken is not None:
+            # What a fast path takes, the decoder takes the same way.
+            assert taken == decoded, (matcher.__name__, data, nfds)
+        elif isinstance(decoded, tuple) and decoded[0] in kinds:
+            # What a fast path declines is not a frame of the shape it serves.
+            kind, got_fds, meaning = decoded
+            if kind == wire.RUN:
+                assert got_fds, (data, nfds)
+            else:
+                new_reports = meaning[1]  # type: ignore[index]
+                assert got_fds != (kind == wire.FORK) or new_reports, (data, nfds)
+
+
+@pytest.mark.parametrize(("data", "nfds"), _VALID_FRAMES)
+def test_matchers_agree_with_the_decoder_on_every_valid_frame(data: bytes, nfds: int) -> None:
+    _check_matchers(data, nfds)
+    taken = by_run_matcher(data, nfds) or by_fork_matcher(data, nfds)
+    kind = data[1]
+    fast = kind == wire.RUN or (kind in (wire.FORK, wire.SPAWN) and not wire.decode_fork(data[12:])[1])
+    assert (taken is not None) == fast  # and each fast path takes every frame of its shape
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_mutated())
+def test_matchers_agree_with_the_decoder_on_mutated_frames(case: tuple[bytes, int]) -> None:
+    _check_matchers(*case)
+
+
+def test_match_fork_payload_takes_only_a_plain_payload() -> None:
+    assert wire.match_fork_payload(wire.FORK_PAYLOAD.pack(5, 0)) == 5
+    assert wire.match_fork_payload(wire.FORK_PAYLOAD.pack(5, wire.FORK_NEW_REPORTS)) == -1
+    assert wire.match_fork_payload(wire.FORK_PAYLOAD.pack(5, 0)[:-1]) == -1
+
+
 # --- outbox -------------------------------------------------------------------------------
 
 

@@ -10,20 +10,23 @@ captured stdio; the default template's stdio is the session's.
 from __future__ import annotations
 
 import array
+import ast
 import io
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import time
 import uuid
 from typing import TYPE_CHECKING
 
 import pytest
 
 import anyfork
+from anyfork import _exec, _serve
 from anyfork import _protocol as wire
-from anyfork import _serve
 from helpers import Greeter, finish, outcome, read_all, result, wait_exited
 
 if TYPE_CHECKING:
@@ -43,10 +46,87 @@ def test_resolve_module_colon_name() -> None:
     assert _serve.resolve("helpers:Greeter.hello", {}) is Greeter.hello
 
 
-def test_resolve_dotted_takes_the_longest_importable_module_prefix() -> None:
+def test_resolve_dotted_walks_modules_then_attributes() -> None:
     assert _serve.resolve("os.path.join", {}) is os.path.join
     assert _serve.resolve("helpers.Greeter.hello", {}) is Greeter.hello
     assert _serve.resolve("email.message.Message.get", {}) is __import__("email.message").message.Message.get
+
+
+def test_resolve_dotted_name_makes_no_failed_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 9: "socket.socket.close" tried to import socket.socket.close and
+    socket.socket (each a search of sys.path) before it found socket."""
+    import builtins
+    import email.message
+
+    real = builtins.__import__
+    tried: list[str] = []
+
+    def recording(name: str, *args: object, **kwargs: object) -> object:
+        tried.append(name)
+        return real(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", recording)
+    assert _serve.resolve("socket.socket.close", {}) is socket.socket.close
+    assert _serve.resolve("os.path.join", {}) is os.path.join
+    assert _serve.resolve("email.message.Message.get", {}) is email.message.Message.get
+    assert tried == []  # all of them were loaded: nothing to import at all
+
+
+def test_resolve_dotted_imports_the_submodules_it_needs_and_only_those(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import builtins
+
+    pkg = f"pkg_{uuid.uuid4().hex}"
+    (tmp_path / pkg / "sub").mkdir(parents=True)
+    (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / pkg / "sub" / "__init__.py").write_text("")
+    (tmp_path / pkg / "sub" / "mod.py").write_text("class C:\n    @staticmethod\n    def f(sock): pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real = builtins.__import__
+    failed: list[str] = []
+
+    def recording(name: str, *args: object, **kwargs: object) -> object:
+        try:
+            return real(name, *args, **kwargs)  # type: ignore[arg-type]
+        except ImportError:
+            failed.append(name)
+            raise
+
+    monkeypatch.setattr(builtins, "__import__", recording)
+    try:
+        f = _serve.resolve(f"{pkg}.sub.mod.C.f", {})
+    finally:
+        monkeypatch.setattr(builtins, "__import__", real)
+    assert f is sys.modules[f"{pkg}.sub.mod"].C.f  # type: ignore[attr-defined]
+    assert failed == []
+    for mod in [m for m in sys.modules if m == pkg or m.startswith(pkg + ".")]:
+        del sys.modules[mod]
+
+
+def test_resolve_dotted_missing_names_raise_attribute_error() -> None:
+    with pytest.raises(AttributeError):
+        _serve.resolve("os.no_such_attribute_x", {})  # os is a module, not a package
+    with pytest.raises(AttributeError):
+        _serve.resolve("email.no_such_name_x", {})  # a package: no such submodule either
+    with pytest.raises(AttributeError):
+        _serve.resolve("socket.socket.no_such_method_x", {})
+
+
+def test_resolve_does_not_hide_a_broken_submodule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pkg = f"pkg_{uuid.uuid4().hex}"
+    dep = f"missingdep_{uuid.uuid4().hex}"
+    (tmp_path / pkg).mkdir()
+    (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / pkg / "bad.py").write_text(f"import {dep}\ndef f(sock): pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(ModuleNotFoundError) as info:
+            _serve.resolve(f"{pkg}.bad.f", {})
+        assert info.value.name == dep
+    finally:
+        for mod in [m for m in sys.modules if m == pkg or m.startswith(pkg + ".")]:
+            del sys.modules[mod]
 
 
 def test_resolve_bare_name_comes_from_the_namespace() -> None:
@@ -557,3 +637,405 @@ def test_every_lookup_a_template_makes_for_its_children_exists() -> None:
     for obj, names in _serve._CHILD_LOOKUPS:
         for name in names:
             assert hasattr(obj, name), (obj, name)
+
+
+# --- over a pipe pair, loaded from source -----------------------------------------------------
+
+
+def _frames(*frames: list[wire.Buffer]) -> bytes:
+    return b"".join(bytes(b) for f in frames for b in f)
+
+
+def start_over_pipes(tmp_path: Path) -> subprocess.Popen[bytes]:
+    """A serve loop the way a remote host would get one: ``python -S -I``, no
+    environment, cwd elsewhere, so no anyfork anywhere on its path; the
+    loop's modules arrive on stdin."""
+    program, preamble = _exec.pipe_bootstrap()
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir(exist_ok=True)
+    err = open(tmp_path / "stderr", "wb")  # closed by the caller through proc
+    proc = subprocess.Popen(["env", "-i", sys.executable, "-S", "-I", "-c", program], cwd=cwd,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+    err.close()
+    assert proc.stdin is not None
+    proc.stdin.write(preamble)
+    return proc
+
+
+def finish_over_pipes(proc: subprocess.Popen[bytes], tmp_path: Path) -> tuple[bytes, int, str]:
+    """Close stdin; what came on stdout, the status and stderr."""
+    try:
+        out, _ = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return out, proc.returncode, (tmp_path / "stderr").read_text()
+
+
+PIPE_FUNCTION = '''
+import os, sys
+def talk(sock, *args):
+    line = b""
+    while not line.endswith(b"\\n"):
+        line += sock.recv(100)
+    import helper_for_pipes
+    print("printed by the function")  # stdout is stderr here: never in the stream
+    facts = {
+        "args": args, "line": line, "loaded": helper_for_pipes.LOADED, "path": sys.path[:1],
+        "anyfork": sorted(n for n in sys.modules if "anyfork" in n),
+        "no_site": sys.flags.no_site, "sock": type(sock).__name__,
+    }
+    sock.sendall(repr(facts).encode())
+    sock.shutdown(1)
+    while sock.recv(100):
+        pass
+'''
+
+
+def test_the_serve_loop_runs_over_a_pipe_pair_from_source_with_no_anyfork_on_its_path(tmp_path: Path) -> None:
+    """Issue 9: the loop and the protocol load from source strings and serve
+    a stream with no descriptor passing; the function talks over the pipes."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "helper_for_pipes.py").write_text("LOADED = 'yes'\n")
+    proc = start_over_pipes(tmp_path)
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    proc.stdin.write(_frames(
+        wire.items_frame(wire.PATH, [str(lib)]),
+        wire.items_frame(wire.REQUIRE, ["helper_for_pipes"]),
+        wire.items_frame(wire.EVAL, [PIPE_FUNCTION]),
+        wire.items_frame(wire.ARG, ["text", b"\x00bytes"]),
+        wire.run_frame("talk"),
+    ) + b"a line for the function\n")
+    proc.stdin.flush()
+    out = proc.stdout.read1(1 << 16)  # the function answers before our end closes
+    while not out.endswith(b"}"):
+        more = proc.stdout.read1(1 << 16)
+        assert more, out
+        out += more
+    facts = ast.literal_eval(out.decode())
+    _, status, err = finish_over_pipes(proc, tmp_path)
+    assert status == 0, err
+    assert facts == {
+        "args": ("text", b"\x00bytes"), "line": b"a line for the function\n", "loaded": "yes",
+        "path": [str(lib)],
+        "anyfork": ["_anyfork_remote", "_anyfork_remote._protocol", "_anyfork_remote._serve"],
+        "no_site": 1, "sock": "PipeSocket",
+    }
+    assert "printed by the function" in err
+
+
+def test_anyfork_is_not_importable_where_the_pipe_loop_runs(tmp_path: Path) -> None:
+    """The check the test above relies on: the loop did not come from disk."""
+    proc = start_over_pipes(tmp_path)
+    assert proc.stdin is not None
+    proc.stdin.write(_frames(
+        wire.items_frame(wire.EVAL, [
+            "import importlib.util, sys\n"
+            "def where(sock):\n"
+            "    sock.sendall(repr(importlib.util.find_spec('anyfork')).encode())\n"]),
+        wire.run_frame("where"),
+    ))
+    out, status, err = finish_over_pipes(proc, tmp_path)
+    assert (out, status) == (b"None", 0), err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [_frames(wire.fork_frame(1, True)), _frames(wire.spawn_frame(1, False)), _frames(wire.fh_frame(1))],
+    ids=["FORK", "SPAWN", "FH"],
+)
+def test_a_pipe_loop_refuses_commands_that_carry_descriptors(tmp_path: Path, command: bytes) -> None:
+    """No descriptor can cross a pipe: the header alone is refused, with a
+    clear message and status 2, and nothing queued behind it runs."""
+    marker = tmp_path / "ran"
+    proc = start_over_pipes(tmp_path)
+    assert proc.stdin is not None
+    proc.stdin.write(command + _frames(wire.items_frame(wire.EVAL, [f"open({str(marker)!r}, 'w').close()"])))
+    out, status, err = finish_over_pipes(proc, tmp_path)
+    name = wire.NAMES[command[1]]
+    assert (out, status) == (b"", 2)
+    assert f"anyfork: command refused: {name} carries descriptors, which a pipe pair can't" in err
+    assert "Traceback" not in err
+    assert not marker.exists()
+
+
+def test_a_pipe_loop_reports_garbage_as_a_corrupted_stream(tmp_path: Path) -> None:
+    proc = start_over_pipes(tmp_path)
+    assert proc.stdin is not None
+    proc.stdin.write(b"\xff" * 40)
+    out, status, err = finish_over_pipes(proc, tmp_path)
+    assert (out, status) == (b"", 2)
+    assert "anyfork: stream corrupted" in err
+
+
+# --- regressions the reviews found in the serve loop (moved from test_regressions.py) ---------------
+
+
+def read_exactly(sock: socket.socket, n: int) -> bytes:
+    sock.settimeout(10)
+    data = b""
+    while len(data) < n and (more := sock.recv(n - len(data))):
+        data += more
+    return data
+
+
+def _blocking_facts(sock: socket.socket) -> tuple[object, bool]:
+    return sock.gettimeout(), os.get_blocking(sock.fileno())
+
+
+# Defect r3-site-stdout: a template started with site skipped its stdio flush, and every child
+# wrote again what sitecustomize had left in the template's stdout buffer.
+def test_output_site_left_in_a_template_is_written_once(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.stdout.write('from sitecustomize')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # block-buffered: only a flush gets it out
+    monkeypatch.setattr(anyfork._exec, "site_plan", lambda path: (True, []))  # start it with site
+    tpl = anyfork.new_exec()
+    for _ in range(3):
+        child = tpl.fork()
+        child.run("builtins:id").close()
+        assert child.wait(5) == 0
+    tpl.close()
+    assert tpl.wait(5) == 0
+    assert capfd.readouterr().out.count("from sitecustomize") == 1
+
+
+# Defect r3-patched-socket: a template whose code replaced socket.socket (gevent, eventlet) died on
+# its next fork; before the first fork, its children were still given the original class.
+_GREEN = """
+import socket, _socket
+class GreenSocket:  # like gevent's: wraps a real socket, is not one
+    def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
+        self._sock = _socket.socket(family, type, proto, fileno)
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+    def close(self):
+        self._sock.close()
+socket.socket = GreenSocket
+"""
+
+
+@pytest.mark.parametrize("forked_before", [False, True], ids=["patched-first", "patched-later"])
+def test_a_template_that_patches_socket_gives_children_the_patched_class(forked_before: bool) -> None:
+    tpl = anyfork.new_exec().eval("def kind(sock):\n    sock.sendall(type(sock).__name__.encode())\n")
+    if forked_before:
+        first = tpl.fork()
+        with first.run("kind") as sock:
+            assert read_exactly(sock, 6) == b"socket"
+        assert first.wait(5) == 0
+    tpl.eval(_GREEN)
+    for _ in range(2):
+        child = tpl.fork()
+        with child.run("kind") as sock:
+            assert read_exactly(sock, 11) == b"GreenSocket"
+        assert child.wait(5) == 0
+    tpl.close()
+    assert tpl.wait(5) == 0
+
+
+# Defect r3-closed-flag: a worker that closed its socket and then became a template with
+# fork_template() handed its children that very object, flagged closed: closing a makefile()
+# object then closed their socket.
+_CLOSED_FLAG = """
+def grandchild(sock):
+    f = sock.makefile("rb")
+    f.close()  # must leave the socket open
+    sock.sendall(b"still open")
+
+def worker(sock):
+    sock.close()
+    import anyfork
+    sub = anyfork.fork_template()
+    p = sub.fork()
+    s = p.run("grandchild")
+    s.settimeout(5)
+    got = b"".join(iter(lambda: s.recv(100), b""))
+    status = p.wait(5)
+    sub.close()
+    with open(RESULT, "w") as f:
+        f.write(repr((got, status)))
+"""
+
+
+def test_a_worker_that_becomes_a_template_gives_its_children_open_sockets(tmp_path: Path) -> None:
+    result = tmp_path / "result"
+    tpl = anyfork.new_exec().eval(_CLOSED_FLAG).eval(f"RESULT = {str(result)!r}")
+    worker = tpl.fork()  # forked: its first command is RUN, so it gets the template-made socket
+    worker.run("worker").close()
+    assert worker.wait(15) == 0
+    assert result.read_text() == repr((b"still open", 0))
+    tpl.close()
+    assert tpl.wait(5) == 0
+
+
+# Defect r3-stack: each generation of forks (a child forked from a child ...) nested another serve
+# loop, until one hit RecursionError around the 190th generation.
+def test_a_long_chain_of_forks_keeps_a_flat_stack() -> None:
+    p = anyfork.new_exec().eval(
+        "import inspect\n"
+        "def depth(sock):\n"
+        "    sock.sendall(b'%d' % len(inspect.stack(0)))\n"
+    )
+    chain = [p]
+    for _ in range(250):
+        chain.append(chain[-1].fork())
+    with chain[-1].run("depth") as sock:
+        depth = int(read_exactly(sock, 3) or b"0")
+    assert 0 < depth < 20
+    assert chain[-1].wait(10) == 0
+    for q in reversed(chain[:-1]):  # each one's template reports its status, so it goes last
+        q.close()
+        assert q.wait(10) == 0
+
+
+# Defect r3-emfile-first-fork: making the template's socket object opened a descriptor, so a
+# template one descriptor short failed its first fork (or died of it, forking ahead).
+def test_a_template_one_descriptor_short_still_forks() -> None:
+    tpl = anyfork.new_exec().eval(
+        "import helpers, os\n"
+        "HOG = helpers.exhaust_descriptors(64)\n"
+        "for fd in HOG[-4:]:\n"
+        "    os.close(fd)  # what a first fork needs: the 2 descriptors it brings, a wake pipe\n"
+        "del HOG[-4:]\n"
+    )
+    child = tpl.fork()
+    child.run("builtins:id").close()
+    assert child.wait(5) == 0
+    tpl.close()
+    assert tpl.wait(5) == 0
+
+
+# Defect r3-fds-on-run: descriptors sent with a first RUN's payload were dropped and the function
+# ran; the stream is malformed (RUN takes none) and must be refused.
+def test_descriptors_with_a_first_run_payload_are_a_corrupted_stream() -> None:
+    tpl = anyfork.new_exec()
+    p = tpl.fork()
+    sock = p._sock
+    assert sock is not None
+    r, w = os.pipe()
+    try:
+        name = b"builtins:id"
+        sock.sendall(wire.HEADER.pack(wire.VERSION, wire.RUN, 0, len(name)))
+        time.sleep(0.2)  # the header alone first: the payload is a read of its own
+        sock.sendmsg([name], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", w))])
+    finally:
+        os.close(r)
+        os.close(w)
+    assert p.wait(5) == 2
+    p.close()
+    tpl.close()
+    assert tpl.wait(5) == 0
+
+
+# Defect r3-reap-foreign (there before the change): a zombie of the template's own code first in
+# line stopped reaping, and the statuses of children behind it were never reported.
+def test_statuses_behind_a_zombie_of_the_templates_own_code_are_reported() -> None:
+    tpl = anyfork.new_exec().eval("def wait_eof(sock):\n    while sock.recv(4096):\n        pass\n")
+    a = tpl.fork()
+    sa = a.run("wait_eof")
+    tpl.eval("import subprocess\nhelper = subprocess.Popen(['true'])")  # not waited for: a zombie
+    b = tpl.fork()
+    sb = b.run("wait_eof")
+    time.sleep(0.5)  # the helper has exited
+    os.kill(tpl.pid, signal.SIGSTOP)  # let both workers exit before the template looks
+    try:
+        sa.close()
+        sb.close()
+        time.sleep(0.5)
+    finally:
+        os.kill(tpl.pid, signal.SIGCONT)
+    assert a.wait(5) == 0
+    assert b.wait(5) == 0
+    tpl.eval("helper.wait()")
+    tpl.close()
+    assert tpl.wait(5) == 0
+
+
+# Defect r4-lost: a child reaped by code run in its template was never reported LOST when another
+# child's status came in the same pass.
+def test_a_child_reaped_behind_the_templates_back_is_lost_even_beside_another_exit() -> None:
+    tpl = anyfork.new_exec().eval(
+        "import os, time\ndef quick(sock): time.sleep(0.5)\ndef later(sock): time.sleep(0.3)\n")
+    a = tpl.fork()
+    a.run("quick").close()
+    b = tpl.fork()
+    b.run("later").close()
+    tpl.eval("os.waitpid(int(args[0]), 0)\ntime.sleep(1.0)\n", str(a.pid))
+    assert b.wait(5) == 0
+    with pytest.raises(anyfork.ExitStatusLostError):
+        a.wait(5)
+    tpl.close()
+    assert tpl.wait(5) == 0
+
+
+# Defect r4-spare-timeout: under socket.setdefaulttimeout() in a template, the caller's ends of the
+# processes it forked ahead came back O_NONBLOCK, so run()'s socket raised BlockingIOError.
+def test_sockets_of_processes_a_timeout_template_forked_ahead_are_blocking() -> None:
+    tpl = anyfork.new_exec().eval("import socket\nsocket.setdefaulttimeout(5)\n")
+    for _ in range(4):  # forked from twice without a change: it forks ahead from then on
+        p = tpl.fork()
+        with p.run("builtins:id") as sock:
+            assert _blocking_facts(sock) == (None, True)
+        assert p.wait(5) == 0
+    tpl.close()
+    assert tpl.wait(5) == 0
+
+
+# Defect r4-report-timeout: the same template's report channel had the timeout: a send it could not
+# make at once waited for it, then the report was dropped as if the caller had gone.
+def test_a_timeout_templates_report_channel_has_no_timeout(tmp_path: Path) -> None:
+    out = tmp_path / "timeout"
+    tpl = anyfork.new_exec().eval("import socket\nsocket.setdefaulttimeout(5)\n")
+    p = tpl.fork()  # the first fork brings the report channel
+    p.run("builtins:id").close()
+    assert p.wait(5) == 0
+    tpl.eval(
+        "import gc, anyfork._serve as s\n"
+        "gc.unfreeze()  # frozen objects are not in gc.get_objects()\n"
+        "tpl = next(o for o in gc.get_objects() if isinstance(o, s._Template))\n"
+        f"open({str(out)!r}, 'w').write(repr(tpl.reports.gettimeout()))\n")
+    p = tpl.fork()  # sends the eval along
+    p.run("builtins:id").close()
+    assert p.wait(5) == 0
+    tpl.close()
+    assert tpl.wait(5) == 0
+    assert out.read_text() == "None"
+
+
+# Defect r4-foreign-exit (there before): code eval'd in a process forked a helper that ended with
+# sys.exit(); the helper unwound into the serve loop it inherited and drained the process's queued
+# commands from their shared socket (the RUN among them), so the function never ran.
+def test_a_helper_forked_by_eval_that_exits_leaves_the_process_alone() -> None:
+    p = anyfork.new_exec()
+    p.eval("import os, sys, time\nif os.fork() == 0:\n    sys.exit(0)\ntime.sleep(0.3)\n")
+    p.eval("def f(sock):\n    sock.sendall(b'ran')\n")
+    with p.run("f") as sock:
+        assert read_all(sock) == b"ran"
+    assert p.wait(5) == 0
+
+
+# Defect r4-signals (there before): a handler or mask set by code eval'd in an exec'd template
+# reached the function of every process forked from it (README: a fresh interpreter's).
+def test_signals_set_by_code_in_a_template_do_not_reach_the_function() -> None:
+    tpl = anyfork.new_exec().eval(
+        "import signal\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})\n"
+        "def show(sock):\n"
+        "    state = (signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,\n"
+        "             signal.pthread_sigmask(signal.SIG_BLOCK, ()))\n"
+        "    sock.sendall(repr(state).encode())\n"
+        "    sock.recv(1)\n")
+    p = tpl.fork()
+    with p.run("show") as sock:
+        sock.settimeout(10)
+        assert sock.recv(100) == b"(True, set())"
+        p.kill()
+        assert p.wait(5) == -signal.SIGTERM
+    tpl.close()
+    assert tpl.wait(5) == 0

@@ -24,7 +24,6 @@ from ._errors import ProtocolError as ProtocolError
 from ._errors import TemplateDiedError as TemplateDiedError
 from ._errors import TimeoutExpired as TimeoutExpired
 from ._errors import UnsupportedError as UnsupportedError
-from ._exec import PYTHON as PYTHON
 from ._exec import freeze_support as freeze_support
 from ._process import Process as Process
 from ._process import new as new
@@ -33,6 +32,11 @@ from ._template import LateImportWarning as LateImportWarning
 from ._template import fork_template as fork_template
 
 __version__ = "0.1.0"
+
+#: Set to the path of a Python interpreter to override the one anyfork finds.
+#: The ``ANYFORK_PYTHON`` environment variable does the same; this wins.
+#: (Defined here alone: ``_exec.find_python`` reads it from this module.)
+PYTHON: str | None = None
 
 __all__ = (
     "PYTHON",

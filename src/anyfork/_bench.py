@@ -113,6 +113,16 @@ def _anyfork_new() -> None:
     _expect_eof(anyfork.new().run("builtins:id"))
 
 
+def _anyfork_new_dotted() -> None:
+    import anyfork
+
+    # The same call with a function named the seed's way, a dotted path: the
+    # process must find the module "socket" in it without trying to import
+    # "socket.socket.close" or "socket.socket" first.  socket.close returns
+    # at once, so the process exits.
+    _expect_eof(anyfork.new().run("socket.socket.close"))
+
+
 def _anyfork_exec() -> None:
     import anyfork
 
@@ -229,6 +239,7 @@ def _job_size(job: _Job) -> None:
     fns = {f"fork@{size}": _manual_fork, f"new@{size}": _anyfork_new}
     floor = _Floor() if job.params.get("floor") else None
     if floor is not None:
+        fns["new_dotted"] = _anyfork_new_dotted
         fns["floor"] = floor
     try:
         job.rates(fns)
@@ -537,7 +548,7 @@ def _stale_bytecode() -> list[str]:
 
     here = os.path.dirname(os.path.abspath(__file__))
     stale = []
-    for name in ("_serve", "_protocol"):
+    for name in ("_boot", "_serve", "_protocol"):
         src = os.path.join(here, name + ".py")
         try:
             st = os.stat(src)
@@ -628,6 +639,8 @@ def _rows(cfg: Config, sizes: Sequence[int]) -> list[_Row]:
         rows.append(rate(f"fork@{s}", "manual socketpair + os.fork()", f"fork@{s}"))
         rows.append(rate(f"new@{s}", "anyfork.new().run()", f"fork@{s}"))
         if s == sizes[0]:
+            rows.append(rate("new_dotted", 'anyfork.new().run("socket.socket.close"): a dotted name',
+                             f"fork@{s}"))
             rows.append(rate("floor", "floor: a 20-line template, no reports (not a library)", f"fork@{s}"))
             rows.append(rate("fork_bare", "manual fork from a bare python -S: no anyfork, no threading",
                              f"fork@{s}"))

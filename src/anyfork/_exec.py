@@ -17,12 +17,8 @@ import sysconfig
 
 from ._errors import Error
 
-#: Set to the path of a Python interpreter to override the one anyfork finds.
-#: The ``ANYFORK_PYTHON`` environment variable does the same; this wins.
-PYTHON: str | None = None
-
 FROZEN_MARKER = "--anyfork-serve"
-_BIND_MARK = "ANYFORK_UNSET_BIND_NOW"  # read and removed by _serve.main
+_BIND_MARK = "ANYFORK_UNSET_BIND_NOW"  # read and removed by _boot.main
 CHILD_FD = 3
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -191,7 +187,7 @@ def command(path: list[str]) -> list[str]:
         "import sys\n"
         f"m = type(sys)('anyfork'); m.__path__ = [{_PKG_DIR!r}]; m.__anyfork_stub__ = True\n"
         "sys.modules['anyfork'] = m\n"
-        "from anyfork._serve import main\n"
+        "from anyfork._boot import main\n"
         f"main({CHILD_FD})\n"
     )
     args = [python, *_flag_args()]
@@ -235,6 +231,34 @@ def spawn(child_fd: int, path: list[str]) -> int:
             os.close(fd)
 
 
+# -- a serve loop from source -------------------------------------------------------
+
+#: The modules of the serve loop, in the order they must be built.
+SERVE_MODULES = ("_protocol", "_serve")
+
+
+def pipe_bootstrap() -> tuple[str, bytes]:
+    """What starts a serve loop where anyfork isn't installed, over a pipe pair.
+
+    Returns ``(program, preamble)``: run ``[python, "-S", "-c", program]``
+    (on a remote host: through ssh), write ``preamble`` on its stdin, then
+    the commands, encoded with ``_protocol``.  The program is ``_stage1``: it
+    reads the serve loop's modules from the preamble, builds them in memory
+    and serves stdin and stdout (see ``_serve.serve_pipes``).  Commands that
+    carry descriptors (``send_fh``, ``fork``) are refused there.  After RUN
+    the function talks to the caller over the same two pipes.
+    """
+    with open(os.path.join(_PKG_DIR, "_stage1.py"), encoding="utf-8") as f:
+        program = f.read()
+    parts = [len(SERVE_MODULES).to_bytes(4, "little")]
+    for name in SERVE_MODULES:
+        with open(os.path.join(_PKG_DIR, name + ".py"), "rb") as f:
+            source = f.read()
+        encoded = name.encode()
+        parts += [len(encoded).to_bytes(4, "little"), encoded, len(source).to_bytes(8, "little"), source]
+    return program, b"".join(parts)
+
+
 _SIGNALS: tuple[int, ...] | None = None
 
 
@@ -259,6 +283,6 @@ def freeze_support() -> None:
     never returns; everywhere else it does nothing.
     """
     if getattr(sys, "frozen", False) and len(sys.argv) >= 3 and sys.argv[1] == FROZEN_MARKER:
-        from ._serve import main
+        from ._boot import main
 
         main(int(sys.argv[2]))

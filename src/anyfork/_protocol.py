@@ -87,9 +87,6 @@ FAILED = 66  # u64 seq, UTF-8 reason: the fork did not happen
 SPARE = 67  # u64 seq, i64 pid; fd: the caller's end of that process's command socket
 LOST = 68  # u64 seq, i64 pid: it exited, but someone else collected its status
 
-COMMANDS = frozenset({PATH, REQUIRE, EVAL, ARG, FH, FORK, RUN, KILL, SITE, SPAWN})
-REPORTS = frozenset({PID, EXIT, FAILED, SPARE, LOST})
-
 FORK_NEW_REPORTS = 1  # flag: the second descriptor is the report channel
 
 _SEQ = struct.Struct("<Q")
@@ -99,12 +96,83 @@ _SEQ_SIG = struct.Struct("<Qi")
 _ITEM = struct.Struct("<cQ")
 
 
+class Shape:
+    """What a frame of one kind may carry: the policy half of the protocol.
+
+    ``min_fds``..``max_fds`` descriptors, and a payload of exactly ``size``
+    bytes (-1: any length up to ``MAX_PAYLOAD``).  ``refused``, when set,
+    says why a side that knows the kind won't take it (see ``without_fds``).
+    """
+
+    __slots__ = ("max_fds", "min_fds", "refused", "size")
+
+    def __init__(self, min_fds: int = 0, max_fds: int = 0, size: int = -1, refused: str = "") -> None:
+        self.min_fds = min_fds
+        self.max_fds = max_fds
+        self.size = size
+        self.refused = refused
+
+    def allows(self, nfds: int, length: int) -> bool:
+        return self.min_fds <= nfds <= self.max_fds and (self.size < 0 or length == self.size)
+
+    def __repr__(self) -> str:
+        refused = ", refused" if self.refused else ""
+        return f"Shape({self.min_fds}..{self.max_fds} fds, size {self.size}{refused})"
+
+
+# The command table: what each command carries.  The Decoder enforces it;
+# the handlers of a command may check more (flags against descriptors).
+COMMAND_TABLE: dict[int, Shape] = {
+    PATH: Shape(),
+    REQUIRE: Shape(),
+    EVAL: Shape(),
+    ARG: Shape(),
+    FH: Shape(1, MAX_FDS, 0),
+    FORK: Shape(1, 2, FORK_PAYLOAD.size),  # the command socket [, the report channel]
+    RUN: Shape(),
+    KILL: Shape(size=_SEQ_SIG.size),
+    SITE: Shape(),
+    SPAWN: Shape(0, 1, FORK_PAYLOAD.size),  # [the report channel]
+}
+# The report table, template -> caller.
+REPORT_TABLE: dict[int, Shape] = {
+    PID: Shape(size=_SEQ_INT.size),
+    EXIT: Shape(size=_SEQ_INT.size),
+    FAILED: Shape(),  # at least the seq: decode_failed checks
+    SPARE: Shape(1, 1, _SEQ_INT.size),  # the caller's end of the new process's socket
+    LOST: Shape(size=_SEQ_INT.size),
+}
+
+COMMANDS = frozenset(COMMAND_TABLE)
+REPORTS = frozenset(REPORT_TABLE)
+_SHAPES = {**COMMAND_TABLE, **REPORT_TABLE}
+NAMES = {PATH: "PATH", REQUIRE: "REQUIRE", EVAL: "EVAL", ARG: "ARG", FH: "FH", FORK: "FORK",
+         RUN: "RUN", KILL: "KILL", SITE: "SITE", SPAWN: "SPAWN", PID: "PID", EXIT: "EXIT",
+         FAILED: "FAILED", SPARE: "SPARE", LOST: "LOST"}
+
+
+def without_fds(table: dict[int, Shape], transport: str) -> dict[int, Shape]:
+    """``table`` for a stream that can't carry descriptors (a pipe pair).
+
+    Every kind that may carry descriptors (FH, FORK, and SPAWN, whose
+    process forked ahead would come back as a descriptor) is refused at its
+    header, with ``RefusedError``, instead of waiting for descriptors that
+    can never come.
+    """
+    return {kind: Shape(refused=f"{NAMES.get(kind, kind)} carries descriptors, which {transport} can't")
+            if shape.max_fds else shape for kind, shape in table.items()}
+
+
 class ProtocolError(Exception):
     """The peer sent a stream that is not a well-formed anyfork stream.
 
     The serve loop reports this as "stream corrupted"; the caller's side
     re-raises it as ``anyfork.ProtocolError``.
     """
+
+
+class RefusedError(ProtocolError):
+    """A well-formed frame of a kind this side refuses (``Shape.refused``)."""
 
 
 class Frame:
@@ -295,26 +363,19 @@ def decode_failed(payload: bytes) -> tuple[int, str]:
     return seq, payload[_SEQ.size :].decode("utf-8", "replace")
 
 
-def _fds_allowed(kind: int, nfds: int, payload_len: int) -> bool:
-    if kind == FH:
-        return 1 <= nfds <= MAX_FDS and payload_len == 0
-    if kind == FORK:
-        return nfds in (1, 2)
-    if kind == SPAWN:
-        return nfds in (0, 1)
-    if kind == SPARE:
-        return nfds == 1
-    return nfds == 0
-
-
 # --- the decoder -------------------------------------------------------------------
 
 
 class Decoder:
     """Turns a byte stream plus received descriptors into frames.
 
+    Framing only: what each kind may carry is the table's (``COMMAND_TABLE``,
+    ``REPORT_TABLE``, or one made by ``without_fds``).
+
     Args:
-        kinds: the frame kinds this side accepts; anything else is an error.
+        table: kind -> ``Shape`` for the kinds this side accepts; any other
+            kind is an error.  A set of kinds takes their shapes from the
+            tables above.
 
     ``wanted()`` tells how many bytes complete the current header or payload,
     so a reader that must not read past a frame (the serve loop, which hands
@@ -323,10 +384,10 @@ class Decoder:
     closes every descriptor it still holds.
     """
 
-    __slots__ = ("_buf", "_dead", "_fds", "_frame_fds", "_have", "_kind", "_kinds", "_length", "_parts")
+    __slots__ = ("_buf", "_dead", "_fds", "_frame_fds", "_have", "_kind", "_length", "_parts", "_table")
 
-    def __init__(self, kinds: frozenset[int]) -> None:
-        self._kinds = kinds
+    def __init__(self, table: dict[int, Shape] | frozenset[int]) -> None:
+        self._table = table if isinstance(table, dict) else {k: _SHAPES[k] for k in table}
         self._buf = bytearray()
         self._fds: deque[int] = deque()
         # The header of the frame being received, once known.
@@ -378,12 +439,15 @@ class Decoder:
             version, kind, nfds, length = HEADER.unpack_from(buf)
             if version != VERSION:
                 raise ProtocolError(f"protocol version {version}, expected {VERSION}")
-            if kind not in self._kinds:
+            shape = self._table.get(kind)
+            if shape is None:
                 raise ProtocolError(f"unexpected frame kind {kind}")
+            if shape.refused:
+                raise RefusedError(shape.refused)
             if length > MAX_PAYLOAD:
                 raise ProtocolError(f"frame length {length} is absurd")
-            if not _fds_allowed(kind, nfds, length):
-                raise ProtocolError(f"frame kind {kind} with {nfds} descriptors")
+            if not shape.allows(nfds, length):
+                raise ProtocolError(f"frame kind {kind} with {nfds} descriptors and {length} bytes")
             if len(self._fds) < nfds:
                 raise ProtocolError("frame arrived without its descriptors")
             del buf[: HEADER.size]
@@ -425,6 +489,52 @@ class Decoder:
         self._frame_fds = []
         while self._fds:
             close_fd(self._fds.popleft())
+
+
+# --- matchers ------------------------------------------------------------------------
+#
+# The serve loop's hot paths (a forked child's first command, a template's
+# fork loop) read a frame without a Decoder: every object a freshly forked
+# process touches costs a copy-on-write fault.  These say which frames they
+# may take that way; anything else they hand, as read, to a Decoder, which
+# owns the errors.  A property test checks that they agree with the Decoder
+# and the command table on every frame.  They are flat on purpose: a bytes
+# compare or two and one unpack, no objects made.
+
+_RUN_HEAD = HEADER.pack(VERSION, RUN, 0, 0)[:4]  # version, kind, no descriptors
+_FORK_ON_CHANNEL = HEADER.pack(VERSION, FORK, 1, FORK_PAYLOAD.size)
+_SPAWN_ON_CHANNEL = HEADER.pack(VERSION, SPAWN, 0, FORK_PAYLOAD.size)
+_FORK_PLAIN = b"\0"  # the flags byte of a fork payload on the current report channel
+
+
+def match_run(header: bytes) -> int:
+    """The payload length, if ``header`` is a whole header of a RUN that
+    carries no descriptors; -1 for any other bytes."""
+    if len(header) == HEADER.size and header.startswith(_RUN_HEAD):
+        length = int.from_bytes(header[4:], "little")
+        if length <= MAX_PAYLOAD:
+            return length
+    return -1
+
+
+def match_fork(header: bytes) -> int:
+    """1 if ``header`` is a whole header of a FORK on the current report
+    channel (one descriptor: the command socket), 0 if of a SPAWN on it (no
+    descriptor), -1 for any other bytes.  The number is the descriptors the
+    frame carries; its payload is ``FORK_PAYLOAD.size`` bytes."""
+    if header == _FORK_ON_CHANNEL:
+        return 1
+    if header == _SPAWN_ON_CHANNEL:
+        return 0
+    return -1
+
+
+def match_fork_payload(payload: bytes) -> int:
+    """The sequence number, if ``payload`` is a whole FORK/SPAWN payload
+    without flags (no new report channel); -1 otherwise."""
+    if len(payload) == FORK_PAYLOAD.size and payload.endswith(_FORK_PLAIN):
+        return int.from_bytes(payload[:8], "little")
+    return -1
 
 
 # --- the outbox ----------------------------------------------------------------------

@@ -2,16 +2,20 @@
 
 Theory of operation
 -------------------
-A process starts in one of three ways: exec'd fresh by ``new_exec`` (``main``
-below, reached through a one-line bootstrap that imports only this module
-and ``_protocol``), forked by a template serving a ``FORK`` command (the
+A process starts in one of four ways: exec'd fresh by ``new_exec``
+(``_boot.main``, reached through a one-line bootstrap that imports only that
+module, this one and ``_protocol``), started over a pipe pair with this
+module and ``_protocol`` sent as source (``serve_pipes``, see ``_stage1``;
+no descriptor passing there, so no FH, FORK or SPAWN), forked by a template
+serving a ``FORK`` command (the
 caller made the socketpair and sent one end along), or forked ahead by a
 template serving ``SPAWN`` (the template made the socketpair and sends the
 caller its end with the pid, so the process is ready before it is asked
 for).  In each case it ends up in
-``Server.serve``, reading commands from its socket one frame at a time and
-never past the frame it is working on: after ``RUN`` the socket belongs to
-the user's function, byte for byte.
+``Server.serve``, reading commands from its transport (a socket, or a
+``PipeSocket``) one frame at a time and never past the frame it is working
+on: after ``RUN`` the transport belongs to the user's function, byte for
+byte.
 
 Commands change the process's state (``sys.path``, imported modules, the
 ``__main__`` namespace, the list of arguments for ``run``).  ``FORK`` clones
@@ -88,16 +92,9 @@ _FD = __import__("struct").Struct("i")
 _NO_FDS: list[int] = []
 
 # A process's first command read without a decoder (see _first_command): the
-# header of a RUN frame carrying no descriptors, and the longest name taken.
+# longest RUN name taken that way.
 _HSIZE = P.HEADER.size
-_RUN_PREFIX = P.HEADER.pack(P.VERSION, P.RUN, 0, 0)[:4]
 _FIRST_RUN_MAX = 4096
-
-# The socket.socket a forked child's function gets, made ready by its template
-# before the fork (see Server._child_socket): making one costs a new process
-# some thirty copy-on-write faults, re-initialising this one costs the
-# template a C call.  None until the process first forks, and in a child.
-_child_sock: socket.socket | None = None
 
 
 def _stdlib_socket_class(cls: object) -> bool:
@@ -110,6 +107,9 @@ def _stdlib_socket_class(cls: object) -> bool:
 
 
 def _recv(sock: Sock, n: int) -> tuple[bytes, list[int]]:
+    """Up to ``n`` bytes and the descriptors that came with them: the serve
+    side's one recvmsg.  The list is shared when empty: don't change it.
+    Raises _CorruptError if descriptors were lost (MSG_CTRUNC)."""
     data, anc, flags, _ = sock.recvmsg(n, _ANC_SPACE, _RECV_FLAGS)
     if not anc and not flags & _CTRUNC:
         return data, _NO_FDS
@@ -167,38 +167,66 @@ def _import(modname: str) -> object:
     return module
 
 
+_MISSING = object()
+
+
 def resolve(name: str, namespace: dict[str, object]) -> Callable[..., object]:
-    """Find the function ``run`` names: "mod:attr", "pkg.mod.attr" or "name"."""
+    """Find the function ``run`` names: "mod:attr", "pkg.mod.attr" or "name".
+
+    A dotted name is walked forward from its first component, which must be
+    a module, as ``pkgutil.resolve_name`` does: each next component is the
+    submodule already in sys.modules, else an attribute, else (on a
+    package) a submodule to import.  So "socket.socket.close" imports
+    nothing when socket is loaded, and never tries "socket.socket.close" or
+    "socket.socket" as modules: a failed import searches the whole sys.path,
+    and in a freshly forked process each step of it is copy-on-write faults.
+    """
     if ":" in name:
         modname, _, attrs = name.partition(":")
         obj: object = _import(modname)
         path = attrs.split(".")
     else:
-        parts = name.split(".")
-        if len(parts) == 1:
+        path = name.split(".")
+        modname = path[0]
+        if len(path) == 1:
             if name in namespace:
                 return namespace[name]  # type: ignore[return-value]
             import builtins
 
             return getattr(builtins, name)  # type: ignore[no-any-return]
-        obj = None
-        for i in range(len(parts) - 1, 0, -1):
-            modname = ".".join(parts[:i])
-            if modname == "__main__":
-                obj = sys.modules["__main__"]
-                break
-            try:
-                obj = _import(modname)
-            except ModuleNotFoundError as e:
-                # Only "that prefix isn't a module" means try a shorter one;
-                # a module that exists but fails to import is a real error.
-                if e.name is None or not (modname == e.name or modname.startswith(e.name + ".")):
-                    raise
-                continue
-            break
-        else:
-            raise ModuleNotFoundError(f"no module found for {name!r}", name=parts[0])
-        path = parts[i:]
+        try:
+            obj = _import(modname)
+        except ModuleNotFoundError as e:
+            if e.name != modname:
+                raise  # it exists, and failed to import: that is the error
+            raise ModuleNotFoundError(f"no module found for {name!r}", name=modname) from None
+        modules = sys.modules
+        module_type = type(sys)
+        rest = 1  # path[:rest] is walked
+        while rest < len(path):
+            attr = path[rest]
+            sub = modname + "." + attr
+            found: object = modules.get(sub)
+            if found is None:
+                found = getattr(obj, attr, _MISSING)
+                if found is _MISSING:
+                    if not hasattr(obj, "__path__"):
+                        break  # not a package: the getattr below says what is missing
+                    try:
+                        found = _import(sub)
+                    except ModuleNotFoundError as e:
+                        if e.name != sub:
+                            raise  # a submodule that exists but fails to import
+                        break
+                elif not isinstance(found, module_type):
+                    obj = found
+                    rest += 1
+                    break  # past the modules: the rest are attributes
+                else:
+                    sub = getattr(found, "__name__", sub)  # a module bound under another name
+            obj, modname = found, sub
+            rest += 1
+        path = path[rest:]
     for attr in path:
         obj = getattr(obj, attr)
     if not callable(obj):
@@ -369,7 +397,9 @@ def _rehearse_child(namespace: dict[str, object]) -> None:
         for name in names:
             getattr(obj, name, None)
     resolve("builtins:id", namespace)
+    resolve("builtins.id", namespace)  # the dotted walk, as "socket.socket.close" takes it
     P.decode_text(b"x")
+    P.match_run(P.HEADER.pack(P.VERSION, P.RUN, 0, 1))
     int.from_bytes(b"\x01", "little")
 
 
@@ -377,15 +407,120 @@ def _on_sigchld(signum: int, frame: object) -> None:
     pass  # the wakeup fd does the work; the loop reaps
 
 
+# --- transports -----------------------------------------------------------------------
+#
+# The loop reads its commands from a *transport*: an object with the few
+# socket methods it uses (recvmsg, fileno, setblocking, detach or close).
+# A local AF_UNIX socket is one as it is, and passes descriptors with
+# SCM_RIGHTS.  A PipeSocket is one over a pair of pipes (ssh's stdin and
+# stdout): bytes only, so a process served over it refuses FH, FORK and
+# SPAWN at their header ("command refused", status 2).  After RUN, the
+# function gets the transport to talk over: a socket.socket made of the
+# socket, or the PipeSocket itself.
+
+
+class PipeSocket:
+    """A byte stream over two pipe ends, with the socket methods the serve
+    loop and a function usually call.
+
+    ``recv``/``recvmsg`` read the read end, ``send``/``sendall`` write the
+    write end; ``shutdown(SHUT_WR)`` closes the write end, so the peer reads
+    EOF; ``close`` closes both.  It owns both descriptors.  No descriptor
+    passing: ``recvmsg`` never returns ancillary data.
+    """
+
+    __slots__ = ("_r", "_w")
+
+    def __init__(self, rfd: int, wfd: int) -> None:
+        self._r = rfd
+        self._w = wfd
+
+    def fileno(self) -> int:
+        return self._r
+
+    def recvmsg(
+        self, bufsize: int, ancbufsize: int = 0, flags: int = 0
+    ) -> tuple[bytes, list[Any], int, None]:
+        return os.read(self._r, bufsize), [], 0, None  # the loop's read: never any descriptors
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        return os.read(self._r, bufsize)
+
+    def send(self, data: bytes, flags: int = 0) -> int:
+        return os.write(self._w, data)
+
+    def sendall(self, data: bytes, flags: int = 0) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[os.write(self._w, view) :]
+
+    def setblocking(self, flag: bool) -> None:
+        os.set_blocking(self._r, flag)
+
+    def shutdown(self, how: int) -> None:
+        if how in (_socket.SHUT_WR, _socket.SHUT_RDWR) and self._w >= 0:
+            os.close(self._w)
+            self._w = -1
+        if how in (_socket.SHUT_RD, _socket.SHUT_RDWR) and self._r >= 0:
+            os.close(self._r)
+            self._r = -1
+
+    def close(self) -> None:
+        # -1 once closed: a stale number then raises EBADF, never hits a file
+        # that has the number since.
+        fds, self._r, self._w = (self._r, self._w), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+
+    def __enter__(self) -> PipeSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def serve_pipes(rfd: int = 0, wfd: int = 1) -> NoReturn:
+    """Serve commands read from ``rfd``; reply to nobody until RUN.
+
+    The entry point of a process whose caller reaches it over a pipe pair
+    (``_stage1`` calls it with its stdin and stdout).  The function that RUN
+    names gets a ``PipeSocket`` over ``rfd``/``wfd``.  When those are stdin
+    and stdout, the loop moves them to descriptors of its own and leaves
+    stdin reading /dev/null and stdout writing to stderr, so that what code
+    run here prints can't land in the stream.
+    """
+    r, w = os.dup(rfd), os.dup(wfd)  # close-on-exec, and off 0 and 1
+    for fd in {rfd, wfd}:
+        if fd == 0:
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.close(null)
+        elif fd == 1:
+            _flush_stdio()
+            os.dup2(2, 1)
+        elif fd > 2:
+            os.close(fd)
+    os.set_blocking(r, True)
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)  # as _boot.main: run() restores it
+    Server(PipeSocket(r, w), passes_fds=False).serve()
+
+
 class Server:
     """One process's serve loop.  ``serve()`` never returns."""
 
-    __slots__ = ("decoder", "inherited_signals", "items", "namespace", "pid", "sock", "template",
-                 "user_code")
+    __slots__ = ("child_sock", "decoder", "inherited_signals", "items", "namespace", "pid", "sock",
+                 "template", "user_code")
 
-    def __init__(self, sock: Sock) -> None:
-        self.sock = sock
-        self.decoder = P.Decoder(P.COMMANDS)
+    def __init__(self, sock: Sock | PipeSocket, passes_fds: bool = True) -> None:
+        """``sock``: the transport, a socket (of whatever class socket.socket
+        is: gevent's is no _socket.socket) or a ``PipeSocket``;
+        ``passes_fds``: whether it carries descriptors."""
+        self.sock: Sock = sock  # type: ignore[assignment]  # a PipeSocket has what the loop uses
+        # A byte stream without descriptor passing refuses the commands that
+        # carry descriptors at their header (see P.without_fds).
+        table = P.COMMAND_TABLE if passes_fds else P.without_fds(P.COMMAND_TABLE, "a pipe pair")
+        self.decoder = P.Decoder(table)
         self.items: list[object] = []
         self.namespace: dict[str, object] = sys.modules["__main__"].__dict__
         self.template: _Template | None = None
@@ -400,6 +535,12 @@ class Server:
         # program that forked itself): stdio may hold output to flush before
         # each fork.  Only main() knows better, and says so.
         self.user_code = True
+        # The socket.socket a forked child's function gets, made ready by this
+        # template before the fork (see _child_socket): making one costs a new
+        # process some thirty copy-on-write faults, re-initialising this one
+        # costs the template a C call.  None until the process first forks,
+        # and in a child.
+        self.child_sock: socket.socket | None = None
 
     # --- reading -------------------------------------------------------------
 
@@ -437,6 +578,9 @@ class Server:
             if os.getpid() != self.pid:
                 sys.__excepthook__(*sys.exc_info())
                 _exit(1)
+            if isinstance(e, P.RefusedError):
+                self.decoder.close()
+                _fail(2, f"anyfork: command refused: {e}", self.sock)
             if isinstance(e, (P.ProtocolError, _CorruptError)):
                 self.decoder.close()
                 _fail(2, f"anyfork: stream corrupted: {e}", self.sock)
@@ -453,49 +597,37 @@ class Server:
         the template made.  Any other command goes to the decoder, as read.
         """
         ready = None if type(sock) is Sock else sock  # a socket.socket the template made
-        data, anc, flags, _ = sock.recvmsg(_HSIZE, _ANC_SPACE, _RECV_FLAGS)
-        fds = _fds_of(anc, flags) if anc or flags & _CTRUNC else _NO_FDS
-        if not fds and len(data) == _HSIZE and data.startswith(_RUN_PREFIX):
-            length = int.from_bytes(data[4:], "little")
-            if length <= _FIRST_RUN_MAX:
-                payload = b""
-                while len(payload) < length:
-                    more, anc, flags, _ = sock.recvmsg(length - len(payload), _ANC_SPACE, _RECV_FLAGS)
-                    if anc or flags & _CTRUNC:
-                        P.close_fds(_fds_of(anc, flags))
-                        raise _CorruptError("descriptors on a command that takes none")
-                    if not more:
-                        break
-                    payload += more
-                if len(payload) == length:
-                    self.run(P.decode_text(payload), ready)
-                data += payload
+        data, fds = _recv(sock, _HSIZE)
+        length = P.match_run(data)
+        if 0 <= length <= _FIRST_RUN_MAX and not fds:
+            payload = b""
+            while len(payload) < length:
+                more, fds = _recv(sock, length - len(payload))
+                if fds:
+                    P.close_fds(fds)
+                    raise _CorruptError("descriptors on a command that takes none")
+                if not more:
+                    break
+                payload += more
+            if len(payload) == length:
+                self.run(P.decode_text(payload), ready)
+            data += payload
         if ready is not None:
             self.sock = _blocking(Sock(fileno=Sock.detach(sock)))
-        self.decoder = P.Decoder(P.COMMANDS)
+        self.decoder = P.Decoder(P.COMMAND_TABLE)
         self.decoder.feed(data, fds)
 
     def handle(self, frame: P.Frame) -> None:
+        """Serve one command.  The decoder has checked its shape against the
+        command table: only FH, FORK and SPAWN come with descriptors."""
         kind = frame.kind
         if kind in (P.FORK, P.SPAWN):
             self.fork(frame)
-            return
-        if frame.fds and kind != P.FH:
-            frame.close()
-            raise _CorruptError("descriptors on a command that takes none")
-        if kind == P.RUN:
+        elif kind == P.RUN:
             self.run(P.decode_text(frame.payload))
-        if kind == P.KILL:
-            seq, sig = P.decode_kill(frame.payload)
-            tpl = self.template
-            pid = tpl.pid_of.get(seq) if tpl is not None else None
-            if pid is not None:  # not yet reaped, so the pid is still our child's
-                try:
-                    os.kill(pid, sig)
-                except OSError:
-                    pass
-            return
-        if kind == P.FH:
+        elif kind == P.KILL:
+            self.kill(*P.decode_kill(frame.payload))
+        elif kind == P.FH:
             fds, frame.fds = frame.fds, []
             for i, fd in enumerate(fds):
                 try:
@@ -507,12 +639,22 @@ class Server:
             self.items.extend(P.decode_items(frame.payload))
         elif kind == P.PATH:
             sys.path[:] = P.decode_strs(frame.payload)
-        elif kind in (P.SITE, P.REQUIRE, P.EVAL):
+        else:  # SITE, REQUIRE, EVAL
             self.user_code = True
             before = _signal_state()
             self._run_code(kind, frame)
             if _signal_state() != before:
                 self.inherited_signals = True  # run() resets every signal, as for a program's
+
+    def kill(self, seq: int, sig: int) -> None:
+        """KILL: signal a process this template forked, if not yet reaped."""
+        tpl = self.template
+        pid = tpl.pid_of.get(seq) if tpl is not None else None
+        if pid is not None:  # not yet reaped, so the pid is still our child's
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
 
     def _run_code(self, kind: int, frame: P.Frame) -> None:
         """SITE, REQUIRE or EVAL: the commands that run code not anyfork's."""
@@ -528,7 +670,7 @@ class Server:
         elif kind == P.REQUIRE:
             for module in P.decode_strs(frame.payload):
                 __import__(module)
-        elif kind == P.EVAL:
+        else:
             items = P.decode_items(frame.payload)
             if not items or not isinstance(items[0], str):
                 raise _CorruptError("eval without code")
@@ -588,8 +730,7 @@ class Server:
         template, and each such page costs a copy-on-write fault (a few
         microseconds): the steps here are a few C calls.
         """
-        global _child_sock
-        _child_sock = None  # this process's own socket now: not to be re-initialised
+        self.child_sock = None  # this process's own socket now: not to be re-initialised
         # Ours from the first step: an error from here on ends this process
         # (serve's handlers), never drains the template's socket.
         self.pid = os.getpid()
@@ -613,14 +754,14 @@ class Server:
         a socketpair made here, so the kernel need not be asked what it is.
         Raises OSError if ``fd`` is no socket; ``fd`` is then still the caller's.
         """
-        global _child_sock
         family, kind, proto = (_socket.AF_UNIX, _socket.SOCK_STREAM, 0) if known else (-1, -1, -1)
         cls = socket.socket
-        if _child_sock is not None and type(_child_sock) is cls:
-            sock: Sock = _child_sock
+        ready = self.child_sock
+        if ready is not None and type(ready) is cls:
+            sock: Sock = ready
             Sock.__init__(sock, family, kind, proto, fd)
         elif _stdlib_socket_class(cls):
-            sock = _child_sock = cls(family, kind, proto, fd)
+            sock = self.child_sock = cls(family, kind, proto, fd)
         else:
             sock = Sock(family, kind, proto, fd)  # see _stdlib_socket_class
         try:
@@ -716,7 +857,7 @@ class Server:
         _rehearse_child(self.namespace)  # code run since may have pushed those entries out
         sock = self.sock
         sock_fd = sock.fileno()
-        recvmsg = sock.recvmsg
+        recv = _recv
         wake_r = tpl.wake_r
         feed = self.decoder.feed
         poller = tpl.poller
@@ -729,12 +870,9 @@ class Server:
         poll = poller.poll
         reports_fd = tpl.reports.fileno()
         hsize = P.HEADER.size
-        unpack_header = P.HEADER.unpack
-        fork_kind = P.FORK
-        spawn_kind = P.SPAWN
+        match_fork = P.match_fork
         fork_size = P.FORK_PAYLOAD.size
-        unpack_fork = P.FORK_PAYLOAD.unpack
-        version = P.VERSION
+        match_payload = P.match_fork_payload
         while True:
             if bool(tpl.backlog) != tpl.watching_out:
                 tpl.watching_out = not tpl.watching_out
@@ -756,26 +894,16 @@ class Server:
             if not readable:
                 continue
             tpl.unreaped_commands += 1
-            data, anc, flags, _ = recvmsg(hsize, _ANC_SPACE, _RECV_FLAGS)
-            fds = _fds_of(anc, flags) if anc or flags & _CTRUNC else _NO_FDS
-            if len(data) != hsize or (data[1] != fork_kind and data[1] != spawn_kind):
+            data, fds = recv(sock, hsize)
+            want_fds = match_fork(data)  # 1: FORK, 0: SPAWN, -1: neither
+            if want_fds < 0 or len(fds) != want_fds:
                 feed(data, fds)
                 return
-            ver, kind, nfds, length = unpack_header(data)
-            want_fds = 1 if kind == fork_kind else 0
-            if ver != version or nfds != want_fds or len(fds) != want_fds or length != fork_size:
-                feed(data, fds)
-                return
-            payload, anc, flags, _ = recvmsg(length, _ANC_SPACE, _RECV_FLAGS)
-            more = _fds_of(anc, flags) if anc or flags & _CTRUNC else _NO_FDS
-            if len(payload) != length or more:
+            payload, more = recv(sock, fork_size)
+            seq = match_payload(payload)
+            if seq < 0 or more:
                 feed(data, fds)
                 feed(payload, more)
-                return
-            seq, flags = unpack_fork(payload)
-            if flags:
-                feed(data, fds)
-                feed(payload)
                 return
             if want_fds:
                 self._fork_for(seq, fds[0])
@@ -783,10 +911,9 @@ class Server:
                 self._spawn(seq)
             if self.template is None:
                 return  # the child of a fork
-
     # --- run -----------------------------------------------------------------
 
-    def run(self, name: str, sock: Sock | None = None) -> NoReturn:
+    def run(self, name: str, sock: Sock | PipeSocket | None = None) -> NoReturn:
         """Call the function ``name`` with the socket and the arguments; exit.
 
         ``sock``: the socket.socket a forked child's template made ready;
@@ -799,8 +926,12 @@ class Server:
             self.template = None
         func = resolve(name, self.namespace)
         if sock is None:
-            sock = socket.socket(fileno=self.sock.detach())
-            sock.setblocking(True)
+            stream = self.sock
+            if isinstance(stream, PipeSocket):
+                sock = stream  # the function talks over the pipes as they are
+            else:
+                sock = socket.socket(fileno=stream.detach())
+                sock.setblocking(True)
         _fresh_signals(self.inherited_signals)
         try:
             func(sock, *self.items)
@@ -825,7 +956,7 @@ _CHILD_LOOKUPS: tuple[tuple[object, tuple[str, ...]], ...] = (
     (socket.socket, ("close", "detach", "recvmsg", "recv", "fileno", "gettimeout")),
     (_Template, ("close", "wake_r", "wake_w", "reports", "backlog")),
     (Server, ("template", "sock", "_child", "_first_command", "run", "namespace", "items",
-              "inherited_signals", "decoder")),
+              "inherited_signals", "decoder", "child_sock", "pid")),
     (bytes, ("startswith", "decode")),
     (str, ("partition", "split")),
     (dict, ("get",)),
@@ -835,7 +966,7 @@ _CHILD_LOOKUPS: tuple[tuple[object, tuple[str, ...]], ...] = (
     (atexit, ("_clear", "_run_exitfuncs")),
     (_signal, ("set_wakeup_fd", "signal", "SIGCHLD", "SIGINT", "SIG_DFL", "SIG_IGN",
                "default_int_handler", "pthread_sigmask", "SIG_SETMASK", "valid_signals")),
-    (P, ("decode_text", "ProtocolError")),
+    (P, ("decode_text", "match_run", "ProtocolError")),
 )
 
 
@@ -902,7 +1033,7 @@ def _run_atexit() -> None:
         pass
 
 
-def _exit(code: int, run_atexit: bool = True, sock: Sock | None = None) -> NoReturn:
+def _exit(code: int, run_atexit: bool = True, sock: Sock | PipeSocket | None = None) -> NoReturn:
     if run_atexit:
         _run_atexit()
     _flush_stdio()
@@ -940,39 +1071,3 @@ def _fail(code: int, message: str | None, sock: Sock) -> NoReturn:
     except (OSError, _CorruptError):
         pass
     _exit(code, run_atexit=False)
-
-
-def main(fd: int) -> NoReturn:
-    """Entry point of an exec'd process: serve the command socket on ``fd``."""
-    os.set_inheritable(fd, False)
-    os.set_blocking(fd, True)
-    if os.environ.pop("ANYFORK_UNSET_BIND_NOW", "0") == "1":
-        os.environ.pop("LD_BIND_NOW", None)  # set by _exec.spawn for this process only
-    # Whatever else the exec let through is not ours: close it.
-    os.closerange(3, fd)
-    os.closerange(fd + 1, _max_fd())
-    # Ctrl-C in a terminal reaches the whole process group; a process that is
-    # still being prepared must not die of it with a traceback.  run()
-    # restores the default before calling the user's function.
-    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
-    # The one-line bootstrap put a stand-in 'anyfork' package in sys.modules
-    # so that importing this module did not import the whole library.  Remove
-    # it: code run here that imports anyfork must get the real one.
-    stub = sys.modules.get("anyfork")
-    if stub is not None and getattr(stub, "__anyfork_stub__", False):
-        del sys.modules["anyfork"]
-    server = Server(Sock(fileno=fd))
-    # Whatever ran before us (site, sitecustomize, a frozen program) may have
-    # left output in stdio's buffers: out with it now, once.  From here only
-    # anyfork's code runs, unless site or the program left threads or
-    # signal handlers behind: then flush before every fork as well.
-    _flush_stdio()
-    server.user_code = not sys.flags.no_site or bool(getattr(sys, "frozen", False))
-    server.serve()
-
-
-def _max_fd() -> int:
-    try:
-        return max(os.sysconf("SC_OPEN_MAX"), 256)
-    except (OSError, ValueError):
-        return 65536

@@ -44,14 +44,14 @@ def _is_closed(fd: int) -> bool:
 
 
 class ServeChild:
-    """A real serve loop (``anyfork._serve.main``) in a child, stderr to a file."""
+    """A real serve loop (``anyfork._boot.main``) in a child, stderr to a file."""
 
     def __init__(self, tmp_path) -> None:
         self.sock, theirs = socket.socketpair()
         self.errpath = tmp_path / "stderr"
         with open(self.errpath, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", f"from anyfork._serve import main; main({theirs.fileno()})"],
+                [sys.executable, "-c", f"from anyfork._boot import main; main({theirs.fileno()})"],
                 pass_fds=[theirs.fileno()], stderr=err, cwd=tmp_path)
         theirs.close()
 

@@ -1,0 +1,53 @@
+"""The first stage of a serve loop that anyfork sends where it isn't installed.
+
+Never imported: ``_exec.pipe_bootstrap`` sends this file's text as the
+program of ``python -S -c``, and writes on that interpreter's stdin, ahead
+of the commands, the sources of the modules of the serve loop (``_protocol``
+and ``_serve``)::
+
+    <count u32> then, count times: <name length u32> <name> <source length u64> <source>
+
+(integers little endian).  It builds them as modules of an in-memory
+package, ``_anyfork_remote``, reading exactly their bytes from stdin and no
+more, then runs the loop on stdin and stdout (``_serve.serve_pipes``).
+Nothing touches the disk, and no anyfork needs to be on the path.  Only the
+standard library's builtins are used, so any Python 3 that runs the serve
+loop runs this.
+"""
+
+import os
+import sys
+
+PACKAGE = "_anyfork_remote"
+
+
+def _read(n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        more = os.read(0, n - len(data))
+        if not more:
+            raise SystemExit("anyfork: the bootstrap ended before its modules did")
+        data += more
+    return data
+
+
+def _number(size: int) -> int:
+    return int.from_bytes(_read(size), "little")
+
+
+def main() -> None:
+    package = type(sys)(PACKAGE)
+    package.__path__ = []
+    sys.modules[PACKAGE] = package
+    for _ in range(_number(4)):
+        name = _read(_number(4)).decode()
+        source = _read(_number(8)).decode()
+        module = type(sys)(f"{PACKAGE}.{name}")
+        module.__package__ = PACKAGE  # for its "from . import _protocol"
+        sys.modules[module.__name__] = module
+        setattr(package, name, module)
+        exec(compile(source, f"<anyfork {name}>", "exec"), module.__dict__)
+    sys.modules[f"{PACKAGE}._serve"].serve_pipes(0, 1)
+
+
+main()
