@@ -237,25 +237,29 @@ def spawn(child_fd: int, path: list[str]) -> int:
 SERVE_MODULES = ("_protocol", "_serve")
 
 
-def pipe_bootstrap() -> tuple[str, bytes]:
+def pipe_bootstrap(modules: tuple[str, ...] = SERVE_MODULES,
+                   entry: str = "_serve:serve_pipes") -> tuple[str, bytes]:
     """What starts a serve loop where anyfork isn't installed, over a pipe pair.
 
     Returns ``(program, preamble)``: run ``[python, "-S", "-c", program]``
     (on a remote host: through ssh), write ``preamble`` on its stdin, then
     the commands, encoded with ``_protocol``.  The program is ``_stage1``: it
     reads the serve loop's modules from the preamble, builds them in memory
-    and serves stdin and stdout (see ``_serve.serve_pipes``).  Commands that
+    and serves stdin and stdout (see ``_serve.serve_pipes``).  ``modules``
+    and ``entry`` ("module:function") send other modules and start another
+    loop instead (a remote host's hub).  Commands that
     carry descriptors (``send_fh``, ``fork``) are refused there.  After RUN
     the function talks to the caller over the same two pipes.
     """
     with open(os.path.join(_PKG_DIR, "_stage1.py"), encoding="utf-8") as f:
         program = f.read()
-    parts = [len(SERVE_MODULES).to_bytes(4, "little")]
-    for name in SERVE_MODULES:
+    parts = [len(modules).to_bytes(4, "little")]
+    for name in modules:
         with open(os.path.join(_PKG_DIR, name + ".py"), "rb") as f:
             source = f.read()
         encoded = name.encode()
         parts += [len(encoded).to_bytes(4, "little"), encoded, len(source).to_bytes(8, "little"), source]
+    parts += [len(entry).to_bytes(4, "little"), entry.encode()]
     return program, b"".join(parts)
 
 

@@ -113,6 +113,7 @@ class Mux:
     """
 
     def __init__(self, caller: bool) -> None:
+        self.caller = caller
         self._next = 1 if caller else 2
         self._channels: dict[int, _Channel] = {}
         self._out: list[bytes | memoryview] = []

@@ -13,7 +13,7 @@ of anyfork's own code knows the connection is there.
 Descriptors are the one thing a byte stream can't carry, and anyfork's
 commands and reports carry sockets (FORK, SPAWN, SPARE).  The relay turns
 each socket that arrives into a channel of its own: it opens
-``fd:<channel>`` just before it sends the first byte of the frame the
+``fd:<channel>:<role>`` just before it sends the first byte of the frame the
 socket belongs to.  The relay at the other end makes a fresh socketpair for
 the new channel and sends one end, with ``sendmsg``, together with the next
 byte it writes on ``<channel>``: that frame's first byte.  So a descriptor
@@ -49,16 +49,11 @@ import select
 import socket
 from collections import deque
 
+from . import _mux as M
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-    from . import _mux as M
-else:
-    try:
-        from . import _mux as M
-    except ImportError:  # loaded from source on a remote host, as a top-level module
-        import _mux as M  # type: ignore[no-redef]
 
 _READ = 1 << 16
 _ANC = socket.CMSG_SPACE(64 * 4)
@@ -117,11 +112,17 @@ class Relay:
     def tie(self, ch: int, sock: socket.socket, what: str = "") -> None:
         """Tie channel ``ch`` to ``sock`` (the relay owns it from now on).
 
-        A channel whose ``what`` starts with "raw" carries the user's bytes
-        from the start; any other follows anyfork's framing until a RUN.
+        ``what`` is the channel's role.  A command socket ("serve", or a
+        descriptor channel's "cmd") carries anyfork's frames from the caller
+        until RUN and only the user's bytes back; a report channel
+        ("report") carries frames from the template and nothing back; any
+        other ("raw") only the user's bytes.  What is read here is followed
+        frame by frame only where it carries frames.
         """
         loc = self.locals[ch] = _Local(sock)
-        loc.raw = what.startswith("raw")
+        role = what.rpartition(":")[2]
+        framed = role in ("serve", "cmd") if self.mux.caller else role == "report"
+        loc.raw = not framed
 
     def open(self, what: str, sock: socket.socket) -> int:
         """Open a channel for ``sock``; its number."""
@@ -266,17 +267,16 @@ class Relay:
                 self._close_local(loc)
 
     def _descriptor_channel(self, ch: int, what: str) -> None:
-        """The peer sends a socket: make ours, and queue its other end to go
-        with the next byte written on the channel it came on."""
-        try:
-            owner = self.locals.get(int(what[3:]))
-        except ValueError:
-            owner = None
+        """The peer sends a socket ("fd:<channel>:<role>"): make ours, and
+        queue its other end to go with the next byte written on <channel>."""
+        _, _, rest = what.partition(":")
+        owner_text, _, _role = rest.partition(":")
+        owner = self.locals.get(int(owner_text)) if owner_text.isdigit() else None
         if owner is None:
             self.mux.close(ch)
             return
         mine, theirs = socket.socketpair()
-        self.tie(ch, mine)
+        self.tie(ch, mine, what)
         owner.out.append(theirs)
 
     # --- local sockets -----------------------------------------------------------------
@@ -320,9 +320,9 @@ class Relay:
                 self.drop(ch)  # a frame counts descriptors that never came
                 return
             for piece in pieces:
-                if isinstance(piece, int):
-                    for _ in range(piece):
-                        self.open(f"fd:{ch}", loc.unattached.popleft())
+                if isinstance(piece, list):
+                    for role in piece:
+                        self.open(f"fd:{ch}:{role}", loc.unattached.popleft())
                 else:
                     self.mux.send(ch, piece)
         else:
@@ -336,14 +336,22 @@ class Relay:
             while loc.out:
                 head = loc.out[0]
                 if isinstance(head, socket.socket):
-                    if len(loc.out) < 2:
-                        break  # it goes with the next byte, which has not come yet
-                    data = loc.out[1]
+                    # Every socket in a row goes with the next byte, which
+                    # may not have come yet.
+                    socks: list[socket.socket] = []
+                    for item in loc.out:
+                        if not isinstance(item, socket.socket):
+                            break
+                        socks.append(item)
+                    if len(socks) == len(loc.out):
+                        break
+                    data = loc.out[len(socks)]
                     assert not isinstance(data, socket.socket)
-                    n = loc.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                   _pack_fd(head.fileno()))], _SEND_FLAGS)
-                    loc.out.popleft()
-                    head.close()
+                    fds = b"".join(_pack_fd(s.fileno()) for s in socks)
+                    n = loc.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)], _SEND_FLAGS)
+                    for s in socks:
+                        loc.out.popleft()
+                        s.close()
                     head = data
                 else:
                     n = loc.sock.send(head, _SEND_FLAGS)
@@ -385,16 +393,29 @@ class Relay:
 
 # anyfork's frame header (see _protocol): version u8, kind u8, fds u16, length u64.
 _HSIZE = 12
-_RUN = 7
+_FORK, _RUN, _SPAWN, _SPARE = 6, 7, 11, 67
 
 
-def _frames(loc: _Local, data: bytes) -> list[bytes | int]:
+def _roles(kind: int, nfds: int) -> list[str]:
+    """What the descriptors of a frame are (see ``_protocol``): the new
+    process's command socket, the template's report channel, or the user's."""
+    if kind == _FORK and nfds in (1, 2):
+        return ["cmd", "report"][:nfds]
+    if kind == _SPAWN and nfds == 1:
+        return ["report"]
+    if kind == _SPARE and nfds == 1:
+        return ["cmd"]
+    return ["raw"] * nfds
+
+
+def _frames(loc: _Local, data: bytes) -> list[bytes | list[str]]:
     """Cut ``data`` where descriptors go: bytes to send, and before a frame
-    that carries descriptors, how many of ``loc.unattached`` go with it.
+    that carries descriptors, the roles of those of ``loc.unattached`` that
+    go with it (see ``_roles``).
 
     Raises ValueError if a frame counts more descriptors than have come.
     """
-    out: list[bytes | int] = []
+    out: list[bytes | list[str]] = []
     view = memoryview(loc.header + data) if loc.header else memoryview(data)
     loc.header = b""
     pos = start = 0
@@ -412,11 +433,11 @@ def _frames(loc: _Local, data: bytes) -> list[bytes | int]:
         nfds = int.from_bytes(view[pos + 2 : pos + 4], "little")
         length = int.from_bytes(view[pos + 4 : pos + 12], "little")
         if nfds:
-            if nfds > len(loc.unattached) - sum(p for p in out if isinstance(p, int)):
+            if nfds > len(loc.unattached) - sum(len(p) for p in out if isinstance(p, list)):
                 raise ValueError("a frame counts descriptors that never came")
             if pos > start:
                 out.append(bytes(view[start:pos]))
-            out.append(nfds)
+            out.append(_roles(view[pos + 1], nfds))
             start = pos
         if view[pos + 1] == _RUN:
             loc.raw = True
@@ -424,9 +445,9 @@ def _frames(loc: _Local, data: bytes) -> list[bytes | int]:
         loc.skip = length
     if loc.raw and loc.unattached:
         # The user's stream: what came goes with the start of this read.
-        extra = len(loc.unattached) - sum(p for p in out if isinstance(p, int))
+        extra = len(loc.unattached) - sum(len(p) for p in out if isinstance(p, list))
         if extra > 0:
-            out.insert(0, extra)
+            out.insert(0, ["raw"] * extra)
     if end > start:
         out.append(bytes(view[start:end]))
     return out

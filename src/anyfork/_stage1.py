@@ -3,13 +3,15 @@
 Never imported: ``_exec.pipe_bootstrap`` sends this file's text as the
 program of ``python -S -c``, and writes on that interpreter's stdin, ahead
 of the commands, the sources of the modules of the serve loop (``_protocol``
-and ``_serve``)::
+and ``_serve``; for a remote hub, ``_mux``, ``_relay`` and ``_hub`` too)::
 
     <count u32> then, count times: <name length u32> <name> <source length u64> <source>
+    then the entry point: <length u32> "module:function"
 
 (integers little endian).  It builds them as modules of an in-memory
 package, ``_anyfork_remote``, reading exactly their bytes from stdin and no
-more, then runs the loop on stdin and stdout (``_serve.serve_pipes``).
+more, then calls the entry point: the loop on stdin and stdout
+(``_serve.serve_pipes``), or a remote host's hub (``_hub.main``).
 Nothing touches the disk, and no anyfork needs to be on the path.  Only the
 standard library's builtins are used, so any Python 3 that runs the serve
 loop runs this.
@@ -47,7 +49,8 @@ def main() -> None:
         sys.modules[module.__name__] = module
         setattr(package, name, module)
         exec(compile(source, f"<anyfork {name}>", "exec"), module.__dict__)
-    sys.modules[f"{PACKAGE}._serve"].serve_pipes(0, 1)
+    module_name, _, function = _read(_number(4)).decode().partition(":")
+    getattr(sys.modules[f"{PACKAGE}.{module_name}"], function)()
 
 
 main()

@@ -1,0 +1,222 @@
+"""The hub: what anyfork runs on a remote host, at the far end of ssh.
+
+Theory of operation
+-------------------
+``_stage1`` builds this module (with ``_protocol``, ``_serve``, ``_mux`` and
+``_relay``) from sources read on stdin, then calls :func:`main`.  The hub owns
+ssh's stdin and stdout for the rest of its life: they carry the mux.
+
+- It says HELLO first, on the connection's own channel: the protocol
+  version, its pid and its Python, so the caller fails clearly on a
+  mismatch before anything else.
+- Each channel the caller opens as ``serve`` is a new process: the hub
+  forks a child that runs anyfork's ordinary serve loop on a socketpair
+  whose other end the relay ties to that channel.  The child is a process
+  like any local one: ``require``, ``eval``, ``run``; ``fork`` makes it a
+  template, whose FORK and SPAWN sockets and SPARE reports the relays carry
+  as channels of their own (see ``_relay``).  So a remote template forks
+  without another ssh connection, and the caller's side runs its own code.
+- The hub is the parent of each such process, so it alone can name its pid
+  without racing reuse: it reports ``PID`` and ``EXIT`` for each (the
+  caller's ``pid``, ``wait``, ``returncode``) and signals it on ``KILL``.
+- When the connection ends (the caller exited or was killed, ssh died, the
+  network dropped), the relay closes every channel, so each process sees
+  EOF; then the hub signals its whole process group (everything it started
+  and what they started, unless they left the group) with SIGTERM, and
+  SIGKILL a moment later, and exits.
+
+The hub never runs code of the user's; its children do, after they leave
+it.  It imports the standard library and the modules above only.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+
+from . import _mux as M
+from . import _relay as R
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
+
+VERSION = 1
+
+
+class Hub:
+    def __init__(self, rfd: int, wfd: int) -> None:
+        self.mux = M.Mux(caller=False)
+        self.relay = R.Relay(self.mux, rfd, wfd, self.on_open, self.on_control)
+        self.pids: dict[int, int] = {}  # channel -> pid of the process serving it, until reaped
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+        signal.signal(signal.SIGCHLD, lambda *a: None)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        self.gone = False
+
+    def hello(self) -> None:
+        py = ".".join(map(str, sys.version_info[:3]))
+        self.mux.control(f"HELLO {VERSION} {os.getpid()} {py}".encode())
+
+    def on_open(self, ch: int, what: str) -> socket.socket | None:
+        if what != "serve":
+            return None
+        mine, theirs = socket.socketpair()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            mine.close()
+            theirs.close()
+            self.mux.control(f"FAILED {ch} {e}".encode())
+            return None
+        if pid == 0:
+            self._child(theirs, mine)
+        theirs.close()
+        self.pids[ch] = pid
+        self.mux.control(f"PID {ch} {pid}".encode())
+        return mine
+
+    def _child(self, sock: socket.socket, mine: socket.socket) -> NoReturn:
+        """In a new process: drop everything of the hub's, serve ``sock``."""
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            mine.close()
+            keep = sock.fileno()
+            for fd in (self.relay.rfd, self.relay.wfd, self.wake_r, self.wake_w):
+                if fd != keep:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            for loc in self.relay.locals.values():
+                loc.sock.close()  # this process's copies only
+            from . import _serve
+
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # as any process being prepared
+            server = _serve.Server(_serve.Sock(fileno=sock.detach()))
+        except BaseException:
+            sys.excepthook(*sys.exc_info())
+            os._exit(1)
+        server.serve()
+
+    def on_control(self, data: bytes) -> None:
+        word, _, rest = data.partition(b" ")
+        if word == b"KILL":
+            ch_text, _, sig_text = rest.partition(b" ")
+            pid = self.pids.get(int(ch_text))
+            if pid is not None:  # not reaped yet, so still our child's
+                try:
+                    os.kill(pid, int(sig_text))
+                except OSError:
+                    pass
+        elif word == b"DISCONNECTED":
+            self.gone = True
+
+    def reap(self) -> None:
+        try:
+            os.read(self.wake_r, 4096)
+        except OSError:
+            pass
+        by_pid = {pid: ch for ch, pid in self.pids.items()}
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if not pid:
+                return
+            ch = by_pid.get(pid)
+            if ch is not None:
+                del self.pids[ch]
+                code = os.waitstatus_to_exitcode(status)
+                self.mux.control(f"EXIT {ch} {code}".encode())
+
+    def serve(self) -> None:
+        import select
+
+        relay = self.relay
+        self.hello()
+        while relay.connected:
+            fds = relay.interest()
+            fds.append((self.wake_r, select.POLLIN))
+            p = select.poll()
+            for fd, events in fds:
+                p.register(fd, events)
+            for fd, events in p.poll():
+                if fd == self.wake_r:
+                    self.reap()
+                else:
+                    relay.ready(fd, events)
+            relay.flush()
+        relay.close()
+
+
+def _end_group() -> None:
+    """Everything this hub started, and what they started: SIGTERM, and
+    SIGKILL for what is still there a second later (this hub with it)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        os.killpg(0, signal.SIGTERM)
+    except OSError:
+        return
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline and _others_in_group():
+        try:
+            os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.02)
+    if _others_in_group():
+        os.killpg(0, signal.SIGKILL)
+
+
+def _others_in_group() -> bool:
+    """Whether a process other than this one is in this one's process group
+    (True where /proc can't tell: then the group is killed to be sure)."""
+    me, group = os.getpid(), os.getpgid(0)
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if fields[0] != b"Z" and int(fields[2]) == group:
+            return True
+    return False
+
+
+def main() -> NoReturn:
+    """The hub's life: serve the connection on stdin/stdout, then end everything."""
+    # Off 0 and 1: what the processes forked from here print must never land
+    # in the connection, and what they read must not be taken from it.
+    rfd, wfd = os.dup(0), os.dup(1)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)
+    try:
+        os.setsid()  # one group to end when the connection ends (sshd gives no pty)
+    except OSError:
+        pass
+    code = 0
+    try:
+        Hub(rfd, wfd).serve()
+    except BaseException:
+        sys.excepthook(*sys.exc_info())  # ssh brings it to the caller's stderr
+        code = 1
+    _end_group()
+    os._exit(code)
