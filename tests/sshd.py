@@ -187,3 +187,22 @@ def _user() -> str:
 def remote_python() -> str:
     """The interpreter a remote command should start: this one, by absolute path."""
     return sys.executable
+
+
+def hosts_or_skip(*aliases: str) -> Hosts:
+    """Servers for ``aliases``; skips the test where OpenSSH is missing, fails in CI."""
+    import pytest
+
+    reason = available()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; .ci/run installs it, remote tests never skip in CI")
+        pytest.skip(reason)
+    h = Hosts()
+    try:
+        for alias in aliases:
+            h.start(alias)
+    except BaseException:
+        h.close()
+        raise
+    return h

@@ -54,6 +54,7 @@ from . import _mux as M
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from contextlib import AbstractContextManager
 
 _READ = 1 << 16
 _ANC = socket.CMSG_SPACE(64 * 4)
@@ -460,31 +461,60 @@ def _pack_fd(fd: int) -> bytes:
 _LITTLE = __import__("sys").byteorder == "little"
 
 
-def run(relay: Relay, wake_fd: int = -1, until: Callable[[], bool] | None = None) -> None:
+def run(relay: Relay, wake_fd: int = -1, until: Callable[[], bool] | None = None,
+        lock: AbstractContextManager[object] | None = None,
+        others: dict[int, Callable[[], None]] | None = None) -> None:
     """Run ``relay`` until the connection is gone and every channel closed,
-    or ``until()`` says to stop.  ``wake_fd``: readable when the owner added
-    work from another thread (drained here)."""
+    or ``until()`` says to stop.
+
+    Args:
+        wake_fd: readable when the owner added work from another thread
+            (drained here).
+        lock: held while the relay works (never while it waits), for an
+            owner whose other threads open channels.
+        others: more descriptors to wait on, each with what to call when
+            it is readable (the caller's side reads ssh's stderr so).
+    """
     poller = select.poll
+    held = lock if lock is not None else _NO_LOCK
+    others = others or {}
     while relay.connected or relay.locals:
         if until is not None and until():
             return
-        fds = relay.interest()
+        with held:
+            fds = relay.interest()
         if wake_fd >= 0:
             fds.append((wake_fd, _POLLIN))
+        fds.extend((fd, _POLLIN) for fd in others)
         if not fds:
             return
         p = poller()
         for fd, events in fds:
             p.register(fd, events)
-        for fd, events in p.poll():
-            if fd == wake_fd:
-                try:
-                    os.read(wake_fd, 4096)
-                except OSError:
-                    pass
-                continue
-            relay.ready(fd, events)
-        relay.flush()
-        if not relay.connected:
-            relay.close()
-            return
+        ready = p.poll()
+        with held:
+            for fd, events in ready:
+                if fd == wake_fd:
+                    try:
+                        os.read(wake_fd, 4096)
+                    except OSError:
+                        pass
+                elif fd in others:
+                    others[fd]()
+                else:
+                    relay.ready(fd, events)
+            relay.flush()
+            if not relay.connected:
+                relay.close()
+                return
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LOCK = _NoLock()

@@ -1,0 +1,319 @@
+"""The caller's end of a remote connection: one ssh process, its hub, a relay thread.
+
+Theory of operation
+-------------------
+``Connection(command)`` starts ``command`` (``ssh ... host python3``) with
+anyfork's first stage appended, its stdin and stdout both one end of a
+socketpair and its stderr a pipe.  It writes the sources of the hub's
+modules (``_exec.pipe_bootstrap``), then waits for the hub's HELLO, which
+names the protocol version, the hub's pid and its Python.  OpenSSH does the
+transport and the authentication; nothing listens anywhere.
+
+From then on one thread, the relay, carries the mux (``_relay``): each
+process on the remote host is a channel the caller opens (``serve``), tied
+here to a local socketpair whose other end the caller's ``Process`` owns.
+The hub is the parent of each such process and reports its pid and exit
+status as CONTROL messages; ``Remote`` records them for the caller.
+
+What ssh writes on stderr (its own messages, and what remote processes
+print there) is passed to this process's stderr as it comes, and the last
+few kilobytes are kept, so that a connection that fails (a wrong host key,
+no such host, no python3 there) fails with ssh's own words.
+
+The ssh process is this process's child: it is reaped by pidfd like any
+process anyfork spawns.  When the caller exits or is killed, ssh sees EOF
+on its stdin, the remote hub sees the end of the connection, and ends
+everything it started.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from . import _exec
+from . import _mux as M
+from . import _relay as R
+from ._errors import Error, ProtocolError, TimeoutExpired
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+VERSION = 1
+HUB_MODULES = ("_protocol", "_serve", "_mux", "_relay", "_hub")
+_STDERR_KEPT = 8192
+
+
+class Remote:
+    """What the hub reports of one process it runs for the caller."""
+
+    __slots__ = ("channel", "failed", "pid", "returncode")
+
+    def __init__(self, channel: int) -> None:
+        self.channel = channel
+        self.pid: int | None = None
+        self.returncode: int | None = None
+        self.failed: str | None = None  # the hub could not start it, or the connection ended: why
+
+
+def remote_argv(command: Sequence[str], program: str) -> list[str]:
+    """``command`` with the first stage appended.
+
+    ssh joins the words after the host into one line for the remote shell,
+    so each is quoted for it; a command that is not ssh gets them as they are.
+    """
+    argv = [str(c) for c in command]
+    words = ["-S", "-c", program]
+    if os.path.basename(argv[0]).startswith("ssh"):
+        words = [shlex.quote(w) for w in words]
+    return argv + words
+
+
+class Connection:
+    """One remote host, through one ssh process.
+
+    Raises:
+        anyfork.Error: ssh failed (its message is in the error) or the far
+            side is not anyfork's hub.
+        anyfork.ProtocolError: the hub speaks another protocol version.
+        anyfork.TimeoutExpired: no HELLO within ``timeout`` seconds.
+    """
+
+    def __init__(self, command: Sequence[str], *, timeout: float = 60.0) -> None:
+        if isinstance(command, (str, bytes)) or not command or not all(isinstance(c, str) for c in command):
+            raise TypeError("command is the argv that starts a Python on the far side, a list of str, "
+                            "e.g. ['ssh', 'host', 'python3']")
+        program, preamble = _exec.pipe_bootstrap(HUB_MODULES, "_hub:main")
+        argv = remote_argv(command, program)
+        self.command = list(command)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self.remotes: dict[int, Remote] = {}
+        self.hello: tuple[int, str] | None = None  # the hub's pid and Python
+        self.ended: str | None = None
+        self._stderr = bytearray()
+        mine, theirs = socket.socketpair()
+        err_r, err_w = os.pipe()
+        try:
+            self.pid = os.posix_spawnp(argv[0], argv, dict(os.environ), file_actions=[
+                (os.POSIX_SPAWN_DUP2, theirs.fileno(), 0),
+                (os.POSIX_SPAWN_DUP2, theirs.fileno(), 1),
+                (os.POSIX_SPAWN_DUP2, err_w, 2),
+            ], setpgroup=0)  # Ctrl-C at a terminal is the caller's to handle, not ssh's
+        except OSError as e:
+            mine.close()
+            os.close(err_r)
+            raise Error(f"anyfork could not start {argv[0]!r}: {e}") from e
+        finally:
+            theirs.close()
+            os.close(err_w)
+        self._err = err_r
+        self._sock = mine
+        self._wake_r, self._wake_w = os.pipe()
+        self.relay = R.Relay(M.Mux(caller=True), mine.fileno(), mine.fileno(), self._refuse, self._control)
+        mine.sendall(preamble)  # small, and the far side reads it first: no deadlock
+        self._thread = threading.Thread(target=self._run, name=f"anyfork relay {command[-2:]}", daemon=True)
+        self._thread.start()
+        try:
+            self._await_hello(timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- the relay thread ----------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            R.run(self.relay, self._wake_r, lock=self._lock, others={self._err: self._read_stderr})
+        finally:
+            self._drain_stderr()
+            with self._changed:
+                if self.ended is None:
+                    self.ended = "the connection ended"
+                for r in self.remotes.values():
+                    if r.returncode is None and r.failed is None:
+                        r.failed = self.ended
+                self._changed.notify_all()
+
+    def _read_stderr(self) -> None:
+        try:
+            data = os.read(self._err, 65536)
+        except OSError:
+            data = b""
+        if not data:
+            # ssh is gone or going: no more to read; the relay sees the rest.
+            self.relay.connected = self.relay.connected and self._ssh_alive()
+            return
+        self._stderr += data
+        del self._stderr[:-_STDERR_KEPT]
+        try:
+            os.write(2, data)
+        except OSError:
+            pass
+
+    def _drain_stderr(self, timeout: float = 2.0) -> None:
+        """What ssh still has to say as it exits (why the connection failed)."""
+        import select
+
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([self._err], [], [], left)[0]:
+                return
+            try:
+                data = os.read(self._err, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            with self._lock:
+                self._stderr += data
+                del self._stderr[:-_STDERR_KEPT]
+            try:
+                os.write(2, data)
+            except OSError:
+                pass
+
+    def _ssh_alive(self) -> bool:
+        try:
+            pid, _ = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        return pid == 0
+
+    @staticmethod
+    def _refuse(ch: int, what: str) -> socket.socket | None:
+        return None  # the hub opens channels only for descriptors
+
+    def _control(self, data: bytes) -> None:
+        """(relay thread, under the lock) A message of the hub's."""
+        word, _, rest = data.partition(b" ")
+        fields = rest.split(b" ", 2)
+        if word == b"HELLO":
+            try:
+                version, pid, python = int(fields[0]), int(fields[1]), fields[2].decode()
+            except (IndexError, ValueError):
+                self.ended = f"the far side said {data[:80]!r}, not anyfork's HELLO"
+            else:
+                if version != VERSION:
+                    self.ended = (f"the far side speaks anyfork's remote protocol {version}, "
+                                  f"this side {VERSION}")
+                else:
+                    self.hello = (pid, python)
+        elif word in (b"PID", b"EXIT", b"FAILED"):
+            r = self.remotes.get(int(fields[0]))
+            if r is not None:
+                if word == b"PID":
+                    r.pid = int(fields[1])
+                elif word == b"EXIT":
+                    r.returncode = int(fields[1])
+                else:
+                    r.failed = b" ".join(fields[1:]).decode("utf-8", "replace")
+        elif word == b"DISCONNECTED":
+            self.ended = rest.decode("utf-8", "replace")
+        self._changed.notify_all()
+
+    # --- what callers do ---------------------------------------------------------------
+
+    def _await_hello(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self.hello is None:
+                if self.ended is not None:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutExpired(f"{self._who()}: no answer within {timeout} s")
+                self._changed.wait(left)
+        if self.hello is None:
+            self._thread.join(5)
+            said = self.stderr().strip()
+            why = self.ended or "the connection ended"
+            if "speaks anyfork's remote protocol" in why:
+                raise ProtocolError(f"{self._who()}: {why}")
+            raise Error(f"{self._who()} failed: {why}" + (f"; it said: {said}" if said else ""))
+
+    def _who(self) -> str:
+        return " ".join(shlex.quote(c) for c in self.command)
+
+    def stderr(self) -> str:
+        """The last few kilobytes ssh (and what runs remotely) wrote on stderr."""
+        with self._lock:
+            return bytes(self._stderr).decode("utf-8", "replace")
+
+    def serve(self) -> tuple[Remote, socket.socket]:
+        """A new process on the remote host: its record, and the caller's end of its command socket.
+
+        Raises:
+            anyfork.Error: the connection has ended.
+        """
+        mine, theirs = socket.socketpair()
+        with self._lock:
+            if self.ended is not None or not self.relay.connected:
+                mine.close()
+                theirs.close()
+                raise Error(f"{self._who()}: {self.ended or 'the connection ended'}")
+            ch = self.relay.open("serve", theirs)
+            r = self.remotes[ch] = Remote(ch)
+        os.write(self._wake_w, b"x")
+        return r, mine
+
+    def kill(self, r: Remote, sig: int) -> None:
+        """Signal a process the hub runs (its parent, so never a recycled pid)."""
+        with self._lock:
+            if r.returncode is not None or r.failed is not None or not self.relay.connected:
+                return
+            self.relay.mux.control(f"KILL {r.channel} {int(sig)}".encode())
+        os.write(self._wake_w, b"x")
+
+    def wait(self, r: Remote, timeout: float | None, what: str = "pid") -> None:
+        """Until the hub reported ``what`` ("pid" or "exit") for ``r``, or it can't."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while True:
+                if r.failed is not None or (r.pid is not None if what == "pid" else r.returncode is not None):
+                    return
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutExpired(f"remote process {r.pid} still running after {timeout} s")
+                self._changed.wait(left)
+
+    def _reap_ssh(self, timeout: float = 5.0) -> None:
+        """ssh exits once its stdin ends; one that doesn't is killed."""
+        import signal
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                pid, _ = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid:
+                return
+            if time.monotonic() > deadline:
+                os.kill(self.pid, signal.SIGKILL)  # not reaped, so still ours
+                deadline = float("inf")
+                os.waitpid(self.pid, 0)
+                return
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        """End the connection: every remote process sees EOF and the hub ends them."""
+        with self._lock:
+            if self.ended is None:
+                self.ended = "the connection was closed"
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        os.write(self._wake_w, b"x")
+        self._thread.join(10)
+        self._reap_ssh()
+        with self._lock:
+            self.relay.close()
+        for fd in (self._err, self._wake_r, self._wake_w):
+            os.close(fd)
+        self._sock.close()

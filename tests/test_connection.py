@@ -1,0 +1,117 @@
+"""A remote connection through a real OpenSSH server on loopback (_connection)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+import sshd
+from anyfork import Error, ProtocolError
+from anyfork import _connection as C
+from anyfork import _protocol as P
+from helpers import wait_exited
+
+if TYPE_CHECKING:
+    import socket
+    from collections.abc import Iterator
+
+pytestmark = pytest.mark.usefixtures("check_leaks")
+TESTS = str(Path(__file__).resolve().parent)
+
+
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[sshd.Hosts]:
+    h = sshd.hosts_or_skip("host1")
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def conn(hosts: sshd.Hosts) -> Iterator[C.Connection]:
+    c = C.Connection(hosts.ssh("host1", sys.executable))
+    yield c
+    c.close()
+
+
+def send(sock: socket.socket, parts: list[P.Buffer]) -> None:
+    sock.sendall(b"".join(bytes(p) for p in parts))
+
+
+def test_the_hub_answers_over_ssh(conn: C.Connection) -> None:
+    assert conn.hello is not None
+    pid, python = conn.hello
+    assert python == ".".join(map(str, sys.version_info[:3]))
+    assert pid > 0
+
+
+def test_a_remote_process_runs_a_function_and_reports_pid_and_status(conn: C.Connection) -> None:
+    remote, sock = conn.serve()
+    with sock:
+        send(sock, P.items_frame(P.PATH, [TESTS, *sys.path]))
+        send(sock, P.run_frame("helpers:pids"))
+        sock.settimeout(20)
+        reply = b""
+        while data := sock.recv(100):
+            reply += data
+        pid, ppid = ast.literal_eval(reply.decode())
+    conn.wait(remote, 20, "exit")
+    assert remote.pid == pid
+    assert conn.hello is not None
+    assert ppid == conn.hello[0]
+    assert remote.returncode == 0
+
+
+def test_kill_through_the_hub(conn: C.Connection) -> None:
+    remote, sock = conn.serve()
+    with sock:
+        conn.wait(remote, 20, "pid")
+        conn.kill(remote, signal.SIGKILL)
+        conn.wait(remote, 20, "exit")
+    assert remote.returncode == -signal.SIGKILL
+
+
+def test_a_wrong_host_key_fails_with_sshs_words(hosts: sshd.Hosts) -> None:
+    (server,) = hosts.servers
+    wrong = hosts.dir / "wrong_known_hosts"
+    other_key = hosts.dir / "other_key"
+    sshd._keygen(other_key)
+    wrong.write_text(f"[127.0.0.1]:{server.port} {Path(str(other_key) + '.pub').read_text()}")
+    config = hosts.dir / "wrong_config"
+    config.write_text(hosts.config.read_text().replace(str(hosts.known_hosts), str(wrong)))
+    with pytest.raises(Error, match=r"(?i)host key"):
+        C.Connection([sshd.SSH or "ssh", "-F", str(config), "host1", sys.executable])
+
+
+def test_a_far_side_that_is_not_a_python_fails_clearly(hosts: sshd.Hosts) -> None:
+    with pytest.raises(Error, match="failed"):
+        C.Connection(hosts.ssh("host1", "/bin/false"), timeout=20)
+
+
+def test_a_hub_of_another_version_is_refused(conn: C.Connection, monkeypatch: pytest.MonkeyPatch,
+                                             hosts: sshd.Hosts) -> None:
+    monkeypatch.setattr(C, "VERSION", 99)
+    with pytest.raises(ProtocolError, match="protocol 1"):
+        C.Connection(hosts.ssh("host1", sys.executable))
+
+
+def test_killing_ssh_ends_the_remote_processes(conn: C.Connection) -> None:
+    remote, sock = conn.serve()
+    with sock:
+        send(sock, P.items_frame(P.EVAL, ["import time\nwhile True: time.sleep(1)"]))
+        conn.wait(remote, 20, "pid")
+        assert conn.hello is not None
+        hub = conn.hello[0]
+        os.kill(conn.pid, signal.SIGKILL)  # the connection drops
+        sock.settimeout(10)
+        assert sock.recv(10) == b""  # the caller's end sees it at once
+        assert remote.pid is not None
+        for pid in (hub, remote.pid):
+            assert wait_exited(pid, 5), f"remote process {pid} outlived the connection"
+    conn.wait(remote, 5, "exit")
+    assert remote.failed is not None
