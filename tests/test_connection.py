@@ -115,3 +115,48 @@ def test_killing_ssh_ends_the_remote_processes(conn: C.Connection) -> None:
             assert wait_exited(pid, 5), f"remote process {pid} outlived the connection"
     conn.wait(remote, 5, "exit")
     assert remote.failed is not None
+
+
+def _run_remote(conn: C.Connection, frames: list[list[P.Buffer]]) -> tuple[C.Remote, bytes]:
+    remote, sock = conn.serve()
+    with sock:
+        for parts in frames:
+            send(sock, parts)
+        sock.settimeout(20)
+        reply = b""
+        while data := sock.recv(65536):
+            reply += data
+    conn.wait(remote, 20, "exit")
+    return remote, reply
+
+
+def test_a_module_only_the_caller_has_is_sent_on_demand(conn: C.Connection, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    pkg = tmp_path / "callers_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("GREETING = 'from the caller'\n")
+    (pkg / "tool.py").write_text(
+        "import socket\nfrom callers_pkg import GREETING\n\n"
+        "def answer(sock: socket.socket) -> None:\n"
+        "    sock.sendall((GREETING + ' ' + __file__).encode())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # the caller's side only: no PATH is sent
+    remote, reply = _run_remote(conn, [P.items_frame(P.REQUIRE, ["callers_pkg.tool"]),
+                                       P.run_frame("callers_pkg.tool:answer")])
+    assert remote.returncode == 0, conn.stderr()
+    assert reply == f"from the caller {pkg / 'tool.py'}".encode()
+
+
+def test_a_module_nobody_has_fails_with_the_ordinary_error(conn: C.Connection) -> None:
+    remote, _ = _run_remote(conn, [P.items_frame(P.REQUIRE, ["no_such_module_anywhere_x"])])
+    assert remote.returncode == 1
+    assert "No module named 'no_such_module_anywhere_x'" in conn.stderr()
+
+
+def test_the_answer_for_a_c_extension_says_it_cannot_be_sent() -> None:
+    from anyfork import _importer
+
+    assert _importer.answer("_json").startswith(b"NO module '_json' is a C extension")
+    assert _importer.answer("no_such_module_anywhere_x").startswith(b"NO missing")
+    ok = _importer.answer("json")
+    assert ok.startswith(b"OK pkg ")
+    assert b"def dumps" in ok.partition(b"\0")[2]

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.usefixtures("check_leaks")
 
 TESTS = str(Path(__file__).resolve().parent)
-HUB_MODULES = ("_protocol", "_serve", "_mux", "_relay", "_hub")
+HUB_MODULES = ("_protocol", "_serve", "_mux", "_relay", "_importer", "_hub")
 
 
 class Connection:

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 VERSION = 1
-HUB_MODULES = ("_protocol", "_serve", "_mux", "_relay", "_hub")
+HUB_MODULES = ("_protocol", "_serve", "_mux", "_relay", "_importer", "_hub")
 _STDERR_KEPT = 8192
 
 
@@ -212,6 +212,12 @@ class Connection:
                     r.returncode = int(fields[1])
                 else:
                     r.failed = b" ".join(fields[1:]).decode("utf-8", "replace")
+        elif word == b"IMPORT":
+            # A remote process wants a module only this side has (see _importer).
+            from ._importer import answer
+
+            self.relay.mux.control(b"SOURCE " + rest + b"\0" + answer(rest.decode("utf-8", "surrogatepass")))
+            return
         elif word == b"DISCONNECTED":
             self.ended = rest.decode("utf-8", "replace")
         self._changed.notify_all()

@@ -52,6 +52,13 @@ class Hub:
         self.mux = M.Mux(caller=False)
         self.relay = R.Relay(self.mux, rfd, wfd, self.on_open, self.on_control)
         self.pids: dict[int, int] = {}  # channel -> pid of the process serving it, until reaped
+        # Modules from the caller (see _importer): every process started here
+        # asks on its end of this datagram pair; answers are cached by name.
+        self.imports, self.imports_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.imports.setblocking(False)
+        self.sources: dict[str, bytes] = {}
+        self.asking: dict[str, list[socket.socket]] = {}  # requests waiting for the caller
+        self.answering: list[tuple[socket.socket, memoryview]] = []  # answers being written
         self.wake_r, self.wake_w = os.pipe()
         for fd in (self.wake_r, self.wake_w):
             os.set_blocking(fd, False)
@@ -89,6 +96,12 @@ class Hub:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             mine.close()
             keep = sock.fileno()
+            self.imports.close()
+            for waiting in self.asking.values():
+                for s in waiting:
+                    s.close()
+            for s, _ in self.answering:
+                s.close()
             for fd in (self.relay.rfd, self.relay.wfd, self.wake_r, self.wake_w):
                 if fd != keep:
                     try:
@@ -97,8 +110,9 @@ class Hub:
                         pass
             for loc in self.relay.locals.values():
                 loc.sock.close()  # this process's copies only
-            from . import _serve
+            from . import _importer, _serve
 
+            _importer.install(self.imports_child, socket.gethostname())
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # as any process being prepared
             server = _serve.Server(_serve.Sock(fileno=sock.detach()))
         except BaseException:
@@ -116,8 +130,58 @@ class Hub:
                     os.kill(pid, int(sig_text))
                 except OSError:
                     pass
+        elif word == b"SOURCE":
+            name_bytes, _, answer = rest.partition(b"\0")
+            name = name_bytes.decode("utf-8", "surrogatepass")
+            self.sources[name] = answer
+            for s in self.asking.pop(name, []):
+                self.answering.append((s, memoryview(answer)))
+            self.write_answers()
         elif word == b"DISCONNECTED":
             self.gone = True
+
+    def read_request(self) -> None:
+        """A process asks for a module (see _importer): answer from the cache, or ask the caller."""
+        try:
+            data, anc, _, _ = self.imports.recvmsg(4096, socket.CMSG_SPACE(4 * 4))
+        except BlockingIOError:
+            return
+        fds: list[int] = []
+        for level, kind, raw in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(memoryview(raw[: len(raw) - len(raw) % 4]).cast("i"))
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            return  # not a request of _importer's
+        reply = socket.socket(fileno=fds[0])
+        reply.setblocking(False)
+        name = data.decode("utf-8", "surrogatepass")
+        answer = self.sources.get(name)
+        if answer is not None:
+            self.answering.append((reply, memoryview(answer)))
+            self.write_answers()
+            return
+        waiting = self.asking.setdefault(name, [])
+        waiting.append(reply)
+        if len(waiting) == 1:
+            self.mux.control(b"IMPORT " + data)
+
+    def write_answers(self) -> None:
+        """Write what the answers' sockets take now; each closes when whole (its EOF ends it)."""
+        still = []
+        for s, answer in self.answering:
+            view = answer
+            try:
+                while view:
+                    view = view[s.send(view):]
+            except BlockingIOError:
+                still.append((s, view))
+                continue
+            except OSError:
+                pass  # the process gave up asking
+            s.close()
+        self.answering = still
 
     def reap(self) -> None:
         try:
@@ -146,12 +210,18 @@ class Hub:
         while relay.connected:
             fds = relay.interest()
             fds.append((self.wake_r, select.POLLIN))
+            fds.append((self.imports.fileno(), select.POLLIN))
+            fds.extend((s.fileno(), select.POLLOUT) for s, _ in self.answering)
             p = select.poll()
             for fd, events in fds:
                 p.register(fd, events)
             for fd, events in p.poll():
                 if fd == self.wake_r:
                     self.reap()
+                elif fd == self.imports.fileno():
+                    self.read_request()
+                elif events & select.POLLOUT and any(s.fileno() == fd for s, _ in self.answering):
+                    self.write_answers()
                 else:
                     relay.ready(fd, events)
             relay.flush()

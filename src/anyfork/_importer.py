@@ -1,0 +1,144 @@
+"""Modules from the caller, on demand: the one importer a remote host's processes use.
+
+Theory of operation
+-------------------
+A process on a remote host may need a module that exists only on the
+caller's machine: a ``require`` of the user's own package, a function sent
+by reference.  The hub (``_hub``) gives every process it starts one end of a
+datagram socketpair to itself, and this module's :class:`Finder`, last on
+``sys.meta_path``, asks over it for what the host's own finders did not
+find:
+
+- the process makes a socketpair of its own for the answer and sends the
+  request ``<name>`` with one end of it (SCM_RIGHTS: the hub is on the same
+  host), so that requests of many processes (forks of one template share
+  the socket) never mix up their answers;
+- the hub answers from its cache, or asks the caller (a CONTROL message on
+  the connection) and caches what comes: each module crosses once per
+  connection;
+- the answer is ``OK <flags> <origin>\\0<source>`` or ``NO <why>``; flags say
+  whether the module is a package (then its submodules are asked for the
+  same way).
+
+Only sources cross: a C extension, or a module the caller can't find either,
+fails with an ImportError that names the module and the host.
+
+The caller's side (what to answer for a name) is :func:`answer`.  This
+module imports the standard library only: it is sent as source.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
+
+#: What a forwarded package's ``__path__`` holds: no directory on this host.
+MARK = "<anyfork: from the caller>"
+_TIMEOUT = 60.0
+_MAX = 1 << 24
+
+
+class Finder:
+    """Finds modules on the caller's side, through the hub (see the module doc)."""
+
+    def __init__(self, sock: socket.socket, host: str) -> None:
+        self.sock = sock
+        self.host = host
+        self.sources: dict[str, tuple[bool, str, str]] = {}
+
+    def find_spec(self, name: str, path: Sequence[str] | None = None,
+                  target: ModuleType | None = None) -> ModuleSpec | None:
+        import importlib.util
+
+        if path is not None and MARK not in list(path):
+            return None  # a submodule of this host's own package: not ours to find
+        answer = self.ask(name)
+        if answer is None:
+            return None
+        is_pkg, origin, _ = answer
+        self.sources[name] = answer
+        # A loader by its two methods (exec_module, create_module), as the
+        # import system uses it; typeshed asks for the old load_module too.
+        spec = importlib.util.spec_from_loader(name, self, origin=origin, is_package=is_pkg)  # type: ignore[arg-type]
+        if spec is not None and is_pkg:
+            spec.submodule_search_locations = [MARK]
+        return spec
+
+    def create_module(self, spec: ModuleSpec) -> None:
+        return None
+
+    def exec_module(self, module: ModuleType) -> None:
+        _, origin, source = self.sources[module.__name__]
+        module.__file__ = origin
+        exec(compile(source, origin, "exec"), module.__dict__)
+
+    def ask(self, name: str) -> tuple[bool, str, str] | None:
+        """The caller's source for ``name``; None if the caller has none to send."""
+        mine, theirs = socket.socketpair()
+        try:
+            fd = theirs.fileno().to_bytes(4, sys.byteorder)
+            request = name.encode("utf-8", "surrogatepass")
+            self.sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd)])
+            theirs.close()
+            mine.settimeout(_TIMEOUT)
+            chunks = []
+            while data := mine.recv(1 << 20):
+                chunks.append(data)
+        except OSError as e:
+            raise ImportError(f"no module named {name!r} on {self.host}, and the caller could not be "
+                              f"asked for it ({e})", name=name) from e
+        finally:
+            theirs.close()
+            mine.close()
+        reply = b"".join(chunks)
+        if reply.startswith(b"OK "):
+            head, _, source = reply[3:].partition(b"\0")
+            flags, _, origin = head.partition(b" ")
+            text = source.decode("utf-8", "surrogateescape")
+            return flags == b"pkg", origin.decode("utf-8", "replace"), text
+        why = reply[3:].decode("utf-8", "replace") if reply.startswith(b"NO ") else "no answer"
+        if why.startswith("missing"):
+            return None  # the caller has none either: the ordinary ModuleNotFoundError
+        raise ImportError(f"module {name!r} can't be imported on {self.host}: {why}", name=name)
+
+
+def install(sock: socket.socket, host: str) -> Finder:
+    finder = Finder(sock, host)
+    sys.meta_path.append(finder)
+    return finder
+
+
+def answer(name: str) -> bytes:
+    """The caller's answer for ``name`` (runs on the caller's side)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError) as e:
+        return f"NO missing: {e}".encode()
+    if spec is None:
+        return b"NO missing: the caller has no such module either"
+    origin = spec.origin or ""
+    loader = spec.loader
+    get_source = getattr(loader, "get_source", None)
+    if not origin.endswith(".py") or get_source is None:
+        what = ("a C extension" if origin.endswith((".so", ".pyd"))
+                else f"not Python source ({origin or 'built in'})")
+        return f"NO module {name!r} is {what}, which can't be sent to another host".encode()
+    try:
+        source: str | None = get_source(name)
+    except (ImportError, OSError) as e:
+        return f"NO the caller can't read its source: {e}".encode()
+    if source is None:
+        return b"NO the caller has no source for it"
+    data = source.encode("utf-8", "surrogateescape")
+    if len(data) > _MAX:
+        return b"NO its source is too large to send"
+    flags = b"pkg" if spec.submodule_search_locations is not None else b"mod"
+    return b"OK " + flags + b" " + origin.encode("utf-8", "surrogateescape") + b"\0" + data
