@@ -1039,3 +1039,42 @@ def test_signals_set_by_code_in_a_template_do_not_reach_the_function() -> None:
         assert p.wait(5) == -signal.SIGTERM
     tpl.close()
     assert tpl.wait(5) == 0
+
+
+# --- the reaper against code eval'd in a template (issue 15, item 1) ------------------------
+
+# Each used to make every later wait() on the template's children hang for ever.
+_UNARMING = {
+    "SIGCHLD ignored": "import signal\nsignal.signal(signal.SIGCHLD, signal.SIG_IGN)",
+    "SIGCHLD blocked": "import signal\nsignal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})",
+    "asyncio.run with a signal handler": (
+        "import asyncio, signal\n"
+        "async def main():\n"
+        "    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, lambda: None)\n"
+        "asyncio.run(main())"),
+}
+
+
+@pytest.mark.parametrize("code", list(_UNARMING.values()), ids=list(_UNARMING))
+def test_code_eval_d_in_a_template_cannot_stop_its_reaper(code: str) -> None:
+    tpl = anyfork.new_exec()
+    try:
+        first = tpl.fork()
+        first.send_arg("0").run("helpers:exit_with").close()
+        assert first.wait(10) == 0
+        tpl.eval(code)
+        later = [tpl.fork() for _ in range(3)]
+        for c in later:
+            c.send_arg("0").run("helpers:exit_with").close()
+        for c in later:
+            try:
+                assert c.wait(10) == 0  # bounded: it used to hang here
+            except anyfork.ExitStatusLostError:
+                pass  # the kernel reaped it while SIGCHLD was ignored: said, not hung
+        again = tpl.fork()  # and the reaper works for good from here on
+        again.send_arg("7").run("helpers:exit_with").close()
+        assert again.wait(10) == 7
+        del first, later, again  # (a closed template's children keep its channel)
+    finally:
+        tpl.close()
+        tpl.wait(10)

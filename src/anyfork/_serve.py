@@ -265,7 +265,24 @@ class _Template:
         for fd in (self.wake_r, self.wake_w):
             os.set_blocking(fd, False)
             os.set_inheritable(fd, False)
+        self.arm()
+
+    def arm(self) -> None:
+        """Set up what the reaper relies on: SIGCHLD caught, not blocked, and
+        waking the loop through our pipe.
+
+        Code run in a template (eval, require) can undo any of it: SIGCHLD
+        ignored (the kernel then reaps and the status is gone), SIGCHLD
+        blocked, or the wakeup fd moved (``asyncio.run`` sets its own and
+        clears it when its loop closes).  Then no exit would ever wake the
+        loop, and a caller's ``wait()`` would wait for ever.  So this runs
+        again after every such command, and wakes the loop once: exits that
+        came meanwhile are reaped (or reported lost) now.
+        """
         _signal.signal(_signal.SIGCHLD, _on_sigchld)
+        sigmask = getattr(_signal, "pthread_sigmask", None)
+        if sigmask is not None:
+            sigmask(_signal.SIG_UNBLOCK, (_signal.SIGCHLD,))
         _signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
 
     def report(self, data: bytes, fd: int = -1) -> None:
@@ -645,6 +662,14 @@ class Server:
             self._run_code(kind, frame)
             if _signal_state() != before:
                 self.inherited_signals = True  # run() resets every signal, as for a program's
+            if self.template is not None:
+                # Always, not only when the dispositions changed: a wakeup fd
+                # moved and put back to -1 (asyncio.run) leaves none changed.
+                self.template.arm()
+                try:
+                    os.write(self.template.wake_w, b"\0")  # reap what exited while unarmed
+                except OSError:
+                    pass
 
     def kill(self, seq: int, sig: int) -> None:
         """KILL: signal a process this template forked, if not yet reaped."""
