@@ -465,7 +465,9 @@ def test_truncated_command_is_never_executed(tmp_path: Path, capfd: pytest.Captu
     p = anyfork.new_exec()
     corrupt(p, frame[:-1], eof=True)
     assert p.wait(5) == 2
-    assert "stream corrupted" in capfd.readouterr().err
+    # The caller stopped part-way (a cancelled run_async): on purpose, so the
+    # process says nothing about it (issue 14); it used to say "stream corrupted".
+    assert capfd.readouterr().err == ""
     assert not marker.exists()
     p.close()
 
@@ -1075,6 +1077,72 @@ def test_code_eval_d_in_a_template_cannot_stop_its_reaper(code: str) -> None:
         again.send_arg("7").run("helpers:exit_with").close()
         assert again.wait(10) == 7
         del first, later, again  # (a closed template's children keep its channel)
+    finally:
+        tpl.close()
+        tpl.wait(10)
+
+
+# --- what a failing process says (issue 14: readable worker output) -------------------------
+
+
+def test_a_failing_function_says_who_failed_without_anyforks_frames(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    p = anyfork.new_exec()
+    p.run("helpers:fail").close()
+    assert p.wait(10) == 1
+    err = capfd.readouterr().err
+    assert err.startswith(f"anyfork worker {p.pid} (helpers:fail):\nTraceback"), err
+    assert "helpers.py" in err
+    assert "_serve.py" not in err
+    assert err.rstrip().endswith("RuntimeError: failure raised by helpers.fail")
+
+
+def test_a_name_that_is_not_there_is_one_line_not_a_traceback(capfd: pytest.CaptureFixture[str]) -> None:
+    p = anyfork.new_exec()
+    p.run("helpers:no_such_function").close()
+    assert p.wait(10) == 1
+    err = capfd.readouterr().err
+    assert err == (f"anyfork worker {p.pid} (can't find 'helpers:no_such_function' to run):\n"
+                   "AttributeError: module 'helpers' has no attribute 'no_such_function'\n"), err
+
+
+def test_a_module_that_fails_to_import_keeps_its_own_traceback(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "broken_mod_x.py").write_text("import os\nraise ValueError('broken at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    p = anyfork.new_exec()
+    p.run("broken_mod_x:f").close()
+    assert p.wait(10) == 1
+    err = capfd.readouterr().err
+    assert "broken_mod_x.py" in err  # the user's frame, where to look
+    assert "ValueError: broken at import" in err
+
+
+def test_a_sys_excepthook_set_in_the_process_is_respected(capfd: pytest.CaptureFixture[str]) -> None:
+    p = anyfork.new_exec()
+    p.eval("import sys\nsys.excepthook = lambda t, e, tb: sys.stderr.write(f'HOOKED {t.__name__}\\n')")
+    p.run("helpers:fail").close()
+    assert p.wait(10) == 1
+    assert capfd.readouterr().err == "HOOKED RuntimeError\n"
+
+
+def test_tracebacks_of_many_processes_do_not_interleave(capfd: pytest.CaptureFixture[str]) -> None:
+    tpl = anyfork.new_exec()
+    try:
+        children = [tpl.fork() for _ in range(24)]
+        socks = [c.run("helpers:fail") for c in children]
+        for s in socks:
+            s.close()
+        for c in children:
+            assert c.wait(10) == 1
+        err = capfd.readouterr().err
+        blocks = err.split("anyfork worker ")[1:]
+        assert len(blocks) == len(children)
+        for block in blocks:
+            # Each block whole: its header, one traceback, and its last line.
+            assert block.count("Traceback") == 1, block
+            assert block.rstrip().endswith("RuntimeError: failure raised by helpers.fail"), block
+        del children, socks
     finally:
         tpl.close()
         tpl.wait(10)

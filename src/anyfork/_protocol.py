@@ -175,6 +175,11 @@ class RefusedError(ProtocolError):
     """A well-formed frame of a kind this side refuses (``Shape.refused``)."""
 
 
+class TruncatedError(ProtocolError):
+    """The stream ended inside a frame: its writer stopped part-way (a caller
+    that cancelled a write, or exited), not garbage."""
+
+
 class Frame:
     """One decoded frame: its kind, its payload and the descriptors it carried.
 
@@ -481,7 +486,7 @@ class Decoder:
         if not self.idle():
             self._dead = True
             self.close()
-            raise ProtocolError("stream ended inside a frame")
+            raise TruncatedError("stream ended inside a frame")
 
     def close(self) -> None:
         for fd in self._frame_fds:

@@ -38,7 +38,11 @@ Errors: a malformed stream prints "stream corrupted" and exits with status 2
 without executing anything more; an exception in eval, require, name lookup
 or the function prints its traceback and exits with status 1.  Either way
 the process first drains what is queued on its socket, so the caller sees
-EOF rather than a reset.
+EOF rather than a reset.  A traceback goes out in one write, headed by the
+pid and what the process was doing, without anyfork's own frames, or to a
+``sys.excepthook`` the user set.  A stream that ends inside a frame (the
+caller stopped writing part-way: a cancelled ``run_async``) ends the process
+quietly, with status 2.
 
 This module imports the standard library and ``_protocol`` only.
 """
@@ -593,15 +597,21 @@ class Server:
             _fail(_exit_code(e), None, self.sock)
         except BaseException as e:
             if os.getpid() != self.pid:
-                sys.__excepthook__(*sys.exc_info())
+                _report(e, "a process forked by code run here")
                 _exit(1)
+            if isinstance(e, P.TruncatedError):
+                # The caller stopped writing part-way, on purpose (a cancelled
+                # run_async) or as it died: nothing to say about it.  The
+                # status is still that of a stream that was not whole.
+                self.decoder.close()
+                _fail(2, None, self.sock)
             if isinstance(e, P.RefusedError):
                 self.decoder.close()
                 _fail(2, f"anyfork: command refused: {e}", self.sock)
             if isinstance(e, (P.ProtocolError, _CorruptError)):
                 self.decoder.close()
                 _fail(2, f"anyfork: stream corrupted: {e}", self.sock)
-            sys.__excepthook__(*sys.exc_info())
+            _report(e, "while it was being prepared")
             _fail(1, None, self.sock)
 
     def _first_command(self, sock: Sock) -> None:
@@ -949,7 +959,11 @@ class Server:
             # The caller sees EOF on the report channel.
             self.template.close()
             self.template = None
-        func = resolve(name, self.namespace)
+        try:
+            func = resolve(name, self.namespace)
+        except Exception as e:
+            _report(e, f"can't find {name!r} to run", brief=_raised_by_lookup(e))
+            _fail(1, None, self.sock)
         if sock is None:
             stream = self.sock
             if isinstance(stream, PipeSocket):
@@ -962,14 +976,14 @@ class Server:
             func(sock, *self.items)
         except SystemExit as e:
             _exit(_exit_code(e), sock=sock)
-        except KeyboardInterrupt:
-            sys.__excepthook__(*sys.exc_info())
+        except KeyboardInterrupt as e:
+            _report(e, name)
             _run_atexit()
             _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
             os.kill(os.getpid(), _signal.SIGINT)
             _exit(1, run_atexit=False)
-        except BaseException:
-            sys.__excepthook__(*sys.exc_info())
+        except BaseException as e:
+            _report(e, name)
             _exit(1, sock=sock)
         _exit(0, sock=sock)
 
@@ -987,12 +1001,55 @@ _CHILD_LOOKUPS: tuple[tuple[object, tuple[str, ...]], ...] = (
     (dict, ("get",)),
     (int, ("from_bytes",)),
     (os, ("close", "_exit", "getpid", "kill")),
-    (sys, ("modules", "stdout", "stderr", "__excepthook__", "exc_info")),
+    (sys, ("modules", "stdout", "stderr", "__excepthook__", "excepthook", "exc_info")),
     (atexit, ("_clear", "_run_exitfuncs")),
     (_signal, ("set_wakeup_fd", "signal", "SIGCHLD", "SIGINT", "SIG_DFL", "SIG_IGN",
                "default_int_handler", "pthread_sigmask", "SIG_SETMASK", "valid_signals")),
     (P, ("decode_text", "match_run", "ProtocolError")),
 )
+
+
+def _raised_by_lookup(e: BaseException) -> bool:
+    """Whether ``e`` came from looking a name up (anyfork's or the import
+    system's own frames), not from code of the user's that the lookup ran."""
+    tb = e.__traceback__
+    if tb is None:
+        return True
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_globals.get("__name__") in (__name__, "importlib._bootstrap")
+
+
+def _report(e: BaseException, what: str, brief: bool = False) -> None:
+    """Say why this process is ending, in one write headed by its pid.
+
+    One write, so that the tracebacks of many processes sharing a stderr
+    don't come out interleaved line by line.  A ``sys.excepthook`` the user
+    set here is theirs to print with.  anyfork's own frames are left out:
+    the user's code is where to look.  ``brief``: the exception alone (a
+    name that isn't there: its traceback is only anyfork's lookup).
+    """
+    if sys.excepthook is not sys.__excepthook__:
+        try:
+            sys.excepthook(type(e), e, e.__traceback__)
+            return
+        except BaseException:
+            pass  # a broken hook: say it ourselves
+    try:
+        import traceback
+
+        tb = e.__traceback__
+        while tb is not None and tb.tb_frame.f_globals.get("__name__") == __name__:
+            tb = tb.tb_next  # anyfork's own frames, down to the user's
+        lines = (traceback.format_exception_only(type(e), e) if brief
+                 else traceback.format_exception(type(e), e, tb))
+        text = f"anyfork worker {os.getpid()} ({what}):\n" + "".join(lines)
+        _flush_stdio()
+        data = text.encode("utf-8", "backslashreplace")
+        while data:
+            data = data[os.write(2, data):]
+    except BaseException:
+        pass  # no stderr to say it on
 
 
 def _exit_code(e: SystemExit) -> int:

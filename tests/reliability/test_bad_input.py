@@ -144,7 +144,10 @@ def test_serve_loop_rejects_bad_stream(tmp_path, case):
         w = -1
         rc, err = child.finish(close=close)
         assert rc == 2, f"exit status {rc}, stderr: {err}"
-        assert "stream corrupted" in err
+        if case.startswith("truncated"):
+            assert err == "", "a stream cut short by its writer is no news to it"
+        else:
+            assert "stream corrupted" in err
         assert "Traceback" not in err
         assert not marker.exists(), "a frame after (or inside) the corruption was executed"
         # Whatever descriptors it received are closed: the pipe sees EOF.
