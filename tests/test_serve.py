@@ -1146,3 +1146,11 @@ def test_tracebacks_of_many_processes_do_not_interleave(capfd: pytest.CaptureFix
     finally:
         tpl.close()
         tpl.wait(10)
+
+
+def test_a_bare_name_is_never_silently_a_builtin(capfd: pytest.CaptureFixture[str]) -> None:
+    p = anyfork.new_exec()
+    p.run("print").close()  # it used to run builtins.print(sock)
+    assert p.wait(10) == 1
+    err = capfd.readouterr().err
+    assert "name 'print' is not defined in the process's __main__; a builtin is named 'builtins:print'" in err

@@ -177,6 +177,8 @@ _MISSING = object()
 def resolve(name: str, namespace: dict[str, object]) -> Callable[..., object]:
     """Find the function ``run`` names: "mod:attr", "pkg.mod.attr" or "name".
 
+    A bare "name" is looked up in the process's ``__main__`` only.
+
     A dotted name is walked forward from its first component, which must be
     a module, as ``pkgutil.resolve_name`` does: each next component is the
     submodule already in sys.modules, else an attribute, else (on a
@@ -193,11 +195,15 @@ def resolve(name: str, namespace: dict[str, object]) -> Callable[..., object]:
         path = name.split(".")
         modname = path[0]
         if len(path) == 1:
+            # A bare name is the process's __main__'s, and only that: a name
+            # missing there silently becoming a builtin of the same name
+            # ("print") hid the user's mistake.
             if name in namespace:
                 return namespace[name]  # type: ignore[return-value]
             import builtins
 
-            return getattr(builtins, name)  # type: ignore[no-any-return]
+            hint = f"; a builtin is named 'builtins:{name}'" if hasattr(builtins, name) else ""
+            raise NameError(f"name {name!r} is not defined in the process's __main__{hint}")
         try:
             obj = _import(modname)
         except ModuleNotFoundError as e:
