@@ -161,12 +161,26 @@ def _wrap_fd(fd: int) -> object:
         return fd  # directories, O_PATH and the like: the bare descriptor
 
 
+#: What this process's serve loop is doing that runs code not anyfork's
+#: (importing a module for ``require`` or ``run``, running ``eval``'d code),
+#: while it does it; None otherwise.  anyfork's caller side reads it: a
+#: process still being prepared must not create processes, or a script that
+#: imports itself without an ``if __name__ == "__main__":`` guard forks
+#: without end.  Written only around such code, never on the fast paths.
+preparing: str | None = None
+
+
 def _import(modname: str) -> object:
     """The module, from sys.modules when it is there (the common case, and
     cheaper than touching importlib in a freshly forked process)."""
     module = sys.modules.get(modname)
     if module is None:
-        __import__(modname)
+        global preparing
+        before, preparing = preparing, f"importing {modname!r}"
+        try:
+            __import__(modname)
+        finally:
+            preparing = before
         module = sys.modules[modname]
     return module
 
@@ -699,6 +713,15 @@ class Server:
 
     def _run_code(self, kind: int, frame: P.Frame) -> None:
         """SITE, REQUIRE or EVAL: the commands that run code not anyfork's."""
+        global preparing
+        preparing = {P.SITE: "processing site directories", P.REQUIRE: "importing required modules",
+                     P.EVAL: "running eval'd code"}[kind]
+        try:
+            self._run_code_now(kind, frame)
+        finally:
+            preparing = None
+
+    def _run_code_now(self, kind: int, frame: P.Frame) -> None:
         if kind == P.SITE:
             # Directories the caller gave to site.addsitedir: run their .pth
             # files here too (import hooks), keeping sys.path as PATH set it.
@@ -710,7 +733,7 @@ class Server:
             sys.path[:] = path + [p for p in sys.path if p not in path]
         elif kind == P.REQUIRE:
             for module in P.decode_strs(frame.payload):
-                __import__(module)
+                _import(module)
         else:
             items = P.decode_items(frame.payload)
             if not items or not isinstance(items[0], str):
