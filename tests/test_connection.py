@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +19,6 @@ from anyfork import _protocol as P
 from helpers import wait_exited
 
 if TYPE_CHECKING:
-    import socket
     from collections.abc import Iterator
 
 pytestmark = pytest.mark.usefixtures("check_leaks")
@@ -48,6 +48,7 @@ def test_the_hub_answers_over_ssh(conn: C.Connection) -> None:
     pid, python = conn.hello
     assert python == ".".join(map(str, sys.version_info[:3]))
     assert pid > 0
+    assert conn.host == socket.gethostname()  # named in messages by what it says it is
 
 
 def test_a_remote_process_runs_a_function_and_reports_pid_and_status(conn: C.Connection) -> None:

@@ -114,10 +114,11 @@ def read_reply(sock: socket.socket) -> bytes:
 
 
 def test_hello_says_version_pid_and_python(hub: Connection) -> None:
-    _word, version, pid, py = hub.control(b"HELLO").split()
+    _word, version, pid, py, host = hub.control(b"HELLO").split()
     assert version == b"1"
     assert int(pid) == hub.proc.pid
     assert py.decode() == ".".join(map(str, sys.version_info[:3]))
+    assert host.decode() == socket.gethostname()
 
 
 def test_a_process_on_the_hub_runs_a_function_and_reports_its_exit(hub: Connection) -> None:

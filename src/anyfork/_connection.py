@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 from . import _exec
 from . import _mux as M
 from . import _relay as R
+from ._backend import Notifier
 from ._errors import Error, ProtocolError, TimeoutExpired
 
 if TYPE_CHECKING:
@@ -94,6 +95,10 @@ class Connection:
         self._changed = threading.Condition(self._lock)
         self.remotes: dict[int, Remote] = {}
         self.hello: tuple[int, str] | None = None  # the hub's pid and Python
+        self.host = " ".join(command)  # what to call it in messages: the host's name once it said hello
+        # Notified whenever the hub said something (pid, exit): operations
+        # of _backend wait on it (see remote._Hub).
+        self.notifier = Notifier()
         self.ended: str | None = None
         self._stderr = bytearray()
         mine, theirs = socket.socketpair()
@@ -138,6 +143,7 @@ class Connection:
                     if r.returncode is None and r.failed is None:
                         r.failed = self.ended
                 self._changed.notify_all()
+            self.notifier.notify()
 
     def _read_stderr(self) -> None:
         try:
@@ -191,10 +197,12 @@ class Connection:
     def _control(self, data: bytes) -> None:
         """(relay thread, under the lock) A message of the hub's."""
         word, _, rest = data.partition(b" ")
-        fields = rest.split(b" ", 2)
+        fields = rest.split(b" ")
         if word == b"HELLO":
             try:
                 version, pid, python = int(fields[0]), int(fields[1]), fields[2].decode()
+                if len(fields) > 3:
+                    self.host = b" ".join(fields[3:]).decode("utf-8", "replace")
             except (IndexError, ValueError):
                 self.ended = f"the far side said {data[:80]!r}, not anyfork's HELLO"
             else:
@@ -221,6 +229,7 @@ class Connection:
         elif word == b"DISCONNECTED":
             self.ended = rest.decode("utf-8", "replace")
         self._changed.notify_all()
+        self.notifier.notify()
 
     # --- what callers do ---------------------------------------------------------------
 

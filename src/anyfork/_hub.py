@@ -7,7 +7,7 @@ Theory of operation
 ssh's stdin and stdout for the rest of its life: they carry the mux.
 
 - It says HELLO first, on the connection's own channel: the protocol
-  version, its pid and its Python, so the caller fails clearly on a
+  version, its pid, its Python and the host's name, so the caller fails clearly on a
   mismatch before anything else.
 - Each channel the caller opens as ``serve`` is a new process: the hub
   forks a child that runs anyfork's ordinary serve loop on a socketpair
@@ -68,7 +68,7 @@ class Hub:
 
     def hello(self) -> None:
         py = ".".join(map(str, sys.version_info[:3]))
-        self.mux.control(f"HELLO {VERSION} {os.getpid()} {py}".encode())
+        self.mux.control(f"HELLO {VERSION} {os.getpid()} {py} {socket.gethostname()}".encode())
 
     def on_open(self, ch: int, what: str) -> socket.socket | None:
         if what != "serve":
