@@ -1154,3 +1154,30 @@ def test_a_bare_name_is_never_silently_a_builtin(capfd: pytest.CaptureFixture[st
     assert p.wait(10) == 1
     err = capfd.readouterr().err
     assert "name 'print' is not defined in the process's __main__; a builtin is named 'builtins:print'" in err
+
+
+# --- process names (issue 14) ---------------------------------------------------------------
+
+
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/comm"), reason="names processes through Linux's /proc")
+def test_templates_and_workers_are_named_for_what_they_are() -> None:
+    tpl = anyfork.new_exec()
+    try:
+        child = tpl.fork()
+        with child.run("helpers:wait_eof") as sock:
+            assert _comm(tpl.pid) == "af template"
+            deadline = time.monotonic() + 10
+            while _comm(child.pid) != "af wait_eof" and time.monotonic() < deadline:
+                time.sleep(0.01)  # it names itself as it starts the function
+            assert _comm(child.pid) == "af wait_eof"
+            sock.shutdown(socket.SHUT_WR)
+            assert child.wait(10) == 0
+        del child
+    finally:
+        tpl.close()
+        tpl.wait(10)
