@@ -508,3 +508,36 @@ def test_new_without_rpc_loads_nothing_of_it() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=TIMEOUT, check=True,
                          text=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_events_read_together_with_their_reply_are_delivered_first() -> None:
+    """Deterministic: the worker's HELLO, two events and the reply arrive in
+    one read (written here, as a worker would), and the events go first."""
+    import pickle
+
+    from anyfork import _backend
+    from anyfork import _rpc_wire as W
+
+    class FakeProcess:
+        pid = 1
+        returncode = None
+
+    ours, worker = socket.socketpair()
+    log: list[Any] = []
+    core = rpc._Core(FakeProcess(), ours, W.serializer("pickle"), 8,  # type: ignore[arg-type]
+                     lambda *args: log.append(args))
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    future.add_done_callback(lambda f: log.append(f.result()))  # called as the reply is taken
+    with worker:
+        with core.lock:
+            got = core._begin(pickle.dumps((1,)), [], future)
+        assert got is not None
+        call, _ = got
+        event = pickle.dumps(("tick",))
+        result = pickle.dumps("done")
+        worker.sendall(W.hello(b"\0") + W.header(W.EVENT, call.id, len(event)) + event
+                       + W.header(W.EVENT, call.id, len(event)) + event
+                       + W.header(W.RESULT, call.id, len(result)) + result)
+        _backend.run_blocking(core.op_progress(future.done))
+    core.dispose()
+    assert log == [("tick",), ("tick",), "done"]
