@@ -84,7 +84,8 @@ _HOLD_MAX = 1 << 16  # a call this small may wait for the batch (see _Core._begi
 _EXIT_GRACE = 1.0
 _STEP_ASIDE = 0.001  # the reactor leaves a socket alone this long after another reader
 _READ_EVERY = 0.001  # a thread that keeps submitting reads this often (see read_now)
-_DROP, _DEFER, _REARM = 0, 1, 2  # how long a worker whose socket ended has to show its exit status
+_DROP, _DEFER, _REARM = 0, 1, 2
+_OK, _BROKEN, _EOF = 0, 1, 2  # how long a worker whose socket ended has to show its exit status
 
 
 class RemoteTraceback(Exception):  # noqa: N818 - named like concurrent.futures'
@@ -340,7 +341,10 @@ class _Core:
                 continue
             try:
                 while True:
-                    if (yield from self._pump()):
+                    state = self._pump_now()
+                    if state != _OK:
+                        if state == _EOF:
+                            yield from self._op_eof()
                         return True
                     with self.lock:
                         if done() or self.error is not None:
@@ -362,9 +366,18 @@ class _Core:
         """As leader: write what is queued, read what has come, complete what
         it answers, write what was held back.  True once the client is
         broken (EOF included)."""
+        state = self._pump_now()
+        if state == _EOF:
+            yield from self._op_eof()
+            return True
+        return state == _BROKEN
+
+    def _pump_now(self) -> int:
+        """``_pump`` without waiting: _OK, _BROKEN, or _EOF (the caller
+        collects the exit status)."""
         sock = self.sock
         if sock is None:
-            return True
+            return _BROKEN
         if self.outbox:
             with self.lock:
                 self._flush()
@@ -383,16 +396,15 @@ class _Core:
         except ProtocolError as e:
             self._fail(ProtocolError(f"worker process {self.pid} broke the rpc protocol: {e}"))
             self._kill()
-            return True
+            return _BROKEN
         except OSError:
             decoder.eof = True
         if decoder.eof:
-            yield from self._op_eof()
-            return True
+            return _EOF
         if self.outbox:
             with self.lock:
                 self._flush()
-        return self.error is not None
+        return _BROKEN if self.error is not None else _OK
 
     def _dispatch(self, frames: list[W.Frame]) -> None:
         done: list[tuple[_Call | None, W.Frame]] = []
@@ -723,7 +735,8 @@ class _Future:
                 hand-off)."""
 
                 def result(self, timeout: float | None = None) -> Any:
-                    self._drive(timeout)
+                    if self._state != "FINISHED":  # else nothing to wait for or drive
+                        self._drive(timeout)
                     return super().result(timeout)
 
                 def exception(self, timeout: float | None = None) -> BaseException | None:
