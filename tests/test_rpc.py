@@ -541,3 +541,16 @@ def test_events_read_together_with_their_reply_are_delivered_first() -> None:
         _backend.run_blocking(core.op_progress(future.done))
     core.dispose()
     assert log == [("tick",), ("tick",), "done"]
+
+
+def test_a_client_dropped_without_close_lets_its_worker_go() -> None:
+    import gc
+
+    client = rpc.run(anyfork.new(), "rpc_handlers:echo")
+    assert client.submit(1).result(TIMEOUT) == 1
+    proc = client.process
+    del client
+    gc.collect()
+    # Its socket is closed: the worker sees EOF and exits (check_leaks then
+    # finds no descriptor and no zombie left).
+    assert proc.wait(TIMEOUT) == 0
