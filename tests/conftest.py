@@ -12,6 +12,7 @@ allowed to be new.
 from __future__ import annotations
 
 import gc
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,11 @@ def _default_template_fds() -> set[int]:
         fds.update(sock.fileno() for _, sock in tpl._reports.pool.values())
     if tpl._direct is not None and tpl._direct.pidfd >= 0:
         fds.add(tpl._direct.pidfd)
+    # anyfork.rpc's reader thread is long-lived by design too (its epoll).
+    rpc = sys.modules.get("anyfork.rpc")
+    reactor = getattr(rpc, "_the_reactor", None)
+    if reactor is not None and reactor.epoll is not None:
+        fds.add(reactor.epoll.fileno())
     return fds
 
 

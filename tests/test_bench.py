@@ -157,3 +157,17 @@ def test_plot_without_matplotlib_says_how_to_get_it(
     assert main(["bench", "--quick", "--plot", str(tmp_path / "b.png")]) == 2
     assert "pip install 'anyfork[plot]'" in capsys.readouterr().err
     assert not (tmp_path / "b.png").exists()
+
+
+def test_the_calls_section_has_every_peer_and_row(quick: QuickRun) -> None:
+    from anyfork import _bench_calls
+
+    assert "Calls: an identity function in a second process" in quick.stdout
+    calls = quick.result["calls"]
+    assert calls["failed"] == []
+    want = {f"{row}:{peer}" for row in ("rt", "pipe", "mib") for peer in _bench_calls.PEERS}
+    assert set(calls["rows"]) == want
+    assert all(v > 0 for v in calls["rows"].values())
+    for label in _bench_calls.LABELS.values():
+        assert label in quick.stdout
+    assert "rpc round trip:" in quick.stdout

@@ -112,3 +112,21 @@ def test_fork_exec(tmp_path: Path) -> None:
     assert match, out
     # The output file lived in a temporary directory, removed on the way out.
     assert not Path(match.group(1)).parent.exists()
+
+
+def test_rpc(tmp_path: Path) -> None:
+    out = run_example("rpc", tmp_path)
+    # Events came before the result of the call that sent them, in order.
+    lines = out.splitlines()
+    assert lines[:5] == [
+        "event: counted 1 'the'", "event: counted 2 'quick'", "event: counted 3 'brown'",
+        "event: counted 4 'fox'", "result: 4",
+    ]
+    # The handler's ValueError came back as a ValueError, and the worker went on.
+    assert "error: no words in an empty text" in lines
+    worker_pid, caller_pid = map(int, re.search(r"^worker pid (\d+) caller pid (\d+)$", out, re.M).groups())
+    assert worker_pid != caller_pid
+    assert "worker exited with status 0" in lines
+    assert "async results: [2, 3]" in lines
+    assert "async events: 5" in lines
+    assert "async worker exited with status 0" in lines

@@ -11,7 +11,9 @@ Layout: ``_protocol`` is the sans-io wire format both ends share;
 ``_serve`` is the serve loop every new process runs (stdlib only, imports
 nothing else of anyfork's); ``_exec`` starts fresh interpreters;
 ``_process`` is the caller's blocking side and ``_aio`` its asyncio driver;
-``_errors`` holds the exception tree.  Everything public is re-exported here.
+``_errors`` holds the exception tree; ``rpc`` (a public submodule, imported
+on use) calls functions in processes over ``_rpc_wire``, with ``_rpc_worker``
+as the worker side.  Everything public is re-exported here.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ from ._process import new as new
 from ._process import new_exec as new_exec
 from ._template import LateImportWarning as LateImportWarning
 from ._template import fork_template as fork_template
+
+# Not typing.TYPE_CHECKING: importing typing here would load it into every
+# process anyfork.early forks.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ._errors import WorkerDiedError as WorkerDiedError
+del TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -50,8 +59,22 @@ __all__ = (
     "TemplateDiedError",
     "TimeoutExpired",
     "UnsupportedError",
+    "WorkerDiedError",
     "fork_template",
     "freeze_support",
     "new",
     "new_exec",
 )
+
+
+# Public names made on first use: WorkerDiedError's base class lives in a
+# module that imports multiprocessing (see _errors.py).
+_LAZY = ("WorkerDiedError",)
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        from . import _errors
+
+        return _errors.WorkerDiedError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

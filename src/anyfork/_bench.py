@@ -828,7 +828,14 @@ def measure(cfg: Config, command: str) -> dict[str, Any]:
                 row[key] = v / r if row["higher_is_better"] else r / v
             else:
                 row[key] = None
+    # The "Calls" section (anyfork.rpc against its peers): one job of its own.
+    from . import _bench_calls
+
+    sys.stderr.write("bench: calls\n")
+    calls = _bench_calls.measure(cfg.quick, cfg.rounds)
+    failed.extend(calls["failed"])
     return {
+        "calls": calls,
         "command": command,
         "machine": info,
         "config": cfg._asdict(),
@@ -919,6 +926,10 @@ def report(result: dict[str, Any]) -> str:
             "per s", "vs mp")
     section(_MEMORY, "Memory per idle worker after gc.collect(), with "
             f"{', '.join(result['modules_preloaded'])} loaded (MiB, lower is better)", "MiB", "vs mp")
+    if "calls" in result:
+        from . import _bench_calls
+
+        out.extend(_bench_calls.report(result["calls"]))
     out.append("")
     out.append("Targets (issue 4; ratios from this run):")
     for t in result["targets"]:

@@ -7,6 +7,9 @@ or a channel that did not do what was asked.
 
 from __future__ import annotations
 
+# Not typing.TYPE_CHECKING: see __init__.py.
+TYPE_CHECKING = False
+
 
 class Error(Exception):
     """Root of every error anyfork raises about processes and channels."""
@@ -50,3 +53,49 @@ class ExitStatusLostError(Error):
 
 class TimeoutExpired(Error, TimeoutError):  # noqa: N818 - named like subprocess's
     """``wait(timeout)`` ran out of time; the process is still running."""
+
+
+# WorkerDiedError subclasses concurrent.futures' BrokenProcessPool, whose
+# module imports multiprocessing (about 18 ms): made on first use, so that
+# ``import anyfork`` does not pay for it.
+if TYPE_CHECKING:
+    from concurrent.futures.process import BrokenProcessPool
+
+    class WorkerDiedError(Error, BrokenProcessPool):
+        pid: int
+        returncode: int | None
+
+        def __init__(self, pid: int, returncode: int | None, message: str = "") -> None: ...
+
+
+def _worker_died_error() -> type:
+    from concurrent.futures.process import BrokenProcessPool
+
+    class WorkerDiedError(Error, BrokenProcessPool):
+        """The worker exited or was killed with calls in flight (or before a
+        call could be sent).  ``pid`` and ``returncode`` (negative: the signal
+        that killed it; None if it closed its socket but had not exited within
+        a second) say which worker and how."""
+
+        def __init__(self, pid: int, returncode: int | None, message: str = "") -> None:
+            if not message:
+                how = ("still running, but it closed its socket" if returncode is None
+                       else f"killed by signal {-returncode}" if returncode < 0
+                       else f"exit status {returncode}")
+                message = f"worker process {pid} died ({how})"
+            super().__init__(message)
+            self.pid = pid
+            self.returncode = returncode
+
+        def __reduce__(self) -> tuple[object, ...]:
+            return type(self), (self.pid, self.returncode, str(self))
+
+    WorkerDiedError.__module__ = "anyfork"
+    return WorkerDiedError
+
+
+def __getattr__(name: str) -> object:
+    if name == "WorkerDiedError":
+        # setdefault: two threads asking at once must get one class.
+        return globals().setdefault("WorkerDiedError", _worker_died_error())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,540 @@
+"""The rpc wire format, sans-io: shared by the caller (``rpc``) and the worker.
+
+Theory of operation
+-------------------
+``anyfork.rpc`` runs ``_rpc_worker.serve`` in a process and then both ends
+speak this protocol on the socket ``run`` returned.  Every frame is::
+
+    header = <payload length u32> <call id u32> <kind u8> <number of fds u8>
+    frame  = header payload
+
+little endian.  The whole protocol of a call is::
+
+    caller -> worker  HELLO   MAGIC, version, config     (first)
+    worker -> caller  HELLO   MAGIC, version, flags      (first, once set up)
+    caller -> worker  CALL    id, serialized (args, kwargs)
+    worker -> caller  EVENT   id, serialized args         (0..n, while id runs)
+    worker -> caller  RESULT  id, serialized value
+                   or ERROR   id, encoded exception       (exactly one)
+    caller -> worker  CLOSE                               (no more calls)
+
+The worker's HELLO flags say whether it runs calls concurrently.  If not,
+the caller holds small calls back while one is running and sends them
+together when its reply comes (Nagle's idea): they could not start sooner,
+and a batch costs the worker one wake-up instead of one per call.
+
+An ERROR with id 0 says the worker could not start (its handler, init or
+serializer failed); the worker exits after sending it.  EOF from the caller
+before CLOSE means the caller is gone: the worker exits at once.  EOF from
+the worker means it exited: the caller fails what is in flight.
+
+Each end checks the other's HELLO before it believes anything else, so a
+worker of another version, or a process that writes something else on the
+socket, fails the client with ``ProtocolError`` before a byte of it is
+deserialized.  Frames of a kind the reader does not take, replies to calls
+that are not in flight and descriptors that never arrived are protocol
+errors too (the last two are checked by the caller, which knows its calls).
+
+Descriptors travel by SCM_RIGHTS.  A frame that carries descriptors starts
+a ``sendmsg`` of its own (frames after it may ride along), so the kernel
+delivers them with its first byte and the decoder has them by the time the
+frame is complete; it hands each frame the ones it counts, in order.
+
+This module does no I/O and imports only the standard library: the worker
+imports it without the rest of anyfork.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import socket
+import struct
+from collections import deque
+from typing import Any, NamedTuple
+
+from ._errors import ProtocolError
+
+VERSION = 1
+MAGIC = b"anyfork-rpc\x00"
+HEADER = struct.Struct("<IIBB")
+HSIZE = HEADER.size
+MAX_FDS = 253  # the kernel's SCM_MAX_FD: descriptors in one sendmsg
+MAX_PAYLOAD = 0xFFFFFFFF
+
+HELLO, CALL, CLOSE, RESULT, ERROR, EVENT = 1, 2, 3, 4, 5, 6
+CONCURRENT = 1  # the worker's HELLO flag: an async handler, calls run at once
+#: What each end accepts from the other.
+FROM_CALLER = frozenset((HELLO, CALL, CLOSE))
+FROM_WORKER = frozenset((HELLO, RESULT, ERROR, EVENT))
+_NAMES = {HELLO: "HELLO", CALL: "CALL", CLOSE: "CLOSE", RESULT: "RESULT", ERROR: "ERROR", EVENT: "EVENT"}
+
+_U32 = struct.Struct("<I")
+_VER = struct.Struct("<H")
+
+
+class Frame(NamedTuple):
+    kind: int
+    id: int
+    payload: bytes
+    fds: list[int]
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
+
+
+# --- framing ------------------------------------------------------------------------------
+
+
+def header(kind: int, call_id: int, payload_len: int, nfds: int = 0) -> bytes:
+    if payload_len > MAX_PAYLOAD:
+        raise ValueError(f"an rpc message is limited to 4 GiB; this one is {payload_len} bytes")
+    if nfds > MAX_FDS:
+        raise ValueError(f"an rpc message carries at most {MAX_FDS} descriptors, not {nfds}")
+    return HEADER.pack(payload_len, call_id, kind, nfds)
+
+
+class Decoder:
+    """Bytes and descriptors in, frames out.
+
+    ``feed(data, fds)`` with what one receive returned (``b""`` at EOF), then
+    ``frames()`` for every frame now complete.  The first frame must be a
+    well-formed HELLO of this version; anything else raises ProtocolError.
+    """
+
+    __slots__ = ("_accept", "_buf", "_fds", "_hello", "eof")
+
+    def __init__(self, accept: frozenset[int]) -> None:
+        self._accept = accept
+        self._buf = bytearray()
+        self._fds: deque[int] = deque()
+        self._hello = False
+        self.eof = False
+
+    def feed(self, data: bytes | bytearray | memoryview, fds: list[int] | tuple[int, ...] = ()) -> None:
+        if fds:
+            self._fds.extend(fds)
+        if data:
+            self._buf += data
+        elif not fds:
+            self.eof = True
+
+    def frames(self) -> list[Frame]:
+        buf = self._buf
+        n = len(buf)
+        pos = 0
+        out: list[Frame] = []
+        try:
+            while n - pos >= HSIZE:
+                length, call_id, kind, nfds = HEADER.unpack_from(buf, pos)
+                if not self._hello:
+                    self._check_hello(buf, pos, length, kind)
+                elif kind not in self._accept:
+                    head = bytes(buf[pos:pos + HSIZE])
+                    raise ProtocolError(f"unexpected rpc frame kind {kind} (header {head!r})")
+                end = pos + HSIZE + length
+                if end > n:
+                    break
+                fds: list[int] = []
+                if nfds:
+                    if len(self._fds) < nfds:
+                        raise ProtocolError(
+                            f"an rpc frame claims {nfds} descriptors; {len(self._fds)} arrived")
+                    fds = [self._fds.popleft() for _ in range(nfds)]
+                out.append(Frame(kind, call_id, bytes(buf[pos + HSIZE:end]), fds))
+                pos = end
+        finally:
+            if pos:
+                del buf[:pos]
+        if self.eof and buf:
+            raise ProtocolError(f"the stream ended inside an rpc frame ({len(buf)} bytes left)")
+        return out
+
+    def _check_hello(self, buf: bytearray, pos: int, length: int, kind: int) -> None:
+        start = bytes(buf[pos:pos + HSIZE + len(MAGIC) + _VER.size])
+        if kind != HELLO or length < len(MAGIC) + _VER.size or length > 1 << 20:
+            raise ProtocolError(f"the peer does not speak anyfork rpc: it sent {start!r}")
+        have = len(buf) - pos - HSIZE
+        magic = bytes(buf[pos + HSIZE:pos + HSIZE + min(have, len(MAGIC))])
+        if not MAGIC.startswith(magic):
+            raise ProtocolError(f"the peer does not speak anyfork rpc: it sent {start!r}")
+        if have >= len(MAGIC) + _VER.size:
+            (version,) = _VER.unpack_from(buf, pos + HSIZE + len(MAGIC))
+            if version != VERSION:
+                raise ProtocolError(
+                    f"the peer speaks anyfork rpc version {version}; this end speaks version {VERSION}")
+            self._hello = True
+
+    def close(self) -> None:
+        """Close descriptors that arrived for frames never completed."""
+        fds = list(self._fds)
+        self._fds.clear()
+        close_fds(fds)
+
+
+def hello(config: bytes = b"") -> bytes:
+    body = MAGIC + _VER.pack(VERSION) + config
+    return header(HELLO, 0, len(body)) + body
+
+
+def hello_config(frame: Frame) -> bytes:
+    return frame.payload[len(MAGIC) + _VER.size:]
+
+
+class Outbox:
+    """Frames waiting to be written, with the descriptors they carry.
+
+    The outbox owns those descriptors (duplicates made when the frame was
+    encoded) and closes each once it has been sent, or when discarded.
+    """
+
+    __slots__ = ("_chunks", "size")
+
+    def __init__(self) -> None:
+        self._chunks: deque[tuple[memoryview, list[int]]] = deque()
+        self.size = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._chunks)
+
+    def add(self, data: bytes, fds: list[int] | None = None) -> None:
+        self._chunks.append((memoryview(data), fds or []))
+        self.size += len(data)
+
+    def pending(self, limit: int = 1 << 20) -> tuple[list[memoryview], list[int]]:
+        """What to pass to one ``sendmsg``: buffers and descriptors."""
+        chunks = self._chunks
+        first, fds = chunks[0]
+        bufs = [first]
+        total = len(first)
+        for i in range(1, min(len(chunks), 512)):
+            if total >= limit:
+                break
+            data, more = chunks[i]
+            if more:
+                break
+            bufs.append(data)
+            total += len(data)
+        return bufs, fds
+
+    def sent(self, n: int) -> None:
+        chunks = self._chunks
+        self.size -= n
+        first = True
+        while n:
+            data, fds = chunks[0]
+            if first and fds:
+                close_fds(fds)  # they went with the first byte
+            first = False
+            if n >= len(data):
+                n -= len(data)
+                chunks.popleft()
+            else:
+                chunks[0] = (data[n:], fds)
+                n = 0
+
+    def discard(self) -> None:
+        for _, fds in self._chunks:
+            close_fds(fds)
+        self._chunks.clear()
+        self.size = 0
+
+
+# --- errors, as they travel ---------------------------------------------------------------
+
+
+def encode_error(type_name: str, message: str, tb: str, pickled: bytes = b"") -> bytes:
+    parts = [s.encode("utf-8", "surrogatepass") for s in (type_name, message, tb)]
+    return b"".join(_U32.pack(len(p)) + p for p in parts) + pickled
+
+
+def decode_error(payload: bytes) -> tuple[str, str, str, bytes]:
+    """(type name, message, traceback text, pickled exception or b"")."""
+    try:
+        pos = 0
+        strs = []
+        for _ in range(3):
+            (n,) = _U32.unpack_from(payload, pos)
+            if pos + 4 + n > len(payload):
+                raise ValueError("short")
+            strs.append(payload[pos + 4:pos + 4 + n].decode("utf-8", "surrogatepass"))
+            pos += 4 + n
+    except (struct.error, ValueError) as e:
+        raise ProtocolError(f"a malformed rpc error report: {payload[:40]!r}") from e
+    return strs[0], strs[1], strs[2], payload[pos:]
+
+
+# --- serializers --------------------------------------------------------------------------
+#
+# Each turns call arguments and values into bytes plus the descriptors they
+# carry, and back.  dumps_* return descriptors the caller of dumps owns
+# (duplicates); loads_* take ownership of the ones they are given.
+
+
+def _has_fd(obj: object, depth: int = 0) -> bool:
+    if isinstance(obj, (socket.socket, io.IOBase)):
+        return True
+    if depth < 8 and isinstance(obj, (list, tuple, set, frozenset)):
+        return any(_has_fd(o, depth + 1) for o in obj)
+    if depth < 8 and isinstance(obj, dict):
+        return any(_has_fd(o, depth + 1) for o in obj.values())
+    return False
+
+
+class _Codec:
+    name = "custom"
+    carries_fds = False
+
+    def __init__(self, impl: Any = None) -> None:
+        self.impl = impl
+
+    def dumps(self, obj: object) -> tuple[bytes, list[int]]:
+        try:
+            data = self.impl.dumps(obj)
+        except Exception as e:
+            if _has_fd(obj):
+                raise TypeError(f"the {self.name} serializer can't carry descriptors (sockets, files); "
+                                "use serializer='pickle'") from e
+            raise
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"the {self.name} serializer's dumps() returned {type(data).__name__}, not bytes")
+        return bytes(data), []
+
+    def loads(self, data: bytes, fds: list[int]) -> Any:
+        if fds:
+            close_fds(fds)
+            raise ProtocolError(f"descriptors arrived with a {self.name} message")
+        return self.impl.loads(data)
+
+    def dumps_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[int]]:
+        return self.dumps([list(args), kwargs])
+
+    def loads_call(self, data: bytes, fds: list[int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        args, kwargs = self.loads(data, fds)
+        return tuple(args), dict(kwargs)
+
+
+class _Json(_Codec):
+    name = "json"
+
+    def __init__(self) -> None:
+        import json
+
+        super().__init__(self)
+        self._enc = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+        self._dec = json.JSONDecoder().decode
+
+    def dumps(self, obj: object) -> tuple[bytes, list[int]]:
+        try:
+            return self._enc(obj).encode("utf-8", "surrogatepass"), []
+        except TypeError as e:
+            if _has_fd(obj):
+                raise TypeError("the json serializer can't carry descriptors (sockets, files); "
+                                "use serializer='pickle'") from e
+            raise
+
+    def loads(self, data: bytes, fds: list[int]) -> Any:
+        if fds:
+            close_fds(fds)
+            raise ProtocolError("descriptors arrived with a json message")
+        return self._dec(data.decode("utf-8", "surrogatepass"))
+
+
+class _Bytes(_Codec):
+    """Arguments and values are bytes or str, sent as they are."""
+
+    name = "bytes"
+
+    def dumps(self, obj: object) -> tuple[bytes, list[int]]:
+        if isinstance(obj, bytes):
+            return b"b" + obj, []
+        if isinstance(obj, str):
+            return b"s" + obj.encode("utf-8", "surrogatepass"), []
+        if isinstance(obj, (bytearray, memoryview)):
+            return b"b" + bytes(obj), []
+        if isinstance(obj, (socket.socket, io.IOBase)):
+            raise TypeError("the bytes serializer can't carry descriptors; use serializer='pickle'")
+        raise TypeError(f"the bytes serializer takes bytes or str, not {type(obj).__name__}")
+
+    def loads(self, data: bytes, fds: list[int]) -> Any:
+        if fds:
+            close_fds(fds)
+            raise ProtocolError("descriptors arrived with a bytes message")
+        if data[:1] == b"b":
+            return data[1:]
+        if data[:1] == b"s":
+            return data[1:].decode("utf-8", "surrogatepass")
+        raise ProtocolError(f"a malformed bytes message: {data[:20]!r}")
+
+    def dumps_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[int]]:
+        if kwargs:
+            raise TypeError("the bytes serializer takes positional arguments only")
+        parts = []
+        for a in args:
+            p, _ = self.dumps(a)
+            parts.append(_U32.pack(len(p)) + p)
+        return b"".join(parts), []
+
+    def loads_call(self, data: bytes, fds: list[int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if fds:
+            close_fds(fds)
+            raise ProtocolError("descriptors arrived with a bytes message")
+        args = []
+        pos, n = 0, len(data)
+        while pos < n:
+            if pos + 4 > n:
+                raise ProtocolError("a malformed bytes message")
+            (k,) = _U32.unpack_from(data, pos)
+            if pos + 4 + k > n:
+                raise ProtocolError("a malformed bytes message")
+            args.append(self.loads(data[pos + 4:pos + 4 + k], []))
+            pos += 4 + k
+        return tuple(args), {}
+
+
+def _rebuild_fd(*_: object) -> None:
+    raise pickle.UnpicklingError("a descriptor reference outside an anyfork rpc message")
+
+
+class _FdPickler(pickle.Pickler):
+    """Pickles sockets and file objects as references to descriptors that
+    travel beside the bytes (duplicated here: the sender may close its own)."""
+
+    def __init__(self, file: io.BytesIO, fds: list[int]) -> None:
+        super().__init__(file, pickle.HIGHEST_PROTOCOL)
+        self.fds = fds
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, socket.socket):
+            spec: tuple[object, ...] = ("socket",)
+        elif isinstance(obj, io.IOBase) and not isinstance(obj, (io.BytesIO, io.StringIO)):
+            mode = getattr(obj, "mode", "rb" if not isinstance(obj, io.TextIOBase) else "r")
+            mode = str(mode).replace("x", "w")
+            if isinstance(obj, io.TextIOBase):
+                spec = ("text", mode, getattr(obj, "encoding", None), getattr(obj, "errors", None))
+            elif isinstance(obj, io.RawIOBase):
+                spec = ("raw", mode)
+            else:
+                spec = ("buffered", mode)
+        else:
+            return NotImplemented
+        if isinstance(obj, (io.BufferedIOBase, io.TextIOBase)) and not obj.closed and obj.writable():
+            obj.flush()  # what it buffered belongs before what the receiver writes
+        fd = obj.fileno()
+        if fd < 0:
+            raise ValueError(f"{obj!r} is closed")
+        if len(self.fds) >= MAX_FDS:
+            raise ValueError(f"an rpc message carries at most {MAX_FDS} descriptors")
+        self.fds.append(os.dup(fd))
+        return _rebuild_fd, (len(self.fds) - 1, *spec)
+
+
+class _FdUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, fds: list[int]) -> None:
+        super().__init__(file)
+        self.fds = fds
+        self.taken: set[int] = set()
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == __name__ and name == "_rebuild_fd":
+            return self._rebuild
+        return super().find_class(module, name)
+
+    def _rebuild(self, index: int, kind: str, mode: str = "rb", encoding: Any = None,
+                 errors: Any = None) -> object:
+        if not 0 <= index < len(self.fds) or index in self.taken:
+            raise pickle.UnpicklingError(f"a reference to descriptor {index} that did not arrive")
+        self.taken.add(index)
+        fd = self.fds[index]
+        if kind == "socket":
+            return socket.socket(fileno=fd)
+        if kind == "text":
+            return open(fd, mode, encoding=encoding, errors=errors)
+        return open(fd, mode, buffering=0 if kind == "raw" else -1)
+
+
+class _Pickle(_Codec):
+    name = "pickle"
+    carries_fds = True
+
+    def dumps(self, obj: object) -> tuple[bytes, list[int]]:
+        try:
+            return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL), []
+        except Exception:
+            # Sockets and files don't pickle: try again with them as descriptors
+            # (a rare path, so the common one stays the C pickler's; anything
+            # else that fails fails again, the same way).
+            pass
+        fds: list[int] = []
+        buf = io.BytesIO()
+        try:
+            _FdPickler(buf, fds).dump(obj)
+        except BaseException:
+            close_fds(fds)
+            raise
+        return buf.getvalue(), fds
+
+    def loads(self, data: bytes, fds: list[int]) -> Any:
+        if not fds:
+            return pickle.loads(data)
+        u = _FdUnpickler(io.BytesIO(data), fds)
+        try:
+            obj = u.load()
+        except BaseException:
+            close_fds([fd for i, fd in enumerate(fds) if i not in u.taken])
+            raise
+        # Sent but not referenced: nobody else will close them.
+        close_fds([fd for i, fd in enumerate(fds) if i not in u.taken])
+        return obj
+
+    def dumps_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[int]]:
+        return self.dumps((args, kwargs) if kwargs else args)
+
+    def loads_call(self, data: bytes, fds: list[int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        obj = self.loads(data, fds)
+        if type(obj) is tuple and len(obj) == 2 and type(obj[0]) is tuple and type(obj[1]) is dict:
+            return obj
+        return obj, {}
+
+
+class _Module(_Codec):
+    """msgpack or cbor2, by name, when installed."""
+
+    def __init__(self, name: str) -> None:
+        mod = __import__(name)
+        pack, unpack = (mod.packb, mod.unpackb) if name == "msgpack" else (mod.dumps, mod.loads)
+        impl = type("impl", (), {"dumps": staticmethod(pack), "loads": staticmethod(unpack)})()
+        super().__init__(impl)
+        self.name = name
+
+
+NAMED = ("pickle", "json", "bytes", "msgpack", "cbor2")
+
+
+def serializer(spec: str | object) -> _Codec:
+    """The codec for what ``rpc.run(serializer=...)`` was given."""
+    if isinstance(spec, str):
+        if spec == "pickle":
+            return _Pickle()
+        if spec == "json":
+            return _Json()
+        if spec == "bytes":
+            return _Bytes()
+        if spec in ("msgpack", "cbor2"):
+            return _Module(spec)
+        raise ValueError(f"unknown serializer {spec!r}: use one of {', '.join(NAMED)}, "
+                         "or an object with dumps() and loads()")
+    if not (callable(getattr(spec, "dumps", None)) and callable(getattr(spec, "loads", None))):
+        raise TypeError(f"a serializer needs dumps() and loads(); {spec!r} has not both")
+    return _Codec(spec)
+
+
+def describe(kind: int) -> str:
+    return _NAMES.get(kind, str(kind))

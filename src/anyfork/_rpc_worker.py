@@ -1,0 +1,288 @@
+"""The worker side of ``anyfork.rpc``: what runs in the process.
+
+Theory of operation
+-------------------
+``rpc.run`` has the process import this module (without the rest of
+anyfork: it is stdlib-only, like the serve loop) and run ``serve``.  It
+says HELLO, reads the caller's HELLO with the configuration, finds the
+handler, runs ``init``, and then, for a plain function::
+
+    read requests; for each: call the handler, write the reply; repeat
+
+For a coroutine function it runs an asyncio loop that reads while handlers
+run, up to the caller's ``max_in_flight`` at once.  Concurrency is the
+caller's business: this loop only ever waits to read (between calls) or to
+write (a reply or an event), never both, because the caller always reads
+while it writes.  A write that fails (the caller is gone) or EOF before
+CLOSE ends the worker at once; CLOSE ends it with status 0 after the calls
+before it.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from typing import TYPE_CHECKING, Any
+
+from . import _rpc_wire as W
+from ._errors import ProtocolError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+_RECV = 1 << 18
+_QUICK = 100e-6  # a call this quick lets the replies before it wait for the next
+_BATCH = 1 << 16
+_ANC = socket.CMSG_SPACE(W.MAX_FDS * 4)
+_RECV_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: IntFlag arithmetic costs a microsecond
+
+
+def recv(sock: socket.socket, decoder: W.Decoder, scratch: bytearray) -> int:
+    """One receive into ``decoder`` (shared with the caller's side); how
+    many bytes came.  Into ``scratch``, a buffer of ``_RECV`` bytes the
+    caller keeps: ``recvmsg`` would allocate one that size each time, and
+    that is an mmap, page faults and a munmap per receive."""
+    n, anc, msg_flags, _ = sock.recvmsg_into([scratch], _ANC, _RECV_FLAGS)
+    fds: list[int] = []
+    for level, kind, raw in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(memoryview(raw[: len(raw) - len(raw) % 4]).cast("i"))
+    decoder.feed(scratch[:n] if n else b"", fds)
+    if msg_flags & _CTRUNC:
+        raise ProtocolError("descriptors were lost in transit (MSG_CTRUNC)")
+    return n
+
+
+def send(sock: socket.socket, outbox: W.Outbox, flags: int = 0) -> None:
+    """One send out of ``outbox`` (raises BlockingIOError if it would block)."""
+    bufs, fds = outbox.pending()
+    if fds:
+        n = sock.sendmsg(bufs, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _pack_fds(fds))], flags)
+    elif len(bufs) == 1:
+        n = sock.send(bufs[0], flags)
+    else:
+        n = sock.sendmsg(bufs, (), flags)
+    outbox.sent(n)
+
+
+def _pack_fds(fds: list[int]) -> bytes:
+    import array
+
+    return array.array("i", fds).tobytes()
+
+
+class _Conn:
+    """The worker's end: a blocking socket, the decoder, and what the
+    handler is serving now (for ``event``)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.decoder = W.Decoder(W.FROM_CALLER)
+        self.outbox = W.Outbox()
+        self.scratch = bytearray(_RECV)
+        self.codec: W._Codec = W._Pickle()
+        self.call_id = 0
+        self.async_loop: Any = None  # set while an async worker runs
+
+    def write(self, data: bytes, fds: list[int] | None = None) -> None:
+        self.outbox.add(data, fds)
+        self.flush()
+
+    def flush(self) -> None:
+        while self.outbox:
+            send(self.sock, self.outbox)
+
+    def read(self) -> list[W.Frame]:
+        """The next frames; [] at EOF."""
+        while True:
+            recv(self.sock, self.decoder, self.scratch)
+            frames = self.decoder.frames()
+            if frames or self.decoder.eof:
+                return frames
+
+
+_conn: _Conn | None = None
+
+
+def event(*args: Any) -> None:
+    """Send an event to the caller from the call being served."""
+    conn = _conn
+    if conn is None:
+        raise RuntimeError("anyfork.rpc.event() is for handlers running in an rpc worker")
+    if conn.async_loop is not None:
+        from ._rpc_worker_async import current_call
+
+        call_id = current_call()
+    else:
+        call_id = conn.call_id
+    payload, fds = conn.codec.dumps_call(args, {})
+    frame = W.header(W.EVENT, call_id, len(payload), len(fds)) + payload
+    if conn.async_loop is not None:
+        conn.async_loop.queue(frame, fds)
+    else:
+        conn.write(frame, fds)
+
+
+def resolve(name: str) -> Callable[..., Any]:
+    """The function ``name`` names: "mod:attr.attr", "pkg.mod.attr" or a
+    name in ``__main__`` (what ``Process.run`` takes)."""
+    import importlib
+
+    if ":" in name:
+        modname, _, attrs = name.partition(":")
+        obj: Any = importlib.import_module(modname)
+        path = attrs.split(".")
+    else:
+        parts = name.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+            except ModuleNotFoundError as e:
+                if e.name is None or not ".".join(parts[:i]).startswith(e.name):
+                    raise
+                continue
+            path = parts[i:]
+            break
+        else:
+            obj, path = sys.modules["__main__"], parts
+    for attr in path:
+        obj = getattr(obj, attr)
+    if not callable(obj):
+        raise TypeError(f"{name!r} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def error_frame(call_id: int, e: BaseException, codec: W._Codec, what: str = "") -> bytes:
+    """An ERROR frame for ``e``: its type, message and traceback as text, and
+    the exception itself when the serializer is pickle and it pickles."""
+    import traceback
+
+    cls = type(e)
+    tb = "".join(traceback.format_exception(cls, e, e.__traceback__))
+    pickled = b""
+    if codec.carries_fds and not what:
+        try:
+            import pickle
+
+            pickled = pickle.dumps(e, pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            pickled = b""
+    message = f"{what}{e}" if what else str(e)
+    payload = W.encode_error(f"{cls.__module__}.{cls.__qualname__}", message, tb, pickled)
+    return W.header(W.ERROR, call_id, len(payload)) + payload
+
+
+def reply(conn: _Conn, call_id: int, fn: Callable[..., Any], frame: W.Frame) -> tuple[bytes, list[int]]:
+    """Call the handler for one CALL frame; the frame to answer with."""
+    codec = conn.codec
+    try:
+        args, kwargs = codec.loads_call(frame.payload, frame.fds)
+        result = fn(*args, **kwargs)
+    except BaseException as e:  # a task's SystemExit too is its caller's error
+        return error_frame(call_id, e, codec), []
+    return result_frame(conn, call_id, result)
+
+
+def result_frame(conn: _Conn, call_id: int, result: object) -> tuple[bytes, list[int]]:
+    codec = conn.codec
+    try:
+        payload, fds = codec.dumps(result)
+    except BaseException as e:
+        return error_frame(call_id, e, codec, f"the result can't be serialized ({codec.name}): "), []
+    return W.header(W.RESULT, call_id, len(payload), len(fds)) + payload, fds
+
+
+def _configure(conn: _Conn, items: tuple[Any, ...]
+               ) -> tuple[Callable[..., Any], int, list[W.Frame]] | None:
+    """Read the caller's HELLO and set up; the handler, max_in_flight and the
+    frames that came after the HELLO.  None at EOF."""
+    frames: list[W.Frame] = []
+    while not frames:
+        frames = conn.read()
+        if conn.decoder.eof and not frames:
+            return None
+    hello = frames.pop(0)
+    fields = W.hello_config(hello).split(b"\0", 4)
+    func_name, init_name, ser_name, max_in_flight = (f.decode() for f in fields[:4])
+    if ser_name == "custom":
+        import pickle
+
+        conn.codec = W.serializer(pickle.loads(fields[4]))
+    else:
+        conn.codec = W.serializer(ser_name)
+    fn = resolve(func_name)
+    if init_name:
+        resolve(init_name)(*items)
+    return fn, int(max_in_flight), frames
+
+
+def serve(sock: socket.socket, *items: Any) -> None:
+    """What ``rpc.run`` runs: serve calls on ``sock`` until CLOSE or EOF."""
+    global _conn
+    conn = _conn = _Conn(sock)
+    try:
+        try:
+            setup = _configure(conn, items)
+        except ProtocolError:
+            conn.write(W.hello())  # the caller sees our version, and says so
+            sys.exit(2)
+        except BaseException as e:
+            conn.write(W.hello() + error_frame(0, e, conn.codec))
+            sys.exit(1)
+        if setup is None:
+            return
+        fn, max_in_flight, frames = setup
+        import inspect
+
+        concurrent = inspect.iscoroutinefunction(fn)
+        # Our HELLO says whether calls run one at a time: then the caller
+        # may hold small calls back while one runs, and send them in a batch.
+        conn.write(W.hello(bytes((W.CONCURRENT if concurrent else 0,))))
+        if concurrent:
+            from ._rpc_worker_async import serve_async
+
+            serve_async(conn, fn, max_in_flight, frames)
+        else:
+            _serve_sync(conn, fn, frames)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the caller is gone
+    finally:
+        _conn = None
+        conn.decoder.close()
+        conn.outbox.discard()
+        sock.close()
+
+
+def _serve_sync(conn: _Conn, fn: Callable[..., Any], frames: list[W.Frame]) -> None:
+    from time import perf_counter
+
+    outbox = conn.outbox
+    quick = False  # the last handler took under _QUICK seconds
+    while True:
+        for frame in frames:
+            if frame.kind == W.CALL:
+                # Replies to a batch of calls go out together, in one write:
+                # a write per reply costs more than a tiny call.  But a reply
+                # must not wait behind a slow call, so they go out first
+                # unless the last call was quick (the hazard left: a quick
+                # call's reply waits for one slow call after it).
+                if outbox and not quick:
+                    conn.flush()
+                conn.call_id = frame.id
+                start = perf_counter()
+                data, fds = reply(conn, frame.id, fn, frame)
+                quick = perf_counter() - start < _QUICK
+                conn.call_id = 0
+                outbox.add(data, fds)
+                if outbox.size > _BATCH:
+                    conn.flush()
+            elif frame.kind == W.CLOSE:
+                conn.flush()
+                return
+            else:
+                raise ProtocolError(f"unexpected {W.describe(frame.kind)} from the caller")
+        conn.flush()
+        frames = conn.read()
+        if not frames:
+            return  # EOF before CLOSE: the caller is gone

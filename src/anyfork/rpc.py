@@ -1,0 +1,979 @@
+"""Call functions in a process and get results, errors and events back.
+
+AnyEvent::Fork::RPC, in Python::
+
+    client = anyfork.rpc.run(anyfork.new(), "mymod:handler")
+    client(1, 2)                      # the handler's result, or its exception
+    future = client.submit(3, 4)      # many in flight at once
+    client.close(); client.wait()     # the worker finishes, exits 0
+
+Theory of operation
+-------------------
+A call is a small record (id, done, value or error, and for ``submit`` a
+future) in ``_Core.calls`` from the moment its frame is queued until its
+reply is read.  All socket I/O is written once, as ``_backend`` operations
+(generators that yield ``Wait``), and run by ``run_blocking`` for
+``Client`` and by ``run_async`` for ``AsyncClient``: neither has a loop of
+its own.
+
+Reading is a role, not a thread (leader/follower).  Whoever needs a reply
+and finds nobody reading becomes the *leader*: it reads, completes every
+call whose reply comes (its own and other threads'), and wakes the others
+through a ``Notifier``.  The others wait on that notifier, except that a
+thread whose frame is not yet fully written waits for the socket to become
+writable and writes it itself: writes are short, non-blocking and under
+the lock, so anyone may make them, and the leader is always reading while
+they do, so a full socket in both directions cannot deadlock.
+
+Futures that nobody waits on in ``result()`` (callbacks, ``as_completed``)
+are read for by one shared reader thread, ``_Reactor``, started on first
+use: it takes the leader role when it is free and the socket is readable,
+and steps back when another thread holds it (which re-arms it on leaving).
+
+Death is EOF: the leader that reads it collects the exit status (waiting up
+to a second for it) and fails every call in flight with WorkerDiedError.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from . import _backend
+from . import _rpc_wire as W
+from ._backend import Notifier, Op, Wait, deadline_after, run_blocking, time_left
+from ._errors import Error, ProcessStateError, ProtocolError, TimeoutExpired
+from ._rpc_worker import _RECV as _FULL
+from ._rpc_worker import event, recv, send
+
+if TYPE_CHECKING:
+    import asyncio
+    import concurrent.futures
+    import socket
+    from collections.abc import AsyncIterator, Callable
+    from types import TracebackType
+
+    from ._process import Process
+
+__all__ = ("AsyncClient", "Client", "RemoteError", "RemoteTraceback", "event", "run", "run_async")
+
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+# Evaluated in the process before it runs the worker: import the worker
+# without importing the whole library (as the serve loop itself does), unless
+# the process already has anyfork (a fork of a template that loaded it).
+_BOOT = f"""exec(compile('''
+import sys
+if 'anyfork._rpc_worker' not in sys.modules:
+    if 'anyfork' in sys.modules:
+        import anyfork._rpc_worker
+    else:
+        m = type(sys)('anyfork'); m.__path__ = [{_PKG_DIR!r}]
+        sys.modules['anyfork'] = m
+        try:
+            import anyfork._rpc_worker
+        finally:
+            del sys.modules['anyfork']
+''', '<anyfork.rpc>', 'exec'), {{}})"""
+_WORKER = "anyfork._rpc_worker:serve"
+_HEADER = W.HEADER.pack
+_HOLD_MAX = 1 << 16  # a call this small may wait for the batch (see _Core._begin)
+_EXIT_GRACE = 1.0
+_STEP_ASIDE = 0.001  # the reactor leaves a socket alone this long after another reader
+_READ_EVERY = 0.001  # a thread that keeps submitting reads this often (see read_now)
+_DROP, _DEFER, _REARM = 0, 1, 2
+_OK, _BROKEN, _EOF = 0, 1, 2  # how long a worker whose socket ended has to show its exit status
+
+
+class RemoteTraceback(Exception):  # noqa: N818 - named like concurrent.futures'
+    """The worker's formatted traceback, as the ``__cause__`` of the error a
+    call raises."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+class RemoteError(Error):
+    """The handler raised an exception that the serializer can't carry (any
+    error, with "json" or "bytes"), or that would not unpickle here.
+
+    Attributes:
+        type_name: the exception's qualified type name in the worker.
+        message: ``str()`` of it.
+        traceback: the worker's formatted traceback.
+    """
+
+    def __init__(self, type_name: str, message: str, traceback: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return type(self), (self.type_name, self.message, self.traceback)
+
+
+def _name(func: object, what: str) -> str:
+    if isinstance(func, str):
+        mod, _, attrs = func.partition(":")
+        parts = mod.split(".") + (attrs.split(".") if attrs else [])
+        if not all(p.isidentifier() for p in parts):
+            raise ValueError(f"not a function name anyfork can look up: {func!r}")
+        return func
+    if not callable(func):
+        raise TypeError(f"{what} takes a function or its name, not {type(func).__name__}")
+    module = getattr(func, "__module__", None)
+    qualname = getattr(func, "__qualname__", None)
+    if not module or not qualname or "<" in qualname:
+        raise TypeError(f"{func!r} has no importable name (a lambda, closure or local function?); "
+                        "pass a module-level function or its 'module:name'")
+    return f"{module}:{qualname}"
+
+
+def _exception(payload: bytes, codec: W._Codec) -> BaseException:
+    """The exception an ERROR frame describes."""
+    type_name, message, tb, pickled = W.decode_error(payload)
+    if pickled and codec.carries_fds:
+        try:
+            exc = pickle.loads(pickled)
+        except Exception:
+            exc = None
+        if isinstance(exc, BaseException):
+            exc.__cause__ = RemoteTraceback(tb)
+            return exc
+    err = RemoteError(type_name, message, tb)
+    err.__cause__ = RemoteTraceback(tb)
+    return err
+
+
+class _Call:
+    __slots__ = ("done", "error", "future", "id", "value")
+
+    def __init__(self, call_id: int, future: concurrent.futures.Future[Any] | None) -> None:
+        self.id = call_id
+        self.future = future
+        self.done = False
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
+class _Core:
+    """One worker's calls and socket, shared by the blocking and async clients."""
+
+    def __init__(self, proc: Process, sock: socket.socket, codec: W._Codec, max_in_flight: int,
+                 on_event: Callable[..., Any] | None) -> None:
+        sock.setblocking(False)
+        self.proc = proc
+        self.pid = proc.pid
+        self.sock: socket.socket | None = sock
+        self.fd = sock.fileno()
+        self.codec = codec
+        self.max = max_in_flight
+        self.on_event = on_event
+        self.lock = threading.Lock()
+        self.changed = Notifier()
+        self.decoder = W.Decoder(W.FROM_WORKER)
+        self.outbox = W.Outbox()
+        self.scratch = bytearray(_FULL)  # the leader's receive buffer
+        self.added = 0  # bytes queued, ever; and bytes written
+        self.written = 0
+        self.calls: dict[int, _Call] = {}
+        self.next_id = 1
+        self.leader = False
+        self.error: BaseException | None = None  # set once: no more calls
+        self.closed = False
+        self.eof = False
+        self.hello = False
+        self.sequential = False  # the worker runs a call at a time (its HELLO says)
+        self.unwaited = 0  # submit() futures in flight: the reactor reads for them
+        self.armed = False  # the reactor reads for this core's futures
+        self.active = 0.0  # when a leader last stopped reading, or a call was queued
+        self.read_at = 0.0  # when a leader last read
+        self.registered = False  # the reactor knows the descriptor
+        self.event_errors: dict[int, BaseException] = {}
+        self.on_end: Callable[[], None] | None = None  # the async client's end of events()
+
+    # --- under the lock ------------------------------------------------------------------
+
+    def _queue(self, data: bytes, fds: list[int] | None = None, hold: bool = False) -> int:
+        self.added += len(data)
+        if not self.outbox and not fds and not hold and self.sock is not None:
+            # The common case, without the outbox's bookkeeping.
+            try:
+                n = self.sock.send(data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self.written = self.added  # gone: its EOF, read next, says how
+                return self.added
+            self.written += n
+            if n == len(data):
+                return self.added
+            data = data[n:]
+        self.outbox.add(data, fds)
+        if not hold:
+            self._flush()
+        return self.added
+
+    def _flush(self) -> None:
+        sock = self.sock
+        try:
+            while self.outbox and sock is not None:
+                before = self.outbox.size
+                send(sock, self.outbox)
+                self.written += before - self.outbox.size
+        except BlockingIOError:
+            pass
+        except OSError:
+            # The worker is gone; its EOF, read next, says how.  Nothing more
+            # will be written.
+            self.written = self.added
+            self.outbox.discard()
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.closed:
+            raise ProcessStateError("this rpc client is closed")
+
+    def _begin(self, payload: bytes, fds: list[int],
+               future: concurrent.futures.Future[Any] | None) -> tuple[_Call, int] | None:
+        """Register and queue a call if fewer than max_in_flight are; the
+        call and the byte count at which it is written (0: held back)."""
+        self._check()
+        if len(self.calls) >= self.max:
+            return None
+        self.active = time.monotonic()  # the reactor stays out of a busy client's way
+        call_id = self.next_id
+        self.next_id = call_id % 0xFFFFFFFF + 1
+        call = _Call(call_id, future)
+        # A worker that runs one call at a time can't start this one before the
+        # calls in flight are done: hold a small one back until a reply comes
+        # (whoever reads it writes the batch; see _rpc_wire).  A call in flight
+        # is written, or itself held behind one that is, so a reply will come.
+        hold = self.sequential and bool(self.calls) and len(payload) < _HOLD_MAX and not fds
+        self.calls[call_id] = call
+        if future is not None:
+            self.unwaited += 1
+        if len(payload) > W.MAX_PAYLOAD:
+            raise ValueError(f"an rpc message is limited to 4 GiB; this one is {len(payload)} bytes")
+        mark = self._queue(_HEADER(len(payload), call_id, W.CALL, len(fds)) + payload, fds, hold)
+        return call, 0 if hold else mark
+
+    # --- operations -----------------------------------------------------------------------
+
+    def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[int]]:
+        payload, fds = self.codec.dumps_call(args, kwargs)
+        if len(fds) > W.MAX_FDS:
+            W.close_fds(fds)
+            raise ValueError(f"a call carries at most {W.MAX_FDS} descriptors")
+        return payload, fds
+
+    def op_begin(self, payload: bytes, fds: list[int],
+                 future: concurrent.futures.Future[Any] | None) -> Op[_Call]:
+        """Queue a call once fewer than max_in_flight are, and write it."""
+        try:
+            while True:
+                with self.lock:
+                    got = self._begin(payload, fds, future)
+                if got is not None:
+                    fds = []
+                    break
+                # Full: read until half are answered, not just one, so that
+                # the next calls go out as a batch, not one by one (each
+                # write wakes the worker: one per batch, not per call).
+                yield from self.op_progress(lambda: len(self.calls) <= self.max // 2)
+        finally:
+            W.close_fds(fds)
+        call, mark = got
+        if self.written < mark:
+            yield from self.op_progress(lambda: self.written >= mark)
+        return call
+
+    def op_call(self, payload: bytes, fds: list[int]) -> Op[Any]:
+        got = None
+        if not fds:
+            with self.lock:
+                got = self._begin(payload, fds, None)
+        if got is None:
+            call = yield from self.op_begin(payload, fds, None)
+        else:
+            call, mark = got
+            if self.written < mark:
+                yield from self.op_progress(lambda: self.written >= mark)
+        if not call.done:
+            yield from self.op_progress(lambda: call.done)
+        if call.error is not None:
+            raise call.error
+        return call.value
+
+    def op_progress(self, done: Callable[[], bool], deadline: float | None = None) -> Op[bool]:
+        """Drive the socket until ``done()`` or the client breaks (True), or
+        until ``deadline`` (False)."""
+        fd = self.fd
+        while True:
+            epoch = self.changed.epoch
+            with self.lock:
+                if done() or self.error is not None:
+                    return True
+                lead = not self.leader
+                if lead:
+                    self.leader = True
+                writing = bool(self.outbox)
+            if deadline is not None and time.monotonic() >= deadline:
+                if lead:
+                    self._resign()
+                return False
+            if not lead:
+                # The leader reads; write what is ours, and wake for its news.
+                yield Wait(writes=(fd,) if writing else (), notifier=self.changed, epoch=epoch,
+                           deadline=deadline)
+                if writing:
+                    with self.lock:
+                        self._flush()
+                continue
+            try:
+                while True:
+                    state = self._pump_now()
+                    if state != _OK:
+                        if state == _EOF:
+                            yield from self._op_eof()
+                        return True
+                    with self.lock:
+                        if done() or self.error is not None:
+                            return True
+                        writes = (fd,) if self.outbox else ()
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return False
+                    yield Wait(reads=(fd,), writes=writes, deadline=deadline)
+            finally:
+                self._resign()
+
+    def _resign(self) -> None:
+        with self.lock:
+            self.leader = False
+            self.active = time.monotonic()
+        self.changed.notify()
+
+    def _pump(self) -> Op[bool]:
+        """As leader: write what is queued, read what has come, complete what
+        it answers, write what was held back.  True once the client is
+        broken (EOF included)."""
+        state = self._pump_now()
+        if state == _EOF:
+            yield from self._op_eof()
+            return True
+        return state == _BROKEN
+
+    def _pump_now(self) -> int:
+        """``_pump`` without waiting: _OK, _BROKEN, or _EOF (the caller
+        collects the exit status)."""
+        sock = self.sock
+        if sock is None:
+            return _BROKEN
+        if self.outbox:
+            with self.lock:
+                self._flush()
+        decoder = self.decoder
+        self.read_at = time.monotonic()
+        try:
+            for _ in range(16):  # then let the writes in
+                n = recv(sock, decoder, self.scratch)
+                frames = decoder.frames()
+                if frames:
+                    self._dispatch(frames)
+                if decoder.eof or n < _FULL:
+                    break  # drained: don't pay for a receive that would block
+        except BlockingIOError:
+            pass
+        except ProtocolError as e:
+            self._fail(ProtocolError(f"worker process {self.pid} broke the rpc protocol: {e}"))
+            self._kill()
+            return _BROKEN
+        except OSError:
+            decoder.eof = True
+        if decoder.eof:
+            return _EOF
+        if self.outbox:
+            with self.lock:
+                self._flush()
+        return _BROKEN if self.error is not None else _OK
+
+    def _dispatch(self, frames: list[W.Frame]) -> None:
+        done: list[tuple[_Call | None, W.Frame]] = []
+        with self.lock:
+            for f in frames:
+                kind = f.kind
+                if kind in (W.RESULT, W.ERROR):
+                    call = self.calls.pop(f.id, None)
+                    if call is None:
+                        if kind == W.ERROR and f.id == 0:
+                            done.append((None, f))  # the worker could not start
+                            continue
+                        W.close_fds(f.fds)
+                        raise ProtocolError(f"a reply to call {f.id}, which is not in flight")
+                    if call.future is not None:
+                        self.unwaited -= 1
+                    done.append((call, f))
+                elif kind == W.EVENT:
+                    done.append((None, f))
+                elif not self.hello:
+                    # The decoder checked its magic and version.
+                    self.hello = True
+                    flags = W.hello_config(f)[:1]
+                    self.sequential = not (flags and flags[0] & W.CONCURRENT)
+                else:
+                    raise ProtocolError(f"an unexpected {W.describe(kind)} frame")
+        codec = self.codec
+        for call, f in done:
+            if call is None:
+                if f.kind == W.EVENT:
+                    self._event(f)
+                else:
+                    self._fail(_exception(f.payload, codec))
+                continue
+            error = self.event_errors.pop(call.id, None) if self.event_errors else None
+            value = None
+            if f.kind == W.RESULT:
+                try:
+                    value = codec.loads(f.payload, f.fds)
+                except Exception as e:
+                    error = error or e
+            else:
+                error = error or _exception(f.payload, codec)
+            self._complete(call, value, error)
+        self.changed.notify()
+
+    @staticmethod
+    def _complete(call: _Call, value: Any, error: BaseException | None) -> None:
+        fut = call.future
+        if fut is None:
+            call.value, call.error = value, error
+            call.done = True
+        elif error is None:
+            fut.set_result(value)
+        else:
+            fut.set_exception(error)
+
+    def _event(self, f: W.Frame) -> None:
+        try:
+            args, _ = self.codec.loads_call(f.payload, f.fds)
+            if self.on_event is not None:
+                self.on_event(*args)
+        except Exception as e:
+            # Nowhere to raise it but in the call that sent the event.
+            self.event_errors[f.id] = e
+
+    def _fail(self, error: BaseException) -> None:
+        with self.lock:
+            if self.error is None:
+                self.error = error
+            error = self.error
+            calls = list(self.calls.values())
+            self.calls.clear()
+            self.unwaited = 0
+            self.outbox.discard()
+            self.written = self.added
+        self.decoder.close()
+        for call in calls:
+            self._complete(call, None, error)
+        self.changed.notify()
+        if self.on_end is not None:
+            self.on_end()
+
+    def _op_eof(self) -> Op[None]:
+        """The worker's socket ended: normal after close() with nothing in
+        flight, death otherwise.  Collect the exit status for the error."""
+        self.eof = True
+        with self.lock:
+            normal = self.closed and not self.calls
+        if normal:
+            self._fail(ProcessStateError("this rpc client is closed"))
+            return
+        deadline = time.monotonic() + _EXIT_GRACE
+        returncode = None
+        while True:
+            try:
+                returncode = self.proc.returncode
+            except Error:
+                break
+            if returncode is not None or time.monotonic() >= deadline:
+                break
+            yield Wait(deadline=min(deadline, time.monotonic() + 0.005))
+        from ._errors import WorkerDiedError
+
+        self._fail(WorkerDiedError(self.pid, returncode))
+
+    def op_exit(self, deadline: float | None) -> Op[int]:
+        """Wait for the exit status, reading meanwhile (the worker may be
+        writing replies nobody else reads)."""
+        if not (yield from self.op_progress(lambda: self.eof, deadline)):
+            raise TimeoutExpired(f"worker process {self.pid} still running")
+        while True:
+            returncode = self.proc.returncode
+            if returncode is not None:
+                self.dispose()
+                return returncode
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutExpired(f"worker process {self.pid} still running")
+            left = time_left(deadline)
+            yield Wait(deadline=time.monotonic() + (0.005 if left is None else min(left, 0.005)))
+
+    def close(self) -> Op[None]:
+        with self.lock:
+            if self.closed or self.error is not None:
+                self.closed = True
+                return
+            self.closed = True
+            mark = self._queue(W.header(W.CLOSE, 0, 0))
+        yield from self.op_progress(lambda: self.written >= mark)
+
+    def _kill(self) -> None:
+        try:
+            self.proc.kill()
+        except Error:
+            pass
+
+    # --- the reactor's side, and ownership of the socket ----------------------------------
+
+    def arm(self) -> None:
+        """Make the reactor responsible for reading while submit() futures
+        are in flight (it steps aside while others read: see _Reactor).
+
+        A caller may skip this when it sees ``armed`` set after its
+        ``_begin`` counted its future: the reactor clears ``armed`` only
+        under the lock and only when it sees no future, so it will see
+        that one."""
+        with self.lock:
+            if self.armed or self.unwaited == 0 or self.error is not None or self.sock is None:
+                return
+            self.armed = self.registered = True
+        _reactor().add(self)
+
+    def read_now(self) -> None:
+        """Read what has come, if nobody is reading: a thread that keeps
+        submitting keeps the reactor away (see _Reactor), so it reads itself
+        now and then, and futures complete while it goes on."""
+        with self.lock:
+            if self.leader or self.sock is None or self.error is not None:
+                return
+            self.leader = True
+        try:
+            run_blocking(self._pump())
+        finally:
+            self._resign()
+
+    def reactor_turn(self) -> int:
+        """The socket is readable: read, unless someone else reads or did a
+        moment ago.  _DROP, _DEFER or _REARM: what the reactor does next."""
+        with self.lock:
+            if self.sock is None or self.unwaited == 0 or self.error is not None:
+                self.armed = False
+                return _DROP
+            if self.leader or time.monotonic() - self.active < _STEP_ASIDE:
+                return _DEFER
+            self.leader = True
+        try:
+            run_blocking(self._pump())
+        finally:
+            with self.lock:
+                self.leader = False
+                keep = self.unwaited > 0 and self.error is None and self.sock is not None
+                if not keep:
+                    self.armed = False
+            self.changed.notify()
+        return _REARM if keep else _DROP
+
+    def dispose(self) -> None:
+        """Close the socket, after the reactor forgets its descriptor (its
+        number may be reused as soon as it is closed)."""
+        with self.lock:
+            sock, self.sock = self.sock, None
+            registered = self.registered
+        if sock is None:
+            return
+        if registered and _the_reactor is not None:
+            _the_reactor.forget(self)
+        self.decoder.close()
+        with self.lock:
+            self.outbox.discard()
+        sock.close()
+
+
+class _Reactor:
+    """One thread reading for every client's submit() futures that nobody
+    waits on in ``result()`` (callbacks, ``as_completed``).
+
+    It stays out of the way of threads that read for themselves: two Python
+    threads taking turns at one socket pass the GIL back and forth, and each
+    hand-off can cost a switch interval.  So when a core's socket becomes
+    readable (epoll, one-shot) and someone is reading it or did within
+    ``_STEP_ASIDE``, the reactor looks again that much later instead.
+    """
+
+    def __init__(self) -> None:
+        import select
+
+        self.cores: dict[int, _Core] = {}
+        self.lock = threading.Lock()
+        self.epoll: Any = select.epoll() if hasattr(select, "epoll") else None
+        self.thread = threading.Thread(target=self._run, name="anyfork-rpc-reader", daemon=True)
+        self.thread.start()
+
+    def add(self, core: _Core) -> None:
+        with self.lock:
+            self.cores[core.fd] = core
+        self._arm(core.fd)
+
+    def _arm(self, fd: int) -> None:
+        if self.epoll is None:
+            return  # the poll loop sees it within its slice
+        import select
+
+        flags = select.EPOLLIN | select.EPOLLONESHOT
+        try:
+            self.epoll.modify(fd, flags)
+        except FileNotFoundError:
+            try:
+                self.epoll.register(fd, flags)
+            except FileExistsError:  # armed meanwhile by another thread
+                pass
+        except OSError:
+            pass  # closed meanwhile: its core is gone
+
+    def forget(self, core: _Core) -> None:
+        with self.lock:
+            if self.cores.get(core.fd) is core:
+                del self.cores[core.fd]
+        if self.epoll is not None:
+            try:
+                self.epoll.unregister(core.fd)
+            except (OSError, ValueError):
+                pass
+
+    def _run(self) -> None:
+        import select
+
+        deferred: list[tuple[float, int]] = []
+        while True:
+            timeout = None if not deferred else max(0.0, min(t for t, _ in deferred) - time.monotonic())
+            if self.epoll is not None:
+                ready = [fd for fd, _ in self.epoll.poll(-1 if timeout is None else timeout)]
+            else:  # no epoll: poll the armed ones, in slices
+                with self.lock:
+                    armed = [fd for fd, core in self.cores.items()
+                             if core.armed and fd not in {d for _, d in deferred}]
+                poller = select.poll()
+                for fd in armed:
+                    poller.register(fd, select.POLLIN)
+                ready = [fd for fd, _ in poller.poll(20 if timeout is None else min(20, timeout * 1000))]
+            now = time.monotonic()
+            for t, fd in [d for d in deferred if d[0] <= now]:
+                deferred.remove((t, fd))
+                self._arm(fd)
+            for fd in ready:
+                with self.lock:
+                    core = self.cores.get(fd)
+                if core is None:
+                    continue
+                try:
+                    what = core.reactor_turn()
+                except BaseException:  # a bug: don't take every client's reader down
+                    what = _DROP
+                if what == _REARM:
+                    self._arm(fd)
+                elif what == _DEFER:
+                    deferred.append((now + _STEP_ASIDE, fd))
+                # _DROP: left registered but disarmed (one-shot), so that
+                # add() can arm it again without racing an unregister.
+
+
+_the_reactor: _Reactor | None = None
+_reactor_lock = threading.Lock()
+
+
+def _reactor() -> _Reactor:
+    global _the_reactor
+    r = _the_reactor
+    if r is None:
+        with _reactor_lock:
+            r = _the_reactor
+            if r is None:
+                r = _the_reactor = _Reactor()
+    return r
+
+
+def _forget_reactor() -> None:
+    # A forked child has no reader thread; its parent's clients are not its own.
+    global _the_reactor
+    _the_reactor = None
+
+
+os.register_at_fork(after_in_child=_forget_reactor)
+
+
+class _Future:
+    """Made lazily (concurrent.futures is imported on first submit)."""
+
+    cls: Any = None
+
+    @classmethod
+    def make(cls, core: _Core) -> concurrent.futures.Future[Any]:
+        if cls.cls is None:
+            import concurrent.futures
+
+            class Future(concurrent.futures.Future):  # type: ignore[type-arg]
+                """A future whose ``result()`` reads the socket itself when nobody
+                else is reading (so ``submit(...).result()`` costs no thread
+                hand-off)."""
+
+                def result(self, timeout: float | None = None) -> Any:
+                    if self._state != "FINISHED":  # else nothing to wait for or drive
+                        self._drive(timeout)
+                    return super().result(timeout)
+
+                def exception(self, timeout: float | None = None) -> BaseException | None:
+                    self._drive(timeout)
+                    return super().exception(timeout)
+
+                _anyfork_core: _Core
+
+                def _drive(self, timeout: float | None) -> None:
+                    core = self._anyfork_core
+                    if self.done() or threading.current_thread() is getattr(_the_reactor, "thread", None):
+                        return
+                    run_blocking(core.op_progress(self.done, deadline_after(timeout)))
+
+            cls.cls = Future
+        fut = cls.cls()
+        fut._anyfork_core = core
+        # It is sent at once, so it can't be cancelled: RUNNING from the start.
+        # (set_running_or_notify_cancel() does the same under the future's
+        # condition, which costs a submit a tenth of its time.)
+        fut._state = "RUNNING"
+        return fut  # type: ignore[no-any-return]
+
+
+def _finalize(core: _Core) -> None:
+    core.dispose()
+
+
+class Client:
+    """A worker process serving calls, driven from blocking code.
+
+    Made by :func:`run`.  Safe to use from many threads at once.
+    """
+
+    def __init__(self, core: _Core) -> None:
+        self._core = core
+        self._finalizer = weakref.finalize(self, _finalize, core)
+
+    def __repr__(self) -> str:
+        return f"<anyfork.rpc.Client of worker {self._core.pid}>"
+
+    @property
+    def process(self) -> Process:
+        """The worker's Process: its pid, kill(), wait() and returncode."""
+        return self._core.proc
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the handler with these arguments and return its result."""
+        return self.call(*args, **kwargs)
+
+    def call(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the handler with these arguments and return its result.
+
+        Raises:
+            Exception: what the handler raised (same type, ``__cause__`` a
+                RemoteTraceback), or RemoteError when it can't be carried.
+            anyfork.WorkerDiedError: the worker exited or was killed.
+            anyfork.ProtocolError: the worker sent something that is not rpc.
+            anyfork.ProcessStateError: the client is closed.
+            TypeError, pickle.PicklingError: an argument can't be serialized;
+                nothing was sent.
+        """
+        core = self._core
+        payload, fds = core.encode(args, kwargs)
+        return run_blocking(core.op_call(payload, fds))
+
+    def submit(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        """Send a call; a Future of its result.  Blocks while max_in_flight
+        calls are unanswered, and until the call is written."""
+        core = self._core
+        payload, fds = core.encode(args, kwargs)
+        fut = _Future.make(core)
+        got = None
+        if not fds:
+            with core.lock:  # the common case, without an operation's machinery
+                got = core._begin(payload, fds, fut)
+        if got is None or core.written < got[1]:
+            if got is None:
+                run_blocking(core.op_begin(payload, fds, fut))
+            else:
+                mark = got[1]
+                run_blocking(core.op_progress(lambda: core.written >= mark))
+        if not core.armed:  # read after _begin counted this future: see arm()
+            core.arm()
+        if time.monotonic() - core.read_at > _READ_EVERY:
+            core.read_now()
+        return fut
+
+    def close(self) -> None:
+        """No more calls: the worker finishes those it has, then exits 0."""
+        run_blocking(self._core.close())
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the worker to exit; its exit status.
+
+        Raises:
+            anyfork.TimeoutExpired: still running after ``timeout`` seconds.
+        """
+        return run_blocking(self._core.op_exit(deadline_after(timeout)))
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+        self.wait()
+
+
+class AsyncClient:
+    """A worker process serving calls, driven from asyncio.  Made by
+    :func:`run_async`."""
+
+    def __init__(self, core: _Core, queue_events: bool) -> None:
+        self._core = core
+        self._finalizer = weakref.finalize(self, _finalize, core)
+        self._events: asyncio.Queue[tuple[Any, ...] | None] | None = None
+        if queue_events:
+            import asyncio
+
+            queue: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()
+            self._events = queue
+            core.on_event = lambda *args: queue.put_nowait(args)
+            core.on_end = lambda: queue.put_nowait(None)
+
+    def __repr__(self) -> str:
+        return f"<anyfork.rpc.AsyncClient of worker {self._core.pid}>"
+
+    @property
+    def process(self) -> Process:
+        """The worker's Process: its pid, kill(), wait() and returncode."""
+        return self._core.proc
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the handler; its result (errors as for ``Client.call``)."""
+        return await self.call(*args, **kwargs)
+
+    async def call(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the handler; its result (errors as for ``Client.call``)."""
+        core = self._core
+        payload, fds = core.encode(args, kwargs)
+        return await _backend.run_async(core.op_call(payload, fds))
+
+    async def events(self) -> AsyncIterator[tuple[Any, ...]]:
+        """The events handlers send, as tuples of ``event()``'s arguments,
+        until the client is closed (only when ``on_event`` was not given)."""
+        queue = self._events
+        if queue is None:
+            raise ProcessStateError("this client delivers its events to on_event")
+        while True:
+            item = await queue.get()
+            if item is None:
+                queue.put_nowait(None)  # for any other iterator
+                return
+            yield item
+
+    async def aclose(self) -> None:
+        """No more calls: the worker finishes those it has and exits 0; wait for it."""
+        await _backend.run_async(self._core.close())
+        await self.wait()
+
+    async def wait(self, timeout: float | None = None) -> int:
+        """Wait for the worker to exit; its exit status.
+
+        Raises:
+            anyfork.TimeoutExpired: still running after ``timeout`` seconds.
+        """
+        return await _backend.run_async(self._core.op_exit(deadline_after(timeout)))
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+
+def _prepare(proc: Process, func: object, serializer: object, init: object,
+             max_in_flight: int) -> tuple[W._Codec, bytes]:
+    codec = W.serializer(serializer)
+    if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be a positive int, not {max_in_flight!r}")
+    names = [_name(func, "rpc.run()"), "" if init is None else _name(init, "init"),
+             serializer if isinstance(serializer, str) else "custom", str(max_in_flight)]
+    config = b"\0".join(n.encode() for n in names) + b"\0"
+    if not isinstance(serializer, str):
+        try:
+            config += pickle.dumps(serializer, pickle.HIGHEST_PROTOCOL)
+        except Exception as e:
+            raise TypeError(f"a custom serializer must pickle (it is sent to the worker): {e}") from e
+    proc.eval(_BOOT)
+    return codec, W.hello(config)
+
+
+def run(proc: Process, func: str | Callable[..., Any], *, serializer: str | object = "pickle",
+        init: str | Callable[..., Any] | None = None, on_event: Callable[..., Any] | None = None,
+        max_in_flight: int = 64) -> Client:
+    """Run an rpc worker in ``proc``, serving calls to ``func``.
+
+    Args:
+        proc: an unrun Process (``new``, ``new_exec``, ``fork``, ``fork_template``).
+        func: the handler, or its name as ``Process.run`` takes it.  A
+            coroutine function is served by an asyncio loop, up to
+            ``max_in_flight`` calls at once; a plain one, a call at a time.
+        serializer: "pickle", "json", "bytes", "msgpack", "cbor2", or an
+            object with ``dumps(obj) -> bytes`` and ``loads(bytes)``.
+        init: called once in the worker before the first call, with what
+            ``send_arg`` and ``send_fh`` queued.
+        on_event: called as ``on_event(*args)`` for each ``event(*args)``.
+        max_in_flight: how many calls may be written and unanswered.
+
+    Returns:
+        The client.  Set-up errors in the worker (a handler that can't be
+        found, an init that raises) fail its calls.
+    """
+    codec, hello = _prepare(proc, func, serializer, init, max_in_flight)
+    sock = proc.run(_WORKER)
+    core = _Core(proc, sock, codec, max_in_flight, on_event)
+    with core.lock:
+        core._queue(hello)
+    client = Client(core)
+    if core.outbox:
+        run_blocking(core.op_progress(lambda: core.written >= core.added))
+    return client
+
+
+async def run_async(proc: Process, func: str | Callable[..., Any], *, serializer: str | object = "pickle",
+                    init: str | Callable[..., Any] | None = None,
+                    on_event: Callable[..., Any] | None = None, max_in_flight: int = 64) -> AsyncClient:
+    """:func:`run` for asyncio.  Events go to ``on_event`` (called in the
+    loop) if given, else to ``client.events()``."""
+    codec, hello = _prepare(proc, func, serializer, init, max_in_flight)
+    sock = await proc.run_async(_WORKER)
+    core = _Core(proc, sock, codec, max_in_flight, on_event)
+    with core.lock:
+        core._queue(hello)
+    client = AsyncClient(core, on_event is None)
+    if core.outbox:
+        await _backend.run_async(core.op_progress(lambda: core.written >= core.added))
+    return client

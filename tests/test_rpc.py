@@ -1,0 +1,556 @@
+"""anyfork.rpc: calls, errors, events, death, flow control and descriptors,
+under the blocking and the asyncio driver alike."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import concurrent.futures.process
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+import anyfork
+from anyfork import rpc
+from helpers import wait_exited
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+pytestmark = pytest.mark.usefixtures("check_leaks")
+TIMEOUT = 20.0
+MIB = 1 << 20
+
+
+class Driver:
+    """One way of driving a client: the same calls, blocking or from asyncio."""
+
+    name = ""
+
+    def start(self, func: Any, proc: anyfork.Process | None = None, **kw: Any) -> Any:
+        raise NotImplementedError
+
+    def call(self, client: Any, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def calls(self, client: Any, arglists: list[tuple[Any, ...]]) -> list[Any]:
+        """Many calls in flight at once; their results or exceptions, in order."""
+        raise NotImplementedError
+
+    def finish(self, client: Any) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class Blocking(Driver):
+    name = "blocking"
+
+    def start(self, func: Any, proc: anyfork.Process | None = None, **kw: Any) -> rpc.Client:
+        return rpc.run(proc or anyfork.new(), func, **kw)
+
+    def call(self, client: rpc.Client, *args: Any, **kwargs: Any) -> Any:
+        return client.call(*args, **kwargs)
+
+    def calls(self, client: rpc.Client, arglists: list[tuple[Any, ...]]) -> list[Any]:
+        futures = [client.submit(*a) for a in arglists]
+        concurrent.futures.wait(futures, timeout=TIMEOUT)
+        return [f.exception() or f.result() for f in futures]
+
+    def finish(self, client: rpc.Client) -> int:
+        client.close()
+        return client.wait(TIMEOUT)
+
+
+class Async(Driver):
+    name = "asyncio"
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(asyncio.wait_for(coro, TIMEOUT))
+
+    def start(self, func: Any, proc: anyfork.Process | None = None, **kw: Any) -> rpc.AsyncClient:
+        return self.run(rpc.run_async(proc or anyfork.new(), func, **kw))
+
+    def call(self, client: rpc.AsyncClient, *args: Any, **kwargs: Any) -> Any:
+        return self.run(client.call(*args, **kwargs))
+
+    def calls(self, client: rpc.AsyncClient, arglists: list[tuple[Any, ...]]) -> list[Any]:
+        async def all_at_once() -> list[Any]:
+            return await asyncio.gather(*(client(*a) for a in arglists), return_exceptions=True)
+
+        return self.run(all_at_once())  # type: ignore[no-any-return]
+
+    def finish(self, client: rpc.AsyncClient) -> int:
+        self.run(client.aclose())
+        return self.run(client.wait(TIMEOUT))  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.loop.close()
+
+
+@pytest.fixture(params=["blocking", "asyncio"])
+def drive(request: pytest.FixtureRequest) -> Iterator[Driver]:
+    d: Driver = Blocking() if request.param == "blocking" else Async()
+    yield d
+    d.close()
+
+
+# --- calls ------------------------------------------------------------------------------
+
+
+def test_a_call_returns_the_handlers_result_from_every_kind_of_process(
+        drive: Driver, make: Callable[[], anyfork.Process]) -> None:
+    client = drive.start("rpc_handlers:echo", make())
+    assert drive.call(client, 42) == 42
+    assert drive.call(client, 1, 2, key="v") == [[1, 2], {"key": "v"}]
+    assert client.process.pid != os.getpid()
+    assert drive.finish(client) == 0
+
+
+def test_the_handler_may_be_given_as_a_function(drive: Driver) -> None:
+    import rpc_handlers
+
+    client = drive.start(rpc_handlers.pid)
+    assert drive.call(client) == client.process.pid
+    assert drive.finish(client) == 0
+
+
+def test_many_calls_in_flight_each_get_their_own_reply_in_any_order(drive: Driver) -> None:
+    client = drive.start("rpc_handlers:asleep")
+    # Later calls sleep less, so their replies come first.
+    results = drive.calls(client, [(0.05 * (5 - i), i) for i in range(6)])
+    assert results == list(range(6))
+    assert drive.finish(client) == 0
+
+
+def test_a_client_serves_many_threads_at_once() -> None:
+    client = rpc.run(anyfork.new(), "rpc_handlers:echo")
+    got: dict[int, list[Any]] = {}
+
+    def worker(t: int) -> None:
+        got[t] = [client.call((t, i)) if i % 2 else client.submit((t, i)).result(TIMEOUT)
+                  for i in range(200)]
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(TIMEOUT)
+    assert got == {t: [(t, i) for i in range(200)] for t in range(4)}
+    client.close()
+    assert client.wait(TIMEOUT) == 0
+
+
+def test_futures_complete_with_nobody_waiting_in_result() -> None:
+    """The reader thread reads for futures only callbacks and as_completed watch."""
+    client = rpc.run(anyfork.new(), "rpc_handlers:echo")
+    done = threading.Event()
+    seen: list[int] = []
+    futures = [client.submit(i) for i in range(50)]
+    futures[-1].add_done_callback(lambda f: (seen.append(f.result()), done.set()))
+    assert done.wait(TIMEOUT)
+    assert seen == [49]
+    assert sorted(f.result() for f in concurrent.futures.as_completed(futures, TIMEOUT)) == list(range(50))
+    with client:
+        pass
+    assert client.process.returncode == 0
+
+
+def test_init_is_called_first_with_what_send_arg_and_send_fh_queued(drive: Driver) -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        proc = anyfork.new().send_arg(b"one", "two").send_fh(a)
+        client = drive.start("rpc_handlers:get_init", proc, init="rpc_handlers:record_init")
+        assert drive.call(client) == [b"one", "two", "socket"]
+        assert drive.finish(client) == 0
+
+
+def test_close_lets_the_worker_finish_its_calls_then_exit_0() -> None:
+    client = rpc.run(anyfork.new(), "rpc_handlers:sleep")
+    futures = [client.submit(0.05) for _ in range(3)]
+    client.close()
+    assert [f.result(TIMEOUT) for f in futures] == [0.05] * 3
+    assert client.wait(TIMEOUT) == 0
+    with pytest.raises(anyfork.ProcessStateError):
+        client.call(0)
+
+
+def test_async_context_manager_closes_and_waits() -> None:
+    async def main() -> rpc.AsyncClient:
+        async with await rpc.run_async(anyfork.new(), "rpc_handlers:asleep") as client:
+            assert await client(0.01, "x") == "x"
+        return client
+
+    assert asyncio.run(asyncio.wait_for(main(), TIMEOUT)).process.returncode == 0
+
+
+# --- errors -----------------------------------------------------------------------------
+
+
+def test_an_exception_is_raised_as_its_type_with_the_remote_traceback(drive: Driver) -> None:
+    client = drive.start("rpc_handlers:raise_value")
+    with pytest.raises(ValueError, match=r"^no good$") as info:
+        drive.call(client, "no good")
+    cause = info.value.__cause__
+    assert isinstance(cause, rpc.RemoteTraceback)
+    assert "raise_value" in str(cause)
+    assert "ValueError: no good" in str(cause)
+    # The worker keeps serving.
+    with pytest.raises(ValueError, match="again"):
+        drive.call(client, "again")
+    assert drive.finish(client) == 0
+
+
+@pytest.mark.parametrize(("serializer", "handler"),
+                         [("json", "raise_value"), ("pickle", "raise_unpicklable")])
+def test_an_exception_that_cant_be_carried_is_a_remote_error(drive: Driver, serializer: str,
+                                                              handler: str) -> None:
+    client = drive.start(f"rpc_handlers:{handler}", serializer=serializer)
+    args = ("bad",) if handler == "raise_value" else ()
+    with pytest.raises(rpc.RemoteError) as info:
+        drive.call(client, *args)
+    err = info.value
+    assert isinstance(err, anyfork.Error)
+    want = "builtins.ValueError" if handler == "raise_value" else "rpc_handlers.Unpicklable"
+    assert err.type_name == want
+    assert err.message in ("bad", "left right")
+    assert handler in err.traceback
+    assert isinstance(err.__cause__, rpc.RemoteTraceback)
+    assert drive.finish(client) == 0
+
+
+def test_an_unserializable_argument_fails_the_call_and_sends_nothing(drive: Driver) -> None:
+    import pickle
+
+    client = drive.start("rpc_handlers:echo_count")
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        drive.call(client, lambda: None)
+    # The worker counts what it is sent: it was sent nothing for that call.
+    assert drive.call(client, "a") == ["a", 1]
+    assert drive.finish(client) == 0
+
+
+def test_an_unserializable_result_fails_the_call_clearly_and_the_worker_goes_on(drive: Driver) -> None:
+    client = drive.start("rpc_handlers:bad_result")
+    with pytest.raises(rpc.RemoteError, match="result can't be serialized"):
+        drive.call(client)
+    with pytest.raises(rpc.RemoteError, match="result can't be serialized"):
+        drive.call(client)
+    assert drive.finish(client) == 0
+
+
+def test_a_handler_that_cant_be_found_fails_the_calls(drive: Driver) -> None:
+    client = drive.start("rpc_handlers:no_such_function")
+    with pytest.raises(AttributeError, match="no_such_function"):
+        drive.call(client)
+    with pytest.raises(AttributeError):
+        drive.call(client)
+    assert client.process.wait(TIMEOUT) == 1
+    if isinstance(client, rpc.Client):
+        assert client.wait(TIMEOUT) == 1
+    else:
+        assert drive.run(client.wait(TIMEOUT)) == 1  # type: ignore[attr-defined]
+
+
+def test_bad_arguments_fail_at_the_call() -> None:
+    with pytest.raises(ValueError, match="serializer"):
+        rpc.run(anyfork.new(), "rpc_handlers:echo", serializer="nope")
+    with pytest.raises(ValueError, match="max_in_flight"):
+        rpc.run(anyfork.new(), "rpc_handlers:echo", max_in_flight=0)
+    with pytest.raises(TypeError, match="importable"):
+        rpc.run(anyfork.new(), lambda: None)
+    with pytest.raises(TypeError, match="dumps"):
+        rpc.run(anyfork.new(), "rpc_handlers:echo", serializer=object())
+
+
+# --- events -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("handler", ["events", "aevents"])
+def test_events_reach_on_event_before_the_reply(drive: Driver, handler: str) -> None:
+    log: list[Any] = []
+    client = drive.start(f"rpc_handlers:{handler}", on_event=lambda *a: log.append(a))
+    log.append(drive.call(client, 3))
+    assert log == [("tick", 0), ("tick", 1), ("tick", 2), "done"]
+    assert drive.finish(client) == 0
+
+
+def test_events_come_through_the_async_iterator_too() -> None:
+    async def main() -> list[Any]:
+        client = await rpc.run_async(anyfork.new(), "rpc_handlers:events")
+        assert await client(2) == "done"
+        await client.aclose()
+        return [e async for e in client.events()]
+
+    assert asyncio.run(asyncio.wait_for(main(), TIMEOUT)) == [("tick", 0), ("tick", 1)]
+
+
+def test_event_outside_a_worker_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match="rpc worker"):
+        rpc.event("x")
+
+
+# --- death ------------------------------------------------------------------------------
+
+
+def test_worker_died_error_is_an_anyfork_error_and_a_broken_pool() -> None:
+    assert issubclass(anyfork.WorkerDiedError, anyfork.Error)
+    assert issubclass(anyfork.WorkerDiedError, concurrent.futures.process.BrokenProcessPool)
+    e = anyfork.WorkerDiedError(12, -9)
+    assert (e.pid, e.returncode) == (12, -9)
+    assert "signal 9" in str(e)
+
+
+def test_a_killed_worker_fails_every_call_in_flight_and_every_later_call(drive: Driver) -> None:
+    client = drive.start("rpc_handlers:asleep")
+    pid = client.process.pid
+    threading.Timer(0.2, os.kill, (pid, signal.SIGKILL)).start()
+    started = time.monotonic()
+    results = drive.calls(client, [(30, i) for i in range(4)])
+    assert time.monotonic() - started < TIMEOUT
+    for r in results:
+        assert isinstance(r, anyfork.WorkerDiedError)
+        assert (r.pid, r.returncode) == (pid, -signal.SIGKILL)
+    with pytest.raises(anyfork.WorkerDiedError):
+        drive.call(client, 0)
+    assert client.process.returncode == -signal.SIGKILL
+    assert drive.finish(client) == -signal.SIGKILL
+
+
+def test_a_worker_that_exits_mid_call_reports_its_status(drive: Driver) -> None:
+    client = drive.start("rpc_handlers:hard_exit")
+    with pytest.raises(anyfork.WorkerDiedError) as info:
+        drive.call(client, 7)
+    assert info.value.returncode == 7
+    assert info.value.pid == client.process.pid
+    if isinstance(client, rpc.Client):
+        assert client.wait(TIMEOUT) == 7
+
+
+_GONE_CALLER = """
+import os, sys, time
+sys.path[:0] = {path!r}
+import anyfork
+from anyfork import rpc
+client = rpc.run(anyfork.new(), "rpc_handlers:blob")
+print(client.process.pid, flush=True)
+client.submit(256 << 20)  # a reply far larger than the socket holds
+time.sleep(0.3)           # the worker is writing it now
+os._exit(0)               # and the caller goes, without reading
+"""
+
+
+def test_the_worker_exits_when_the_caller_goes_even_mid_reply(tmp_path: Path) -> None:
+    code = _GONE_CALLER.format(path=[str(Path(__file__).parent), *sys.path])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=TIMEOUT, check=True)
+    pid = int(out.stdout.split()[0])
+    assert wait_exited(pid, TIMEOUT)
+
+
+# --- flow control -----------------------------------------------------------------------
+
+
+def test_at_most_max_in_flight_calls_are_in_the_worker_at_once(drive: Driver) -> None:
+    client = drive.start("rpc_handlers:asleep_most", max_in_flight=3)
+    # Each reply carries the most calls the worker ever had running at once.
+    results = drive.calls(client, [(0.05, i) for i in range(12)])
+    assert [value for value, _ in results] == list(range(12))
+    assert max(most for _, most in results) == 3
+    assert drive.finish(client) == 0
+
+
+def test_submit_blocks_beyond_max_in_flight() -> None:
+    client = rpc.run(anyfork.new(), "rpc_handlers:asleep", max_in_flight=2)
+    a, b = client.submit(0.3, 1), client.submit(0.3, 2)
+    blocked = threading.Event()
+    third: list[concurrent.futures.Future[Any]] = []
+
+    def submit_third() -> None:
+        third.append(client.submit(0, 3))
+        blocked.set()
+
+    t = threading.Thread(target=submit_third)
+    t.start()
+    assert not blocked.wait(0.1)  # it waits for a slot: no timing claim, only "not yet"
+    assert not a.done() or not b.done()
+    t.join(TIMEOUT)
+    assert [f.result(TIMEOUT) for f in (a, b, third[0])] == [1, 2, 3]
+    client.close()
+    assert client.wait(TIMEOUT) == 0
+
+
+@pytest.mark.parametrize("handler", ["size_and_blob", "asize_and_blob"])
+def test_a_64_mib_argument_and_a_64_mib_result_at_once(drive: Driver, handler: str) -> None:
+    client = drive.start(f"rpc_handlers:{handler}")
+    data = b"a" * (64 * MIB)
+    results = drive.calls(client, [(data, 64 * MIB), (data, 64 * MIB)])
+    for size, result in results:
+        assert size == 64 * MIB
+        assert result == b"r" * (64 * MIB)
+    assert drive.finish(client) == 0
+
+
+# --- descriptors ------------------------------------------------------------------------
+
+
+def test_sockets_travel_both_ways_and_the_sender_may_close_at_once(drive: Driver) -> None:
+    client = drive.start("rpc_handlers:use_socket")
+    mine, theirs = socket.socketpair()
+    with mine:
+        if isinstance(client, rpc.Client):
+            fut = client.submit(theirs, b"from the caller")
+            theirs.close()  # ours to close at once: the call holds its own copy
+            back = fut.result(TIMEOUT)
+        else:
+            back = drive.call(client, theirs, b"from the caller")
+            theirs.close()
+        mine.settimeout(TIMEOUT)
+        assert mine.recv(100) == b"from the caller"
+    with back:
+        assert isinstance(back, socket.socket)
+        back.settimeout(TIMEOUT)
+        assert back.recv(100) == b"from the worker"
+    assert drive.finish(client) == 0
+
+
+def test_files_travel_as_files(drive: Driver) -> None:
+    client = drive.start("rpc_handlers:read_file")
+    with tempfile.TemporaryFile("w+") as f:
+        f.write("hello file")
+        f.seek(0)
+        assert drive.call(client, f) == "hello file"
+    assert drive.finish(client) == 0
+
+
+@pytest.mark.parametrize("serializer", ["json", "bytes"])
+def test_a_serializer_that_cant_carry_descriptors_says_so(drive: Driver, serializer: str) -> None:
+    client = drive.start("rpc_handlers:echo", serializer=serializer)
+    a, b = socket.socketpair()
+    with a, b, pytest.raises(TypeError, match="descriptors"):
+        drive.call(client, a)
+    assert drive.finish(client) == 0
+
+
+# --- serializers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("serializer", "args", "want"), [
+    ("json", ({"a": [1, 2]},), {"a": [1, 2]}),
+    ("bytes", (b"raw",), b"raw"),
+    ("bytes", ("text",), "text"),
+])
+def test_serializers(drive: Driver, serializer: str, args: tuple[Any, ...], want: Any) -> None:
+    client = drive.start("rpc_handlers:echo", serializer=serializer)
+    assert drive.call(client, *args) == want
+    assert drive.finish(client) == 0
+
+
+def test_the_bytes_serializer_takes_bytes_and_str_only(drive: Driver) -> None:
+    client = drive.start("rpc_handlers:echo", serializer="bytes")
+    with pytest.raises(TypeError, match="bytes or str"):
+        drive.call(client, 1)
+    assert drive.finish(client) == 0
+
+
+def test_a_custom_serializer(drive: Driver) -> None:
+    import rpc_handlers
+
+    client = drive.start("rpc_handlers:echo", serializer=rpc_handlers.Reverse())
+    assert drive.call(client, {"x": 1}) == {"x": 1}
+    assert drive.finish(client) == 0
+
+
+@pytest.mark.parametrize("module", ["msgpack", "cbor2"])
+def test_msgpack_and_cbor2_when_installed(drive: Driver, module: str) -> None:
+    pytest.importorskip(module)
+    client = drive.start("rpc_handlers:echo", serializer=module)
+    assert drive.call(client, [1, "two"]) == [1, "two"]
+    assert drive.finish(client) == 0
+
+
+# --- the wire: handshake and garbage ----------------------------------------------------
+
+
+def test_a_worker_of_another_version_fails_clearly(drive: Driver) -> None:
+    proc = anyfork.new().eval("import anyfork._rpc_wire as w\nw.VERSION = 99")
+    client = drive.start("rpc_handlers:echo", proc)
+    with pytest.raises(anyfork.ProtocolError, match="version 99"):
+        drive.call(client, 1)
+    client.process.wait(TIMEOUT)
+
+
+def test_garbage_from_the_worker_fails_the_client_and_never_hangs(drive: Driver) -> None:
+    client = drive.start("rpc_handlers:garbage")
+    with pytest.raises(anyfork.ProtocolError, match="broke the rpc protocol"):
+        drive.call(client)
+    with pytest.raises(anyfork.ProtocolError):
+        drive.call(client)
+    # The worker was killed: it is not to be trusted.
+    assert client.process.wait(TIMEOUT) == -signal.SIGTERM
+
+
+def test_new_without_rpc_loads_nothing_of_it() -> None:
+    code = ("import sys, anyfork; anyfork.new().close(); "
+            "print(sorted(m for m in sys.modules if 'rpc' in m or m == 'concurrent.futures.process'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=TIMEOUT, check=True,
+                         text=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_events_read_together_with_their_reply_are_delivered_first() -> None:
+    """Deterministic: the worker's HELLO, two events and the reply arrive in
+    one read (written here, as a worker would), and the events go first."""
+    import pickle
+
+    from anyfork import _backend
+    from anyfork import _rpc_wire as W
+
+    class FakeProcess:
+        pid = 1
+        returncode = None
+
+    ours, worker = socket.socketpair()
+    log: list[Any] = []
+    core = rpc._Core(FakeProcess(), ours, W.serializer("pickle"), 8,  # type: ignore[arg-type]
+                     lambda *args: log.append(args))
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    future.add_done_callback(lambda f: log.append(f.result()))  # called as the reply is taken
+    with worker:
+        with core.lock:
+            got = core._begin(pickle.dumps((1,)), [], future)
+        assert got is not None
+        call, _ = got
+        event = pickle.dumps(("tick",))
+        result = pickle.dumps("done")
+        worker.sendall(W.hello(b"\0") + W.header(W.EVENT, call.id, len(event)) + event
+                       + W.header(W.EVENT, call.id, len(event)) + event
+                       + W.header(W.RESULT, call.id, len(result)) + result)
+        _backend.run_blocking(core.op_progress(future.done))
+    core.dispose()
+    assert log == [("tick",), ("tick",), "done"]
+
+
+def test_a_client_dropped_without_close_lets_its_worker_go() -> None:
+    import gc
+
+    client = rpc.run(anyfork.new(), "rpc_handlers:echo")
+    assert client.submit(1).result(TIMEOUT) == 1
+    proc = client.process
+    del client
+    gc.collect()
+    # Its socket is closed: the worker sees EOF and exits (check_leaks then
+    # finds no descriptor and no zombie left).
+    assert proc.wait(TIMEOUT) == 0

@@ -1,0 +1,205 @@
+"""The rpc codec, sans-io: streams split at every byte, garbage, descriptors."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from anyfork import ProtocolError
+from anyfork import _rpc_wire as W
+
+
+def stream() -> bytes:
+    frames = [W.hello(b"config"), W.header(W.CALL, 1, 3) + b"abc", W.header(W.CLOSE, 0, 0),
+              W.header(W.CALL, 0xFFFFFFFF, 0)]
+    return b"".join(frames)
+
+
+WANT = [(W.HELLO, 0), (W.CALL, 1, b"abc"), (W.CLOSE, 0, b""), (W.CALL, 0xFFFFFFFF, b"")]
+
+
+def decode_all(chunks: list[bytes], accept: frozenset[int] = W.FROM_CALLER) -> list[W.Frame]:
+    d = W.Decoder(accept)
+    out: list[W.Frame] = []
+    for c in chunks:
+        d.feed(c)
+        out.extend(d.frames())
+    return out
+
+
+def check(frames: list[W.Frame]) -> None:
+    assert [(f.kind, f.id) for f in frames] == [w[:2] for w in WANT]
+    assert W.hello_config(frames[0]) == b"config"
+    assert [f.payload for f in frames[1:]] == [w[2] for w in WANT[1:]]
+
+
+def test_a_stream_decodes_the_same_split_at_every_byte() -> None:
+    data = stream()
+    for i in range(len(data) + 1):
+        check(decode_all([data[:i], data[i:]]))
+
+
+def test_a_stream_decodes_the_same_fed_a_byte_at_a_time() -> None:
+    data = stream()
+    check(decode_all([data[i:i + 1] for i in range(len(data))]))
+
+
+def test_eof_inside_a_frame_is_a_protocol_error() -> None:
+    data = stream()
+    d = W.Decoder(W.FROM_CALLER)
+    d.feed(data[:-3])
+    d.frames()
+    d.feed(b"")
+    with pytest.raises(ProtocolError, match="ended inside"):
+        d.frames()
+
+
+def test_a_peer_that_does_not_speak_rpc_is_refused_before_anything_else() -> None:
+    d = W.Decoder(W.FROM_WORKER)
+    d.feed(b"Traceback (most recent call last):\n")
+    with pytest.raises(ProtocolError, match="does not speak anyfork rpc"):
+        d.frames()
+
+
+def test_a_hello_of_another_version_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(W, "VERSION", 7)
+    hello = W.hello()
+    monkeypatch.undo()
+    d = W.Decoder(W.FROM_WORKER)
+    d.feed(hello)
+    with pytest.raises(ProtocolError, match="version 7; this end speaks version 1"):
+        d.frames()
+
+
+def test_a_kind_the_reader_does_not_take_is_a_protocol_error() -> None:
+    d = W.Decoder(W.FROM_WORKER)
+    d.feed(W.hello() + W.header(W.CALL, 1, 0))
+    with pytest.raises(ProtocolError, match="unexpected rpc frame kind"):
+        d.frames()
+
+
+def test_descriptors_go_to_the_frames_that_count_them_in_order() -> None:
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    try:
+        d = W.Decoder(W.FROM_WORKER)
+        d.feed(W.hello() + W.header(W.RESULT, 1, 1, 1) + b"a", [r1])
+        d.feed(W.header(W.RESULT, 2, 0) + W.header(W.EVENT, 3, 1, 1) + b"b", [r2])
+        frames = d.frames()
+        assert [(f.id, f.fds) for f in frames[1:]] == [(1, [r1]), (2, []), (3, [r2])]
+    finally:
+        for fd in (r1, w1, r2, w2):
+            os.close(fd)
+
+
+def test_a_frame_claiming_descriptors_that_never_came_is_a_protocol_error() -> None:
+    d = W.Decoder(W.FROM_WORKER)
+    d.feed(W.hello() + W.header(W.RESULT, 1, 0, 2))
+    with pytest.raises(ProtocolError, match="claims 2 descriptors"):
+        d.frames()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.integers(min_value=1, max_value=50))
+def test_garbage_after_a_hello_gives_frames_or_a_protocol_error_and_nothing_else(
+        garbage: bytes, step: int) -> None:
+    d = W.Decoder(W.FROM_WORKER)
+    data = W.hello() + garbage
+    try:
+        for i in range(0, len(data), step):
+            d.feed(data[i:i + step])
+            for f in d.frames():
+                assert f.kind in W.FROM_WORKER
+                assert not f.fds
+        d.feed(b"")
+        d.frames()
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=1, max_size=100))
+def test_garbage_first_never_passes_for_a_hello(garbage: bytes) -> None:
+    d = W.Decoder(W.FROM_WORKER)
+    d.feed(garbage)
+    try:
+        frames = d.frames()
+    except ProtocolError:
+        return
+    # Only a true prefix of a well-formed HELLO may be waited on.
+    assert all(f.kind == W.HELLO and f.payload.startswith(W.MAGIC) for f in frames)
+
+
+def test_the_outbox_sends_descriptors_with_the_first_byte_only_and_closes_them() -> None:
+    r, w = os.pipe()
+    os.close(w)
+    ob = W.Outbox()
+    ob.add(b"aaaa")
+    ob.add(b"bbbb", [r])
+    ob.add(b"cc")
+    bufs, fds = ob.pending()
+    assert [bytes(b) for b in bufs] == [b"aaaa"]  # a frame with descriptors starts a send of its own
+    assert fds == []
+    ob.sent(4)
+    bufs, fds = ob.pending()
+    assert [bytes(b) for b in bufs] == [b"bbbb", b"cc"]
+    assert fds == [r]
+    ob.sent(2)  # a partial send: the descriptors went with its first byte
+    with pytest.raises(OSError):
+        os.fstat(r)
+    bufs, fds = ob.pending()
+    assert [bytes(b) for b in bufs] == [b"bb", b"cc"]
+    assert fds == []
+    ob.sent(4)
+    assert not ob
+
+
+def test_errors_round_trip_and_malformed_ones_are_protocol_errors() -> None:
+    payload = W.encode_error("builtins.ValueError", "m\udcff", "tb", b"PICKLE")
+    assert W.decode_error(payload) == ("builtins.ValueError", "m\udcff", "tb", b"PICKLE")
+    with pytest.raises(ProtocolError):
+        W.decode_error(payload[:6])
+
+
+@pytest.mark.parametrize("name", ["pickle", "json", "bytes"])
+def test_each_codec_round_trips_calls_and_values(name: str) -> None:
+    codec = W.serializer(name)
+    args: tuple[object, ...] = (b"x", "y") if name == "bytes" else (1, "two", [3])
+    kwargs = {} if name == "bytes" else {"k": "v"}
+    data, fds = codec.dumps_call(args, kwargs)
+    assert fds == []
+    got_args, got_kwargs = codec.loads_call(data, [])
+    assert list(got_args) == list(args)
+    assert got_kwargs == kwargs
+    value = b"v" if name == "bytes" else {"a": [1]}
+    assert codec.loads(codec.dumps(value)[0], []) == value
+
+
+def test_pickle_carries_sockets_as_descriptors_and_the_receiver_owns_them() -> None:
+    codec = W.serializer("pickle")
+    a, b = socket.socketpair()
+    with a, b:
+        data, fds = codec.dumps({"s": [a]})
+        assert len(fds) == 1
+        assert fds[0] != a.fileno()  # a duplicate: the sender may close its own
+        got = codec.loads(data, fds)
+        with got["s"][0] as s:
+            assert isinstance(s, socket.socket)
+            s.sendall(b"hi")
+            assert b.recv(2) == b"hi"
+
+
+def test_a_descriptor_reference_outside_a_message_fails() -> None:
+    import pickle
+
+    codec = W.serializer("pickle")
+    a, b = socket.socketpair()
+    with a, b:
+        data, fds = codec.dumps(a)
+        W.close_fds(fds)
+        with pytest.raises(pickle.UnpicklingError):
+            pickle.loads(data)
