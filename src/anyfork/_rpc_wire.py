@@ -17,6 +17,12 @@ little endian.  The whole protocol of a call is::
     worker -> caller  RESULT  id, serialized value
                    or ERROR   id, encoded exception       (exactly one)
     caller -> worker  CLOSE                               (no more calls)
+    worker -> caller  RETIRE  id of the last call it ran  (then it exits)
+
+RETIRE (``anyfork.pool.retire()`` in a handler that runs a call at a time):
+the worker answered every call up to and including ``id`` and ran none
+after it; the caller fails the calls still in flight as never run (a pool
+places them again) and takes no more.
 
 The worker's HELLO flags say whether it runs calls concurrently.  If not,
 the caller holds small calls back while one is running and sends them
@@ -63,12 +69,13 @@ HSIZE = HEADER.size
 MAX_FDS = 253  # the kernel's SCM_MAX_FD: descriptors in one sendmsg
 MAX_PAYLOAD = 0xFFFFFFFF
 
-HELLO, CALL, CLOSE, RESULT, ERROR, EVENT = 1, 2, 3, 4, 5, 6
+HELLO, CALL, CLOSE, RESULT, ERROR, EVENT, RETIRE = 1, 2, 3, 4, 5, 6, 7
 CONCURRENT = 1  # the worker's HELLO flag: an async handler, calls run at once
 #: What each end accepts from the other.
 FROM_CALLER = frozenset((HELLO, CALL, CLOSE))
-FROM_WORKER = frozenset((HELLO, RESULT, ERROR, EVENT))
-_NAMES = {HELLO: "HELLO", CALL: "CALL", CLOSE: "CLOSE", RESULT: "RESULT", ERROR: "ERROR", EVENT: "EVENT"}
+FROM_WORKER = frozenset((HELLO, RESULT, ERROR, EVENT, RETIRE))
+_NAMES = {HELLO: "HELLO", CALL: "CALL", CLOSE: "CLOSE", RESULT: "RESULT", ERROR: "ERROR", EVENT: "EVENT",
+          RETIRE: "RETIRE"}
 
 _U32 = struct.Struct("<I")
 _VER = struct.Struct("<H")

@@ -103,6 +103,22 @@ class _Conn:
 
 
 _conn: _Conn | None = None
+_retiring = False  # retire() was called: the worker stops after this call
+
+
+def retire() -> None:
+    """In a handler that runs a call at a time: finish this call, then exit.
+
+    The caller is told which calls were never run (RETIRE), so that a pool
+    sends them to another worker.
+    """
+    global _retiring
+    conn = _conn
+    if conn is None:
+        raise RuntimeError("retire() is for handlers running in an rpc worker")
+    if conn.async_loop is not None:
+        raise RuntimeError("retire() is for handlers that run a call at a time, not coroutines")
+    _retiring = True
 
 
 def event(*args: Any) -> None:
@@ -275,6 +291,10 @@ def _serve_sync(conn: _Conn, fn: Callable[..., Any], frames: list[W.Frame]) -> N
                 quick = perf_counter() - start < _QUICK
                 conn.call_id = 0
                 outbox.add(data, fds)
+                if _retiring:
+                    outbox.add(W.header(W.RETIRE, frame.id, 0))
+                    conn.flush()
+                    return
                 if outbox.size > _BATCH:
                     conn.flush()
             elif frame.kind == W.CLOSE:

@@ -62,22 +62,32 @@ if TYPE_CHECKING:
 __all__ = ("AsyncClient", "Client", "RemoteError", "RemoteTraceback", "event", "run", "run_async")
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
-# Evaluated in the process before it runs the worker: import the worker
-# without importing the whole library (as the serve loop itself does), unless
-# the process already has anyfork (a fork of a template that loaded it).
-_BOOT = f"""exec(compile('''
-import sys
-if 'anyfork._rpc_worker' not in sys.modules:
-    if 'anyfork' in sys.modules:
-        import anyfork._rpc_worker
-    else:
-        m = type(sys)('anyfork'); m.__path__ = [{_PKG_DIR!r}]
-        sys.modules['anyfork'] = m
-        try:
-            import anyfork._rpc_worker
-        finally:
-            del sys.modules['anyfork']
-''', '<anyfork.rpc>', 'exec'), {{}})"""
+def _boot(*names: str) -> str:
+    """Code for ``eval`` that imports ``names`` (modules of anyfork's that
+    import only the standard library) without the rest of the library, as
+    the serve loop itself is imported, unless the process has anyfork
+    already (a fork of a template that loaded it)."""
+    lines = [
+        "import sys",
+        f"for name in {names!r}:",
+        "    if name in sys.modules:",
+        "        continue",
+        "    if 'anyfork' in sys.modules:",
+        "        __import__(name)",
+        "        continue",
+        "    m = type(sys)('anyfork'); m.__path__ = [" + repr(_PKG_DIR) + "]",
+        "    sys.modules['anyfork'] = m",
+        "    try:",
+        "        __import__(name)",
+        "    finally:",
+        "        del sys.modules['anyfork']",
+    ]
+    code = "\n".join(lines) + "\n"
+    return f"exec(compile({code!r}, '<anyfork.rpc>', 'exec'), {{}})"
+
+
+_BOOT = _boot("anyfork._rpc_worker")
+
 _WORKER = "anyfork._rpc_worker:serve"
 _HEADER = W.HEADER.pack
 _HOLD_MAX = 1 << 16  # a call this small may wait for the batch (see _Core._begin)
@@ -98,6 +108,16 @@ class RemoteTraceback(Exception):  # noqa: N818 - named like concurrent.futures'
 
     def __str__(self) -> str:
         return self.tb
+
+
+class RetiredError(Error):
+    """The worker retired (``anyfork.pool.retire()``) before it ran this
+    call: nothing of it ran, so it may be sent to another worker."""
+
+    def __init__(self, pid: int, last: int) -> None:
+        super().__init__(f"worker process {pid} retired before it ran this call")
+        self.pid = pid
+        self.last = last
 
 
 class RemoteError(Error):
@@ -422,7 +442,7 @@ class _Core:
                     if call.future is not None:
                         self.unwaited -= 1
                     done.append((call, f))
-                elif kind == W.EVENT:
+                elif kind == W.EVENT or (kind == W.RETIRE and self.hello):
                     done.append((None, f))
                 elif not self.hello:
                     # The decoder checked its magic and version.
@@ -436,6 +456,8 @@ class _Core:
             if call is None:
                 if f.kind == W.EVENT:
                     self._event(f)
+                elif f.kind == W.RETIRE:
+                    self._fail(RetiredError(self.pid, f.id))
                 else:
                     self._fail(_exception(f.payload, codec))
                 continue
@@ -783,6 +805,12 @@ class Client:
         """The worker's Process: its pid, kill(), wait() and returncode."""
         return self._core.proc
 
+    @property
+    def broken(self) -> BaseException | None:
+        """Why the client takes no more calls (the worker died, could not
+        start, retired, or the client was closed), or None while it does."""
+        return self._core.error
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call the handler with these arguments and return its result."""
         return self.call(*args, **kwargs)
@@ -915,7 +943,7 @@ class AsyncClient:
 
 
 def _prepare(proc: Process, func: object, serializer: object, init: object,
-             max_in_flight: int) -> tuple[W._Codec, bytes]:
+             max_in_flight: int, *, boot: str | None = None) -> tuple[W._Codec, bytes]:
     codec = W.serializer(serializer)
     if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
         raise ValueError(f"max_in_flight must be a positive int, not {max_in_flight!r}")
@@ -927,7 +955,7 @@ def _prepare(proc: Process, func: object, serializer: object, init: object,
             config += pickle.dumps(serializer, pickle.HIGHEST_PROTOCOL)
         except Exception as e:
             raise TypeError(f"a custom serializer must pickle (it is sent to the worker): {e}") from e
-    proc.eval(_BOOT)
+    proc.eval(_BOOT if boot is None else boot)
     return codec, W.hello(config)
 
 
@@ -952,7 +980,14 @@ def run(proc: Process, func: str | Callable[..., Any], *, serializer: str | obje
         The client.  Set-up errors in the worker (a handler that can't be
         found, an init that raises) fail its calls.
     """
-    codec, hello = _prepare(proc, func, serializer, init, max_in_flight)
+    return _run(proc, func, serializer, init, on_event, max_in_flight)
+
+
+def _run(proc: Process, func: object, serializer: object, init: object,  # noqa: PLR0917 - private
+         on_event: Callable[..., Any] | None, max_in_flight: int, boot: str | None = None) -> Client:
+    """``run``, for anyfork's own callers too (the pool boots its worker
+    module with the rpc worker's: ``boot``)."""
+    codec, hello = _prepare(proc, func, serializer, init, max_in_flight, boot=boot)
     sock = proc.run(_WORKER)
     core = _Core(proc, sock, codec, max_in_flight, on_event)
     with core.lock:

@@ -1,0 +1,61 @@
+"""What a pool's worker runs before its first call, and the Executor's handler.
+
+``init`` is the rpc ``init`` of every pool worker.  It gets the items
+``run()`` would pass: the template's own (for the user's ``init``), then
+the pool's three: the user's ``init`` name, how to find the caller's main
+module, and the write end of a pipe for stack dumps.
+
+- The worker makes a process group of its own, so that stopping a stuck
+  call (the pool's ``timeout``) kills what the call started too.
+- faulthandler dumps every thread's Python stack to the pipe on SIGUSR1,
+  which the pool sends just before the kill, so the error says where the
+  call was stuck.
+- The caller's main module is made resolvable (``_mainmod``), so functions
+  defined in the user's script unpickle here.
+
+Standard library only (and ``_rpc_worker`` for name lookup): rpc loads it
+without the rest of anyfork.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+DUMP_SIGNAL = signal.SIGUSR1
+
+
+def init(*items: Any) -> None:
+    *user_items, user_init, main, dump = items
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass  # a session leader already (a template forked from a program)
+    import faulthandler
+
+    faulthandler.register(DUMP_SIGNAL, file=dump, all_threads=True, chain=False)
+    global _dump
+    _dump = dump  # faulthandler needs it open for as long as the process lives
+    if main:
+        from . import _mainmod
+
+        kind, _, value = main.partition(":")
+        _mainmod.load(kind, value)
+    if user_init:
+        from ._rpc_worker import resolve
+
+        resolve(user_init)(*user_items)
+
+
+_dump: Any = None
+
+
+def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """The Executor's handler: the task is the function and its arguments."""
+    return fn(*args, **kwargs)
+
+
+def initialize(initializer: Any, *initargs: Any) -> None:
+    """An Executor's ``initializer(*initargs)``, sent as the first call."""
+    initializer(*initargs)
