@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 import anyfork
-from anyfork import _process
+from anyfork import _runtime
 from helpers import open_fds, zombie_children
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ def default_template() -> None:
 
 
 def _default_template_fds() -> set[int]:
-    tpl = _process._default
+    tpl = _runtime.runtime.default
     if tpl is None:
         return set()
     fds = set()
@@ -56,7 +56,7 @@ def _leaks(before: dict[int, str]) -> tuple[dict[int, str], list[int]]:
     # Processes the test dropped are collected, and children that exited are
     # reaped, by the next call into anyfork: make that call.
     gc.collect()
-    _process._reap_directs()
+    _runtime.runtime.reap_directs()
     now = open_fds()
     allowed = _default_template_fds()
     leaked = {fd: target for fd, target in now.items()

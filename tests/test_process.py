@@ -722,11 +722,66 @@ def _reply(proc: anyfork.Process) -> bytes:
         return sock.recv(1000)
 
 
-def test_a_template_forked_from_twice_keeps_processes_forked_ahead_of_the_same_state() -> None:
+AHEAD = 2
+
+
+def test_a_template_forks_ahead_only_when_told_to() -> None:
     tpl = anyfork.new_exec().eval("x = 1\n" + STATE)
     try:
-        first = [tpl.fork(), tpl.fork()]  # forked from twice, unchanged: a pool template
-        assert _until(lambda: len(_children_of(tpl.pid)) >= len(first) + _process._USER_AHEAD)
+        first = [tpl.fork() for _ in range(3)]  # forked from three times, unchanged
+        for p in first:
+            assert p.pid in _children_of(tpl.pid)
+        # Once every fork is reported, nothing else is running under it; a
+        # fork ahead, had there been one, would be by now (its SPAWN went
+        # with the FORK before it).
+        assert _children_of(tpl.pid) == {p.pid for p in first}
+        tpl.fork_ahead(AHEAD)
+        assert _until(lambda: len(_children_of(tpl.pid)) == len(first) + AHEAD)
+        for p in first:
+            p.close()
+    finally:
+        tpl.close()
+
+
+def test_fork_ahead_checks_its_argument_and_its_process() -> None:
+    tpl = anyfork.new_exec()
+    try:
+        with pytest.raises(TypeError):
+            tpl.fork_ahead("2")  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            tpl.fork_ahead(True)
+        with pytest.raises(ValueError, match="0 to 64"):
+            tpl.fork_ahead(-1)
+        with pytest.raises(ValueError, match="0 to 64"):
+            tpl.fork_ahead(65)
+        assert tpl.fork_ahead(0) is tpl
+    finally:
+        tpl.close()
+    with pytest.raises(anyfork.ProcessStateError):
+        tpl.fork_ahead(1)
+
+
+def test_fork_ahead_zero_lets_those_waiting_go() -> None:
+    tpl = anyfork.new_exec().eval("x = 1\n" + STATE)
+    try:
+        tpl.fork_ahead(AHEAD)
+        assert _until(lambda: len(_children_of(tpl.pid)) == AHEAD)
+        ahead = _children_of(tpl.pid)
+        tpl.fork_ahead(0)
+        fresh = tpl.fork()
+        assert fresh.pid not in ahead
+        # (returncode reads the reports that carry those forked ahead.)
+        assert _until(lambda: fresh.returncode is None and _children_of(tpl.pid) == {fresh.pid})
+        fresh.close()
+    finally:
+        tpl.close()
+
+
+def test_a_template_told_to_fork_ahead_hands_out_processes_of_the_same_state() -> None:
+    tpl = anyfork.new_exec().eval("x = 1\n" + STATE)
+    try:
+        first = [tpl.fork_ahead(AHEAD).fork(), tpl.fork()]
+        assert _until(lambda: len(_children_of(tpl.pid)) >= len(first) + AHEAD)
         ahead = _children_of(tpl.pid) - {p.pid for p in first}
         third = tpl.fork()
         assert third.pid in ahead  # handed out, not forked on request
@@ -743,8 +798,8 @@ def test_changing_a_template_lets_its_processes_forked_ahead_go(change: str) -> 
     tpl = anyfork.new_exec().eval("x = 1\n" + STATE)
     a, b = socket.socketpair()
     try:
-        first = [tpl.fork(), tpl.fork()]
-        assert _until(lambda: len(_children_of(tpl.pid)) >= len(first) + _process._USER_AHEAD)
+        first = [tpl.fork_ahead(AHEAD).fork(), tpl.fork()]
+        assert _until(lambda: len(_children_of(tpl.pid)) >= len(first) + AHEAD)
         ahead = _children_of(tpl.pid) - {p.pid for p in first}
         if change == "eval":
             tpl.eval("x = 2")
@@ -756,8 +811,13 @@ def test_changing_a_template_lets_its_processes_forked_ahead_go(change: str) -> 
             tpl.send_fh(a)
         after = tpl.fork()
         assert after.pid not in ahead
-        # Those forked ahead had the old state: they exit rather than be handed out.
+        # Those forked ahead had the old state: they exit rather than be handed
+        # out, and the template forks ahead again, from the new state.
         assert _until(lambda: not (ahead & _children_of(tpl.pid)))
+        assert _until(lambda: len(_children_of(tpl.pid)) == len(first) + 1 + AHEAD)
+        again = tpl.fork()
+        assert again.pid in _children_of(tpl.pid) - ahead - {p.pid for p in first} - {after.pid}
+        again.close()
         x, items = eval(_reply(after))
         assert x == (2 if change == "eval" else 1)
         assert items == {"send_arg": ("new",), "send_fh": ("socket",)}.get(change, ())

@@ -329,7 +329,7 @@ def test_inherited_process_in_a_forked_child_refuses_and_signals_nothing() -> No
 # Defect d06: a default template's spares outlived it, and its descriptors piled up.
 _POOL_COMMON = """
 import anyfork, gc, helpers, json, os, signal, time
-from anyfork import _process
+from anyfork import _process, _runtime
 
 def fill_pool(tpl):
     deadline = time.monotonic() + 5
@@ -355,18 +355,18 @@ anyfork.new().close()
 _POOL_REPLACED = _POOL_COMMON + """
 spares = []
 for _ in range(5):
-    tpl = _process._default
+    tpl = _runtime.runtime.default
     spares += fill_pool(tpl)
     os.kill(tpl.pid, signal.SIGKILL)
     helpers.wait_exited(tpl.pid, 5)
     del tpl
     anyfork.new().close()  # replaces the template
-fill_pool(_process._default)
+fill_pool(_runtime.runtime.default)
 deadline = time.monotonic() + 3
 while True:
     gc.collect()
-    _process._reap_directs()
-    allowed = template_fds(_process._default)
+    _runtime.runtime.reap_directs()
+    allowed = template_fds(_runtime.runtime.default)
     leaked = {fd: t for fd, t in helpers.open_fds().items() if fd not in allowed and before.get(fd) != t}
     if not leaked or time.monotonic() > deadline:
         break
@@ -375,15 +375,15 @@ print(json.dumps({"spares": len(spares), "alive": still_alive(spares), "leaked":
 """
 
 _POOL_CLOSED = _POOL_COMMON + """
-tpl = _process._default
+tpl = _runtime.runtime.default
 spares = fill_pool(tpl)
 tpl.close()
 print(json.dumps({"spares": len(spares), "alive": still_alive(spares), "leaked": {}}))
 """
 
 _POOL_DROPPED = _POOL_COMMON + """
-spares = fill_pool(_process._default)
-_process._default = None
+spares = fill_pool(_runtime.runtime.default)
+_runtime.runtime.default = None
 gc.collect()
 print(json.dumps({"spares": len(spares), "alive": still_alive(spares), "leaked": {}}))
 """
@@ -464,7 +464,7 @@ def test_close_makes_a_template_blocked_writing_reports_exit() -> None:
 # check, is held until another thread has dispatched its exit status.
 _LOST_WAKEUP = """
 import anyfork, json, os, sys, threading, time
-from anyfork import _process
+from anyfork import _process, _runtime
 tpl = anyfork.new_exec().eval("def slow(s):\\n    s.recv(1)\\ndef quick(s):\\n    pass\\n")
 a = tpl.fork()
 sa = a.run("slow")  # runs until it gets a byte
@@ -720,9 +720,9 @@ def test_fork_template_and_its_unrun_child_die_of_kill_despite_a_sigterm_handler
 # Defect r2-ctrunc: out of descriptors as a SPARE arrived ended the default template's report channel.
 _SPARE_WHILE_OUT_OF_FDS = """
 import anyfork, helpers, json, os, resource, select, time
-from anyfork import _process
+from anyfork import _process, _runtime
 anyfork.new().close()
-tpl = _process._default
+tpl = _runtime.runtime.default
 deadline = time.monotonic() + 5
 while len(tpl._reports.pool) < _process._POOL and time.monotonic() < deadline:
     tpl._reports.pump(0.1)
@@ -799,9 +799,9 @@ def test_closing_the_early_template_lets_go_of_processes_forked_ahead_on_their_w
 # Defect r2-pool-shrink: forked-ahead processes that died were never replaced; the pool stayed empty.
 _POOL_AFTER_SPARES_KILLED = """
 import anyfork, helpers, json, os, signal, time
-from anyfork import _process
+from anyfork import _process, _runtime
 anyfork.new().close()
-tpl = _process._default
+tpl = _runtime.runtime.default
 
 def fill_pool():
     deadline = time.monotonic() + 5

@@ -14,7 +14,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from . import _protocol as P
-from ._process import _close_sock
+from ._fds import close_sock
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -103,7 +103,7 @@ def _unregister(loop: asyncio.AbstractEventLoop, reports: _Reports, entry: tuple
     if not left:
         loop.remove_reader(fd)  # before the close below, never after
     if closing is not None:
-        _close_sock(closing)
+        close_sock(closing)
 
 
 def _watch_exit(loop: asyncio.AbstractEventLoop, proc: Process) -> None:

@@ -12,11 +12,11 @@ Every descriptor the library holds has one owner that closes it:
   (then that Process owns it);
 - a ``_Direct`` owns the pidfd of a process the caller spawned itself.
 
-All of them are listed in ``_owned`` so that a process forked from the
+All of them are listed in ``_fds`` so that a process forked from the
 caller (by the user's own ``os.fork``, by multiprocessing, or by
 ``fork_template``) closes its inherited copies at once: a stray copy of a
 command socket would keep a template from ever seeing EOF.  The forked copy's
-objects are dead from then on (``_generation`` moved), and they never close
+objects are dead from then on (``runtime.generation`` moved), and they never close
 a descriptor number that may by now be someone else's.
 
 Locks: one per Process (its queue and socket), one per report channel (a
@@ -26,7 +26,6 @@ and ``_lock`` for the module's globals.  Lock order: Process, then channel.
 
 from __future__ import annotations
 
-import atexit
 import os
 import re
 import signal
@@ -37,7 +36,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from . import _exec
+from . import _exec, _fds
 from . import _protocol as P
 from ._errors import (
     Error,
@@ -48,6 +47,7 @@ from ._errors import (
     TemplateDiedError,
     TimeoutExpired,
 )
+from ._runtime import runtime
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -72,93 +72,6 @@ elif not hasattr(os, "fork") or not hasattr(os, "posix_spawn"):  # pragma: no co
     _UNSUPPORTED = "this platform lacks fork() or posix_spawn()"
 else:
     _UNSUPPORTED = None
-
-# --- ownership and fork safety ----------------------------------------------------
-
-_lock = threading.Lock()
-_generation = 0
-_owned: dict[int, socket.socket | None] = {}
-_fd_holders: weakref.WeakSet[Process] = weakref.WeakSet()  # outboxes holding send_fh duplicates
-
-
-def _own(obj: socket.socket | int) -> None:
-    if isinstance(obj, int):
-        _owned[obj] = None
-    else:
-        _owned[obj.fileno()] = obj
-
-
-def _disown(obj: socket.socket | int) -> None:
-    _owned.pop(obj if isinstance(obj, int) else obj.fileno(), None)
-
-
-def _plain(*socks: socket.socket) -> None:
-    """Make sockets blocking, with no timeout, whatever socket.setdefaulttimeout()
-    said: the ends a process serves, and the caller's, which run() returns
-    blocking and on which anyfork's own writes must not time out."""
-    for sock in socks:
-        if sock.gettimeout() is not None:  # else it is, and its descriptor too
-            sock.setblocking(True)
-
-
-def _close_sock(sock: socket.socket | None) -> None:
-    if sock is not None and sock.fileno() >= 0:
-        _disown(sock)
-        sock.close()
-
-
-def _after_fork_in_child() -> None:
-    """In any process forked from the caller: let go of everything inherited."""
-    global _generation, _lock, _default, _early
-    _generation += 1
-    _lock = threading.Lock()
-    for d in _directs.values():
-        d.pidfd = -1  # closed below with the rest; the number may be reused
-    for fd, sock in list(_owned.items()):
-        if sock is not None:
-            sock.detach()  # its finalizer must not close a reused number later
-        P.close_fd(fd)
-    _owned.clear()
-    for proc in list(_fd_holders):
-        proc._out.close()  # the send_fh duplicates it had not sent yet
-    _fd_holders.clear()
-    _directs.clear()
-    _default = None
-    _early = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-_shut_down = False
-
-
-def _close_all_at_exit() -> None:
-    """At interpreter exit, close what anyfork still holds.
-
-    Templates and unrun processes see EOF and exit now, rather than whenever
-    module teardown gets to the objects (if it does: finalizers may not run
-    at all then, and a socket left to one warns as unclosed).  Objects made
-    before are dead from here on, like those a fork inherits: an atexit
-    handler of the program's that runs later gets ProcessStateError from
-    them, never a descriptor number that may be reused.
-    """
-    global _generation, _shut_down
-    _generation += 1
-    _shut_down = True
-    for d in list(_directs.values()):
-        d.pidfd = -1  # closed below with the rest
-    for fd, sock in list(_owned.items()):
-        if sock is not None:
-            sock.close()
-        else:
-            P.close_fd(fd)
-    _owned.clear()
-
-
-atexit.register(_close_all_at_exit)
-
 
 def _poll(fds: list[tuple[int, int]], timeout: float | None) -> list[int]:
     """The descriptors among ``fds`` ((fd, poll events) pairs) that are ready.
@@ -196,7 +109,7 @@ class _Direct:
         if hasattr(os, "pidfd_open"):
             try:
                 self.pidfd = os.pidfd_open(pid)
-                _own(self.pidfd)
+                _fds.own(self.pidfd)
             except OSError:
                 self.pidfd = -1
 
@@ -210,13 +123,13 @@ class _Direct:
             self.returncode = returncode
         fd, self.pidfd = self.pidfd, -1
         if fd >= 0:
-            _disown(fd)
+            _fds.disown(fd)
             loop, self.loop = self.loop, None
             if loop is None:
                 P.close_fd(fd)
             else:
                 _unwatch(loop, fd)
-        _directs.pop(self.pid, None)
+        runtime.directs.pop(self.pid, None)
 
     def poll(self) -> bool:
         """Reap it if it has exited; True once done.  Never blocks.
@@ -319,15 +232,6 @@ def _unwatch(loop: Any, fd: int) -> None:
         P.close_fd(fd)
 
 
-_directs: dict[int, _Direct] = {}
-
-
-def _reap_directs() -> None:
-    """Reap exited direct children, including ones whose Process was dropped."""
-    for d in list(_directs.values()):
-        d.poll()
-
-
 # --- report channels ------------------------------------------------------------------
 
 
@@ -367,7 +271,7 @@ class _Reports:
         self.version = 0
         self.spawning: dict[int, int] = {}
         self.pool_closed = False  # the template was closed or run: no more pool
-        _own(sock)
+        _fds.own(sock)
 
     def fileno(self) -> int:
         sock = self.sock
@@ -475,14 +379,14 @@ class _Reports:
             except OSError as e:
                 P.close_fd(fd)
                 raise P.ProtocolError(f"a SPARE report carried no socket ({e})") from e
-            _plain(sock)
-            _own(sock)
+            _fds.plain(sock)
+            _fds.own(sock)
             with self.cond:
                 current = self.spawning.pop(seq, None) == self.version and not self.pool_closed
                 if current:
                     self.pool[seq] = (value, sock)
             if not current:
-                _close_sock(sock)  # forked from a state the template no longer has, or closed
+                _fds.close_sock(sock)  # forked from a state the template no longer has, or closed
             return
         if frame.kind == P.LOST:
             with self.cond:
@@ -504,7 +408,7 @@ class _Reports:
             pooled = self.pool.pop(seq, None)
             ref = self.children.pop(seq, None)
         if pooled is not None:
-            _close_sock(pooled[1])  # a process forked ahead died waiting: never hand it out
+            _fds.close_sock(pooled[1])  # a process forked ahead died waiting: never hand it out
         child = ref() if ref is not None else None
         if child is not None:
             child._returncode = value
@@ -546,7 +450,7 @@ class _Reports:
         if sock is None:
             self._wake_async()
         else:
-            _close_sock(sock)
+            _fds.close_sock(sock)
 
     def _drop_pool(self, final: bool = False) -> None:
         """Let go of the processes forked ahead: they see EOF and exit.
@@ -559,7 +463,7 @@ class _Reports:
             if final:
                 self.pool_closed = True
         for _, sock in pool.values():
-            _close_sock(sock)
+            _fds.close_sock(sock)
 
     def close(self) -> None:
         """Stop listening: no more reports will be read (a reader finishes first)."""
@@ -670,7 +574,6 @@ class Process:
         "_ahead",
         "_direct",
         "_failed",
-        "_forks_unchanged",
         "_gen",
         "_lock",
         "_lost",
@@ -695,9 +598,9 @@ class Process:
     ) -> None:
         if token is not _TOKEN:
             raise TypeError("Process objects come from anyfork.new(), new_exec() and Process.fork()")
-        self._gen = _generation
+        self._gen = runtime.generation
         self._sock: socket.socket | None = sock
-        _own(sock)
+        _fds.own(sock)
         self._out = P.Outbox()
         self._lock = threading.RLock()
         self._spent: str | None = None
@@ -710,7 +613,6 @@ class Process:
         self._lost = False  # its template says someone else collected its status
         self._reports: _Reports | None = None
         self._ahead = 0  # how many processes to keep forked ahead (see fork)
-        self._forks_unchanged = 0  # forks since the state last changed
 
     def __repr__(self) -> str:
         state = self._spent or "preparing"
@@ -731,12 +633,8 @@ class Process:
         descriptors behind this object are closed and their numbers may be
         someone else's: nothing may be done with them.
         """
-        if self._gen != _generation:
-            raise ProcessStateError(
-                f"{self._describe()} belongs to the process this one was forked from"
-                if _generation > 0 and not _shut_down
-                else f"{self._describe()}: anyfork has shut down (interpreter exit)")
-        _reap_directs()
+        runtime.check(self._gen, self._describe())
+        runtime.reap_directs()
 
     def _usable(self) -> socket.socket:
         self._mine()
@@ -804,10 +702,14 @@ class Process:
         if rfd in _poll(fds, None):
             reports.pump(0)
 
+    def drop_inherited(self) -> None:
+        """In a forked child: close the send_fh duplicates still queued."""
+        self._out.close()
+
     def _close(self) -> None:
         sock, self._sock = self._sock, None
         self._out.close()
-        _close_sock(sock)
+        _fds.close_sock(sock)
 
     # --- preparing ----------------------------------------------------------
 
@@ -886,7 +788,7 @@ class Process:
             except Error:
                 P.close_fds(dups)
                 raise
-            _fd_holders.add(self)
+            _fds.hold(self)
             for i in range(0, len(dups), P.MAX_FDS):
                 chunk = dups[i : i + P.MAX_FDS]
                 self._queue_state(P.fh_frame(len(chunk)), chunk)
@@ -901,10 +803,8 @@ class Process:
         of each process forked from it.  What is queued on this process is
         written now; what is queued later goes only where it is queued.
 
-        A template forked from repeatedly without changing in between keeps a
-        couple of processes forked ahead (see ``_queue_state``), so ``fork``
-        may hand out one that was forked a moment before it was asked for,
-        from exactly the same state.
+        A template told to (``fork_ahead``) hands out a process it forked a
+        moment before it was asked for, from exactly the same state.
 
         Raises:
             ProcessStateError: this process was already run or closed.
@@ -921,9 +821,6 @@ class Process:
                     child = reports.take(self)
             if child is None:
                 child = self._fork_now()
-            self._forks_unchanged += 1
-            if not self._ahead and self._forks_unchanged >= 2 and self is not _default:
-                self._ahead = _USER_AHEAD  # it is being used as a pool: fork ahead
             try:
                 self._spawn_ahead()
             except Error:
@@ -934,13 +831,55 @@ class Process:
         reports.pump(0)  # keep the channel from filling up
         return child
 
+    def fork_ahead(self, n: int) -> Self:
+        """Keep ``n`` processes forked ahead, ready for ``fork`` to hand out.
+
+        From now on each ``fork`` hands out the oldest process forked ahead
+        (already running and connected, so the call waits neither for a fork
+        nor for the template) and asks the template for a replacement.  A
+        change of state (``require``, ``eval``, ``send_*``) lets go of those
+        forked from the old state; the next ``fork`` forks ahead again.  The
+        first ones are asked for now.  ``fork_ahead(0)`` stops it and lets
+        go of those waiting.  A template forks ahead only when told to; the
+        default template behind ``new()`` keeps a few.
+
+        Each idle process forked ahead costs about a megabyte of memory.
+
+        Args:
+            n: how many to keep (0 to 64).
+
+        Returns:
+            This process, now a template.
+
+        Raises:
+            TypeError, ValueError: ``n`` is not an int from 0 to 64.
+            ProcessStateError: this process was already run or closed.
+            TemplateDiedError: this process is gone.
+        """
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"fork_ahead() takes an int, not {type(n).__name__}")
+        if not 0 <= n <= _MAX_AHEAD:
+            raise ValueError(f"fork_ahead() keeps 0 to {_MAX_AHEAD} processes, not {n}")
+        with self._lock:
+            self._usable()
+            self._ahead = n
+            reports = self._reports
+            if n == 0:
+                if reports is not None:
+                    with reports.cond:
+                        reports.spawning.clear()  # those still coming are let go on arrival
+                    reports._drop_pool()
+                return self
+            self._spawn_ahead()
+        return self
+
     def _fork_now(self) -> Process:
         """FORK: the caller makes the socketpair; the template forks now."""
         try:
             mine, theirs = socket.socketpair()
         except OSError as e:
             raise Error(f"fork(): no socketpair for the new process: {e}") from e
-        _plain(mine, theirs)
+        _fds.plain(mine, theirs)
         fds = [theirs.detach()]
         try:
             reports, new_reports = self._report_channel(fds)
@@ -966,20 +905,16 @@ class Process:
     def _queue_state(self, parts: list[P.Buffer], fds: list[int] | tuple[int, ...] = ()) -> None:
         """Queue a command that changes the state a fork copies (caller holds _lock).
 
-        Processes forked ahead have the old state: they are let go, and a user
-        template stops forking ahead until it is forked from twice more
-        without a change in between.
+        Processes forked ahead have the old state: they are let go, and the
+        next ``fork`` forks their replacements from the new one.
         """
         self._out.put(parts, fds)
-        self._forks_unchanged = 0
         reports = self._reports
         if reports is not None:
             reports.version += 1
             with reports.cond:
                 reports.spawning.clear()  # those still coming are stale: dropped on arrival
             reports._drop_pool()
-            if self is not _default:
-                self._ahead = 0
 
     def _report_channel(self, fds: list[int]) -> tuple[_Reports, bool]:
         """This template's report channel, made now (its end added to ``fds``
@@ -991,7 +926,7 @@ class Process:
             rmine, rtheirs = socket.socketpair()
         except OSError as e:
             raise Error(f"no socketpair for the report channel: {e}") from e
-        _plain(rmine, rtheirs)  # reads here are non-blocking by flag: a timeout would wait first
+        _fds.plain(rmine, rtheirs)  # reads here are non-blocking by flag: a timeout would wait first
         fds.append(rtheirs.detach())
         reports = self._reports = _Reports(rmine)
         return reports, True
@@ -1028,7 +963,7 @@ class Process:
     def _finish_run(self, sock: socket.socket) -> None:
         self._spent = "run"
         self._sock = None
-        _disown(sock)
+        _fds.disown(sock)
         if self._reports is not None:
             self._reports.handed_over = True
             self._reports._drop_pool(final=True)  # no fork() will hand them out now
@@ -1228,9 +1163,9 @@ class Process:
 
         Descriptors queued with send_fh are closed.  Idempotent.
         """
-        if self._gen != _generation:
+        if self._gen != runtime.generation:
             return
-        _reap_directs()
+        runtime.reap_directs()
         with self._lock:
             if self._spent is None:
                 self._spent = "closed"
@@ -1255,9 +1190,10 @@ class Process:
         self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "_gen", None) != _generation:
-            return
         try:
+            # At interpreter teardown the module's globals may be None already.
+            if getattr(self, "_gen", None) != runtime.generation:
+                return
             self._close()
             if self._reports is not None:
                 self._reports.close()
@@ -1267,17 +1203,10 @@ class Process:
 
 # --- constructors -----------------------------------------------------------------------
 
-_default: Process | None = None
-_default_path: list[str] = []
-_default_site: list[str] = []  # site directories the default template processed
-_early: Process | None = None  # set by anyfork.early
-_early_site: list[str] = []  # site directories the program had processed when early forked
 # How many processes the default template keeps forked ahead and connected,
 # ready for new().  Each idle one costs about a megabyte of private memory.
 _POOL = 3
-# How many a template of the user's keeps forked ahead, once it is forked from
-# twice without changing in between (it is being used as a pool template).
-_USER_AHEAD = 2
+_MAX_AHEAD = 64  # fork_ahead's limit: past that it is a pool's job, not a template's
 
 
 def _check_supported() -> None:
@@ -1299,16 +1228,17 @@ def new_exec() -> Process:
         anyfork.Error: no interpreter to start, or the spawn failed.
     """
     _check_supported()
-    _reap_directs()
-    if _early is not None and _template_alive(_early):
-        proc = _early.fork()
-        _send_path(proc, _early_site)  # the early process has sys.path as of its fork
+    runtime.reap_directs()
+    early = runtime.early
+    if early is not None and _template_alive(early):
+        proc = early.fork()
+        _send_path(proc, runtime.early_site)  # the early process has sys.path as of its fork
         return proc
     try:
         mine, theirs = socket.socketpair()
     except OSError as e:
         raise Error(f"new_exec(): no socketpair for the new process: {e}") from e
-    _plain(mine, theirs)
+    _fds.plain(mine, theirs)
     try:
         pid = _exec.spawn(theirs.fileno(), sys.path)
     except BaseException:
@@ -1316,11 +1246,17 @@ def new_exec() -> Process:
         raise
     finally:
         theirs.close()
-    direct = _Direct(pid)
-    _directs[pid] = direct
-    proc = Process(_TOKEN, mine, direct=direct)
+    proc = adopt(mine, pid)
     _send_path(proc, [])
     return proc
+
+
+def adopt(sock: socket.socket, pid: int) -> Process:
+    """The Process for a child the caller started itself (and must reap),
+    serving commands on the other end of ``sock``."""
+    direct = _Direct(pid)
+    runtime.directs[pid] = direct
+    return Process(_TOKEN, sock, direct=direct)
 
 
 def _send_path(proc: Process, known_site: list[str]) -> list[str]:
@@ -1346,30 +1282,27 @@ def _template_alive(tpl: Process) -> bool:
 
 
 def _default_template() -> Process:
-    global _default, _default_path, _default_site
-    tpl = _default
+    rt = runtime
+    tpl = rt.default
     if tpl is not None and _template_alive(tpl):
         return tpl
-    with _lock:
-        tpl = _default
+    with rt.lock:
+        tpl = rt.default
         if tpl is not None and _template_alive(tpl):
             return tpl
         if tpl is not None:
             tpl.close()
-        if _early is not None and _template_alive(_early):
-            tpl = _early
+        early = rt.early
+        if early is not None and _template_alive(early):
+            tpl = early
             with tpl._lock:  # it has sys.path as of its fork; bring it up to date
-                _default_site = _early_site[:] = _send_path(tpl, _early_site)
-                tpl._ahead = _POOL
-                tpl._spawn_ahead()
+                rt.default_site = rt.early_site[:] = _send_path(tpl, rt.early_site)
         else:
             tpl = new_exec()  # it queues PATH and SITE
-            _default_site = _exec.site_plan(sys.path)[1]
-            with tpl._lock:
-                tpl._ahead = _POOL
-                tpl._spawn_ahead()
-        _default_path = list(sys.path)
-        _default = tpl
+            rt.default_site = _exec.site_plan(sys.path)[1]
+        tpl.fork_ahead(_POOL)
+        rt.default_path = list(sys.path)
+        rt.default = tpl
         return tpl
 
 
@@ -1395,7 +1328,7 @@ def new() -> Process:
             if attempt == 2:
                 raise
             continue
-        if sys.path != _default_path:
-            _send_path(proc, _default_site)
+        if sys.path != runtime.default_path:
+            _send_path(proc, runtime.default_site)
         return proc
     raise AssertionError("unreachable")  # pragma: no cover
