@@ -284,3 +284,12 @@ def wait_exited(pid: int, timeout: float = TIMEOUT) -> bool:
         return bool(ready)
     finally:
         os.close(fd)
+
+
+def pump(tpl: object, seconds: float) -> None:
+    """Read a template's reports for up to ``seconds`` (fills its pool of
+    processes forked ahead, dispatches exits), as any call into anyfork would."""
+    from anyfork._backend import deadline_after, run_blocking
+
+    channel = tpl._tpl.reports  # type: ignore[attr-defined]
+    run_blocking(channel.until_op(lambda: False, deadline_after(seconds)))

@@ -250,8 +250,12 @@ def test_send_fh_rejects_bad_handles_and_queues_nothing(tmp_path: Path) -> None:
             p.send_fh(w, closed)
         with pytest.raises(ValueError):
             p.send_fh(w, -1)
-        with pytest.raises(OSError):
-            p.send_fh(w, 1_000_000)  # not open
+        # Not open, and not a descriptor number at all: ValueError at the call
+        # (it was a bare OSError, and OverflowError, before).
+        with pytest.raises(ValueError, match="not an open descriptor"):
+            p.send_fh(w, 1_000_000)
+        with pytest.raises(ValueError, match="not a descriptor number"):
+            p.send_fh(w, 2**31)
     finally:
         os.close(w)
     try:

@@ -9,7 +9,6 @@ caller prints one JSON line of facts and the test checks them.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import os
 import select
@@ -21,7 +20,6 @@ import sys
 import tempfile
 import textwrap
 import time
-import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +28,9 @@ import pytest
 import anyfork
 from anyfork import _process
 from anyfork import _protocol as wire
+from anyfork._backend import deadline_after, run_blocking
+from anyfork._caller import TemplateState
+from anyfork._reports import ReportChannel
 from helpers import read_all, wait_exited, zombie_children
 
 if TYPE_CHECKING:
@@ -259,7 +260,7 @@ p = anyfork.new_exec().eval("import time\\ndef f(s):\\n    time.sleep(60)\\n")
 s = p.run("f")
 tpl = anyfork.new_exec()
 c = tpl.fork()  # its pid not read yet
-stale = p._direct.pidfd
+stale = p._child.pidfd.fd
 r, w = os.pipe()
 pid = os.fork()
 if pid == 0:
@@ -333,13 +334,12 @@ from anyfork import _process, _runtime
 
 def fill_pool(tpl):
     deadline = time.monotonic() + 5
-    while len(tpl._reports.pool) < _process._POOL and time.monotonic() < deadline:
-        tpl._reports.pump(0.1)
-    return [pid for pid, _ in tpl._reports.pool.values()]
+    while len(tpl._tpl.state.pool) < _process._POOL and time.monotonic() < deadline:
+        helpers.pump(tpl, 0.1)
+    return [child.pid for child, _ in tpl._tpl.state.pool.values()]
 
 def template_fds(tpl):
-    fds = {tpl._sock.fileno(), tpl._direct.pidfd, tpl._reports.fileno()}
-    return fds | {sock.fileno() for _, sock in tpl._reports.pool.values()}
+    return tpl._descriptors()
 
 def still_alive(pids):
     deadline = time.monotonic() + 3
@@ -460,36 +460,36 @@ def test_close_makes_a_template_blocked_writing_reports_exit() -> None:
 
 
 # Defect d03: a waiter whose status another thread dispatched blocked as the next reader.
-# The seam: _Reports.pump is wrapped so that thread Y, past wait_until's done()
-# check, is held until another thread has dispatched its exit status.
+# The seam: ReportChannel.read_now is wrapped so that thread Y, past until_op's
+# done() check, is held until another thread has dispatched its exit status.
 _LOST_WAKEUP = """
 import anyfork, json, os, sys, threading, time
-from anyfork import _process, _runtime
+from anyfork import _reports
 tpl = anyfork.new_exec().eval("def slow(s):\\n    s.recv(1)\\ndef quick(s):\\n    pass\\n")
 a = tpl.fork()
 sa = a.run("slow")  # runs until it gets a byte
 b = tpl.fork()
-reports = tpl._reports
-real_pump = _process._Reports.pump
+reports = tpl._tpl.reports
+real_read = _reports.ReportChannel.read_now
 hook = {"hit": False}
-def pump(self, *args, **kwargs):
+def read_now(self):
     if threading.current_thread().name == "Y" and not hook["hit"]:
         hook["hit"] = True
         deadline = time.monotonic() + 5
-        while b._returncode is None and time.monotonic() < deadline:
+        while b._child.returncode is None and time.monotonic() < deadline:
             time.sleep(0.01)
-    return real_pump(self, *args, **kwargs)
-_process._Reports.pump = pump
+    return real_read(self)
+_reports.ReportChannel.read_now = read_now
 x = threading.Thread(target=a.wait, name="X", daemon=True)
 x.start()
 deadline = time.monotonic() + 5
-while not reports.reading and time.monotonic() < deadline:
-    time.sleep(0.01)  # until X is the reader
+while reports.shared._waiters == 0 and time.monotonic() < deadline:
+    time.sleep(0.01)  # until X waits on the channel
 y = threading.Thread(target=b.wait, name="Y", daemon=True)
 y.start()
 sb = b.run("quick")  # b exits at once: X (or this thread) dispatches its status
 y.join(3)
-facts = {"hook_hit": hook["hit"], "b_status": b._returncode, "y_blocked": y.is_alive()}
+facts = {"hook_hit": hook["hit"], "b_status": b._child.returncode, "y_blocked": y.is_alive()}
 sa.send(b"x")  # a exits: one more report, to let the threads go
 x.join(3)
 y.join(3)
@@ -501,6 +501,8 @@ os._exit(0)
 
 def test_waiter_whose_status_was_dispatched_by_another_thread_returns() -> None:
     facts = run_caller(_LOST_WAKEUP, timeout=30)
+    assert facts["hook_hit"], f"setup: Y never read the channel, so the seam was not exercised: {facts}"
+    assert facts["b_status"] == 0, facts
     assert not facts["y_blocked"], f"wait() missed a status another thread dispatched: {facts}"
 
 
@@ -515,8 +517,8 @@ def test_report_channel_ending_under_an_asyncio_waiter_leaves_no_stale_reader() 
         # is what reads its pid report.
         tpl = anyfork.new_exec().eval("import time\ntime.sleep(0.3)\ndef f(s):\n    pass\n")
         c = tpl.fork()
-        rfd = tpl._reports.fileno()
-        assert c._pid is None
+        rfd = tpl._tpl.reports.fileno()
+        assert c._child.pid is None
         assert select.select([rfd], [], [], 5)[0], "setup: no pid report within 5 s"
         os.kill(tpl.pid, signal.SIGKILL)
         tpl.wait(5)
@@ -644,13 +646,6 @@ def test_exited_new_exec_child_is_reaped_by_the_next_call(call: str) -> None:
 
 
 # Defect d10: a malformed SPARE report leaked the descriptor it carried.
-def _reports_channel(sock: socket.socket) -> _process._Reports:
-    """A bare report channel on ``sock`` (its constructor once took an owner too)."""
-    if len(inspect.signature(_process._Reports).parameters) > 1:
-        return _process._Reports(sock, types.SimpleNamespace(_pid=None))  # type: ignore[call-arg]
-    return _process._Reports(sock)
-
-
 @pytest.mark.parametrize("report", [
     # a SPARE whose payload is the wrong size (first review)
     wire.HEADER.pack(wire.VERSION, wire.SPARE, 1, 8) + bytes(8),
@@ -661,17 +656,16 @@ def test_malformed_spare_report_is_corrupt_and_closes_the_descriptor_it_carried(
     mine, theirs = socket.socketpair()
     r, w = os.pipe()
     reports = None
+    state = TemplateState()
+    state.spawn(False)  # so that a SPARE for #1 is expected
     try:
-        reports = _reports_channel(mine)
+        reports = ReportChannel(mine, state)
         theirs.sendmsg([report], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", w))])
         os.close(w)
         w = -1
-        try:
-            reports.pump(1)
-        except anyfork.ProtocolError:
-            pass
-        assert reports.ended is not None, "the malformed SPARE was accepted"
-        assert reports.corrupt, f"the channel ended, but not as corrupt: {reports.ended}"
+        run_blocking(reports.until_op(lambda: state.ended is not None, deadline_after(1)))
+        assert state.ended is not None, "the malformed SPARE was accepted"
+        assert state.corrupt, f"the channel ended, but not as corrupt: {state.ended}"
         os.set_blocking(r, False)
         try:
             data = os.read(r, 1)
@@ -680,7 +674,7 @@ def test_malformed_spare_report_is_corrupt_and_closes_the_descriptor_it_carried(
         assert data == b""
     finally:
         if reports is not None:
-            reports.close()
+            reports.end("test over")
         mine.close()
         theirs.close()
         os.close(r)
@@ -724,11 +718,11 @@ from anyfork import _process, _runtime
 anyfork.new().close()
 tpl = _runtime.runtime.default
 deadline = time.monotonic() + 5
-while len(tpl._reports.pool) < _process._POOL and time.monotonic() < deadline:
-    tpl._reports.pump(0.1)
+while len(tpl._tpl.state.pool) < _process._POOL and time.monotonic() < deadline:
+    helpers.pump(tpl, 0.1)
 p = anyfork.new()  # takes a process forked ahead; a SPAWN asks for its replacement
 s = p.eval("def f(s):\\n    s.recv(1)\\n").run("f")
-queued = bool(select.select([tpl._reports.fileno()], [], [], 5)[0])
+queued = bool(select.select([tpl._tpl.reports.fileno()], [], [], 5)[0])
 time.sleep(0.2)  # the replacement's SPARE, with its descriptor, waits for us
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # restored below
 hog = helpers.exhaust_descriptors(64)
@@ -740,7 +734,7 @@ except Exception as e:
 for fd in hog:
     os.close(fd)
 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-ended = tpl._reports.ended
+ended = tpl._tpl.state.ended
 s.close()
 try:
     after = p.wait(5)
@@ -805,27 +799,27 @@ tpl = _runtime.runtime.default
 
 def fill_pool():
     deadline = time.monotonic() + 5
-    while len(tpl._reports.pool) < _process._POOL and time.monotonic() < deadline:
-        tpl._reports.pump(0.1)
-    return len(tpl._reports.pool)
+    while len(tpl._tpl.state.pool) < _process._POOL and time.monotonic() < deadline:
+        helpers.pump(tpl, 0.1)
+    return len(tpl._tpl.state.pool)
 
 before = fill_pool()
-killed = [pid for pid, _ in tpl._reports.pool.values()]
+killed = [child.pid for child, _ in tpl._tpl.state.pool.values()]
 for pid in killed:
     os.kill(pid, signal.SIGKILL)
 for pid in killed:
     helpers.wait_exited(pid, 5)
 deadline = time.monotonic() + 5
-while tpl._reports.pool and time.monotonic() < deadline:
-    tpl._reports.pump(0.1)  # their exit reports take them out of the pool
-emptied = not tpl._reports.pool
+while tpl._tpl.state.pool and time.monotonic() < deadline:
+    helpers.pump(tpl, 0.1)  # their exit reports take them out of the pool
+emptied = not tpl._tpl.state.pool
 for _ in range(5):
     p = anyfork.new()
     p.run("builtins:id").close()
     p.wait(5)
 after = fill_pool()
 p = anyfork.new()
-from_pool = p._pid is not None  # a process forked ahead comes with its pid
+from_pool = p._child.pid is not None  # a process forked ahead comes with its pid
 p.close()
 p.wait(5)
 print(json.dumps({"before": before, "killed": len(killed), "emptied": emptied, "after": after,
@@ -1155,7 +1149,7 @@ def test_a_template_one_descriptor_short_still_forks() -> None:
 def test_descriptors_with_a_first_run_payload_are_a_corrupted_stream() -> None:
     tpl = anyfork.new_exec()
     p = tpl.fork()
-    sock = p._sock
+    sock = p._cmd.sock
     assert sock is not None
     r, w = os.pipe()
     try:

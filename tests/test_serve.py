@@ -190,7 +190,7 @@ def test_bytes_right_behind_a_first_run_reach_the_function(forked: Make) -> None
     arrive in the same read."""
     payload = b"".join(bytes(b) for b in wire.run_frame("evil")) + os.urandom(100_000)
     p = forked()
-    sock = p._sock
+    sock = p._cmd.sock
     assert sock is not None
     frame = b"".join(bytes(b) for b in wire.run_frame("helpers:echo"))
     sock.sendall(frame + payload)  # one write: the process may read them together
@@ -342,7 +342,7 @@ def test_output_a_template_buffered_is_written_once_not_by_each_child(
 
 def corrupt(p: anyfork.Process, data: bytes, fds: list[int] | None = None, eof: bool = False) -> None:
     """Write raw bytes on the command socket, past anyfork's own framing."""
-    sock = p._sock
+    sock = p._cmd.sock
     assert sock is not None
     if fds:
         sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import threading
 import weakref
 from typing import TYPE_CHECKING, Protocol
 
@@ -141,3 +142,74 @@ def _close_all_at_exit() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(_close_all_at_exit)
+
+
+class Shared:
+    """An owned descriptor that operations wait on, possibly several at once.
+
+    A backend registers the descriptor for as long as an operation waits on
+    it (in an asyncio loop's selector, in a ``poll()`` set).  Closing it
+    under such a registration would leave a stale entry for a number the
+    next ``open()`` may reuse, so :meth:`close` closes it at once only when
+    no one waits; otherwise the last waiter to :meth:`leave` does.
+    """
+
+    __slots__ = ("_closing", "_lock", "_on_close", "_waiters", "fd", "sock")
+
+    def __init__(self, fd: int, sock: socket.socket | None = None) -> None:
+        self.fd = fd
+        self.sock = sock
+        self._lock = threading.Lock()
+        self._waiters = 0
+        self._closing = False
+        self._on_close: list[Callable[[], None]] = []
+        own(sock if sock is not None else fd)
+
+    def on_close(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` when a close is asked for while this waiter (one that
+        waits for a long time, such as an event loop's reader) is entered:
+        it unregisters the descriptor and leaves."""
+        self._on_close.append(hook)
+
+    def enter(self) -> int:
+        """The descriptor, for one waiter to register; -1 once closed (then don't leave)."""
+        with self._lock:
+            if self.fd < 0 or self._closing:
+                return -1
+            self._waiters += 1
+            return self.fd
+
+    def leave(self) -> None:
+        """That waiter has unregistered it."""
+        with self._lock:
+            self._waiters -= 1
+            last = self._waiters == 0 and self._closing
+        if last:
+            self._close_now()
+
+    def close(self) -> None:
+        """Close it now, or when the last waiter leaves.  Idempotent."""
+        with self._lock:
+            if self.fd < 0 or self._closing:
+                return
+            self._closing = True
+            now = self._waiters == 0
+            hooks, self._on_close = self._on_close, []
+        if now:
+            self._close_now()
+        else:
+            for hook in hooks:
+                hook()
+
+    def forget(self) -> None:
+        """In a forked child (``_fds`` closes the number itself): never touch it."""
+        self.fd = -1
+        self.sock = None
+
+    def _close_now(self) -> None:
+        fd, self.fd = self.fd, -1
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            close_sock(sock)
+        elif fd >= 0:
+            close_owned_fd(fd)

@@ -25,11 +25,11 @@ if TYPE_CHECKING:
 
 
 class Reaped(Protocol):
-    """A process the caller spawned itself (see ``_process._Direct``)."""
-
-    pidfd: int
+    """A process the caller spawned itself (see ``_direct.Direct``)."""
 
     def poll(self) -> bool: ...
+
+    def forget(self) -> None: ...
 
 
 class Runtime:
@@ -80,7 +80,7 @@ class Runtime:
         self.generation += 1
         self.lock = threading.Lock()  # another thread may have held it at the fork
         for d in self.directs.values():
-            d.pidfd = -1  # closed by _fds with the rest; the number may be reused
+            d.forget()  # its pidfd is closed by _fds with the rest; the number may be reused
         self.directs.clear()
         self.default = None
         self.early = None
@@ -89,7 +89,7 @@ class Runtime:
         self.generation += 1
         self.shut_down = True
         for d in list(self.directs.values()):
-            d.pidfd = -1  # closed by _fds with the rest
+            d.forget()  # its pidfd is closed by _fds with the rest
 
 
 runtime = Runtime()

@@ -57,7 +57,7 @@ def test_default_template_sigkilled_mid_fork_raises_within_2s(h, default_templat
         # Use up those forked ahead (their replacements can't come while the
         # template is stopped): the next new() is a fork request in flight.
         p = anyfork.new()
-        while p._pid is not None:
+        while p._child.pid is not None:
             ready.append(p)
             assert len(ready) <= 8, "new() kept handing out processes forked ahead"
             p = anyfork.new()
