@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import select
 import socket
 import time
 from typing import TYPE_CHECKING
@@ -198,3 +199,107 @@ def test_exited_new_exec_child_is_reaped_while_the_loop_runs() -> None:
 
     pid = asyncio.run(main())
     assert pid not in zombie_children(), "still a zombie after 1 s of a running loop"
+
+
+# --- wait_async -------------------------------------------------------------------------
+
+
+def test_wait_async_returns_the_status_of_every_kind_of_process(make: Make) -> None:
+    async def main() -> tuple[int, int]:
+        p = make()
+        sock = await p.run_async("helpers:exit_with")
+        sock.close()
+        q = make().send_arg("7")
+        (await q.run_async("helpers:exit_with")).close()
+        return await asyncio.wait_for(p.wait_async(), 5), await asyncio.wait_for(q.wait_async(5), 5)
+
+    first, second = asyncio.run(main())
+    assert second == 7
+    assert first == 1  # exit_with without its argument: a TypeError in the process
+
+
+def test_wait_async_times_out_and_the_process_runs_on(make: Make) -> None:
+    async def main() -> int:
+        p = make()
+        sock = await p.run_async("helpers:wait_eof")
+        try:
+            with pytest.raises(anyfork.TimeoutExpired):
+                await p.wait_async(0.05)
+            with pytest.raises(ValueError, match=">= 0"):
+                await p.wait_async(-1)
+        finally:
+            sock.close()
+        return await asyncio.wait_for(p.wait_async(float("inf")), 5)  # inf: no deadline
+
+    assert asyncio.run(main()) == 0
+
+
+# --- nothing on an async path blocks the loop --------------------------------------------
+
+TICK = 0.01
+MAX_STALL = 0.05  # the issue's bound: a tick may come late by this much, no more
+
+
+def _small_report_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the next socketpairs (a template's report channel among them)
+    hold a few KiB, so that a template's reports fill it at once."""
+    real = socket.socketpair
+
+    def small(*args: object) -> tuple[socket.socket, socket.socket]:
+        a, b = real(*args)  # type: ignore[arg-type]
+        for s in (a, b):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        return a, b
+
+    monkeypatch.setattr(socket, "socketpair", small)
+
+
+def test_a_ticker_never_stalls_while_64_run_async_and_wait_async_calls_run(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    tpl = anyfork.new_exec().eval("def quick(s):\n    pass\n")
+    _small_report_buffers(monkeypatch)
+    kids = [tpl.fork() for _ in range(64)]  # the first fork makes the (small) report channel
+    monkeypatch.undo()
+    first, second = kids[:32], kids[32:]
+    for k in first:
+        k.run("quick").close()
+    for k in first:
+        assert wait_exited(k.pid), "setup: a process did not exit"
+    # Their exit reports, unread, fill the report channel: the template
+    # keeps the rest in its backlog, waiting for the caller to read.
+    rfd = tpl._tpl.reports.fileno()  # type: ignore[union-attr]
+    assert select.select([rfd], [], [], 5)[0], "setup: no report is waiting"
+
+    async def main() -> tuple[float, list[int]]:
+        loop = asyncio.get_running_loop()
+        stalls: list[float] = []
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            last = loop.time()
+            while not done.is_set():
+                await asyncio.sleep(TICK)
+                now = loop.time()
+                stalls.append(now - last - TICK)
+                last = now
+
+        async def run_and_wait(k: anyfork.Process) -> int:
+            (await k.run_async("quick")).close()
+            return await k.wait_async(10)
+
+        tick = asyncio.ensure_future(ticker())
+        await asyncio.sleep(3 * TICK)  # the ticker is going
+        try:
+            statuses = await asyncio.wait_for(asyncio.gather(
+                *(k.wait_async(10) for k in first), *(run_and_wait(k) for k in second)), 20)
+        finally:
+            done.set()
+            await tick
+        return max(stalls), statuses
+
+    worst, statuses = asyncio.run(main())
+    assert statuses == [0] * 64
+    assert worst <= MAX_STALL, f"the loop stalled for {worst * 1000:.0f} ms"
+    tpl.close()
+    assert tpl.wait(5) == 0
