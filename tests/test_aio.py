@@ -298,8 +298,12 @@ def test_a_ticker_never_stalls_while_64_run_async_and_wait_async_calls_run(
             await tick
         return max(stalls), statuses
 
-    worst, statuses = asyncio.run(main())
+    try:
+        worst, statuses = asyncio.run(main())
+    finally:
+        for k in kids:
+            k.close()
+        tpl.close()
+    assert tpl.wait(5) == 0
     assert statuses == [0] * 64
     assert worst <= MAX_STALL, f"the loop stalled for {worst * 1000:.0f} ms"
-    tpl.close()
-    assert tpl.wait(5) == 0

@@ -10,6 +10,7 @@ import os
 import select
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -19,7 +20,7 @@ import pytest
 
 import anyfork
 import helpers
-from anyfork import _process
+from anyfork import _process, _runtime
 from helpers import Greeter, digest, finish, outcome, read_all, wait_exited, zombie_children
 
 if TYPE_CHECKING:
@@ -832,3 +833,126 @@ def test_changing_a_template_lets_its_processes_forked_ahead_go(change: str) -> 
         a.close()
         b.close()
         tpl.close()
+
+
+# --- issue 15: defects of the caller side, each pinned ------------------------------------------
+
+MiB = 1 << 20
+
+
+def test_run_from_two_threads_runs_once_and_the_other_gets_process_state_error() -> None:
+    # Broke: both run() calls queued a RUN; the function read the second as data.
+    for _ in range(40):
+        p = anyfork.new().eval("def take(s):\n    s.sendall(repr(s.recv(100)).encode())\n")
+        barrier = threading.Barrier(2)
+        results: list[object] = []
+
+        def go(proc: anyfork.Process = p, barrier: threading.Barrier = barrier,
+               results: list[object] = results) -> None:
+            barrier.wait(5)
+            try:
+                results.append(proc.run("take"))
+            except anyfork.ProcessStateError as e:
+                results.append(e)
+
+        threads = [threading.Thread(target=go) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        socks = [r for r in results if isinstance(r, socket.socket)]
+        assert len(results) == 2
+        assert len(socks) == 1, f"run() succeeded {len(socks)} times"
+        with socks[0] as s:
+            s.shutdown(socket.SHUT_WR)
+            assert read_all(s) == b"b''", "the function read a stray RUN frame"
+        assert p.wait(5) == 0
+
+
+def test_a_dead_process_forked_ahead_is_never_handed_out() -> None:
+    # Broke: fork() took a spare before reading the EXIT reports already waiting.
+    anyfork.new().close()
+    tpl = _runtime.runtime.default
+    assert tpl is not None
+    deadline = time.monotonic() + 5
+    while len(tpl._tpl.state.pool) < _process._POOL and time.monotonic() < deadline:
+        helpers.pump(tpl, 0.1)
+    spares = [child.pid for child, _ in tpl._tpl.state.pool.values()]
+    assert len(spares) == _process._POOL, "setup: the pool never filled"
+    for pid in spares:
+        os.kill(pid, signal.SIGKILL)
+    for pid in spares:
+        assert wait_exited(pid), "setup: a process forked ahead survived SIGKILL"
+    assert select.select([tpl._tpl.reports.fileno()], [], [], 5)[0], "setup: no EXIT report waiting"
+    for _ in range(_process._POOL + 1):
+        p = anyfork.new()
+        assert p.pid not in spares
+        assert outcome(p, "helpers:pids")[0] == p.pid
+
+
+@pytest.mark.parametrize("how", ["close", "run"])
+def test_closing_or_running_a_template_closes_its_report_channel(how: str) -> None:
+    # Broke: only __del__ closed it, so it lasted as long as any child's object.
+    before = set(helpers.open_fds())
+    tpl = anyfork.new_exec().eval("def hold(s):\n    s.recv(1)\n")
+    child = tpl.fork()
+    child.pid  # noqa: B018 - reported, so nothing is on its way
+    sock = tpl.run("hold") if how == "run" else None
+    if sock is None:
+        tpl.close()
+    # (The template's pidfd is open while it is alive: not a channel.)
+    new = {fd for fd, what in helpers.open_fds().items() if fd not in before and "pidfd" not in what}
+    mine = {child._cmd.sock.fileno()} | ({sock.fileno()} if sock is not None else set())
+    try:
+        assert new == mine, f"still open besides the child's socket (and run's): {new - mine}"
+    finally:
+        if sock is not None:
+            sock.close()
+        child.close()
+        assert tpl.wait(5) == 0
+
+
+def test_wait_timeout_covers_a_template_busy_with_another_threads_write() -> None:
+    # Broke: wait(timeout) took the template's lock, held by a writer, before timing.
+    tpl = anyfork.new_exec().eval("def hold(s):\n    s.recv(1)\n")
+    child = tpl.fork()
+    sock = child.run("hold")
+    tpl.eval("import time\ntime.sleep(4)").send_arg(b"x" * (32 * MiB))
+    writer = threading.Thread(target=lambda: tpl.fork().close(), daemon=True)
+    writer.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not tpl._cmd.writing and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert tpl._cmd.writing, "setup: the other thread is not writing"
+        with pytest.raises(anyfork.TimeoutExpired):
+            child.wait(0.2)
+        assert writer.is_alive(), "wait() returned only after the template took the write"
+    finally:
+        sock.close()
+        writer.join(20)
+    assert child.wait(5) == 0
+    tpl.close()
+    assert tpl.wait(5) == 0
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e7, 3e6])
+def test_a_huge_timeout_means_wait(timeout: float, forked: Make) -> None:
+    # Broke: the millisecond conversion raised OverflowError.
+    p = forked()
+    p.run("helpers:wait_eof").close()
+    assert p.wait(timeout) == 0
+
+
+@pytest.mark.parametrize("entry", [pytest.param("path", id="Path"), pytest.param(b"/nowhere", id="bytes"),
+                                   pytest.param(3, id="int")])
+def test_sys_path_entries_that_are_not_str_do_not_break_new(entry: object,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Path) -> None:
+    # Broke: new() and new_exec() raised TypeError (PosixPath has no len()).
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.path.append(tmp_path if entry == "path" else entry)  # type: ignore[arg-type]
+    (tmp_path / "onpath.py").write_text("def f(s):\n    s.sendall(b'found')\n")
+    for make in (anyfork.new, anyfork.new_exec):
+        with make().run("onpath:f") as s:
+            assert read_all(s) == b"found"

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from . import _caller as C
 from . import _fds
 from . import _protocol as P
-from ._backend import Notifier, Op, Wait, deadline_after, run_blocking, time_left
+from ._backend import Notifier, Op, Wait, _poll, deadline_after, run_blocking, time_left
 from ._channel import BrokenError, CommandChannel
 from ._errors import (
     Error,
@@ -53,6 +53,10 @@ _ANC_SPACE = socket.CMSG_SPACE(4 * 4)  # reports carry one descriptor; leave roo
 # How long closing a template waits for its last reports (the pids of what
 # it forked before it saw EOF) before it closes the channel anyway.
 _LAST_REPORTS = 1.0
+# How many reads one read_now makes at most: a template with a backlog
+# refills the channel as fast as it is read, and an event loop must get its
+# turn between batches.
+_BATCH = 8
 
 
 class ReportChannel:
@@ -119,7 +123,7 @@ class ReportChannel:
 
     def _read(self, sock: socket.socket) -> bool:
         got = False
-        while True:
+        for _ in range(_BATCH):
             journal: list[tuple[bytes, list[tuple[int, int, bytes]], int, object]] = []
             self._journal = journal
             try:
@@ -153,6 +157,7 @@ class ReportChannel:
                 self._apply(events)
             if not data or self.state.ended is not None:
                 return True
+        return got
 
     def _apply(self, events: list[C.Event]) -> None:
         """What the driver does about the state's events (caller holds ``lock``)."""
@@ -173,15 +178,19 @@ class ReportChannel:
 
     def until_op(self, done: Callable[[], bool], deadline: float | None) -> Op[bool]:
         """Read reports until ``done()`` or the channel ends; False if the
-        deadline passed first."""
+        deadline passed first.
+
+        Between two batches of reads it waits (at once, if more is there), so
+        that under asyncio a channel that keeps filling never holds the loop.
+        """
         notifier = self.notifier
         while True:
-            epoch = notifier.epoch
             if done():
                 return True
             r = self.read_now()
-            if r:
-                continue
+            epoch = notifier.epoch  # after our own notification, before the check
+            if done():
+                return True
             if self.state.ended is not None or time_left(deadline) == 0:
                 return done()
             if r is None:  # another reader is at work: it notifies
@@ -267,11 +276,22 @@ class Template:
         self.reports.read_now()
 
     def take(self) -> tuple[C.Child, socket.socket] | None:
-        with self.reports.lock:
-            taken = self.state.take()
-        if taken is None:
-            return None
-        child, fd = taken
+        """The oldest live process forked ahead, or None."""
+        while True:
+            with self.reports.lock:
+                taken = self.state.take()
+            if taken is None:
+                return None
+            child, fd = taken
+            # Its EXIT report may not have been written yet (the template
+            # reaps when it is idle), but a process that died has closed its
+            # end of the socket: ours reads EOF.  A live one never writes on
+            # it.  So one poll keeps a dead one from being handed out.
+            if not _poll((fd,), (), 0):
+                break
+            with self.reports.lock:
+                self.state.children.pop(child.seq, None)
+            _fds.close_owned_fd(fd)
         _fds.disown(fd)
         try:
             sock = socket.socket(fileno=fd)
