@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json  # noqa: F401
 import os
 import select
+import signal
 import socket
+import struct  # noqa: F401
 import time
 from typing import TYPE_CHECKING
 
@@ -14,10 +17,14 @@ import pytest
 
 import anyfork
 from anyfork import _protocol as wire
-from helpers import digest, wait_exited, zombie_children
+from anyfork._backend import deadline_after, run_blocking  # noqa: F401
+from anyfork._caller import TemplateState  # noqa: F401
+from anyfork._reports import ReportChannel  # noqa: F401
+from helpers import digest, run_program, wait_exited, zombie_children
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
     Make = Callable[[], anyfork.Process]
 
@@ -307,3 +314,82 @@ def test_a_ticker_never_stalls_while_64_run_async_and_wait_async_calls_run(
     assert tpl.wait(5) == 0
     assert statuses == [0] * 64
     assert worst <= MAX_STALL, f"the loop stalled for {worst * 1000:.0f} ms"
+
+
+# --- regressions: what broke once, pinned (moved from test_regressions.py) -------------
+
+
+# Pins d05: the report channel ended under an asyncio waiter left a stale reader.
+def test_report_channel_ending_under_an_asyncio_waiter_leaves_no_stale_reader() -> None:
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        # The sleep holds the fork back until fork() has returned, so run_async
+        # is what reads its pid report.
+        tpl = anyfork.new_exec().eval("import time\ntime.sleep(0.3)\ndef f(s):\n    pass\n")
+        c = tpl.fork()
+        rfd = tpl._tpl.reports.fileno()
+        assert c._child.pid is None
+        assert select.select([rfd], [], [], 5)[0], "setup: no pid report within 5 s"
+        os.kill(tpl.pid, signal.SIGKILL)
+        tpl.wait(5)
+        (await asyncio.wait_for(c.run_async("f"), 5)).close()  # reads the pid, then EOF
+        pairs: list[tuple[socket.socket, socket.socket]] = []
+        try:
+            for _ in range(256):  # until a new socket reuses the channel's number
+                pairs.append(socket.socketpair())
+                if rfd in (pairs[-1][0].fileno(), pairs[-1][1].fileno()):
+                    break
+            else:
+                pytest.fail(f"setup: descriptor {rfd} was never reused")
+            r, w = pairs[-1] if pairs[-1][0].fileno() == rfd else pairs[-1][::-1]
+            r.setblocking(False)
+            loop.call_later(0.2, w.send, b"hello")
+            try:
+                return await asyncio.wait_for(loop.sock_recv(r, 5), 3)
+            except asyncio.TimeoutError:
+                pytest.fail(f"sock_recv on reused descriptor {rfd} never completed: a stale reader")
+        finally:
+            for a, b in pairs:
+                a.close()
+                b.close()
+
+    assert asyncio.run(main()) == b"hello"
+
+
+# Pins d13: run_async cancelled mid-write left RUN queued; a later run() sent a second one.
+def test_cancelled_run_async_leaves_the_process_spent(tmp_path: Path) -> None:
+    seen = tmp_path / "seen"
+    p = anyfork.new_exec().eval(
+        "def f(s, *a):\n"
+        f"    open({str(seen)!r}, 'wb').write(s.recv(100))\n")
+    p.send_arg(b"x" * (64 * MiB))
+
+    async def main() -> None:
+        task = asyncio.ensure_future(p.run_async("f"))
+        await asyncio.sleep(0)  # the task writes what the socket takes, then waits
+        assert not task.done(), "setup: the write was not in progress"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    try:
+        sock = p.run("f")
+    except anyfork.ProcessStateError:
+        pass
+    else:
+        sock.sendall(b"hello")
+        sock.close()
+        p.wait(5)
+        pytest.fail("run() after a cancelled run_async went ahead; the function first read "
+                    f"{seen.read_bytes() if seen.exists() else None!r}")
+    assert isinstance(p.wait(5), int), "the process did not exit"
+    assert not seen.exists() or seen.read_bytes() == b"", "a RUN frame reached the function as data"
+
+
+# Pins r2-pidfd: a run_async process reaped once its loop was closed leaked its pidfd.
+
+
+def test_run_async_process_reaped_after_its_loop_closed_leaves_no_pidfd() -> None:
+    facts = run_program("caller_pidfd_after_loop_closed.py", timeout=30).facts
+    assert facts["after"] == facts["before"], f"pidfds left open: {facts}"

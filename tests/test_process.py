@@ -4,16 +4,20 @@ default template.  Most tests run under each way of getting a process
 
 from __future__ import annotations
 
+import asyncio  # noqa: F401
 import functools
 import gc
+import json  # noqa: F401
 import os
 import select
 import signal
 import socket
+import struct  # noqa: F401
 import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -21,7 +25,11 @@ import pytest
 import anyfork
 import helpers
 from anyfork import _process, _runtime
-from helpers import Greeter, digest, finish, outcome, read_all, wait_exited, zombie_children
+from anyfork import _protocol as wire  # noqa: F401
+from anyfork._backend import deadline_after, run_blocking  # noqa: F401
+from anyfork._caller import TemplateState  # noqa: F401
+from anyfork._reports import ReportChannel  # noqa: F401
+from helpers import Greeter, digest, finish, outcome, read_all, run_program, wait_exited, zombie_children
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -956,3 +964,151 @@ def test_sys_path_entries_that_are_not_str_do_not_break_new(entry: object,
     for make in (anyfork.new, anyfork.new_exec):
         with make().run("onpath:f") as s:
             assert read_all(s) == b"found"
+
+
+# --- regressions: what broke once, pinned (moved from test_regressions.py) -------------
+
+
+def read_exactly(sock: socket.socket, n: int) -> bytes:
+    sock.settimeout(10)
+    data = b""
+    while len(data) < n and (more := sock.recv(n - len(data))):
+        data += more
+    return data
+
+
+def _blocking_facts(sock: socket.socket) -> tuple[object, bool]:
+    return sock.gettimeout(), os.get_blocking(sock.fileno())
+
+
+# Pins d16: returncode on a forked process never read the report channel.
+@pytest.mark.parametrize("how", ["new", "fork"])
+def test_polling_returncode_alone_sees_the_exit_status(how: str) -> None:
+    tpl = anyfork.new_exec() if how == "fork" else None
+    p = tpl.fork() if tpl is not None else anyfork.new()
+    try:
+        p.run("helpers:wait_eof").close()  # it exits now, with status 0
+        deadline = time.monotonic() + 3
+        while p.returncode is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert p.returncode == 0, "returncode still None 3 s after the process exited"
+    finally:
+        p.wait(5)
+        if tpl is not None:
+            tpl.close()
+            tpl.wait(5)
+
+
+# Pins d01: wait(0) on a running process let an AssertionError escape.
+def test_wait_zero_on_a_running_process_raises_timeout_expired(make: Make) -> None:
+    p = make()
+    sock = p.run("helpers:wait_eof")
+    try:
+        with pytest.raises(anyfork.TimeoutExpired):
+            p.wait(0)
+    finally:
+        sock.close()
+    assert p.wait(5) == 0
+
+
+# Pins d14: kill(bad signal) gave a bare OSError (new_exec) or did nothing (forked).
+@pytest.mark.parametrize("sig", [999, -1])
+def test_kill_with_an_invalid_signal_raises_value_error(make: Make, sig: int) -> None:
+    p = make()
+    sock = p.run("helpers:wait_eof")
+    try:
+        with pytest.raises(ValueError):
+            p.kill(sig)
+    finally:
+        sock.close()
+    assert p.wait(5) == 0
+
+
+# Pins d06: a default template's spares outlived it, and its descriptors piled up.
+
+
+
+
+
+@pytest.mark.parametrize("code", [
+    pytest.param("caller_pool_replaced.py", id="replaced"),
+    pytest.param("caller_pool_closed.py", id="closed"),
+    pytest.param("caller_pool_dropped.py", id="dropped"),
+])
+def test_default_template_spares_exit_with_it_and_leave_no_descriptors(code: str) -> None:
+    facts = run_program(code, timeout=40).facts
+    assert facts["spares"] >= _process._POOL, f"setup: the pool never filled: {facts}"
+    assert facts["alive"] == [], f"forked-ahead processes outlived their template: {facts}"
+    assert facts["leaked"] == {}, f"descriptors piled up across template restarts: {facts}"
+
+
+# Pins d07: fork() failing with EMFILE leaked a detached descriptor and raised a bare OSError.
+
+
+@pytest.mark.parametrize("free", [
+    pytest.param(0, id="command-socketpair"),
+    pytest.param(2, id="report-channel-socketpair"),
+])
+def test_fork_out_of_descriptors_raises_error_and_leaks_nothing(free: int) -> None:
+    facts = run_program("caller_fork_emfile.py", str(free), timeout=20).facts
+    assert facts["raised"] is not None, f"setup: fork() succeeded: {facts}"
+    assert facts["is_error"], f"fork() raised {facts['raised']}, not anyfork.Error: {facts}"
+    assert facts["leaked"] == {}, f"descriptors leaked: {facts}"
+
+
+# Pins r2-pool-shrink: forked-ahead processes that died were never replaced; the pool stayed empty.
+
+
+def test_pool_refills_after_its_processes_forked_ahead_were_killed() -> None:
+    facts = run_program("caller_pool_after_spares_killed.py", timeout=40).facts
+    assert facts["before"] == facts["killed"] == _process._POOL, f"setup: {facts}"
+    assert facts["emptied"], f"setup: the killed processes stayed in the pool: {facts}"
+    assert facts["after"] == _process._POOL, f"the pool never refilled: {facts}"
+    assert facts["from_pool"], f"new() no longer hands out processes forked ahead: {facts}"
+
+
+# Pins r2-emfile: out of descriptors, new_exec(), the first new() and fork_template() raised a bare OSError.
+
+
+@pytest.mark.parametrize("name", ["new_exec", "new", "fork_template"])
+def test_out_of_descriptors_raises_anyfork_error(name: str) -> None:
+    facts = run_program("caller_emfile_call.py", name, timeout=30).facts
+    assert facts["raised"] is not None, f"setup: {name}() succeeded: {facts}"
+    assert facts["is_error"], f"{name}() raised {facts['raised']}, not anyfork.Error"
+
+
+# Pins r3-caller-timeout: under socket.setdefaulttimeout() in the caller, the sockets it handed
+# to processes were O_NONBLOCK, and a forked child died at its first read that had to wait.
+def test_a_callers_default_timeout_does_not_reach_its_processes() -> None:
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(0.5)
+    try:
+        tpl = anyfork.new_exec().require("helpers")
+        time.sleep(0.3)
+        child = tpl.fork()
+        time.sleep(0.8)  # longer than the timeout: the child waits for RUN all along
+        with child.run("helpers:echo") as sock:
+            sock.sendall(b"ping")
+            sock.shutdown(socket.SHUT_WR)
+            assert read_exactly(sock, 4) == b"ping"
+        assert child.wait(5) == 0
+        tpl.close()
+        assert tpl.wait(5) == 0
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+# Pins r4-caller-timeout: under the caller's socket.setdefaulttimeout(), the sockets run() returned
+# had the timeout (README: blocking), and anyfork's own writes of a big argument timed out.
+def test_a_callers_default_timeout_leaves_its_sockets_blocking_and_its_writes_whole() -> None:
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(0.2)
+    try:
+        for make in (anyfork.new_exec, anyfork.new):
+            p = make().eval("import time\ntime.sleep(0.6)\n").send_arg(b"x" * (8 << 20))
+            with p.run("helpers:arg_length") as sock:
+                assert _blocking_facts(sock) == (None, True)
+                assert read_all(sock) == b"%d" % (8 << 20)
+            assert p.wait(10) == 0
+    finally:
+        socket.setdefaulttimeout(old)
