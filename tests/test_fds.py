@@ -32,3 +32,12 @@ def test_inherited_process_in_a_forked_child_refuses_and_signals_nothing() -> No
     assert calls == dict.fromkeys(calls, "ProcessStateError"), f"in the child: {calls}"
     assert facts["p_alive_in_parent"], f"{facts}"
     assert facts["p_status"] == -signal.SIGTERM, f"{facts}"
+    assert facts["reused"], f"setup: the stale pidfd number was never reused, so nothing was shown: {facts}"
+
+
+# Pins issue 15 #9: after os.fork() of a threaded caller, an inherited Process whose lock
+# another thread held at the fork deadlocked the child; it must say ProcessStateError.
+def test_an_inherited_process_refuses_even_if_another_thread_was_writing_at_the_fork() -> None:
+    facts = run_program("caller_fork_while_locked.py", timeout=45).facts
+    assert facts["writing"], f"setup: the other thread was not writing at the fork: {facts}"
+    assert facts["child_eval"] == "ProcessStateError", facts
