@@ -276,7 +276,7 @@ def test_a_ticker_never_stalls_while_64_run_async_and_wait_async_calls_run(
     # Their exit reports, unread, fill the report channel: the template
     # keeps the rest in its backlog, waiting for the caller to read.
     rfd = tpl._tpl.reports.fileno()  # type: ignore[union-attr]
-    assert select.select([rfd], [], [], 5)[0], "setup: no report is waiting"
+    assert select.select([rfd], [], [], 10)[0], "setup: no report is waiting"
 
     async def main() -> tuple[float, list[int]]:
         loop = asyncio.get_running_loop()

@@ -137,22 +137,23 @@ def test_a_full_report_channel_loses_no_report_and_holds_nothing_up(
     _small_report_buffers(monkeypatch)
     kids = [tpl.fork() for _ in range(48)]
     monkeypatch.undo()
-    for k in kids:
-        k.run("quick").close()
-    for k in kids:
-        assert wait_exited(k.pid), "setup: a process did not exit"
-    assert select.select([tpl._tpl.reports.fileno()], [], [], 5)[0], "setup: no report waiting"
-    late = tpl.fork()  # forks, though the template can't write its reports
-    tpl.send_arg(b"x" * (8 * MiB))  # a write the template must read while its channel is full
-
-    async def main() -> None:
-        (await asyncio.wait_for(tpl.run_async("g"), 10)).close()
-
     try:
+        for k in kids:
+            k.run("quick").close()
+        for k in kids:
+            assert wait_exited(k.pid), "setup: a process did not exit"
+        assert select.select([tpl._tpl.reports.fileno()], [], [], 10)[0], "setup: no report waiting"
+        late = tpl.fork()  # forks, though the template can't write its reports
+        tpl.send_arg(b"x" * (8 * MiB))  # a write the template must read while its channel is full
+
+        async def main() -> None:
+            (await asyncio.wait_for(tpl.run_async("g"), 10)).close()
+
         asyncio.run(main())
         assert [k.wait(5) for k in kids] == [0] * len(kids)  # every status, from the backlog
         late.close()
     finally:
         for k in kids:
             k.close()
+        tpl.close()
     assert tpl.wait(5) == 0

@@ -30,11 +30,15 @@ put in a journal by C code in the same call that sends (``list.extend`` over
 ``map``), and an exception that finds a count not yet accounted for
 *poisons* the channel: it is closed, so the process sees EOF, and every
 later call says why.  Nothing is ever sent twice, and nothing half-sent is
-ever followed by anything else.
+ever followed by anything else.  And on the main thread (where Python runs
+signal handlers) signals are held back from just before the send until its
+count is accounted for, so that poisoning stays the rare case of a signal
+that another thread received meanwhile.
 """
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 from typing import TYPE_CHECKING
@@ -47,6 +51,27 @@ if TYPE_CHECKING:
     from ._reports import ReportChannel
 
 _SEND_FLAGS = int(getattr(socket, "MSG_NOSIGNAL", 0)) | int(getattr(socket, "MSG_DONTWAIT", 0))
+_SIGMASK = getattr(signal, "pthread_sigmask", None)
+_ALL_SIGNALS = signal.valid_signals()
+_MAIN = threading.main_thread().ident
+
+
+def hold_signals(held: list[set[signal.Signals]]) -> None:
+    """On the main thread, hold signals back for a send or a read and its
+    bookkeeping: a signal that arrives during the system call would
+    otherwise run its Python handler right after it, before the count is
+    accounted for.  The old mask lands in ``held`` in C (see the module's
+    doc); pass it to ``release_signals`` in a ``finally``.  A handler already
+    due runs here, before anything is sent or read."""
+    if _SIGMASK is not None and threading.get_ident() == _MAIN:
+        held.extend(map(_SIGMASK, (signal.SIG_BLOCK,), (_ALL_SIGNALS,)))
+
+
+def release_signals(held: list[set[signal.Signals]]) -> None:
+    """Restore the mask ``hold_signals`` saved (what came meanwhile is handled now)."""
+    if held:
+        assert _SIGMASK is not None
+        _SIGMASK(signal.SIG_SETMASK, held.pop())
 _ANC = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
 
 
@@ -173,18 +198,23 @@ class CommandChannel:
                 anc = P.ancillary(fds, *_ANC)
                 journal: list[int] = []
                 self._journal = journal
+                held: list[set[signal.Signals]] = []
                 try:
-                    # The count lands in the journal in C, in the same call.
-                    journal.extend(map(sock.sendmsg, (buffers,), (anc,), (_SEND_FLAGS,)))
-                except BlockingIOError:
-                    pass
-                except OSError as e:
+                    hold_signals(held)
+                    try:
+                        # The count lands in the journal in C, in the same call.
+                        journal.extend(map(sock.sendmsg, (buffers,), (anc,), (_SEND_FLAGS,)))
+                    except BlockingIOError:
+                        pass
+                    except OSError as e:
+                        self._journal = None
+                        out.close()
+                        raise BrokenError(e, str(e)) from e
+                    if journal:
+                        out.sent(journal[0])
                     self._journal = None
-                    out.close()
-                    raise BrokenError(e, str(e)) from e
-                if journal:
-                    out.sent(journal[0])
-                self._journal = None
+                finally:
+                    release_signals(held)
                 if journal:
                     continue
                 fd = sock.fileno()

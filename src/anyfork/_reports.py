@@ -34,7 +34,7 @@ from . import _caller as C
 from . import _fds
 from . import _protocol as P
 from ._backend import Notifier, Op, Wait, _poll, deadline_after, run_blocking, time_left
-from ._channel import BrokenError, CommandChannel
+from ._channel import BrokenError, CommandChannel, hold_signals, release_signals
 from ._errors import (
     Error,
     ExitStatusLostError,
@@ -45,6 +45,7 @@ from ._errors import (
 )
 
 if TYPE_CHECKING:
+    import signal
     from collections.abc import Callable
 
 _RECV_FLAGS = int(getattr(socket, "MSG_DONTWAIT", 0)) | int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
@@ -126,38 +127,47 @@ class ReportChannel:
         for _ in range(_BATCH):
             journal: list[tuple[bytes, list[tuple[int, int, bytes]], int, object]] = []
             self._journal = journal
+            held: list[set[signal.Signals]] = []
             try:
-                # What is read lands in the journal in C, in the same call.
-                journal.extend(map(sock.recvmsg, (65536,), (_ANC_SPACE,), (_RECV_FLAGS,)))
-            except BlockingIOError:
-                self._journal = None
-                return got
-            except OSError as e:
-                self._journal = None
-                with self.lock:
-                    self._apply(self.state.receive_eof(f"could not be read from ({e})"))
-                return True
-            data, anc, flags, _ = journal[0]
-            fds = P.unpack_fds(anc, socket.SOL_SOCKET, socket.SCM_RIGHTS) if anc else []
-            if flags & _CTRUNC:
-                if fds:  # more than one report's worth: not from a template
-                    P.close_fds(fds)
+                hold_signals(held)
+                try:
+                    # What is read lands in the journal in C, in the same call.
+                    journal.extend(map(sock.recvmsg, (65536,), (_ANC_SPACE,), (_RECV_FLAGS,)))
+                except BlockingIOError:
+                    self._journal = None
+                    return got
+                except OSError as e:
                     self._journal = None
                     with self.lock:
-                        self._apply(self.state.end("sent more descriptors than a report carries", True))
+                        self._apply(self.state.receive_eof(f"could not be read from ({e})"))
                     return True
-                # We were out of descriptors as a SPARE arrived: the kernel
-                # dropped its socket (the process it belonged to sees EOF
-                # and exits).  A placeholder keeps the frame decodable.
-                fds = [-1]
+                if self._dispatch_read(journal[0]):
+                    return True
+            finally:
+                release_signals(held)
             got = True
-            with self.lock:
-                self._journal = None
-                events = self.state.receive(data, fds) if data else self.state.receive_eof()
-                self._apply(events)
-            if not data or self.state.ended is not None:
-                return True
         return got
+
+    def _dispatch_read(self, read: tuple[bytes, list[tuple[int, int, bytes]], int, object]) -> bool:
+        """Feed one read to the state; True if the channel ended."""
+        data, anc, flags, _ = read
+        fds = P.unpack_fds(anc, socket.SOL_SOCKET, socket.SCM_RIGHTS) if anc else []
+        if flags & _CTRUNC:
+            if fds:  # more than one report's worth: not from a template
+                P.close_fds(fds)
+                self._journal = None
+                with self.lock:
+                    self._apply(self.state.end("sent more descriptors than a report carries", True))
+                return True
+            # We were out of descriptors as a SPARE arrived: the kernel
+            # dropped its socket (the process it belonged to sees EOF
+            # and exits).  A placeholder keeps the frame decodable.
+            fds = [-1]
+        with self.lock:
+            self._journal = None
+            events = self.state.receive(data, fds) if data else self.state.receive_eof()
+            self._apply(events)
+        return not data or self.state.ended is not None
 
     def _apply(self, events: list[C.Event]) -> None:
         """What the driver does about the state's events (caller holds ``lock``)."""
