@@ -379,3 +379,35 @@ def run_source(tmp_path: Any, source: str, *python_args: str, name: str = "main.
     script.write_text(textwrap.dedent(source))
     return run_program(str(script), python_args=python_args, cwd=str(tmp_path), quiet=quiet,
                        timeout=timeout)
+
+
+def small_socket_buffers(monkeypatch: Any) -> None:
+    """Make the next socketpairs (a template's report channel among them)
+    hold a few KiB, so that a template's reports fill its channel at once."""
+    real = socket.socketpair
+
+    def small(*args: Any) -> tuple[socket.socket, socket.socket]:
+        a, b = real(*args)
+        for s in (a, b):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        return a, b
+
+    monkeypatch.setattr(socket, "socketpair", small)
+
+
+def read_exactly(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes, or fewer at EOF, within 10 s."""
+    sock.settimeout(10)
+    data = b""
+    while len(data) < n and (more := sock.recv(n - len(data))):
+        data += more
+    return data
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True

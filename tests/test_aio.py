@@ -20,7 +20,7 @@ from anyfork import _protocol as wire
 from anyfork._backend import deadline_after, run_blocking  # noqa: F401
 from anyfork._caller import TemplateState  # noqa: F401
 from anyfork._reports import ReportChannel  # noqa: F401
-from helpers import digest, run_program, wait_exited, zombie_children
+from helpers import digest, run_program, small_socket_buffers, wait_exited, zombie_children
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -247,25 +247,10 @@ TICK = 0.01
 MAX_STALL = 0.05  # the issue's bound: a tick may come late by this much, no more
 
 
-def _small_report_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the next socketpairs (a template's report channel among them)
-    hold a few KiB, so that a template's reports fill it at once."""
-    real = socket.socketpair
-
-    def small(*args: object) -> tuple[socket.socket, socket.socket]:
-        a, b = real(*args)  # type: ignore[arg-type]
-        for s in (a, b):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        return a, b
-
-    monkeypatch.setattr(socket, "socketpair", small)
-
-
 def test_a_ticker_never_stalls_while_64_run_async_and_wait_async_calls_run(
         monkeypatch: pytest.MonkeyPatch) -> None:
     tpl = anyfork.new_exec().eval("def quick(s):\n    pass\n")
-    _small_report_buffers(monkeypatch)
+    small_socket_buffers(monkeypatch)
     kids = [tpl.fork() for _ in range(64)]  # the first fork makes the (small) report channel
     monkeypatch.undo()
     first, second = kids[:32], kids[32:]

@@ -9,14 +9,7 @@ import pytest
 
 from anyfork import _caller as C
 from anyfork import _protocol as wire
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
+from helpers import is_open
 
 
 @pytest.fixture

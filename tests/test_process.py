@@ -29,7 +29,17 @@ from anyfork import _protocol as wire  # noqa: F401
 from anyfork._backend import deadline_after, run_blocking  # noqa: F401
 from anyfork._caller import TemplateState  # noqa: F401
 from anyfork._reports import ReportChannel  # noqa: F401
-from helpers import Greeter, digest, finish, outcome, read_all, run_program, wait_exited, zombie_children
+from helpers import (
+    Greeter,
+    digest,
+    finish,
+    outcome,
+    read_all,
+    read_exactly,
+    run_program,
+    wait_exited,
+    zombie_children,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -967,14 +977,6 @@ def test_sys_path_entries_that_are_not_str_do_not_break_new(entry: object,
 
 
 # --- regressions: what broke once, pinned (moved from test_regressions.py) -------------
-
-
-def read_exactly(sock: socket.socket, n: int) -> bytes:
-    sock.settimeout(10)
-    data = b""
-    while len(data) < n and (more := sock.recv(n - len(data))):
-        data += more
-    return data
 
 
 def _blocking_facts(sock: socket.socket) -> tuple[object, bool]:

@@ -25,7 +25,7 @@ import pytest
 
 import anyfork
 from anyfork import _protocol as wire
-from helpers import read_all, run_source
+from helpers import read_all, read_exactly, run_source
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -178,14 +178,6 @@ def test_a_template_that_patches_socket_gives_children_the_patched_class(forked_
         assert child.wait(5) == 0
     tpl.close()
     assert tpl.wait(5) == 0
-
-
-def read_exactly(sock: socket.socket, n: int) -> bytes:
-    sock.settimeout(10)
-    data = b""
-    while len(data) < n and (more := sock.recv(n - len(data))):
-        data += more
-    return data
 
 
 # Defect r3-closed-flag: a worker that closed its socket and then became a template with

@@ -16,7 +16,7 @@ from anyfork import _protocol as wire
 from anyfork._backend import deadline_after, run_blocking
 from anyfork._caller import TemplateState
 from anyfork._reports import ReportChannel
-from helpers import run_program, wait_exited
+from helpers import run_program, small_socket_buffers, wait_exited
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -118,23 +118,10 @@ def test_report_channel_survives_running_out_of_descriptors_as_a_spare_arrives()
 # Pins d08/d15, restated: a template once blocked writing reports to a caller blocked writing
 # to it; it now keeps a backlog.  What must hold is that a full channel loses nothing and
 # holds nothing up.
-def _small_report_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = socket.socketpair
-
-    def small(*args: object) -> tuple[socket.socket, socket.socket]:
-        a, b = real(*args)  # type: ignore[arg-type]
-        for s in (a, b):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        return a, b
-
-    monkeypatch.setattr(socket, "socketpair", small)
-
-
 def test_a_full_report_channel_loses_no_report_and_holds_nothing_up(
         monkeypatch: pytest.MonkeyPatch) -> None:
     tpl = anyfork.new_exec().eval("def quick(s):\n    pass\ndef g(s, *a):\n    pass\n")
-    _small_report_buffers(monkeypatch)
+    small_socket_buffers(monkeypatch)
     kids = [tpl.fork() for _ in range(48)]
     monkeypatch.undo()
     try:

@@ -1,32 +1,11 @@
 import gc
 import json
-import os
-import signal
-import time
 
-import anyfork
-import helpers
-from anyfork import _process, _runtime
+from caller_pool import fill_pool, start, still_alive
 
+from anyfork import _runtime
 
-def fill_pool(tpl):
-    deadline = time.monotonic() + 5
-    while len(tpl._tpl.state.pool) < _process._POOL and time.monotonic() < deadline:
-        helpers.pump(tpl, 0.1)
-    return [child.pid for child, _ in tpl._tpl.state.pool.values()]
-
-def template_fds(tpl):
-    return tpl._descriptors()
-
-def still_alive(pids):
-    deadline = time.monotonic() + 3
-    alive = [pid for pid in pids if not helpers.wait_exited(pid, max(0, deadline - time.monotonic()))]
-    for pid in alive:
-        os.kill(pid, signal.SIGKILL)  # clean up what the test started
-    return alive
-
-before = helpers.open_fds()
-anyfork.new().close()
+before = start()
 
 spares = fill_pool(_runtime.runtime.default)
 _runtime.runtime.default = None
