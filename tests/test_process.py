@@ -1114,3 +1114,24 @@ def test_a_callers_default_timeout_leaves_its_sockets_blocking_and_its_writes_wh
             assert p.wait(10) == 0
     finally:
         socket.setdefaulttimeout(old)
+
+
+@pytest.mark.parametrize("how", ["run", "close"])
+def test_running_or_closing_a_template_lets_every_process_forked_ahead_go_at_once(how: str) -> None:
+    # Broke (issue 15 #4): one whose SPARE report was still unread stayed alive, idle, for as
+    # long as the caller held the template object.
+    tpl = anyfork.new_exec().eval("def hold(s):\n    s.recv(1)\n")
+    child = tpl.fork_ahead(AHEAD).fork()
+    assert _until(lambda: len(_children_of(tpl.pid) - {child.pid}) == AHEAD), "setup: none forked ahead"
+    ahead = _children_of(tpl.pid) - {child.pid}
+    sock = tpl.run("hold") if how == "run" else None
+    if sock is None:
+        tpl.close()
+    try:
+        for pid in ahead:
+            assert wait_exited(pid), f"process {pid}, forked ahead, outlived its template's {how}()"
+    finally:
+        if sock is not None:
+            sock.close()
+        child.close()
+    assert tpl.wait(5) == 0
