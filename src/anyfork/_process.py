@@ -625,7 +625,7 @@ _POOL = 3
 _MAX_AHEAD = 64  # fork_ahead's limit: past that it is a pool's job, not a template's
 
 
-def _check_supported() -> None:
+def check_supported() -> None:
     if _UNSUPPORTED:
         from ._errors import UnsupportedError
 
@@ -643,7 +643,7 @@ def new_exec() -> Process:
     Raises:
         anyfork.Error: no interpreter to start, or the spawn failed.
     """
-    _check_supported()
+    check_supported()
     runtime.reap_directs()
     early = runtime.early
     if early is not None and _template_alive(early):
@@ -751,7 +751,7 @@ def new() -> Process:
     Raises:
         TemplateDiedError: the template died twice in a row.
     """
-    _check_supported()
+    check_supported()
     for attempt in (1, 2):
         tpl = _default_template()  # reaps on the way, like every call into anyfork
         try:

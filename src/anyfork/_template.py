@@ -83,7 +83,7 @@ def fork_template(*, allow_threads: bool = False) -> Process:
             false, or the fork failed.
         anyfork.UnsupportedError: the platform can't fork or pass descriptors.
     """
-    _process._check_supported()
+    _process.check_supported()
     others = threading.active_count() - 1
     if others > 0 and not allow_threads:
         raise Error(
