@@ -249,7 +249,7 @@ MAX_STALL = 0.05  # the issue's bound: a tick may come late by this much, no mor
 
 def test_a_ticker_never_stalls_while_64_run_async_and_wait_async_calls_run(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    tpl = anyfork.new_exec().eval("def quick(s):\n    pass\n")
+    tpl = anyfork.new_exec().eval("import time\ndef quick(s):\n    pass\ndef pause(s):\n    time.sleep(0.2)\n")
     small_socket_buffers(monkeypatch)
     kids = [tpl.fork() for _ in range(64)]  # the first fork makes the (small) report channel
     monkeypatch.undo()
@@ -277,14 +277,19 @@ def test_a_ticker_never_stalls_while_64_run_async_and_wait_async_calls_run(
                 last = now
 
         async def run_and_wait(k: anyfork.Process) -> int:
-            (await k.run_async("quick")).close()
-            return await k.wait_async(10)
+            (await k.run_async("pause")).close()
+            return await k.wait_async(10)  # 0.2 s: a wait that blocked would show
 
         tick = asyncio.ensure_future(ticker())
         await asyncio.sleep(3 * TICK)  # the ticker is going
         try:
-            statuses = await asyncio.wait_for(asyncio.gather(
-                *(k.wait_async(10) for k in first), *(run_and_wait(k) for k in second)), 20)
+            # Started one per loop iteration: each call's first step is the
+            # ticker's to wait for, not 64 of them back to back.
+            calls = []
+            for c in [*(k.wait_async(10) for k in first), *(run_and_wait(k) for k in second)]:
+                calls.append(asyncio.ensure_future(c))
+                await asyncio.sleep(0)
+            statuses = await asyncio.wait_for(asyncio.gather(*calls), 20)
         finally:
             done.set()
             await tick
