@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 import anyfork
-from anyfork import _process
+from anyfork import _runtime
 from helpers import open_fds, zombie_children
 
 if TYPE_CHECKING:
@@ -37,20 +37,12 @@ def default_template() -> None:
 
 
 def _default_template_fds() -> set[int]:
-    tpl = _process._default
-    if tpl is None:
-        return set()
-    fds = set()
-    if tpl._sock is not None:
-        fds.add(tpl._sock.fileno())
-    if tpl._reports is not None and tpl._reports.fileno() >= 0:
-        fds.add(tpl._reports.fileno())
-        # The processes it keeps forked ahead, ready for new(): replaced as
-        # they are handed out, so their sockets change from test to test.
-        fds.update(sock.fileno() for _, sock in tpl._reports.pool.values())
-    if tpl._direct is not None and tpl._direct.pidfd >= 0:
-        fds.add(tpl._direct.pidfd)
-    # anyfork.rpc's reader thread is long-lived by design too (its epoll).
+    """What the default template owns now: its socket, its report channel,
+    its pidfd, and the processes it keeps forked ahead, ready for new()
+    (replaced as they are handed out, so they change from test to test);
+    and anyfork.rpc's reader thread's epoll, long-lived by design too."""
+    tpl = _runtime.runtime.default
+    fds = set() if tpl is None else tpl._descriptors()
     rpc = sys.modules.get("anyfork.rpc")
     reactor = getattr(rpc, "_the_reactor", None)
     if reactor is not None and reactor.epoll is not None:
@@ -62,7 +54,7 @@ def _leaks(before: dict[int, str]) -> tuple[dict[int, str], list[int]]:
     # Processes the test dropped are collected, and children that exited are
     # reaped, by the next call into anyfork: make that call.
     gc.collect()
-    _process._reap_directs()
+    _runtime.runtime.reap_directs()
     now = open_fds()
     allowed = _default_template_fds()
     leaked = {fd: target for fd, target in now.items()

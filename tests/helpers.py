@@ -18,6 +18,13 @@ import socket
 import sys
 import time
 
+# Not "from typing import ...": every process that runs a helper imports this
+# module, and typing would be one more module in each (tests check that).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Any
+
 # --- in the process ---------------------------------------------------------------------
 
 
@@ -284,3 +291,126 @@ def wait_exited(pid: int, timeout: float = TIMEOUT) -> bool:
         return bool(ready)
     finally:
         os.close(fd)
+
+
+def pump(tpl: object, seconds: float) -> None:
+    """Read a template's reports for up to ``seconds`` (fills its pool of
+    processes forked ahead, dispatches exits), as any call into anyfork would."""
+    from anyfork._backend import deadline_after, run_blocking
+
+    channel = tpl._tpl.reports  # type: ignore[attr-defined]
+    run_blocking(channel.until_op(lambda: False, deadline_after(seconds)))
+
+
+# --- running a program of its own --------------------------------------------------------
+
+SCENARIOS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scenarios")
+
+
+class Ran:
+    """What a program run by ``run_program`` printed: ``facts`` (its one
+    JSON line; ``ran[key]`` reads one), ``stdout`` (lines) and ``stderr``.
+    Unpacks as ``facts, stderr``."""
+
+    def __init__(self, facts: dict[str, Any], stdout: str, stderr: str) -> None:
+        self.facts = facts
+        self.stdout = stdout.splitlines()
+        self.stderr = stderr
+
+    def __getitem__(self, key: str) -> Any:
+        return self.facts[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.facts, self.stderr))
+
+
+def run_program(program: str, *args: str, python_args: tuple[str, ...] = (), timeout: float = 30.0,
+                cwd: str | None = None, quiet: bool = False) -> Ran:
+    """Run ``program`` (a path, or the name of a file in tests/scenarios) as a
+    caller of its own, and read the one JSON line of facts it printed.
+
+    ``args`` go to the program (``sys.argv[1:]``); ``python_args`` to the
+    interpreter (``-m mod`` runs a module instead).  anyfork's source and
+    this directory are on its path.  Output goes to files, not pipes: a
+    process left behind must not keep the test waiting for EOF.  A program
+    that hangs is killed at ``timeout``; with ``check``, one that exits
+    with a status other than 0 fails the test.
+    """
+    import json
+    import subprocess
+    import tempfile
+
+    import pytest
+
+    path = program if os.path.isabs(program) else os.path.join(SCENARIOS, program)
+    src = os.path.dirname(os.path.dirname(os.path.abspath(__import__("anyfork").__file__)))
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, tests, os.environ.get("PYTHONPATH", "")]))
+    argv = [sys.executable, *python_args]
+    if "-m" not in python_args:
+        argv.append(path)
+    argv.extend(args)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=cwd)
+        try:
+            rc: int | None = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            rc = None
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+    if rc is None:
+        pytest.fail(f"{program} hung for {timeout} s\nstdout: {stdout}\nstderr: {stderr}")
+    assert rc == 0, f"{program} exited with {rc}\nstdout: {stdout}\nstderr: {stderr}"
+    if quiet:
+        assert stderr == "", stderr
+    facts = [line for line in stdout.splitlines() if line.startswith("{")]
+    assert len(facts) == 1, f"stdout: {stdout}\nstderr: {stderr}"
+    return Ran(json.loads(facts[0]), stdout, stderr)
+
+
+def run_source(tmp_path: Any, source: str, *python_args: str, name: str = "main.py",
+               quiet: bool = False, timeout: float = 20.0) -> Ran:
+    """``run_program`` of ``source``, written to ``tmp_path / name`` and run there."""
+    import textwrap
+
+    script = tmp_path / name
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(textwrap.dedent(source))
+    return run_program(str(script), python_args=python_args, cwd=str(tmp_path), quiet=quiet,
+                       timeout=timeout)
+
+
+def small_socket_buffers(monkeypatch: Any) -> None:
+    """Make the next socketpairs (a template's report channel among them)
+    hold a few KiB, so that a template's reports fill its channel at once."""
+    real = socket.socketpair
+
+    def small(*args: Any) -> tuple[socket.socket, socket.socket]:
+        a, b = real(*args)
+        for s in (a, b):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        return a, b
+
+    monkeypatch.setattr(socket, "socketpair", small)
+
+
+def read_exactly(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes, or fewer at EOF, within 10 s."""
+    sock.settimeout(10)
+    data = b""
+    while len(data) < n and (more := sock.recv(n - len(data))):
+        data += more
+    return data
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True

@@ -9,17 +9,24 @@ program.
 
 from __future__ import annotations
 
+import asyncio  # noqa: F401
 import json
 import os
+import select  # noqa: F401
+import struct  # noqa: F401
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import anyfork
+from anyfork import _protocol as wire  # noqa: F401
+from anyfork._backend import deadline_after, run_blocking  # noqa: F401
+from anyfork._caller import TemplateState  # noqa: F401
+from anyfork._reports import ReportChannel  # noqa: F401
+from helpers import read_all, run_program, run_source, wait_exited, zombie_children  # noqa: F401
 
 _SRC = str(Path(anyfork.__file__).resolve().parent.parent)
 
@@ -39,22 +46,6 @@ def report(sock):
         "fds": sorted(map(int, os.listdir("/proc/self/fd"))) if os.path.isdir("/proc/self/fd") else None,
     }).encode())
 '''
-
-
-def run_program(tmp_path: Path, source: str, *python_args: str, name: str = "main.py") -> tuple[Any, str]:
-    script = tmp_path / name
-    script.parent.mkdir(parents=True, exist_ok=True)
-    script.write_text(textwrap.dedent(source))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([_SRC, os.environ.get("PYTHONPATH", "")]))
-    argv = [sys.executable, *python_args]
-    if "-m" not in python_args:
-        argv.append(str(script))
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=20, env=env, cwd=tmp_path,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr
-    facts = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(facts) == 1, proc.stdout + proc.stderr
-    return json.loads(facts[0]), proc.stderr
 
 
 PROGRAM = """
@@ -80,7 +71,7 @@ PROGRAM = """
 
 
 def test_new_exec_and_new_fork_from_the_early_process(tmp_path: Path) -> None:
-    facts, stderr = run_program(tmp_path, PROGRAM, "-X", "dev")
+    facts, stderr = run_source(tmp_path, PROGRAM, "-X", "dev")
     assert stderr == ""  # no LateImportWarning, and (-X dev) no ResourceWarning at exit
     me, early = facts["me"], facts["early"]
     assert early != me
@@ -109,7 +100,7 @@ def test_program_atexit_runs_once(tmp_path: Path) -> None:
 
 
 def test_back_to_exec_once_the_early_process_is_gone(tmp_path: Path) -> None:
-    facts, stderr = run_program(tmp_path, """
+    facts, stderr = run_source(tmp_path, """
         import anyfork.early
         import json, os
         import anyfork
@@ -143,9 +134,9 @@ def test_first_import_does_not_warn(tmp_path: Path, how: str) -> None:
     if how == "-m":
         (tmp_path / "app").mkdir()
         (tmp_path / "app" / "__init__.py").write_text("")
-        facts, stderr = run_program(tmp_path, source, "-W", "error", "-m", "app.main", name="app/main.py")
+        facts, stderr = run_source(tmp_path, source, "-W", "error", "-m", "app.main", name="app/main.py")
     else:
-        facts, stderr = run_program(tmp_path, source, "-W", "error")
+        facts, stderr = run_source(tmp_path, source, "-W", "error")
     assert stderr == ""
     assert facts["early"] > 0
 
@@ -159,7 +150,7 @@ def test_first_import_does_not_warn(tmp_path: Path, how: str) -> None:
     ids=["modules", "threads"],
 )
 def test_late_import_warns_once_and_still_works(tmp_path: Path, before: str, why: str) -> None:
-    facts, stderr = run_program(tmp_path, f"""
+    facts, stderr = run_source(tmp_path, f"""
         {before}
         import anyfork.early
         import json, os
@@ -178,7 +169,7 @@ def test_late_import_warns_once_and_still_works(tmp_path: Path, before: str, why
 
 
 def test_no_socket_left_unclosed_at_exit(tmp_path: Path) -> None:
-    _facts, stderr = run_program(tmp_path, """
+    _facts, stderr = run_source(tmp_path, """
         import os, sys
         sys.unraisablehook = lambda u: os.write(2, f"UNRAISABLE {u.exc_value!r}\\n".encode())
         import anyfork.early
@@ -189,3 +180,34 @@ def test_no_socket_left_unclosed_at_exit(tmp_path: Path) -> None:
         print(json.dumps({}))
     """, "-W", "error::ResourceWarning")
     assert "UNRAISABLE" not in stderr, stderr
+
+
+# --- regressions: what broke once, pinned (moved from test_regressions.py) -------------
+
+
+# Pins r2-inflight: closing a template left its forked-ahead processes still on their way alive.
+
+
+def test_closing_the_early_template_lets_go_of_processes_forked_ahead_on_their_way() -> None:
+    facts = run_program("caller_close_with_spawns_in_flight.py", timeout=30).facts
+    assert facts["status"] == 0, facts
+    assert facts["left"] == [], f"processes forked ahead outlived their closed template: {facts}"
+
+
+# Pins r2-pth-early: under anyfork.early, new_exec() ran a hook again the early process had run.
+
+
+def test_hook_is_not_run_twice_in_processes_of_the_early_process(tmp_path: Path) -> None:
+    (tmp_path / "anyfork_pth_count.py").write_text(
+        "count = 0\n\ndef bump():\n    global count\n    count += 1\n")
+    (tmp_path / "count.pth").write_text("import anyfork_pth_count; anyfork_pth_count.bump()\n")
+    facts = run_program("caller_early_site_twice.py", str(tmp_path), timeout=30).facts
+    assert facts == {"caller": 1, "new": 1, "new_exec": 1}, f"times the hook ran: {facts}"
+
+
+# Pins r2-early-lock: in a process of the early process, another thread importing anyfork.early hung.
+
+
+def test_thread_importing_anyfork_early_in_a_process_of_the_early_process_completes() -> None:
+    facts = run_program("caller_early_import_in_thread.py", timeout=30).facts
+    assert facts["said"] == "imported", f"the thread's import did not complete: {facts}"

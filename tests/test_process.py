@@ -4,23 +4,42 @@ default template.  Most tests run under each way of getting a process
 
 from __future__ import annotations
 
+import asyncio  # noqa: F401
 import functools
 import gc
+import json  # noqa: F401
 import os
 import select
 import signal
 import socket
+import struct  # noqa: F401
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 import anyfork
 import helpers
-from anyfork import _process
-from helpers import Greeter, digest, finish, outcome, read_all, wait_exited, zombie_children
+from anyfork import _process, _runtime
+from anyfork import _protocol as wire  # noqa: F401
+from anyfork._backend import deadline_after, run_blocking  # noqa: F401
+from anyfork._caller import TemplateState  # noqa: F401
+from anyfork._reports import ReportChannel  # noqa: F401
+from helpers import (
+    Greeter,
+    digest,
+    finish,
+    outcome,
+    read_all,
+    read_exactly,
+    run_program,
+    wait_exited,
+    zombie_children,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -250,8 +269,12 @@ def test_send_fh_rejects_bad_handles_and_queues_nothing(tmp_path: Path) -> None:
             p.send_fh(w, closed)
         with pytest.raises(ValueError):
             p.send_fh(w, -1)
-        with pytest.raises(OSError):
-            p.send_fh(w, 1_000_000)  # not open
+        # Not open, and not a descriptor number at all: ValueError at the call
+        # (it was a bare OSError, and OverflowError, before).
+        with pytest.raises(ValueError, match="not an open descriptor"):
+            p.send_fh(w, 1_000_000)
+        with pytest.raises(ValueError, match="not a descriptor number"):
+            p.send_fh(w, 2**31)
     finally:
         os.close(w)
     try:
@@ -722,11 +745,66 @@ def _reply(proc: anyfork.Process) -> bytes:
         return sock.recv(1000)
 
 
-def test_a_template_forked_from_twice_keeps_processes_forked_ahead_of_the_same_state() -> None:
+AHEAD = 2
+
+
+def test_a_template_forks_ahead_only_when_told_to() -> None:
     tpl = anyfork.new_exec().eval("x = 1\n" + STATE)
     try:
-        first = [tpl.fork(), tpl.fork()]  # forked from twice, unchanged: a pool template
-        assert _until(lambda: len(_children_of(tpl.pid)) >= len(first) + _process._USER_AHEAD)
+        first = [tpl.fork() for _ in range(3)]  # forked from three times, unchanged
+        for p in first:
+            assert p.pid in _children_of(tpl.pid)
+        # Once every fork is reported, nothing else is running under it; a
+        # fork ahead, had there been one, would be by now (its SPAWN went
+        # with the FORK before it).
+        assert _children_of(tpl.pid) == {p.pid for p in first}
+        tpl.fork_ahead(AHEAD)
+        assert _until(lambda: len(_children_of(tpl.pid)) == len(first) + AHEAD)
+        for p in first:
+            p.close()
+    finally:
+        tpl.close()
+
+
+def test_fork_ahead_checks_its_argument_and_its_process() -> None:
+    tpl = anyfork.new_exec()
+    try:
+        with pytest.raises(TypeError):
+            tpl.fork_ahead("2")  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            tpl.fork_ahead(True)
+        with pytest.raises(ValueError, match="0 to 64"):
+            tpl.fork_ahead(-1)
+        with pytest.raises(ValueError, match="0 to 64"):
+            tpl.fork_ahead(65)
+        assert tpl.fork_ahead(0) is tpl
+    finally:
+        tpl.close()
+    with pytest.raises(anyfork.ProcessStateError):
+        tpl.fork_ahead(1)
+
+
+def test_fork_ahead_zero_lets_those_waiting_go() -> None:
+    tpl = anyfork.new_exec().eval("x = 1\n" + STATE)
+    try:
+        tpl.fork_ahead(AHEAD)
+        assert _until(lambda: len(_children_of(tpl.pid)) == AHEAD)
+        ahead = _children_of(tpl.pid)
+        tpl.fork_ahead(0)
+        fresh = tpl.fork()
+        assert fresh.pid not in ahead
+        # (returncode reads the reports that carry those forked ahead.)
+        assert _until(lambda: fresh.returncode is None and _children_of(tpl.pid) == {fresh.pid})
+        fresh.close()
+    finally:
+        tpl.close()
+
+
+def test_a_template_told_to_fork_ahead_hands_out_processes_of_the_same_state() -> None:
+    tpl = anyfork.new_exec().eval("x = 1\n" + STATE)
+    try:
+        first = [tpl.fork_ahead(AHEAD).fork(), tpl.fork()]
+        assert _until(lambda: len(_children_of(tpl.pid)) >= len(first) + AHEAD)
         ahead = _children_of(tpl.pid) - {p.pid for p in first}
         third = tpl.fork()
         assert third.pid in ahead  # handed out, not forked on request
@@ -743,8 +821,8 @@ def test_changing_a_template_lets_its_processes_forked_ahead_go(change: str) -> 
     tpl = anyfork.new_exec().eval("x = 1\n" + STATE)
     a, b = socket.socketpair()
     try:
-        first = [tpl.fork(), tpl.fork()]
-        assert _until(lambda: len(_children_of(tpl.pid)) >= len(first) + _process._USER_AHEAD)
+        first = [tpl.fork_ahead(AHEAD).fork(), tpl.fork()]
+        assert _until(lambda: len(_children_of(tpl.pid)) >= len(first) + AHEAD)
         ahead = _children_of(tpl.pid) - {p.pid for p in first}
         if change == "eval":
             tpl.eval("x = 2")
@@ -756,8 +834,13 @@ def test_changing_a_template_lets_its_processes_forked_ahead_go(change: str) -> 
             tpl.send_fh(a)
         after = tpl.fork()
         assert after.pid not in ahead
-        # Those forked ahead had the old state: they exit rather than be handed out.
+        # Those forked ahead had the old state: they exit rather than be handed
+        # out, and the template forks ahead again, from the new state.
         assert _until(lambda: not (ahead & _children_of(tpl.pid)))
+        assert _until(lambda: len(_children_of(tpl.pid)) == len(first) + 1 + AHEAD)
+        again = tpl.fork()
+        assert again.pid in _children_of(tpl.pid) - ahead - {p.pid for p in first} - {after.pid}
+        again.close()
         x, items = eval(_reply(after))
         assert x == (2 if change == "eval" else 1)
         assert items == {"send_arg": ("new",), "send_fh": ("socket",)}.get(change, ())
@@ -768,3 +851,287 @@ def test_changing_a_template_lets_its_processes_forked_ahead_go(change: str) -> 
         a.close()
         b.close()
         tpl.close()
+
+
+# --- issue 15: defects of the caller side, each pinned ------------------------------------------
+
+MiB = 1 << 20
+
+
+def test_run_from_two_threads_runs_once_and_the_other_gets_process_state_error() -> None:
+    # Broke: both run() calls queued a RUN; the function read the second as data.
+    for _ in range(40):
+        p = anyfork.new().eval("def take(s):\n    s.sendall(repr(s.recv(100)).encode())\n")
+        barrier = threading.Barrier(2)
+        results: list[object] = []
+
+        def go(proc: anyfork.Process = p, barrier: threading.Barrier = barrier,
+               results: list[object] = results) -> None:
+            barrier.wait(5)
+            try:
+                results.append(proc.run("take"))
+            except anyfork.ProcessStateError as e:
+                results.append(e)
+
+        threads = [threading.Thread(target=go) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        socks = [r for r in results if isinstance(r, socket.socket)]
+        assert len(results) == 2
+        assert len(socks) == 1, f"run() succeeded {len(socks)} times"
+        with socks[0] as s:
+            s.shutdown(socket.SHUT_WR)
+            assert read_all(s) == b"b''", "the function read a stray RUN frame"
+        assert p.wait(5) == 0
+
+
+def test_a_dead_process_forked_ahead_is_never_handed_out() -> None:
+    # Broke: fork() took a spare before reading the EXIT reports already waiting.
+    anyfork.new().close()
+    tpl = _runtime.runtime.default
+    assert tpl is not None
+    deadline = time.monotonic() + 5
+    while len(tpl._tpl.state.pool) < _process._POOL and time.monotonic() < deadline:
+        helpers.pump(tpl, 0.1)
+    spares = [child.pid for child, _ in tpl._tpl.state.pool.values()]
+    assert len(spares) == _process._POOL, "setup: the pool never filled"
+    for pid in spares:
+        os.kill(pid, signal.SIGKILL)
+    for pid in spares:
+        assert wait_exited(pid), "setup: a process forked ahead survived SIGKILL"
+    assert select.select([tpl._tpl.reports.fileno()], [], [], 5)[0], "setup: no EXIT report waiting"
+    for _ in range(_process._POOL + 1):
+        p = anyfork.new()
+        assert p.pid not in spares
+        assert outcome(p, "helpers:pids")[0] == p.pid
+
+
+@pytest.mark.parametrize("how", ["close", "run"])
+def test_closing_or_running_a_template_closes_its_report_channel(how: str) -> None:
+    # Broke: only __del__ closed it, so it lasted as long as any child's object.
+    before = set(helpers.open_fds())
+    tpl = anyfork.new_exec().eval("def hold(s):\n    s.recv(1)\n")
+    child = tpl.fork()
+    child.pid  # noqa: B018 - reported, so nothing is on its way
+    sock = tpl.run("hold") if how == "run" else None
+    if sock is None:
+        tpl.close()
+    # (The template's pidfd is open while it is alive: not a channel.)
+    new = {fd for fd, what in helpers.open_fds().items() if fd not in before and "pidfd" not in what}
+    mine = {child._cmd.sock.fileno()} | ({sock.fileno()} if sock is not None else set())
+    try:
+        assert new == mine, f"still open besides the child's socket (and run's): {new - mine}"
+    finally:
+        if sock is not None:
+            sock.close()
+        child.close()
+        assert tpl.wait(5) == 0
+
+
+def test_wait_timeout_covers_a_template_busy_with_another_threads_write() -> None:
+    # Broke: wait(timeout) took the template's lock, held by a writer, before timing.
+    tpl = anyfork.new_exec().eval("def hold(s):\n    s.recv(1)\n")
+    child = tpl.fork()
+    sock = child.run("hold")
+    tpl.eval("import time\ntime.sleep(4)").send_arg(b"x" * (32 * MiB))
+    writer = threading.Thread(target=lambda: tpl.fork().close(), daemon=True)
+    writer.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not tpl._cmd.writing and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert tpl._cmd.writing, "setup: the other thread is not writing"
+        with pytest.raises(anyfork.TimeoutExpired):
+            child.wait(0.2)
+        assert writer.is_alive(), "wait() returned only after the template took the write"
+    finally:
+        sock.close()
+        writer.join(20)
+    assert child.wait(5) == 0
+    tpl.close()
+    assert tpl.wait(5) == 0
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e7, 3e6])
+def test_a_huge_timeout_means_wait(timeout: float, forked: Make) -> None:
+    # Broke: the millisecond conversion raised OverflowError.
+    p = forked()
+    p.run("helpers:wait_eof").close()
+    assert p.wait(timeout) == 0
+
+
+@pytest.mark.parametrize("entry", [pytest.param("path", id="Path"), pytest.param(b"/nowhere", id="bytes"),
+                                   pytest.param(3, id="int")])
+def test_sys_path_entries_that_are_not_str_do_not_break_new(entry: object,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Path) -> None:
+    # Broke: new() and new_exec() raised TypeError (PosixPath has no len()).
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.path.append(tmp_path if entry == "path" else entry)  # type: ignore[arg-type]
+    (tmp_path / "onpath.py").write_text("def f(s):\n    s.sendall(b'found')\n")
+    for make in (anyfork.new, anyfork.new_exec):
+        with make().run("onpath:f") as s:
+            assert read_all(s) == b"found"
+
+
+# --- regressions: what broke once, pinned (moved from test_regressions.py) -------------
+
+
+def _blocking_facts(sock: socket.socket) -> tuple[object, bool]:
+    return sock.gettimeout(), os.get_blocking(sock.fileno())
+
+
+# Pins d16: returncode on a forked process never read the report channel.
+@pytest.mark.parametrize("how", ["new", "fork"])
+def test_polling_returncode_alone_sees_the_exit_status(how: str) -> None:
+    tpl = anyfork.new_exec() if how == "fork" else None
+    p = tpl.fork() if tpl is not None else anyfork.new()
+    try:
+        p.run("helpers:wait_eof").close()  # it exits now, with status 0
+        deadline = time.monotonic() + 3
+        while p.returncode is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert p.returncode == 0, "returncode still None 3 s after the process exited"
+    finally:
+        p.wait(5)
+        if tpl is not None:
+            tpl.close()
+            tpl.wait(5)
+
+
+# Pins d01: wait(0) on a running process let an AssertionError escape.
+def test_wait_zero_on_a_running_process_raises_timeout_expired(make: Make) -> None:
+    p = make()
+    sock = p.run("helpers:wait_eof")
+    try:
+        with pytest.raises(anyfork.TimeoutExpired):
+            p.wait(0)
+    finally:
+        sock.close()
+    assert p.wait(5) == 0
+
+
+# Pins d14: kill(bad signal) gave a bare OSError (new_exec) or did nothing (forked).
+@pytest.mark.parametrize("sig", [999, -1])
+def test_kill_with_an_invalid_signal_raises_value_error(make: Make, sig: int) -> None:
+    p = make()
+    sock = p.run("helpers:wait_eof")
+    try:
+        with pytest.raises(ValueError):
+            p.kill(sig)
+    finally:
+        sock.close()
+    assert p.wait(5) == 0
+
+
+# Pins d06: a default template's spares outlived it, and its descriptors piled up.
+
+
+
+
+
+@pytest.mark.parametrize("code", [
+    pytest.param("caller_pool_replaced.py", id="replaced"),
+    pytest.param("caller_pool_closed.py", id="closed"),
+    pytest.param("caller_pool_dropped.py", id="dropped"),
+])
+def test_default_template_spares_exit_with_it_and_leave_no_descriptors(code: str) -> None:
+    facts = run_program(code, timeout=40).facts
+    assert facts["spares"] >= _process._POOL, f"setup: the pool never filled: {facts}"
+    assert facts["alive"] == [], f"forked-ahead processes outlived their template: {facts}"
+    assert facts["leaked"] == {}, f"descriptors piled up across template restarts: {facts}"
+
+
+# Pins d07: fork() failing with EMFILE leaked a detached descriptor and raised a bare OSError.
+
+
+@pytest.mark.parametrize("free", [
+    pytest.param(0, id="command-socketpair"),
+    pytest.param(2, id="report-channel-socketpair"),
+])
+def test_fork_out_of_descriptors_raises_error_and_leaks_nothing(free: int) -> None:
+    facts = run_program("caller_fork_emfile.py", str(free), timeout=20).facts
+    assert facts["raised"] is not None, f"setup: fork() succeeded: {facts}"
+    assert facts["is_error"], f"fork() raised {facts['raised']}, not anyfork.Error: {facts}"
+    assert facts["leaked"] == {}, f"descriptors leaked: {facts}"
+
+
+# Pins r2-pool-shrink: forked-ahead processes that died were never replaced; the pool stayed empty.
+
+
+def test_pool_refills_after_its_processes_forked_ahead_were_killed() -> None:
+    facts = run_program("caller_pool_after_spares_killed.py", timeout=40).facts
+    assert facts["before"] == facts["killed"] == _process._POOL, f"setup: {facts}"
+    assert facts["emptied"], f"setup: the killed processes stayed in the pool: {facts}"
+    assert facts["after"] == _process._POOL, f"the pool never refilled: {facts}"
+    assert facts["from_pool"], f"new() no longer hands out processes forked ahead: {facts}"
+
+
+# Pins r2-emfile: out of descriptors, new_exec(), the first new() and fork_template() raised a bare OSError.
+
+
+@pytest.mark.parametrize("name", ["new_exec", "new", "fork_template"])
+def test_out_of_descriptors_raises_anyfork_error(name: str) -> None:
+    facts = run_program("caller_emfile_call.py", name, timeout=30).facts
+    assert facts["raised"] is not None, f"setup: {name}() succeeded: {facts}"
+    assert facts["is_error"], f"{name}() raised {facts['raised']}, not anyfork.Error"
+
+
+# Pins r3-caller-timeout: under socket.setdefaulttimeout() in the caller, the sockets it handed
+# to processes were O_NONBLOCK, and a forked child died at its first read that had to wait.
+def test_a_callers_default_timeout_does_not_reach_its_processes() -> None:
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(0.5)
+    try:
+        tpl = anyfork.new_exec().require("helpers")
+        time.sleep(0.3)
+        child = tpl.fork()
+        time.sleep(0.8)  # longer than the timeout: the child waits for RUN all along
+        with child.run("helpers:echo") as sock:
+            sock.sendall(b"ping")
+            sock.shutdown(socket.SHUT_WR)
+            assert read_exactly(sock, 4) == b"ping"
+        assert child.wait(5) == 0
+        tpl.close()
+        assert tpl.wait(5) == 0
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+# Pins r4-caller-timeout: under the caller's socket.setdefaulttimeout(), the sockets run() returned
+# had the timeout (README: blocking), and anyfork's own writes of a big argument timed out.
+def test_a_callers_default_timeout_leaves_its_sockets_blocking_and_its_writes_whole() -> None:
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(0.2)
+    try:
+        for make in (anyfork.new_exec, anyfork.new):
+            p = make().eval("import time\ntime.sleep(0.6)\n").send_arg(b"x" * (8 << 20))
+            with p.run("helpers:arg_length") as sock:
+                assert _blocking_facts(sock) == (None, True)
+                assert read_all(sock) == b"%d" % (8 << 20)
+            assert p.wait(10) == 0
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+@pytest.mark.parametrize("how", ["run", "close"])
+def test_running_or_closing_a_template_lets_every_process_forked_ahead_go_at_once(how: str) -> None:
+    # Broke (issue 15 #4): one whose SPARE report was still unread stayed alive, idle, for as
+    # long as the caller held the template object.
+    tpl = anyfork.new_exec().eval("def hold(s):\n    s.recv(1)\n")
+    child = tpl.fork_ahead(AHEAD).fork()
+    assert _until(lambda: len(_children_of(tpl.pid) - {child.pid}) == AHEAD), "setup: none forked ahead"
+    ahead = _children_of(tpl.pid) - {child.pid}
+    sock = tpl.run("hold") if how == "run" else None
+    if sock is None:
+        tpl.close()
+    try:
+        for pid in ahead:
+            assert wait_exited(pid), f"process {pid}, forked ahead, outlived its template's {how}()"
+    finally:
+        if sock is not None:
+            sock.close()
+        child.close()
+    assert tpl.wait(5) == 0

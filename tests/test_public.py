@@ -4,6 +4,7 @@ users can build that only the library should."""
 from __future__ import annotations
 import __future__
 
+import ast
 import inspect
 import os
 import socket
@@ -46,12 +47,76 @@ def test_every_name_in_all_exists() -> None:
 
 def test_the_issues_api_is_there() -> None:
     assert {"new", "new_exec", "Process", "Error", "PYTHON", "freeze_support"} <= set(anyfork.__all__)
-    for method in ("fork", "require", "eval", "send_fh", "send_arg", "run", "run_async",
-                   "kill", "wait", "close", "__enter__", "__exit__"):
+    for method in ("fork", "fork_ahead", "require", "eval", "send_fh", "send_arg", "run", "run_async",
+                   "kill", "wait", "wait_async", "close", "__enter__", "__exit__"):
         assert callable(getattr(anyfork.Process, method)), method
     for prop in ("pid", "returncode"):
         assert isinstance(inspect.getattr_static(anyfork.Process, prop), property), prop
     assert inspect.iscoroutinefunction(anyfork.Process.run_async)
+    assert inspect.iscoroutinefunction(anyfork.Process.wait_async)
+
+
+def _imports(path: str) -> set[str]:
+    """The anyfork modules ``path`` imports at run time: at load or inside a
+    function (a lazy import is an edge too), not under ``if TYPE_CHECKING``."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1:
+                if node.module:
+                    found.add(node.module.split(".")[0])
+                else:
+                    found.update(alias.name for alias in node.names)
+            elif node.module and node.module.split(".")[0] == "anyfork":
+                parts = node.module.split(".")
+                if len(parts) > 1:
+                    found.add(parts[1])
+                else:
+                    found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "anyfork":
+                    found.add(parts[1] if len(parts) > 1 else "__init__")
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def test_the_package_import_graph_has_no_cycle() -> None:
+    src = os.path.dirname(anyfork.__file__)
+    modules = {name[:-3] for name in os.listdir(src) if name.endswith(".py")}
+    graph = {m: _imports(os.path.join(src, m + ".py")) & modules for m in modules}
+    assert graph["__init__"] >= {"_process", "_errors"}, "setup: the parser found nothing"
+    # The package imports its modules; no module needs the package back for
+    # its own load, except the command line and the bench (users of the API).
+    for users in ("__main__", "_bench"):
+        graph.pop(users, None)
+    for edges in graph.values():
+        edges.discard("__init__")
+    done: set[str] = set()
+
+    def walk(m: str, path: list[str]) -> None:
+        if m in path:
+            cycle = [*path[path.index(m):], m]
+            pytest.fail("import cycle: " + " -> ".join(cycle))
+        if m in done:
+            return
+        for n in sorted(graph.get(m, ())):
+            walk(n, [*path, m])
+        done.add(m)
+
+    for m in sorted(graph):
+        walk(m, [])
 
 
 def test_implementation_modules_are_private() -> None:
@@ -84,10 +149,6 @@ def test_public_callables_are_documented() -> None:
     for name, member in vars(anyfork.Process).items():
         if not name.startswith("_") and (callable(member) or isinstance(member, property)):
             assert inspect.getdoc(member), f"Process.{name}"
-
-
-def test_package_is_typed() -> None:
-    assert os.path.exists(os.path.join(os.path.dirname(anyfork.__file__), "py.typed"))
 
 
 def test_process_has_no_public_constructor() -> None:

@@ -270,7 +270,7 @@ def test_bytes_right_behind_a_first_run_reach_the_function(forked: Make) -> None
     arrive in the same read."""
     payload = b"".join(bytes(b) for b in wire.run_frame("evil")) + os.urandom(100_000)
     p = forked()
-    sock = p._sock
+    sock = p._cmd.sock
     assert sock is not None
     frame = b"".join(bytes(b) for b in wire.run_frame("helpers:echo"))
     sock.sendall(frame + payload)  # one write: the process may read them together
@@ -422,7 +422,7 @@ def test_output_a_template_buffered_is_written_once_not_by_each_child(
 
 def corrupt(p: anyfork.Process, data: bytes, fds: list[int] | None = None, eof: bool = False) -> None:
     """Write raw bytes on the command socket, past anyfork's own framing."""
-    sock = p._sock
+    sock = p._cmd.sock
     assert sock is not None
     if fds:
         sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
@@ -917,7 +917,7 @@ def test_a_template_one_descriptor_short_still_forks() -> None:
 def test_descriptors_with_a_first_run_payload_are_a_corrupted_stream() -> None:
     tpl = anyfork.new_exec()
     p = tpl.fork()
-    sock = p._sock
+    sock = p._cmd.sock
     assert sock is not None
     r, w = os.pipe()
     try:
@@ -978,8 +978,8 @@ def test_a_child_reaped_behind_the_templates_back_is_lost_even_beside_another_ex
 # Defect r4-spare-timeout: under socket.setdefaulttimeout() in a template, the caller's ends of the
 # processes it forked ahead came back O_NONBLOCK, so run()'s socket raised BlockingIOError.
 def test_sockets_of_processes_a_timeout_template_forked_ahead_are_blocking() -> None:
-    tpl = anyfork.new_exec().eval("import socket\nsocket.setdefaulttimeout(5)\n")
-    for _ in range(4):  # forked from twice without a change: it forks ahead from then on
+    tpl = anyfork.new_exec().eval("import socket\nsocket.setdefaulttimeout(5)\n").fork_ahead(2)
+    for _ in range(4):  # from processes it forked ahead
         p = tpl.fork()
         with p.run("builtins:id") as sock:
             assert _blocking_facts(sock) == (None, True)

@@ -9,18 +9,22 @@ copy of it: so every test here also checks that nothing outlives the program.
 
 from __future__ import annotations
 
-import json
+import asyncio  # noqa: F401
 import os
-import subprocess
-import sys
-import textwrap
+import select  # noqa: F401
+import signal
+import struct  # noqa: F401
 import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import anyfork
+from anyfork import _protocol as wire  # noqa: F401
+from anyfork._backend import deadline_after, run_blocking  # noqa: F401
+from anyfork._caller import TemplateState  # noqa: F401
+from anyfork._reports import ReportChannel  # noqa: F401
+from helpers import Ran, read_all, run_program, run_source, wait_exited, zombie_children  # noqa: F401
 
 _SRC = str(Path(anyfork.__file__).resolve().parent.parent)
 
@@ -29,35 +33,13 @@ _HAS_PROC = os.path.isdir("/proc/self/fd")
 pytestmark = pytest.mark.usefixtures("check_leaks")
 
 
-class Ran:
-    def __init__(self, proc: subprocess.CompletedProcess[str]) -> None:
-        self.stdout = proc.stdout.splitlines()
-        self.stderr = proc.stderr
-        facts = [line for line in self.stdout if line.startswith("{")]
-        assert len(facts) == 1, proc.stdout + proc.stderr
-        self.facts: dict[str, Any] = json.loads(facts[0])
-
-    def __getitem__(self, key: str) -> Any:
-        return self.facts[key]
-
-
-def run_program(tmp_path: Path, source: str, *python_args: str, quiet: bool = True) -> Ran:
+def run_template_program(tmp_path: Path, source: str, *python_args: str, quiet: bool = True) -> Ran:
     """Run ``source`` as a main program; it prints one JSON line of facts."""
-    script = tmp_path / "main.py"
-    script.write_text(textwrap.dedent(source))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([_SRC, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(
-        [sys.executable, *python_args, str(script)],
-        capture_output=True, text=True, timeout=20, env=env, cwd=tmp_path, check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    if quiet:
-        assert proc.stderr == "", proc.stderr
-    return Ran(proc)
+    return run_source(tmp_path, source, *python_args, quiet=quiet)
 
 
 def test_children_share_program_data_beside_new(tmp_path: Path) -> None:
-    facts = run_program(tmp_path, """
+    facts = run_template_program(tmp_path, """
         import json, os
         import anyfork
 
@@ -100,7 +82,7 @@ def test_children_share_program_data_beside_new(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not _HAS_PROC, reason="needs /proc/self/fd")
 def test_template_inherits_no_anyfork_descriptors(tmp_path: Path) -> None:
-    facts = run_program(tmp_path, """
+    facts = run_template_program(tmp_path, """
         import json, os, socket
         import anyfork
 
@@ -137,7 +119,7 @@ def test_template_inherits_no_anyfork_descriptors(tmp_path: Path) -> None:
 
 
 def test_program_atexit_and_destructors_not_run_again(tmp_path: Path) -> None:
-    ran = run_program(tmp_path, """
+    ran = run_template_program(tmp_path, """
         import atexit, json, os
         import anyfork
 
@@ -190,7 +172,7 @@ def test_refuses_while_other_threads_run() -> None:
 
 
 def test_allow_threads_forks_anyway_even_from_a_thread(tmp_path: Path) -> None:
-    ran = run_program(tmp_path, """
+    ran = run_template_program(tmp_path, """
         import json, os, threading
         import anyfork
 
@@ -225,7 +207,7 @@ def test_allow_threads_forks_anyway_even_from_a_thread(tmp_path: Path) -> None:
 
 
 def test_heap_frozen_in_template_and_its_children(tmp_path: Path) -> None:
-    ran = run_program(tmp_path, """
+    ran = run_template_program(tmp_path, """
         import gc, json
         import anyfork
 
@@ -258,7 +240,7 @@ def test_heap_frozen_in_template_and_its_children(tmp_path: Path) -> None:
 
 
 def test_template_ignores_sigint_and_leaves_program_wakeup_fd_alone(tmp_path: Path) -> None:
-    ran = run_program(tmp_path, """
+    ran = run_template_program(tmp_path, """
         import json, os, signal
         import anyfork
 
@@ -290,3 +272,25 @@ def test_template_ignores_sigint_and_leaves_program_wakeup_fd_alone(tmp_path: Pa
     assert ran["default_in_run"] is True
     assert ran["woken"] == ""  # the template's signals did not wake the program's loop
     assert ran["rc"] == 0
+
+
+# --- regressions: what broke once, pinned (moved from test_regressions.py) -------------
+
+
+# Pins d17: fork_template kept the program's signal handlers and mask in its children.
+
+
+def test_function_forked_from_fork_template_has_fresh_signal_state() -> None:
+    facts = run_program("caller_fork_template_signals.py", timeout=20).facts
+    assert facts["sigterm_default"], f"the program's SIGTERM handler is still installed: {facts}"
+    assert facts["mask"] == [], f"signals still blocked: {facts}"
+    assert facts["status"] == -signal.SIGTERM, f"kill() (SIGTERM) did not terminate it: {facts}"
+
+
+# Pins r2-handlers: a fork_template template kept the program's SIGTERM handler: kill() did nothing.
+
+
+def test_fork_template_and_its_unrun_child_die_of_kill_despite_a_sigterm_handler() -> None:
+    facts = run_program("caller_fork_template_flag_handler.py", timeout=30).facts
+    assert facts["child"] == -signal.SIGTERM, f"the unrun child survived kill(): {facts}"
+    assert facts["template"] == -signal.SIGTERM, f"the template survived kill(): {facts}"

@@ -9,11 +9,20 @@ in it.
 
 Layout: ``_protocol`` is the sans-io wire format both ends share;
 ``_serve`` is the serve loop every new process runs (stdlib only, imports
-nothing else of anyfork's); ``_exec`` starts fresh interpreters;
-``_process`` is the caller's blocking side and ``_aio`` its asyncio driver;
-``_errors`` holds the exception tree; ``rpc`` (a public submodule, imported
+nothing else of anyfork's); ``_exec`` starts fresh interpreters.  The
+caller's side: ``_caller`` is a template's state, sans-io (intents in,
+frames out; reports in, events out); ``_backend`` is how operations wait
+(``run_blocking``, ``run_async``); ``_channel`` (the command queue and its
+flush), ``_reports`` (a template's report channel, and the template as a
+parent) and ``_direct`` (processes the caller spawned) are those operations;
+``_process`` is ``Process`` and the constructors, ``_aio`` runs its
+operations in asyncio, ``_template`` and ``early`` fork the program itself;
+``_fds`` owns the descriptors, ``_runtime`` the module state, and
+``_errors`` holds the exception tree.  ``rpc`` (a public submodule, imported
 on use) calls functions in processes over ``_rpc_wire``, with ``_rpc_worker``
-as the worker side.  Everything public is re-exported here.
+as the worker side; ``pool`` runs pools of them (``_pool_core`` is its
+scheduling, ``_pool_worker`` its worker side).  Everything public is
+re-exported here.
 """
 
 from __future__ import annotations

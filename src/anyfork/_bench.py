@@ -252,7 +252,9 @@ def _job_size(job: _Job) -> None:
 def _job_anyfork(job: _Job) -> None:
     import anyfork
 
-    tpl = anyfork.new_exec().require(*TEMPLATE_MODULES)
+    # The seed's pool template: it keeps two processes forked ahead (which a
+    # user template used to start by itself after two unchanged forks).
+    tpl = anyfork.new_exec().require(*TEMPLATE_MODULES).fork_ahead(2)
 
     def tplfork() -> None:
         _expect_eof(tpl.fork().run("builtins:id"))

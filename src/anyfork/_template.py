@@ -9,7 +9,7 @@ own ``__main__`` and is a template like any other: ``fork``, ``require``,
 What the child must not keep from the program:
 
 - anyfork's own descriptors (command sockets, report channels, pidfds of
-  other processes): ``_process._after_fork_in_child`` closes them, because a
+  other processes): ``_fds`` closes them, because a
   stray copy would keep another template from ever seeing EOF;
 - the caller's end of this very socketpair (closed here, for the same
   reason: the template exits when the caller's end closes);
@@ -37,8 +37,9 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
-from . import _process, _serve
+from . import _fds, _process, _serve
 from ._errors import Error
+from ._runtime import runtime
 
 if TYPE_CHECKING:
     from typing import NoReturn
@@ -82,19 +83,19 @@ def fork_template(*, allow_threads: bool = False) -> Process:
             false, or the fork failed.
         anyfork.UnsupportedError: the platform can't fork or pass descriptors.
     """
-    _process._check_supported()
+    _process.check_supported()
     others = threading.active_count() - 1
     if others > 0 and not allow_threads:
         raise Error(
             f"fork_template() refuses to fork: {others} other thread(s) running, and a forked "
             "copy of a threaded process can deadlock on a lock one of them held; call it before "
             "starting threads, or pass allow_threads=True")
-    _process._reap_directs()
+    runtime.reap_directs()
     try:
         mine, theirs = socket.socketpair()
     except OSError as e:
         raise Error(f"fork_template(): no socketpair for the template: {e}") from e
-    _process._plain(mine, theirs)
+    _fds.plain(mine, theirs)
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
@@ -127,9 +128,7 @@ def fork_template(*, allow_threads: bool = False) -> Process:
     if not frozen_before:
         gc.unfreeze()  # the caller's own garbage must still be collected
     theirs.close()
-    direct = _process._Direct(pid)
-    _process._directs[pid] = direct
-    return _process.Process(_process._TOKEN, mine, direct=direct)
+    return _process.adopt(mine, pid)
 
 
 def _block_signals() -> set[signal.Signals] | None:

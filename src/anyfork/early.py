@@ -33,7 +33,8 @@ import threading
 import warnings
 from typing import TYPE_CHECKING
 
-from . import _exec, _process
+from . import _exec
+from ._runtime import runtime
 from ._template import LateImportWarning, fork_template
 
 if TYPE_CHECKING:
@@ -112,8 +113,8 @@ def _start() -> Process:
         # Warn before forking: a warning turned into an error leaves no process behind.
         warnings.warn(f"anyfork.early was not the first import: {why}", LateImportWarning, stacklevel=3)
     proc = fork_template(allow_threads=True)
-    _process._early_site = _exec.site_plan(sys.path)[1]  # what it has processed already
-    _process._early = proc  # closed at exit with the rest of anyfork's sockets
+    # What it has processed already; closed at exit with the rest of anyfork's sockets.
+    runtime.set_early(proc, _exec.site_plan(sys.path)[1])
     return proc
 
 

@@ -158,11 +158,11 @@ def default_template_pid() -> Callable[[], int]:
 
     def get() -> int:
         import anyfork
-        from anyfork import _process
+        from anyfork import _runtime
 
         p = anyfork.new()
         p.close()
-        tpl = _process._default
+        tpl = _runtime.runtime.default
         assert tpl is not None
         return tpl.pid
 

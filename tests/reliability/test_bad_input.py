@@ -15,14 +15,15 @@ import socket
 import struct
 import subprocess
 import sys
-import weakref
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from anyfork import _process
 from anyfork import _protocol as P
+from anyfork._backend import deadline_after, run_blocking
+from anyfork._caller import TemplateState
+from anyfork._reports import ReportChannel
 
 HDR = struct.Struct("<BBHQ")
 
@@ -309,13 +310,6 @@ def test_payload_decoders_fuzz_raise_only_protocol_error(payload):
 # --- the caller's report reader --------------------------------------------------------------
 
 
-class _FakeChild:
-    def __init__(self) -> None:
-        self._pid = None
-        self._returncode = None
-        self._failed = None
-
-
 _reports = st.lists(
     st.one_of(
         st.binary(min_size=1, max_size=40),
@@ -333,25 +327,23 @@ _reports = st.lists(
 @settings(max_examples=300, deadline=None)
 @given(_reports)
 def test_report_reader_fuzz_ends_cleanly(reports):
-    """The caller's side of a report channel (``_Reports``) fed anything: it
-    dispatches what is valid, and ends the channel on garbage or EOF, without
-    raising and without leaking its socket."""
+    """The caller's side of a report channel (``ReportChannel``) fed anything:
+    it dispatches what is valid, and ends the channel on garbage or EOF,
+    without raising and without leaking its socket."""
     mine, theirs = socket.socketpair()
-    reader = _process._Reports(mine)
-    kids = [_FakeChild() for _ in range(3)]
-    for seq, kid in enumerate(kids, 1):
-        reader.children[seq] = weakref.ref(kid)  # type: ignore[assignment]
+    state = TemplateState()
+    kids = [state.fork(False)[0] for _ in range(3)]
+    reader = ReportChannel(mine, state)
     try:
         theirs.sendall(b"".join(reports))
         theirs.close()
         for _ in range(len(reports) + 2):
-            if reader.sock is None:
+            if state.ended is not None:
                 break
-            reader.pump(1.0)
-        assert reader.sock is None, "the reader did not end at EOF"
-        assert reader.ended is not None
+            run_blocking(reader.until_op(lambda: False, deadline_after(1.0)))
+        assert state.ended is not None, "the reader did not end at EOF"
         assert mine.fileno() == -1
+        assert all(k.pid is None or isinstance(k.pid, int) for k in kids)
     finally:
         theirs.close()
-        if reader.sock is not None:
-            reader.close()
+        reader.end("test over")

@@ -57,7 +57,7 @@ def test_default_template_sigkilled_mid_fork_raises_within_2s(h, default_templat
         # Use up those forked ahead (their replacements can't come while the
         # template is stopped): the next new() is a fork request in flight.
         p = anyfork.new()
-        while p._pid is not None:
+        while p._child.pid is not None:
             ready.append(p)
             assert len(ready) <= 8, "new() kept handing out processes forked ahead"
             p = anyfork.new()
@@ -127,7 +127,7 @@ def test_user_template_sigkilled(h, kind):
 OWNER = r'''
 import json, sys, time
 import anyfork
-from anyfork import _process
+from anyfork import _process, _runtime
 
 marker = sys.argv[1]
 WAIT_EOF = """
@@ -161,7 +161,7 @@ unrun_exec.fork().pid  # make sure it is serving (and a template) before we die
 
 print(json.dumps({
     "running": [run_new.pid, run_fork.pid, run_exec.pid],
-    "templates": [_process._default.pid, tpl.pid, tpl2.pid, unrun_exec.pid],
+    "templates": [_runtime.runtime.default.pid, tpl.pid, tpl2.pid, unrun_exec.pid],
     "unrun": [unrun_new.pid, unrun_fork.pid, unrun_fork2.pid],
 }), flush=True)
 time.sleep(60)

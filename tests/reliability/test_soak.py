@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 import anyfork
-from anyfork import _process
+from anyfork import _runtime
 
 if TYPE_CHECKING:
     import socket
@@ -111,7 +111,7 @@ def soak(h, total: int) -> dict[str, float]:
     s = Soak(h)
     try:
         s.round()  # warm up: templates, spares, imports, caches
-        templates = [_process._default.pid, s.exec_tpl.pid, s.new_tpl.pid]
+        templates = [_runtime.runtime.default.pid, s.exec_tpl.pid, s.new_tpl.pid]
         before = _snapshot(h, templates)
         for lat in s.latencies.values():
             lat.clear()
@@ -120,7 +120,7 @@ def soak(h, total: int) -> dict[str, float]:
         while s.count < total:
             s.round()
         elapsed = time.perf_counter() - t0
-        assert _process._default.pid == templates[0], "the default template was replaced mid-soak"
+        assert _runtime.runtime.default.pid == templates[0], "the default template was replaced mid-soak"
 
         def settled() -> bool:
             gc.collect()
