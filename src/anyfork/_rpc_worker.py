@@ -20,56 +20,19 @@ before it.
 
 from __future__ import annotations
 
-import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
 from . import _rpc_wire as W
 from ._errors import ProtocolError
+from ._rpc_io import _RECV, error_frame, recv, result_frame, send
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Callable
 
-_RECV = 1 << 18
 _QUICK = 100e-6  # a call this quick lets the replies before it wait for the next
 _BATCH = 1 << 16
-_ANC = socket.CMSG_SPACE(W.MAX_FDS * 4)
-_RECV_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
-_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: IntFlag arithmetic costs a microsecond
-
-
-def recv(sock: socket.socket, decoder: W.Decoder, scratch: bytearray) -> int:
-    """One receive into ``decoder`` (shared with the caller's side); how
-    many bytes came.  Into ``scratch``, a buffer of ``_RECV`` bytes the
-    caller keeps: ``recvmsg`` would allocate one that size each time, and
-    that is an mmap, page faults and a munmap per receive."""
-    n, anc, msg_flags, _ = sock.recvmsg_into([scratch], _ANC, _RECV_FLAGS)
-    fds: list[int] = []
-    for level, kind, raw in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.extend(memoryview(raw[: len(raw) - len(raw) % 4]).cast("i"))
-    decoder.feed(scratch[:n] if n else b"", fds)
-    if msg_flags & _CTRUNC:
-        raise ProtocolError("descriptors were lost in transit (MSG_CTRUNC)")
-    return n
-
-
-def send(sock: socket.socket, outbox: W.Outbox, flags: int = 0) -> None:
-    """One send out of ``outbox`` (raises BlockingIOError if it would block)."""
-    bufs, fds = outbox.pending()
-    if fds:
-        n = sock.sendmsg(bufs, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _pack_fds(fds))], flags)
-    elif len(bufs) == 1:
-        n = sock.send(bufs[0], flags)
-    else:
-        n = sock.sendmsg(bufs, (), flags)
-    outbox.sent(n)
-
-
-def _pack_fds(fds: list[int]) -> bytes:
-    import array
-
-    return array.array("i", fds).tobytes()
 
 
 class _Conn:
@@ -169,26 +132,6 @@ def resolve(name: str) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
-def error_frame(call_id: int, e: BaseException, codec: W._Codec, what: str = "") -> bytes:
-    """An ERROR frame for ``e``: its type, message and traceback as text, and
-    the exception itself when the serializer is pickle and it pickles."""
-    import traceback
-
-    cls = type(e)
-    tb = "".join(traceback.format_exception(cls, e, e.__traceback__))
-    pickled = b""
-    if codec.carries_fds and not what:
-        try:
-            import pickle
-
-            pickled = pickle.dumps(e, pickle.HIGHEST_PROTOCOL)
-        except Exception:
-            pickled = b""
-    message = f"{what}{e}" if what else str(e)
-    payload = W.encode_error(f"{cls.__module__}.{cls.__qualname__}", message, tb, pickled)
-    return W.header(W.ERROR, call_id, len(payload)) + payload
-
-
 def reply(conn: _Conn, call_id: int, fn: Callable[..., Any], frame: W.Frame) -> tuple[bytes, list[int]]:
     """Call the handler for one CALL frame; the frame to answer with."""
     codec = conn.codec
@@ -198,15 +141,6 @@ def reply(conn: _Conn, call_id: int, fn: Callable[..., Any], frame: W.Frame) -> 
     except BaseException as e:  # a task's SystemExit too is its caller's error
         return error_frame(call_id, e, codec), []
     return result_frame(conn, call_id, result)
-
-
-def result_frame(conn: _Conn, call_id: int, result: object) -> tuple[bytes, list[int]]:
-    codec = conn.codec
-    try:
-        payload, fds = codec.dumps(result)
-    except BaseException as e:
-        return error_frame(call_id, e, codec, f"the result can't be serialized ({codec.name}): "), []
-    return W.header(W.RESULT, call_id, len(payload), len(fds)) + payload, fds
 
 
 def _configure(conn: _Conn, items: tuple[Any, ...]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _rpc_wire as W
 from ._errors import ProtocolError
-from ._rpc_worker import error_frame, recv, result_frame, send
+from ._rpc_io import error_frame, recv, result_frame, send
 
 if TYPE_CHECKING:
     from collections.abc import Callable

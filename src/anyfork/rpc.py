@@ -47,8 +47,9 @@ from . import _backend
 from . import _rpc_wire as W
 from ._backend import Notifier, Op, Wait, deadline_after, run_blocking, time_left
 from ._errors import Error, ProcessStateError, ProtocolError, TimeoutExpired
-from ._rpc_worker import _RECV as _FULL
-from ._rpc_worker import event, recv, send
+from ._rpc_io import _RECV as _FULL
+from ._rpc_io import recv, send
+from ._rpc_worker import event
 
 if TYPE_CHECKING:
     import asyncio

@@ -1,0 +1,79 @@
+"""What both of rpc's worker loops (plain and asyncio) and its caller side
+use to move frames: one receive into a decoder, one send out of an outbox,
+and the frames that answer a call.  Standard library only."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from . import _rpc_wire as W
+from ._errors import ProtocolError
+
+_RECV = 1 << 18
+_ANC = socket.CMSG_SPACE(W.MAX_FDS * 4)
+_RECV_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: IntFlag arithmetic costs a microsecond
+
+
+def recv(sock: socket.socket, decoder: W.Decoder, scratch: bytearray) -> int:
+    """One receive into ``decoder`` (shared with the caller's side); how
+    many bytes came.  Into ``scratch``, a buffer of ``_RECV`` bytes the
+    caller keeps: ``recvmsg`` would allocate one that size each time, and
+    that is an mmap, page faults and a munmap per receive."""
+    n, anc, msg_flags, _ = sock.recvmsg_into([scratch], _ANC, _RECV_FLAGS)
+    fds: list[int] = []
+    for level, kind, raw in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(memoryview(raw[: len(raw) - len(raw) % 4]).cast("i"))
+    decoder.feed(scratch[:n] if n else b"", fds)
+    if msg_flags & _CTRUNC:
+        raise ProtocolError("descriptors were lost in transit (MSG_CTRUNC)")
+    return n
+
+
+def send(sock: socket.socket, outbox: W.Outbox, flags: int = 0) -> None:
+    """One send out of ``outbox`` (raises BlockingIOError if it would block)."""
+    bufs, fds = outbox.pending()
+    if fds:
+        n = sock.sendmsg(bufs, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _pack_fds(fds))], flags)
+    elif len(bufs) == 1:
+        n = sock.send(bufs[0], flags)
+    else:
+        n = sock.sendmsg(bufs, (), flags)
+    outbox.sent(n)
+
+
+def _pack_fds(fds: list[int]) -> bytes:
+    import array
+
+    return array.array("i", fds).tobytes()
+
+
+def error_frame(call_id: int, e: BaseException, codec: W._Codec, what: str = "") -> bytes:
+    """An ERROR frame for ``e``: its type, message and traceback as text, and
+    the exception itself when the serializer is pickle and it pickles."""
+    import traceback
+
+    cls = type(e)
+    tb = "".join(traceback.format_exception(cls, e, e.__traceback__))
+    pickled = b""
+    if codec.carries_fds and not what:
+        try:
+            import pickle
+
+            pickled = pickle.dumps(e, pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            pickled = b""
+    message = f"{what}{e}" if what else str(e)
+    payload = W.encode_error(f"{cls.__module__}.{cls.__qualname__}", message, tb, pickled)
+    return W.header(W.ERROR, call_id, len(payload)) + payload
+
+
+def result_frame(conn: Any, call_id: int, result: object) -> tuple[bytes, list[int]]:
+    codec = conn.codec
+    try:
+        payload, fds = codec.dumps(result)
+    except BaseException as e:
+        return error_frame(call_id, e, codec, f"the result can't be serialized ({codec.name}): "), []
+    return W.header(W.RESULT, call_id, len(payload), len(fds)) + payload, fds
