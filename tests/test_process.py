@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio  # noqa: F401
 import functools
 import gc
-import json  # noqa: F401
+import json
 import os
 import select
 import signal
@@ -43,7 +43,6 @@ from helpers import (
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from pathlib import Path
 
     Make = Callable[[], anyfork.Process]
 
@@ -1135,3 +1134,71 @@ def test_running_or_closing_a_template_lets_every_process_forked_ahead_go_at_onc
             sock.close()
         child.close()
     assert tpl.wait(5) == 0
+
+
+# --- the bootstrapping guard (issue 14) ---------------------------------------------------------
+
+_SELF_REQUIRING = """\
+import json, os, sys
+import anyfork
+
+# No 'if __name__ == "__main__":' guard: each process that imports this file
+# runs this again.  It used to fork without end (the machine ran out of memory).
+p = anyfork.new().require("selfbomb")
+p.run("builtins:id").close()
+print(json.dumps({"status": p.wait(20), "pid": os.getpid()}))
+"""
+
+
+def _session_members(sid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[3]) == sid:
+                members.append(int(entry))
+    return members
+
+
+def test_a_script_that_requires_itself_without_a_guard_makes_one_process_not_a_bomb(tmp_path: Path) -> None:
+    import subprocess
+
+    script = tmp_path / "selfbomb.py"
+    script.write_text(_SELF_REQUIRING)
+    src = str(Path(anyfork.__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, str(tmp_path)]))
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    facts = json.loads(out.decode().strip().splitlines()[-1])
+    assert facts["status"] == 1  # the child failed at its import, saying why
+    assert "still being prepared by anyfork" in err.decode()
+    assert 'if __name__ == "__main__":' in err.decode()
+    deadline = time.monotonic() + 5
+    while _session_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _session_members(proc.pid) == []  # nothing left: no runaway processes
+
+
+def test_creating_processes_while_eval_runs_in_this_process_is_refused() -> None:
+    p = anyfork.new_exec().eval(
+        "import anyfork\n"
+        "try:\n"
+        "    anyfork.new()\n"
+        "    OUTCOME = b'created'\n"
+        "except anyfork.Error as e:\n"
+        "    OUTCOME = b'refused' if 'still being prepared' in str(e) else str(e).encode()\n"
+        "def say(sock):\n"
+        "    sock.sendall(OUTCOME)\n")
+    with p.run("say") as sock:
+        assert read_all(sock) == b"refused"
+    assert p.wait(10) == 0

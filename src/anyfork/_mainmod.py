@@ -6,11 +6,11 @@ A function defined in the script the user ran is pickled (and named) as
 remote host) has the serve loop's, which does not define ``f``.  So, as
 multiprocessing's spawn does, such a process imports the caller's main module
 under another name, ``__anyfork_main__``, so that its
-``if __name__ == "__main__":`` block does not run, and what it defines is
-added to the process's ``__main__`` (names already there, such as those
-``eval`` defined, are kept).
+``if __name__ == "__main__":`` block does not run, and names the process's
+``__main__`` lacks are found there (names already there, such as those
+``eval`` defined, win).
 
-``describe()`` runs in the caller; ``load()`` in the process.  Standard
+``describe()`` runs in the caller; ``install()`` in the process.  Standard
 library only: the process imports this without the rest of anyfork.
 """
 
@@ -40,18 +40,50 @@ def describe() -> tuple[str, str] | None:
     return None
 
 
-def load(kind: str, value: str) -> None:
-    """In a process: make the caller's main module's names resolvable as ``__main__``'s."""
+def install(kind: str, value: str) -> None:
+    """In a process: names missing from ``__main__`` are looked for in the
+    caller's main module, imported (once) on the first such miss.
+
+    Lazily, through a module ``__getattr__`` (PEP 562), which is what
+    ``pickle`` and ``getattr`` meet when a name is not there: a process that
+    never needs a function of the main script never runs the script's top
+    level.  While the script runs, the process counts as being prepared (see
+    ``_serve.preparing``): a script that creates processes at its top level,
+    outside its ``__main__`` guard, gets an error instead of forking without end.
+    """
     main = sys.modules["__main__"]
     if kind == "path" and getattr(main, "__file__", None) == value:
         return  # forked from the program itself: its __main__ is the caller's
-    if NAME in sys.modules:
+    ns = main.__dict__
+    if "__getattr__" in ns:
         return
+
+    def missing(name: str) -> object:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        module = _load(kind, value)
+        try:
+            return getattr(module, name)
+        except AttributeError:
+            raise AttributeError(f"module '__main__' has no attribute {name!r}, and neither has the "
+                                 f"caller's main module ({value})") from None
+
+    ns["__getattr__"] = missing
+
+
+def _load(kind: str, value: str) -> object:
+    module = sys.modules.get(NAME)
+    if module is not None:
+        return module
     import runpy
     import types
 
     module = types.ModuleType(NAME)
     sys.modules[NAME] = module
+    serve = sys.modules.get("anyfork._serve")
+    before = getattr(serve, "preparing", None)
+    if serve is not None:
+        serve.preparing = f"importing the caller's main module {value!r} as {NAME}"  # type: ignore[attr-defined]
     try:
         if kind == "module":
             names = runpy.run_module(value, run_name=NAME, alter_sys=False)
@@ -60,8 +92,8 @@ def load(kind: str, value: str) -> None:
     except BaseException:
         del sys.modules[NAME]
         raise
+    finally:
+        if serve is not None:
+            serve.preparing = before  # type: ignore[attr-defined]
     module.__dict__.update(names)
-    ns = main.__dict__
-    for key, obj in names.items():
-        if not key.startswith("__"):
-            ns.setdefault(key, obj)
+    return module

@@ -41,7 +41,7 @@ def init(*items: Any) -> None:
         from . import _mainmod
 
         kind, _, value = main.partition(":")
-        _mainmod.load(kind, value)
+        _mainmod.install(kind, value)
     if user_init:
         from ._rpc_worker import resolve
 

@@ -336,6 +336,7 @@ class Process:
             TemplateDiedError: this process is gone.
         """
         self._mine()
+        _refuse_while_prepared()
         with self._cmd.lock:
             self._usable()
             tpl = self._tpl
@@ -626,10 +627,35 @@ _MAX_AHEAD = 64  # fork_ahead's limit: past that it is a pool's job, not a templ
 
 
 def check_supported() -> None:
+    """Raise unless a process can be created here and now."""
     if _UNSUPPORTED:
         from ._errors import UnsupportedError
 
         raise UnsupportedError(f"anyfork can't work here: {_UNSUPPORTED}")
+    _refuse_while_prepared()
+
+
+# Where the serve loop of this process, if it is one of anyfork's, says what
+# it is doing (see _serve.preparing): the package's own, or the copy a remote
+# host's hub built from source.
+_SERVE_MODULES = ("anyfork._serve", "_anyfork_remote._serve")
+
+
+def _refuse_while_prepared() -> None:
+    """A process that anyfork is still preparing (importing a module for it,
+    running its eval'd code, importing the caller's main script) must not
+    create processes: a script that imports itself without a ``__main__``
+    guard would fork without end, each new process doing the same."""
+    for name in _SERVE_MODULES:
+        serve = sys.modules.get(name)
+        what = getattr(serve, "preparing", None) if serve is not None else None
+        if what:
+            raise Error(
+                f"this process is still being prepared by anyfork ({what}), and can't create "
+                "processes until it is: code that runs when a module is imported (a module named "
+                "in require() or run(), or the main script whose functions a worker uses) must not "
+                "create processes.  Put that code under 'if __name__ == \"__main__\":', as "
+                "multiprocessing asks too.")
 
 
 def new_exec() -> Process:
