@@ -47,6 +47,7 @@ from ._template import fork_template as fork_template
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ._errors import WorkerDiedError as WorkerDiedError
+    from ._executor import Executor as Executor
 del TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -59,6 +60,7 @@ PYTHON: str | None = None
 __all__ = (
     "PYTHON",
     "Error",
+    "Executor",
     "ExitStatusLostError",
     "LateImportWarning",
     "Process",
@@ -76,14 +78,19 @@ __all__ = (
 )
 
 
-# Public names made on first use: WorkerDiedError's base class lives in a
-# module that imports multiprocessing (see _errors.py).
-_LAZY = ("WorkerDiedError",)
+# Public names made on first use: WorkerDiedError's base class, and the
+# Executor's, live in modules that import multiprocessing (see _errors.py),
+# which a program that only creates processes need not pay for.
+_LAZY = ("Executor", "WorkerDiedError")
 
 
 def __getattr__(name: str) -> object:
-    if name in _LAZY:
+    if name == "WorkerDiedError":
         from . import _errors
 
         return _errors.WorkerDiedError
+    if name == "Executor":
+        from ._executor import Executor
+
+        return Executor
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

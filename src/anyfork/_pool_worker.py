@@ -56,6 +56,12 @@ def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     return fn(*args, **kwargs)
 
 
-def initialize(initializer: Any, *initargs: Any) -> None:
-    """An Executor's ``initializer(*initargs)``, sent as the first call."""
+def initialize_pickled(*items: Any) -> None:
+    """An Executor's ``initializer(*initargs)``: the last item is the pair,
+    pickled (base64, as ``send_arg`` carries str), unpickled here once the
+    caller's main module resolves (so an initializer of the user's script works)."""
+    import base64
+    import pickle
+
+    initializer, initargs = pickle.loads(base64.b64decode(items[-1]))
     initializer(*initargs)

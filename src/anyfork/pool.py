@@ -196,6 +196,7 @@ class Pool:
         self._template = template
         self._forking_ahead = False
         self._manager: threading.Thread | None = None
+        self._closing: list[_Worker] = []  # let go, their exit not yet collected
 
     def __repr__(self) -> str:
         state = "broken" if self._broken else "closed" if self._closed else "running"
@@ -259,6 +260,7 @@ class Pool:
         for worker, call in pairs:
             fut = call.future
             if fut.cancelled():
+                fut.set_running_or_notify_cancel()  # tells as_completed() and wait()
                 self._finished(call, None, cancelled=True)
                 continue
             client = worker.client
@@ -273,13 +275,15 @@ class Pool:
             except BaseException as e:
                 if client.broken is not None and client.broken is e:
                     self._failed_to_start(worker, e, call)  # its init failed: never ran
-                elif fut.set_running_or_notify_cancel():
+                elif fut.running() or fut.set_running_or_notify_cancel():
                     self._finished(call, e)  # an argument that won't serialize, say
                 else:
                     self._finished(call, None, cancelled=True)
                 continue
-            if not fut.set_running_or_notify_cancel():
-                # Cancelled while it was being written: it runs, and its result is dropped.
+            if not fut.running() and not fut.set_running_or_notify_cancel():
+                # (running: placed again after its first worker went without
+                # running it.)  Cancelled while it was being written: it runs,
+                # and its result is dropped.
                 rpc_fut.add_done_callback(functools.partial(self._dropped, call))
                 continue
             fut._rpc = rpc_fut
@@ -412,12 +416,19 @@ class Pool:
                         wait = 0.05 if wait is None else min(wait, 0.05)
                     self._wake.wait(wait)
                     continue
-            for _ in range(starts):
-                self._start_worker()
-            for rec in retire:
-                self._close_worker(rec.key)  # type: ignore[arg-type]
-            for call in stuck:
-                self._stop_stuck(call)
+            try:
+                for _ in range(starts):
+                    self._start_worker()
+                for rec in retire:
+                    self._close_worker(rec.key)  # type: ignore[arg-type]
+                for call in stuck:
+                    self._stop_stuck(call)
+            except Exception:
+                # A bug of ours: say so, and keep managing, or every call
+                # waiting for a worker would wait for ever.
+                import sys
+
+                sys.excepthook(*sys.exc_info())
         self._shutdown_workers()
 
     def _start_worker(self) -> None:
@@ -495,8 +506,10 @@ class Pool:
         error = BrokenPoolError(f"the pool can't start a worker: {e}")
         error.__cause__ = e
         for c in queued:
-            if not c.future.done() and c.future.set_running_or_notify_cancel():
-                c.future.set_exception(error)
+            fut = c.future
+            # (running: a call that went to a worker that could not serve it, and never ran.)
+            if not fut.done() and (fut.running() or fut.set_running_or_notify_cancel()):
+                fut.set_exception(error)
 
     def _close_worker(self, worker: _Worker) -> None:
         """Let a worker go: it finishes what it holds (nothing, here) and exits."""
@@ -511,6 +524,11 @@ class Pool:
                 client.close()
             except Error:
                 pass  # dead already
+            if client.broken is not None and not isinstance(client.broken, ProcessStateError):
+                client._core.dispose()  # dead (or broken): nothing more will come on its socket
+            else:
+                with self._lock:
+                    self._closing.append(worker)  # its exit is collected at shutdown
         elif worker.proc is not None:
             worker.proc.close()
         if worker.dump >= 0:
@@ -541,6 +559,8 @@ class Pool:
             workers = list(self._workers)
         for worker in workers:
             self._close_worker(worker)
+        with self._lock:
+            workers, self._closing = self._closing, []
         for worker in workers:
             if worker.client is not None:
                 try:
@@ -550,6 +570,16 @@ class Pool:
                         _kill_group(worker.proc, signal.SIGKILL)
         if self._template is not None:
             self._template.close()
+
+    def _signal_workers(self, sig: int) -> None:
+        """Signal every live worker (through its template: never a recycled pid)."""
+        with self._lock:
+            procs = [w.proc for w in self._workers if w.proc is not None]
+        for proc in procs:
+            try:
+                proc.kill(sig)
+            except Error:
+                pass
 
     # --- lifetime --------------------------------------------------------------------
 
@@ -566,6 +596,17 @@ class Pool:
             self._closed = True
             self._ensure_manager()
             self._wake.notify()
+        self._drop_cancelled()
+
+    def _drop_cancelled(self) -> None:
+        """Take the queued calls whose futures were cancelled out of the
+        queue, and say so to whoever waits on them (as_completed, wait)."""
+        with self._lock:
+            dropped = [c for c in self._sched.queue if c.future.cancelled()]
+            for c in dropped:
+                self._sched.cancel(c)
+        for c in dropped:
+            c.future.set_running_or_notify_cancel()
 
     def join(self, timeout: float | None = None) -> None:
         """Wait until every call is done and every worker gone (after ``close``).

@@ -219,6 +219,7 @@ class _Core:
         self.read_at = 0.0  # when a leader last read
         self.registered = False  # the reactor knows the descriptor
         self.event_errors: dict[int, BaseException] = {}
+        self.write_failed = False  # a write found the worker gone
         self.on_end: Callable[[], None] | None = None  # the async client's end of events()
 
     # --- under the lock ------------------------------------------------------------------
@@ -233,6 +234,7 @@ class _Core:
                 n = 0
             except OSError:
                 self.written = self.added  # gone: its EOF, read next, says how
+                self.write_failed = True
                 return self.added
             self.written += n
             if n == len(data):
@@ -256,6 +258,7 @@ class _Core:
             # The worker is gone; its EOF, read next, says how.  Nothing more
             # will be written.
             self.written = self.added
+            self.write_failed = True
             self.outbox.discard()
 
     def _check(self) -> None:
@@ -286,6 +289,19 @@ class _Core:
         if len(payload) > W.MAX_PAYLOAD:
             raise ValueError(f"an rpc message is limited to 4 GiB; this one is {len(payload)} bytes")
         mark = self._queue(_HEADER(len(payload), call_id, W.CALL, len(fds)) + payload, fds, hold)
+        if self.write_failed:
+            # The worker was gone before any of this call reached it: it fails
+            # here, at once, and a pool knows it may send it elsewhere.
+            self.calls.pop(call_id, None)
+            if future is not None:
+                self.unwaited -= 1
+            from ._errors import WorkerDiedError
+
+            try:
+                returncode = self.proc.returncode
+            except Error:
+                returncode = None
+            raise WorkerDiedError(self.pid, returncode)
         return call, 0 if hold else mark
 
     # --- operations -----------------------------------------------------------------------

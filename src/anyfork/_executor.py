@@ -1,0 +1,207 @@
+"""``anyfork.Executor``: a ``concurrent.futures.Executor`` on an anyfork pool.
+
+A drop-in for ``ProcessPoolExecutor``: the same constructor, ``submit``,
+``map`` (with ``timeout`` and ``chunksize``), ``shutdown(wait,
+cancel_futures)``, ``initializer``/``initargs``, ``max_tasks_per_child``,
+3.14's ``terminate_workers()``/``kill_workers()``, and the context manager.
+What is different is underneath: workers are forks of a template (the
+default one, or ``template=``), so they start in milliseconds and recycle
+cheaply; a worker that dies fails only the tasks it held, and the executor
+goes on; ``task_timeout`` stops a stuck task; ``on_event`` gets what tasks
+send with ``anyfork.rpc.event``.
+
+Tasks are sent by reference with pickle, as ProcessPoolExecutor sends them:
+the function and its arguments are the call's arguments, and the worker's
+handler (``_pool_worker.call``) calls it.  Functions of the user's main
+script resolve in workers through ``_mainmod``; lambdas and closures work
+when cloudpickle is installed (then the function is sent by value).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import signal
+import threading
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator
+
+    from ._process import Process
+    from .pool import Pool
+
+_HANDLER = "anyfork._pool_worker:call"
+
+
+def _cloudpickle() -> Any:
+    try:
+        import cloudpickle  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return None
+    return cloudpickle
+
+
+class _ByValue:
+    """A function pickled by value (cloudpickle): a lambda or a closure."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _load_by_value, (self.data,)
+
+
+def _load_by_value(data: bytes) -> Any:
+    import pickle
+
+    return pickle.loads(data)  # cloudpickle's output unpickles with pickle, given cloudpickle
+
+
+def _prepare_fn(fn: Callable[..., Any]) -> Any:
+    """What is sent for ``fn``: itself (by reference) when it has a name a
+    worker can import, else its cloudpickle when cloudpickle is installed."""
+    if not callable(fn):
+        raise TypeError(f"{fn!r} is not callable")
+    qualname = getattr(fn, "__qualname__", "")
+    if "<" in qualname or not getattr(fn, "__module__", None):
+        cp = _cloudpickle()
+        if cp is not None:
+            return _ByValue(cp.dumps(fn))
+    return fn
+
+
+def _batch(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
+    return [fn(*args) for args in chunk]
+
+
+class Executor(concurrent.futures.Executor):
+    """Runs calls in worker processes forked from a template.
+
+    Args:
+        max_workers: most workers at once (default: the CPUs this process may use).
+        mp_context: accepted so that code written for ProcessPoolExecutor
+            runs; not used: workers always come from a template.
+        initializer, initargs: called in each worker before its first task.
+            If it raises, the executor is broken: pending and later tasks
+            fail with ``anyfork.pool.BrokenPoolError`` (a BrokenProcessPool).
+        max_tasks_per_child: tasks a worker runs before a new fork replaces it.
+        template: an unrun Process to fork the workers from (its modules,
+            its data and its descriptors are shared by every worker); by
+            default a fresh ``anyfork.new()``.
+        task_timeout: seconds a task may run; then its worker (and its
+            process group) is killed and the task fails with
+            ``anyfork.pool.TaskTimeoutError``, holding the worker's stack.
+        on_event: called as ``on_event(*args)`` for each
+            ``anyfork.rpc.event(*args)`` a task sends.
+
+    Raises:
+        ValueError: ``max_workers`` or ``max_tasks_per_child`` is not >= 1.
+    """
+
+    def __init__(self, max_workers: int | None = None, mp_context: object = None,
+                 initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = (), *,
+                 max_tasks_per_child: int | None = None, template: Process | None = None,
+                 task_timeout: float | None = None, on_event: Callable[..., Any] | None = None) -> None:
+        from . import pool
+
+        if max_workers is not None:
+            if isinstance(max_workers, bool) or not isinstance(max_workers, int):
+                raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
+            if max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
+        if max_tasks_per_child is not None:
+            if isinstance(max_tasks_per_child, bool) or not isinstance(max_tasks_per_child, int):
+                raise TypeError("max_tasks_per_child must be an int")
+            if max_tasks_per_child <= 0:
+                raise ValueError("max_tasks_per_child must be >= 1")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        self._mp_context = mp_context  # documented as unused
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+        self._futures: set[concurrent.futures.Future[Any]] = set()
+        init_name = None
+        if initializer is not None:
+            # The initializer runs as the worker's rpc init, with its
+            # arguments pickled into one str item (send_arg carries str).
+            import base64
+            import pickle
+
+            payload = base64.b64encode(pickle.dumps((_prepare_fn(initializer), tuple(initargs)))).decode()
+            if template is None:
+                import anyfork
+
+                template = anyfork.new()
+            template.send_arg(payload)
+            init_name = "anyfork._pool_worker:initialize_pickled"
+        self._pool: Pool = pool.run(
+            template, _HANDLER, max=max_workers, load=2, start=0.0, stop=60.0, init=init_name,
+            on_event=on_event, max_tasks=max_tasks_per_child, timeout=task_timeout)
+
+    # --- concurrent.futures.Executor ------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            fut = self._pool.submit(_prepare_fn(fn), *args, **kwargs)
+            self._futures.add(fut)
+        fut.add_done_callback(self._futures.discard)
+        return fut
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[Any]:
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        fn = _prepare_fn(fn)
+        it = zip(*iterables)  # noqa: B905 - as ProcessPoolExecutor.map: the shortest iterable ends it
+        chunks = iter(lambda: list(itertools.islice(it, chunksize)), [])
+        results = super().map(_batch, itertools.repeat(fn), chunks, timeout=timeout)
+        return itertools.chain.from_iterable(results)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._shutdown_lock:
+            self._shutdown = True
+            futures = list(self._futures)
+        if cancel_futures:
+            for fut in futures:
+                fut.cancel()
+        self._pool.close()  # which tells the waiters of what was cancelled
+        if wait:
+            self._pool.join()
+
+    # --- Python 3.14's additions ------------------------------------------------------
+
+    def terminate_workers(self) -> None:
+        """Stop every worker now with SIGTERM; what they held fails with
+        WorkerDiedError.  The executor is shut down."""
+        self._signal_workers(signal.SIGTERM)
+
+    def kill_workers(self) -> None:
+        """As ``terminate_workers``, with SIGKILL."""
+        self._signal_workers(signal.SIGKILL)
+
+    def _signal_workers(self, sig: int) -> None:
+        with self._shutdown_lock:
+            self._shutdown = True
+            futures = list(self._futures)
+        for fut in futures:
+            fut.cancel()
+        self._pool._signal_workers(sig)
+        self._pool.close()
+
+    def __del__(self) -> None:
+        # Dropped without shutdown(): its workers see EOF and exit; nothing is left.
+        try:
+            if not self._shutdown:
+                self.shutdown(wait=False, cancel_futures=True)
+        except Exception:
+            pass
+
+
+__all__ = ("Executor",)

@@ -1,0 +1,82 @@
+"""Handlers the pool and Executor tests run in workers (imported there by name)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def pid(*_: object) -> int:
+    return os.getpid()
+
+
+def boom(message: str) -> None:
+    raise KeyError(message)
+
+
+def die(code: int) -> None:
+    os._exit(code)
+
+
+def segfault() -> None:
+    import ctypes
+
+    ctypes.string_at(0)
+
+
+def sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def stuck_with_a_child(pidfile: str) -> None:
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "60"])
+    with open(pidfile, "w") as f:
+        f.write(str(child.pid))
+    while True:
+        time.sleep(0.05)
+
+
+def retiring(x: int) -> tuple[int, int]:
+    import anyfork.pool
+
+    anyfork.pool.retire()
+    return os.getpid(), x
+
+
+def progress(n: int) -> int:
+    import anyfork.rpc
+
+    for i in range(n):
+        anyfork.rpc.event("step", i)
+    return n
+
+
+def fail_init(*items: Any) -> None:
+    raise RuntimeError("this init always fails")
+
+
+def record_init(*items: Any) -> None:
+    os.environ["POOL_INIT"] = repr(items)
+
+
+def init_seen() -> str | None:
+    return os.environ.get("POOL_INIT")
+
+
+def raise_system_exit() -> None:
+    raise SystemExit(3)
+
+
+def raise_keyboard_interrupt() -> None:
+    raise KeyboardInterrupt

@@ -1,0 +1,170 @@
+"""anyfork.Executor: a drop-in for ProcessPoolExecutor, on an anyfork pool."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import gc
+import os
+import signal
+import sys
+from concurrent.futures.process import BrokenProcessPool
+
+import pytest
+
+import anyfork
+import pool_handlers as h
+from helpers import wait_exited
+
+pytestmark = pytest.mark.usefixtures("check_leaks")
+
+
+def test_submit_and_map_as_processpoolexecutor_does() -> None:
+    with anyfork.Executor(max_workers=2) as ex:
+        assert isinstance(ex, cf.Executor)
+        assert ex.submit(h.square, 9).result(10) == 81
+        assert list(ex.map(h.square, range(20))) == [i * i for i in range(20)]
+        assert list(ex.map(h.square, range(20), chunksize=6)) == [i * i for i in range(20)]
+        assert list(ex.map(pow, [2, 3], [5, 2])) == [32, 9]  # several iterables
+
+
+def test_map_with_a_timeout_raises_timeouterror() -> None:
+    with anyfork.Executor(max_workers=1) as ex, pytest.raises(TimeoutError):
+        list(ex.map(h.sleep, [5], timeout=0.3))
+
+
+def test_an_exception_keeps_its_type_and_the_executor_goes_on() -> None:
+    with anyfork.Executor(max_workers=1) as ex:
+        with pytest.raises(KeyError, match="missing"):
+            ex.submit(h.boom, "missing").result(10)
+        assert ex.submit(h.square, 4).result(10) == 16
+
+
+@pytest.mark.parametrize("crash", ["exit", "segfault", "sigkill"])
+def test_a_crash_fails_only_its_task_and_the_next_submit_works(crash: str) -> None:
+    with anyfork.Executor(max_workers=2) as ex:
+        if crash == "exit":
+            fut = ex.submit(h.die, 5)
+            expected = 5
+        elif crash == "segfault":
+            fut = ex.submit(h.segfault)
+            expected = -signal.SIGSEGV
+        else:
+            victim = ex.submit(h.pid).result(10)
+            fut = ex.submit(h.sleep, 30)
+            os.kill(victim, signal.SIGKILL)
+            expected = -signal.SIGKILL
+        with pytest.raises(BrokenProcessPool) as info:  # what PPE code catches
+            fut.result(20)
+        assert isinstance(info.value, anyfork.WorkerDiedError)
+        assert info.value.returncode == expected
+        assert ex.submit(h.square, 5).result(10) == 25  # not broken: replaced
+
+
+def test_initializer_runs_in_each_worker_and_a_failing_one_breaks_the_executor() -> None:
+    with anyfork.Executor(max_workers=1, initializer=h.record_init, initargs=("x", 1)) as ex:
+        assert ex.submit(h.init_seen).result(10) == repr(("x", 1))
+    with anyfork.Executor(max_workers=1, initializer=h.fail_init) as ex:
+        with pytest.raises(BrokenProcessPool, match="this init always fails"):
+            ex.submit(h.square, 2).result(10)
+        with pytest.raises(BrokenProcessPool):
+            ex.submit(h.square, 2)
+
+
+def test_max_tasks_per_child_recycles_by_forking() -> None:
+    with anyfork.Executor(max_workers=1, max_tasks_per_child=1) as ex:
+        pids = [ex.submit(h.pid).result(10) for _ in range(5)]
+    assert len(set(pids)) == 5
+
+
+@pytest.mark.parametrize(("kwargs", "error"), [
+    ({"max_workers": 0}, ValueError), ({"max_workers": -1}, ValueError), ({"max_workers": "2"}, TypeError),
+    ({"max_tasks_per_child": 0}, ValueError), ({"initializer": 3}, TypeError),
+])
+def test_bad_arguments_fail_at_the_call(kwargs: dict[str, object], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        anyfork.Executor(**kwargs)  # type: ignore[arg-type]
+
+
+def test_mp_context_is_accepted_and_unused() -> None:
+    import multiprocessing
+
+    with anyfork.Executor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as ex:
+        assert ex.submit(h.square, 3).result(10) == 9
+
+
+def test_no_submit_after_shutdown() -> None:
+    ex = anyfork.Executor(max_workers=1)
+    ex.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(h.square, 1)
+
+
+def test_shutdown_with_cancel_futures_ends_as_completed() -> None:
+    ex = anyfork.Executor(max_workers=1)
+    ex.submit(h.square, 1).result(10)  # a worker is ready: the next call starts at once
+    running = ex.submit(h.sleep, 0.5)
+    queued = [ex.submit(h.sleep, 0.2) for _ in range(5)]
+    ex.shutdown(wait=True, cancel_futures=True)
+    done = list(cf.as_completed([running, *queued], timeout=20))  # every one is done, and says so
+    assert len(done) == 6
+    assert running.result() == 0.5
+    # What was already given to the worker (the pool's load, as PPE's call
+    # queue) ran; the rest was cancelled.
+    assert sum(f.cancelled() for f in queued) >= 3
+    assert all(f.cancelled() or f.result() == 0.2 for f in queued)
+
+
+def test_shutdown_waits_out_a_stuck_task_when_it_has_a_timeout() -> None:
+    ex = anyfork.Executor(max_workers=1, task_timeout=0.5)
+    fut = ex.submit(h.sleep, 60)
+    ex.shutdown(wait=True)  # bounded by the task's timeout
+    with pytest.raises(anyfork.pool.TaskTimeoutError):
+        fut.result(0)
+
+
+def test_a_tasks_systemexit_and_keyboardinterrupt_are_its_futures_exceptions() -> None:
+    with anyfork.Executor(max_workers=1) as ex:
+        with pytest.raises(SystemExit):
+            ex.submit(h.raise_system_exit).result(10)
+        with pytest.raises(KeyboardInterrupt):
+            ex.submit(h.raise_keyboard_interrupt).result(10)
+        assert ex.submit(h.square, 2).result(10) == 4
+
+
+@pytest.mark.skipif("cloudpickle" in sys.modules or __import__("importlib").util.find_spec("cloudpickle")
+                    is not None, reason="cloudpickle installed: lambdas are sent by value")
+def test_a_lambda_without_cloudpickle_fails_its_future_with_the_pickling_error() -> None:
+    with anyfork.Executor(max_workers=1) as ex:
+        with pytest.raises(Exception, match=r"(?i)pickle") as info:
+            ex.submit(lambda: 1).result(10)
+        assert not isinstance(info.value, BrokenProcessPool)
+        assert ex.submit(h.square, 2).result(10) == 4
+
+
+def test_run_in_executor() -> None:
+    async def main() -> int:
+        with anyfork.Executor(max_workers=1) as ex:
+            return await asyncio.get_running_loop().run_in_executor(ex, h.square, 12)  # type: ignore[no-any-return]
+
+    assert asyncio.run(main()) == 144
+
+
+def test_an_executor_dropped_without_shutdown_leaves_no_worker() -> None:
+    ex = anyfork.Executor(max_workers=1)
+    worker = ex.submit(h.pid).result(10)
+    del ex
+    gc.collect()
+    assert wait_exited(worker, 10)
+
+
+@pytest.mark.parametrize("how", ["terminate_workers", "kill_workers"])
+def test_terminate_and_kill_workers(how: str) -> None:
+    ex = anyfork.Executor(max_workers=1)
+    worker = ex.submit(h.pid).result(10)
+    fut = ex.submit(h.sleep, 30)
+    getattr(ex, how)()
+    with pytest.raises(BaseException):  # noqa: B017 - cancelled or WorkerDiedError, as PPE
+        fut.result(20)
+    assert wait_exited(worker, 10)
+    ex.shutdown()

@@ -1,0 +1,158 @@
+"""anyfork.pool: workers forked from a template, over rpc (the policy itself: test_pool_core)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+
+import anyfork
+from anyfork import pool
+from helpers import wait_exited
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+pytestmark = pytest.mark.usefixtures("check_leaks")
+
+
+def _all_exited(pids: list[int]) -> bool:
+    return all(wait_exited(p, 10) for p in pids)
+
+
+def test_calls_return_results_and_raise_their_exceptions() -> None:
+    with pool.run(None, "pool_handlers:square", max=2) as p:
+        assert p(7) == 49
+        assert p.call(3) == 9
+        assert [f.result(10) for f in [p.submit(i) for i in range(50)]] == [i * i for i in range(50)]
+        workers = p.workers
+        assert 1 <= len(workers) <= 2
+    assert _all_exited(workers)  # join: every worker gone
+
+
+def test_an_exception_keeps_its_type() -> None:
+    with pool.run(None, "pool_handlers:boom", max=1) as p, pytest.raises(KeyError, match="nope"):
+        p("nope")
+
+
+def test_a_dead_worker_fails_only_its_call_and_the_pool_goes_on() -> None:
+    with pool.run(None, "pool_handlers:die", max=1) as p:
+        first = p.workers
+        with pytest.raises(anyfork.WorkerDiedError) as info:
+            p(7)
+        assert info.value.returncode == 7
+        assert info.value.pid == first[0] if first else info.value.pid > 0
+        with pytest.raises(anyfork.WorkerDiedError):  # a new worker took the next call
+            p(3)
+
+
+def test_a_stuck_call_times_out_with_its_stack_and_its_children_go_too(tmp_path: Path) -> None:
+    pidfile = tmp_path / "grandchild"
+    with pool.run(None, "pool_handlers:stuck_with_a_child", max=1, timeout=1.0) as p:
+        with pytest.raises(pool.TaskTimeoutError) as info:
+            p(str(pidfile))
+        assert isinstance(info.value, TimeoutError)
+        assert "stuck_with_a_child" in info.value.stack  # where it was stuck
+        assert wait_exited(int(pidfile.read_text()), 10)  # the kill reached its process group
+        p2 = pool.run(None, "pool_handlers:square", max=1)  # (a pool goes on, too: see the next test)
+        p2.close()
+        p2.join(10)
+
+
+def test_after_a_timeout_the_worker_is_replaced() -> None:
+    with pool.run(None, "pool_handlers:sleep", max=1, timeout=0.5) as p:
+        with pytest.raises(pool.TaskTimeoutError):
+            p(30)
+        assert p(0.01) == 0.01
+
+
+def test_max_tasks_replaces_each_worker_with_a_new_fork() -> None:
+    with pool.run(None, "pool_handlers:pid", max=1, max_tasks=1) as p:
+        pids = [p() for _ in range(5)]
+    assert len(set(pids)) == 5
+
+
+def test_a_worker_that_retires_is_replaced_and_nothing_is_lost() -> None:
+    with pool.run(None, "pool_handlers:retiring", max=1, load=4) as p:
+        results = [f.result(20) for f in [p.submit(i) for i in range(6)]]
+    assert [x for _, x in results] == list(range(6))  # every call ran, once
+    assert len({pid for pid, _ in results}) == 6  # each in a worker of its own
+
+
+def test_events_reach_on_event() -> None:
+    got: list[tuple[object, ...]] = []
+    with pool.run(None, "pool_handlers:progress", max=1, on_event=lambda *a: got.append(a)) as p:
+        assert p(3) == 3
+    assert got == [("step", 0), ("step", 1), ("step", 2)]
+
+
+def test_calls_from_asyncio() -> None:
+    async def main() -> list[int]:
+        with pool.run(None, "pool_handlers:square", max=2) as p:
+            return list(await asyncio.gather(*(p.call_async(i) for i in range(10))))
+
+    assert asyncio.run(main()) == [i * i for i in range(10)]
+
+
+def test_workers_are_forks_of_the_template_sharing_what_it_loaded() -> None:
+    tpl = anyfork.new().require("pool_handlers").eval(
+        "import os\nTEMPLATE_PID = os.getpid()\ndef parent(*_):\n    return os.getppid(), TEMPLATE_PID\n")
+    with pool.run(tpl, "parent", max=2) as p:
+        ppid, template_pid = p()
+    assert ppid == template_pid  # forked from the template, which loaded what it was given
+
+
+def test_init_gets_the_templates_items() -> None:
+    tpl = anyfork.new().send_arg("a", b"b")
+    with pool.run(tpl, "pool_handlers:init_seen", max=1, init="pool_handlers:record_init") as p:
+        assert p() == repr(("a", b"b"))
+
+
+def test_an_init_that_fails_breaks_the_pool_saying_why() -> None:
+    with pool.run(None, "pool_handlers:square", max=1, init="pool_handlers:fail_init") as p:
+        with pytest.raises(pool.BrokenPoolError, match="this init always fails"):
+            p(2)
+        with pytest.raises(pool.BrokenPoolError):
+            p.submit(3)
+    assert issubclass(pool.BrokenPoolError, anyfork.Error)
+
+
+@pytest.mark.parametrize(("kwargs", "error"), [
+    ({"max": 0}, ValueError), ({"load": 0}, ValueError), ({"load": "2"}, TypeError),
+    ({"idle": -1}, ValueError), ({"timeout": 0}, ValueError), ({"max_tasks": 1.5}, TypeError),
+    ({"serializer": "nonsense"}, ValueError), ({"on_event": 3}, TypeError),
+])
+def test_bad_arguments_fail_at_the_call(kwargs: dict[str, object], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        pool.run(None, "pool_handlers:square", **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_closed_pool_takes_no_calls_and_join_is_bounded() -> None:
+    p = pool.run(None, "pool_handlers:sleep", max=1)
+    fut = p.submit(0.2)
+    p.close()
+    with pytest.raises(anyfork.ProcessStateError):
+        p.submit(0)
+    p.join(20)
+    assert fut.result(0) == 0.2  # what was queued finished first
+
+
+def test_idle_keeps_workers_ready_and_stop_retires_the_rest() -> None:
+    with pool.run(None, "pool_handlers:pid", max=2, idle=1, stop=0.2) as p:
+        deadline = time.monotonic() + 10
+        while not p.workers and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(p.workers) == 1  # started with no call at all
+
+
+def test_a_worker_killed_while_idle_is_found_and_replaced() -> None:
+    with pool.run(None, "pool_handlers:pid", max=1) as p:
+        first = p()
+        os.kill(first, signal.SIGKILL)
+        assert wait_exited(first, 10)
+        second = p()  # never ran on the dead one: placed again on a new one
+        assert second != first
