@@ -17,7 +17,7 @@ import anyfork
 
 # Submodules meant to be imported by users (they appear on the package once
 # imported, and are not re-exported names).
-PUBLIC_SUBMODULES = {"early", "rpc"}
+PUBLIC_SUBMODULES = {"early", "pool", "rpc"}
 
 
 def public_names() -> set[str]:
@@ -159,3 +159,17 @@ def test_process_has_no_public_constructor() -> None:
         with pytest.raises(TypeError):
             anyfork.Process(object(), a)  # type: ignore[arg-type]
         assert a.fileno() >= 0  # a refused construction took nothing from the caller
+
+
+def test_the_pool_module_exports_exactly_its_api() -> None:
+    from anyfork import pool
+
+    assert pool.__all__ == ("BrokenPoolError", "Pool", "TaskTimeoutError", "retire", "run")
+    for name in pool.__all__:
+        assert getattr(pool, name).__module__ == "anyfork.pool"
+    assert issubclass(pool.BrokenPoolError, anyfork.Error)
+    assert issubclass(pool.TaskTimeoutError, anyfork.Error)
+    assert issubclass(pool.TaskTimeoutError, TimeoutError)
+    import concurrent.futures
+
+    assert issubclass(anyfork.Executor, concurrent.futures.Executor)
