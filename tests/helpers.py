@@ -67,6 +67,17 @@ def echo(sock: socket.socket, *args: object) -> None:
     sock.sendall(b"".join(chunks))
 
 
+def mirror(sock: socket.socket, inbox: io.FileIO, outbox: socket.socket, *args: bytes | str) -> None:
+    """Send everything back as it came: ``inbox`` (read to EOF) on ``outbox``,
+    then each argument on ``sock``, framed as b"b" or b"s" (bytes or str),
+    the length in octets, b":", and the octets."""
+    outbox.sendall(b"".join(iter(lambda: inbox.read(1 << 16), b"")))
+    outbox.close()
+    for arg in args:
+        raw = arg.encode("utf-8", "surrogatepass") if isinstance(arg, str) else arg
+        sock.sendall(b"%s%d:%s" % (b"s" if isinstance(arg, str) else b"b", len(raw), raw))
+
+
 def arg_length(sock: socket.socket, arg: bytes) -> None:
     sock.sendall(b"%d" % len(arg))
 
