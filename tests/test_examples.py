@@ -130,3 +130,16 @@ def test_rpc(tmp_path: Path) -> None:
     assert "async results: [2, 3]" in lines
     assert "async events: 5" in lines
     assert "async worker exited with status 0" in lines
+
+
+def test_pool(tmp_path: Path) -> None:
+    out = run_example("pool", tmp_path)
+    assert "results: ['word1', 'word10', 'word100', 'word999']" in out  # the template's data
+    assert "events: 4" in out  # one from each call, sent by the worker itself
+
+
+def test_executor(tmp_path: Path) -> None:
+    out = run_example("executor", tmp_path)
+    assert "squares: [0, 1, 4, 9, 16, 25, 36, 49]" in out
+    assert "a worker died: 1" in out
+    assert "and the executor goes on: 144" in out
