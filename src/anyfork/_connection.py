@@ -52,10 +52,11 @@ _STDERR_KEPT = 8192
 class Remote:
     """What the hub reports of one process it runs for the caller."""
 
-    __slots__ = ("channel", "failed", "pid", "returncode")
+    __slots__ = ("channel", "failed", "pid", "returncode", "seq")
 
     def __init__(self, channel: int) -> None:
         self.channel = channel
+        self.seq = channel  # what a Process calls it before its pid is known
         self.pid: int | None = None
         self.returncode: int | None = None
         self.failed: str | None = None  # the hub could not start it, or the connection ended: why
@@ -93,6 +94,7 @@ class Connection:
         self.command = list(command)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        self._released = False
         self.remotes: dict[int, Remote] = {}
         self.hello: tuple[int, str] | None = None  # the hub's pid and Python
         self.host = " ".join(command)  # what to call it in messages: the host's name once it said hello
@@ -131,9 +133,16 @@ class Connection:
 
     # --- the relay thread ----------------------------------------------------------
 
+    def _finished(self) -> bool:
+        """(under the lock) Every process the hub ran for us has exited, and
+        every channel is closed: nothing more can use the connection."""
+        return bool(self.remotes) and not self.relay.locals and all(
+            r.returncode is not None or r.failed is not None for r in self.remotes.values())
+
     def _run(self) -> None:
         try:
-            R.run(self.relay, self._wake_r, lock=self._lock, others={self._err: self._read_stderr})
+            R.run(self.relay, self._wake_r, self._finished, lock=self._lock,
+                  others={self._err: self._read_stderr})
         finally:
             self._drain_stderr()
             with self._changed:
@@ -144,6 +153,12 @@ class Connection:
                         r.failed = self.ended
                 self._changed.notify_all()
             self.notifier.notify()
+            if self._finished_unlocked():
+                self._release()  # used up: nobody need close it
+
+    def _finished_unlocked(self) -> bool:
+        with self._lock:
+            return self._finished()
 
     def _read_stderr(self) -> None:
         try:
@@ -320,15 +335,32 @@ class Connection:
         with self._lock:
             if self.ended is None:
                 self.ended = "the connection was closed"
+            if self._released:
+                return
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        os.write(self._wake_w, b"x")
-        self._thread.join(10)
-        self._reap_ssh()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass  # released meanwhile, by the relay thread
+        if threading.current_thread() is not self._thread:
+            self._thread.join(10)
+        self._release()
+
+    def _release(self) -> None:
+        """Let ssh go and close what this end holds (once)."""
         with self._lock:
+            if self._released:
+                return
+            self._released = True
             self.relay.close()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # ssh's stdin ends: it exits
+        except OSError:
+            pass
+        self._reap_ssh()
         for fd in (self._err, self._wake_r, self._wake_w):
             os.close(fd)
         self._sock.close()

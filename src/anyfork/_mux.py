@@ -150,6 +150,12 @@ class Mux:
         c = self._channels.get(ch)
         return 0 if c is None else c.pending_bytes
 
+    def sent_all(self, ch: int) -> bool:
+        """Whether everything queued on ``ch``, and its EOF, has gone out (or
+        the channel is gone): only then may it be closed without losing data."""
+        c = self._channels.get(ch)
+        return c is None or c.closed_here or (not c.pending and c.send_window < 0)
+
     def eof(self, ch: int) -> None:
         """Nothing more will be sent on ``ch`` (sent after what is pending)."""
         c = self._chan(ch)

@@ -149,11 +149,13 @@ class Process:
     ``returncode``, ``wait`` and ``kill`` work.
     """
 
-    __slots__ = ("__weakref__", "_child", "_cmd", "_gen", "_parent", "_spent", "_tpl")
+    __slots__ = ("__weakref__", "_child", "_cmd", "_gen", "_host", "_parent", "_spent", "_tpl")
 
-    def __init__(self, token: object, cmd: CommandChannel, parent: Parent, child: Any) -> None:
+    def __init__(self, token: object, cmd: CommandChannel, parent: Parent, child: Any,
+                 host: str | None = None) -> None:
         if token is not _TOKEN:
             raise TypeError("Process objects come from anyfork.new(), new_exec() and Process.fork()")
+        self._host = host  # the remote host it runs on (see anyfork.remote), None here
         self._gen = runtime.generation
         self._cmd = cmd
         self._parent = parent
@@ -294,6 +296,12 @@ class Process:
                 nothing is queued.
             OSError: a descriptor could not be duplicated (EMFILE).
         """
+        if self._host is not None:
+            from ._errors import UnsupportedError
+
+            raise UnsupportedError(
+                f"send_fh() can't pass descriptors to a process on {self._host}: a descriptor "
+                "names an open file of this machine's kernel, and can't cross to another host")
         fds = [_fileno(h) for h in handles]
         self._mine()
         dups: list[int] = []
@@ -346,7 +354,7 @@ class Process:
                 taken = tpl.take()
                 if taken is not None:
                     record, sock = taken
-                    child = Process(_TOKEN, CommandChannel(sock), tpl, record)
+                    child = Process(_TOKEN, CommandChannel(sock), tpl, record, self._host)
             if child is None:
                 try:
                     mine, theirs = socket.socketpair()
@@ -360,7 +368,7 @@ class Process:
                     theirs.close()
                     raise
                 record = tpl.queue_fork(theirs.detach())  # the queue owns that end now
-                child = Process(_TOKEN, CommandChannel(mine), tpl, record)
+                child = Process(_TOKEN, CommandChannel(mine), tpl, record, self._host)
             assert tpl is not None
             tpl.queue_spawns()
         try:
@@ -691,6 +699,11 @@ def new_exec() -> Process:
     proc = adopt(mine, pid)
     _send_path(proc, [])
     return proc
+
+
+def remote_process(sock: socket.socket, parent: Parent, record: Any, host: str) -> Process:
+    """The Process for one a remote host's hub runs (see anyfork.remote)."""
+    return Process(_TOKEN, CommandChannel(sock), parent, record, host)
 
 
 def adopt(sock: socket.socket, pid: int) -> Process:

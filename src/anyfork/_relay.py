@@ -208,6 +208,9 @@ class Relay:
             return
         for event in self.mux.events():
             self._event(event)
+        for ch, loc in list(self.locals.items()):
+            if loc.eof_in and loc.eof_out:
+                self._maybe_done(ch, loc)  # credit may have let the last of it out
         if not data:
             self._disconnected("the connection ended")
 
@@ -377,8 +380,9 @@ class Relay:
             self._maybe_done(ch, loc)
 
     def _maybe_done(self, ch: int, loc: _Local) -> None:
-        """Both directions ended: the channel is done."""
-        if loc.eof_in and loc.eof_out and not loc.out:
+        """Both directions ended, and what we queued for the peer (waiting
+        for its window) has gone, EOF last: the channel is done."""
+        if loc.eof_in and loc.eof_out and not loc.out and self.mux.sent_all(ch):
             self.drop(ch)
 
     @staticmethod

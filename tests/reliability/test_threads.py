@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 import anyfork
-from anyfork import _process
+from anyfork import _runtime
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -129,7 +129,7 @@ def test_sixteen_threads_making_processes_every_way_at_once(h) -> None:
         # shared template past its first forks; then take the baseline.
         for make in (anyfork.new, shared.fork, shared.fork, anyfork.new_exec):
             one_process(make, b"warm", b"up", "warm up")
-        templates = [_process._default.pid, shared.pid]  # type: ignore[union-attr]
+        templates = [_runtime.runtime.default.pid, shared.pid]  # type: ignore[union-attr]
         h.until(lambda: not any(h.zombies(t) for t in templates), 5, "warm-up processes reaped")
         before = {t: h.fd_count(t) for t in templates}
 
@@ -167,7 +167,7 @@ def test_sixteen_threads_making_processes_every_way_at_once(h) -> None:
         assert not stuck, f"threads still running after {DEADLINE} s: {stuck}"
         assert not errors, "\n".join(errors.values())
         assert len(done) == PROCESSES
-        assert _process._default.pid == templates[0], "the default template was replaced"  # type: ignore[union-attr]
+        assert _runtime.runtime.default.pid == templates[0], "the default template was replaced"  # type: ignore[union-attr]
 
         h.until(lambda: {t: h.fd_count(t) for t in templates} == before
                 and not any(h.zombies(t) for t in templates), 5,

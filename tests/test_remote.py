@@ -1,0 +1,156 @@
+"""anyfork.remote: Process on another host through a real OpenSSH server on loopback."""
+
+from __future__ import annotations
+
+import ast
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+import anyfork
+import sshd
+from anyfork import remote
+from helpers import wait_exited
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+pytestmark = pytest.mark.usefixtures("check_leaks")
+TESTS = str(Path(__file__).resolve().parent)
+HANDLERS = (
+    "import os, socket, sys\n"
+    "def pids(sock):\n"
+    "    sock.sendall(repr((os.getpid(), os.getppid())).encode())\n"
+    "def echo(sock):\n"
+    "    data = b''\n"
+    "    while chunk := sock.recv(65536):\n"
+    "        data += chunk\n"
+    "    sock.sendall(data[::-1])\n"
+    "def segfault(sock):\n"
+    "    import ctypes\n"
+    "    ctypes.string_at(0)\n"
+)
+
+
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[sshd.Hosts]:
+    h = sshd.hosts_or_skip("host1")
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def command(hosts: sshd.Hosts) -> list[str]:
+    return hosts.ssh("host1", sys.executable)
+
+
+def _read(sock: socket.socket) -> bytes:
+    sock.settimeout(20)
+    chunks = []
+    while data := sock.recv(65536):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def test_a_remote_process_runs_a_function_with_the_process_api(command: list[str]) -> None:
+    p = remote.new_exec(command).eval(HANDLERS)
+    with p.run("pids") as sock:
+        pid, _ = ast.literal_eval(_read(sock).decode())
+    assert p.pid == pid  # the remote pid
+    assert p.wait(20) == 0
+    assert p.returncode == 0
+
+
+def test_bytes_cross_both_ways_unchanged_with_eof(command: list[str]) -> None:
+    p = remote.new_exec(command).eval(HANDLERS)
+    blob = bytes(range(256)) * 4096  # 1 MiB: more than the mux's window
+    with p.run("echo") as sock:
+        sock.sendall(blob)
+        sock.shutdown(socket.SHUT_WR)  # EOF reaches the remote function
+        assert _read(sock) == blob[::-1]
+    assert p.wait(20) == 0
+
+
+def test_send_fh_is_refused_saying_why(command: list[str]) -> None:
+    p = remote.new_exec(command)
+    with pytest.raises(anyfork.UnsupportedError, match="another host"):
+        p.send_fh(0)
+    p.close()
+    p.wait(20)
+
+
+def test_a_remote_template_forks_without_another_connection(command: list[str]) -> None:
+    tpl = remote.template(command).eval(HANDLERS)
+    children = [tpl.fork() for _ in range(5)]
+    got = []
+    for c in children:
+        with c.run("pids") as sock:
+            got.append(ast.literal_eval(_read(sock).decode()))
+    assert {ppid for _, ppid in got} == {tpl.pid}  # all forked by the remote template
+    assert [c.wait(20) for c in children] == [0] * 5
+    with pytest.raises(anyfork.UnsupportedError):
+        tpl.fork().send_fh(0)  # its children are on that host too
+    tpl.close()
+    assert tpl.wait(20) == 0
+
+
+def test_a_remote_segfault_reaches_wait(command: list[str]) -> None:
+    tpl = remote.template(command).eval(HANDLERS)
+    child = tpl.fork()
+    child.run("segfault").close()
+    assert child.wait(20) == -signal.SIGSEGV
+    tpl.close()
+    tpl.wait(20)
+
+
+def test_kill_reaches_the_remote_process(command: list[str]) -> None:
+    p = remote.new_exec(command).eval("import time\n")
+    pid = p.pid
+    p.kill(signal.SIGKILL)
+    assert p.wait(20) == -signal.SIGKILL
+    assert wait_exited(pid, 5)
+
+
+def test_rpc_works_over_a_remote_process(command: list[str]) -> None:
+    from anyfork import rpc
+
+    p = remote.new_exec(command).eval("def add(a, b):\n    return a + b\n")
+    with rpc.run(p, "add") as client:
+        assert client(2, 3) == 5
+        assert [f.result(20) for f in [client.submit(i, i) for i in range(20)]] == [2 * i for i in range(20)]
+
+
+def test_the_connection_dropping_fails_calls_and_ends_the_remote_processes(command: list[str]) -> None:
+    tpl = remote.template(command).eval(HANDLERS)
+    child = tpl.fork()
+    sock = child.run("echo")  # waits for EOF that never comes: the connection drops first
+    remote_pids = [tpl.pid, child.pid]
+    conn = remote._connections[id(tpl)]
+    os.kill(conn.pid, signal.SIGKILL)  # the local ssh
+    assert _read(sock) == b""  # the caller's end sees it
+    sock.close()
+    for pid in remote_pids:
+        assert wait_exited(pid, 5), f"remote process {pid} outlived its connection"
+    with pytest.raises(anyfork.Error):
+        tpl.fork().run("pids")
+    with pytest.raises(anyfork.Error):
+        child.wait(5)
+    tpl.close()
+
+
+def test_a_wrong_host_key_fails_new_exec_with_sshs_words(hosts: sshd.Hosts) -> None:
+    (server,) = hosts.servers
+    other_key = hosts.dir / "remote_other_key"
+    if not other_key.exists():
+        sshd._keygen(other_key)
+    wrong = hosts.dir / "remote_wrong_known_hosts"
+    wrong.write_text(f"[127.0.0.1]:{server.port} {Path(str(other_key) + '.pub').read_text()}")
+    config = hosts.dir / "remote_wrong_config"
+    config.write_text(hosts.config.read_text().replace(str(hosts.known_hosts), str(wrong)))
+    with pytest.raises(anyfork.Error, match=r"(?i)host key"):
+        remote.new_exec([sshd.SSH or "ssh", "-F", str(config), "host1", sys.executable])
