@@ -17,7 +17,7 @@ import anyfork
 
 # Submodules meant to be imported by users (they appear on the package once
 # imported, and are not re-exported names).
-PUBLIC_SUBMODULES = {"early", "pool", "rpc"}
+PUBLIC_SUBMODULES = {"early", "pool", "remote", "rpc"}
 
 
 def public_names() -> set[str]:
