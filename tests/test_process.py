@@ -1202,3 +1202,12 @@ def test_creating_processes_while_eval_runs_in_this_process_is_refused() -> None
     with p.run("say") as sock:
         assert read_all(sock) == b"refused"
     assert p.wait(10) == 0
+
+
+def test_a_template_dropped_at_once_still_forks_its_child() -> None:
+    # Pins a regression of the caller redesign, seen by test_pythons on 3.13: the
+    # template's Process was collected (and closed) before it reported its child.
+    child = anyfork.new_exec().fork()
+    with child.eval("def ok(sock):\n    sock.sendall(b'ok')\n").run("ok") as sock:
+        assert read_all(sock) == b"ok"
+    assert child.wait(10) == 0

@@ -149,13 +149,17 @@ class Process:
     ``returncode``, ``wait`` and ``kill`` work.
     """
 
-    __slots__ = ("__weakref__", "_child", "_cmd", "_gen", "_host", "_parent", "_spent", "_tpl")
+    __slots__ = ("__weakref__", "_child", "_cmd", "_gen", "_host", "_keep", "_parent", "_spent", "_tpl")
 
     def __init__(self, token: object, cmd: CommandChannel, parent: Parent, child: Any,
                  host: str | None = None) -> None:
         if token is not _TOKEN:
             raise TypeError("Process objects come from anyfork.new(), new_exec() and Process.fork()")
         self._host = host  # the remote host it runs on (see anyfork.remote), None here
+        # A forked process holds its template's Process: dropping the template
+        # (anyfork.new_exec().fork()) must not close it before it has forked
+        # the child and reported it.
+        self._keep: Process | None = None
         self._gen = runtime.generation
         self._cmd = cmd
         self._parent = parent
@@ -355,6 +359,7 @@ class Process:
                 if taken is not None:
                     record, sock = taken
                     child = Process(_TOKEN, CommandChannel(sock), tpl, record, self._host)
+                    child._keep = self
             if child is None:
                 try:
                     mine, theirs = socket.socketpair()
@@ -369,6 +374,7 @@ class Process:
                     raise
                 record = tpl.queue_fork(theirs.detach())  # the queue owns that end now
                 child = Process(_TOKEN, CommandChannel(mine), tpl, record, self._host)
+                child._keep = self
             assert tpl is not None
             tpl.queue_spawns()
         try:
