@@ -29,7 +29,7 @@ def test_submit_and_map_as_processpoolexecutor_does() -> None:
 
 
 def test_map_with_a_timeout_raises_timeouterror() -> None:
-    with anyfork.Executor(max_workers=1) as ex, pytest.raises(TimeoutError):
+    with anyfork.Executor(max_workers=1) as ex, pytest.raises(cf.TimeoutError):  # TimeoutError from 3.11
         list(ex.map(h.sleep, [5], timeout=0.3))
 
 
