@@ -169,6 +169,10 @@ class Connection:
             # ssh is gone or going: no more to read; the relay sees the rest.
             self.relay.connected = self.relay.connected and self._ssh_alive()
             return
+        self._pass_stderr(data)  # (the relay holds the lock while it calls this)
+
+    def _pass_stderr(self, data: bytes) -> None:
+        """(under the lock) Keep the tail of what ssh says, and pass it on to our stderr."""
         self._stderr += data
         del self._stderr[:-_STDERR_KEPT]
         try:
@@ -191,12 +195,7 @@ class Connection:
             if not data:
                 return
             with self._lock:
-                self._stderr += data
-                del self._stderr[:-_STDERR_KEPT]
-            try:
-                os.write(2, data)
-            except OSError:
-                pass
+                self._pass_stderr(data)
 
     def _ssh_alive(self) -> bool:
         try:
