@@ -237,8 +237,9 @@ class Relay:
             return
         self.connected = False
         self._out.clear()
-        self.close()
+        # Said first: whoever sees a channel end must find the reason recorded.
         self.on_control(b"DISCONNECTED " + why.encode("utf-8", "replace"))
+        self.close()
 
     def _event(self, event: M.Event) -> None:
         kind, ch = event.kind, event.channel
