@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from anyfork import _protocol as wire
+from helpers import is_open
 
 ITEMS: list[bytes | str] = [
     b"",
@@ -36,14 +37,6 @@ def decode_all(stream: bytes, kinds: frozenset[int] = wire.COMMANDS) -> list[tup
 
 def joined(parts: list[wire.Buffer]) -> bytes:
     return b"".join(bytes(p) for p in parts)
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ import pytest
 import anyfork
 from anyfork import _exec, _serve
 from anyfork import _protocol as wire
-from helpers import Greeter, finish, outcome, read_all, result, wait_exited
+from helpers import Greeter, finish, outcome, read_all, read_exactly, result, wait_exited
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -774,14 +774,6 @@ def test_a_pipe_loop_reports_garbage_as_a_corrupted_stream(tmp_path: Path) -> No
 
 
 # --- regressions the reviews found in the serve loop (moved from test_regressions.py) ---------------
-
-
-def read_exactly(sock: socket.socket, n: int) -> bytes:
-    sock.settimeout(10)
-    data = b""
-    while len(data) < n and (more := sock.recv(n - len(data))):
-        data += more
-    return data
 
 
 def _blocking_facts(sock: socket.socket) -> tuple[object, bool]:
