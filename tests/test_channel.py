@@ -27,3 +27,55 @@ def test_calls_interrupted_at_random_moments_never_hang_or_corrupt_the_stream(se
     # Afterwards the template works, or, if an exception came between a send and its
     # bookkeeping, it was let go and says so.
     assert facts["after"] == ("ProcessStateError" if facts["poisoned"] else 0), facts
+
+
+def _python_calls(fn: object) -> int:
+    """How many Python functions run while ``fn()`` runs (C functions not counted)."""
+    import sys
+
+    calls = 0
+
+    def count(frame: object, event: str, arg: object) -> None:
+        nonlocal calls
+        if event == "call":
+            calls += 1
+
+    sys.setprofile(count)
+    try:
+        fn()  # type: ignore[operator]
+    finally:
+        sys.setprofile(None)
+    return calls - 1  # fn itself
+
+
+# Pins a speed regression of the caller-side rework (a872bd9): signals were
+# held with signal.pthread_sigmask, whose Python wrapper turns the old mask
+# into Signals members one enum lookup at a time.  Done twice per send and per
+# read, that made the caller's part of new().run() ~6x dearer than before
+# (1,500 Python calls per process instead of ~150).  Counted, not timed.
+def test_holding_signals_back_runs_no_python_code() -> None:
+    from anyfork._channel import hold_signals, release_signals
+
+    def hold_and_release() -> None:
+        held: list[set[int]] = []
+        hold_signals(held)
+        release_signals(held)
+
+    assert _python_calls(hold_and_release) == 2  # the two functions themselves
+
+
+def test_the_callers_part_of_new_run_stays_small() -> None:
+    import statistics
+
+    import anyfork
+
+    def one() -> None:
+        sock = anyfork.new().run("builtins:id")
+        sock.recv(1)
+        sock.close()
+
+    for _ in range(10):
+        one()
+    counts = [_python_calls(one) for _ in range(15)]
+    # ~150 on 3.11 when this was written; the regression above made it 1,500.
+    assert statistics.median(counts) < 400, counts

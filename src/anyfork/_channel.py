@@ -38,7 +38,7 @@ that another thread received meanwhile.
 
 from __future__ import annotations
 
-import signal
+import _signal  # type: ignore[import-not-found]  # the C module has no stub of its own
 import socket
 import threading
 from typing import TYPE_CHECKING
@@ -51,12 +51,16 @@ if TYPE_CHECKING:
     from ._reports import ReportChannel
 
 _SEND_FLAGS = int(getattr(socket, "MSG_NOSIGNAL", 0)) | int(getattr(socket, "MSG_DONTWAIT", 0))
-_SIGMASK = getattr(signal, "pthread_sigmask", None)
-_ALL_SIGNALS = signal.valid_signals()
+# The C function, not signal.pthread_sigmask: that wrapper turns the old mask
+# into a set of Signals members, one enum lookup per signal, and held
+# signals twice per send and per read (the caller's hottest path) spent more
+# time there than in everything else a new() does.
+_SIGMASK = getattr(_signal, "pthread_sigmask", None)
+_ALL_SIGNALS = _signal.valid_signals() if hasattr(_signal, "valid_signals") else set()
 _MAIN = threading.main_thread().ident
 
 
-def hold_signals(held: list[set[signal.Signals]]) -> None:
+def hold_signals(held: list[set[int]]) -> None:
     """On the main thread, hold signals back for a send or a read and its
     bookkeeping: a signal that arrives during the system call would
     otherwise run its Python handler right after it, before the count is
@@ -64,14 +68,14 @@ def hold_signals(held: list[set[signal.Signals]]) -> None:
     doc); pass it to ``release_signals`` in a ``finally``.  A handler already
     due runs here, before anything is sent or read."""
     if _SIGMASK is not None and threading.get_ident() == _MAIN:
-        held.extend(map(_SIGMASK, (signal.SIG_BLOCK,), (_ALL_SIGNALS,)))
+        held.extend(map(_SIGMASK, (_signal.SIG_BLOCK,), (_ALL_SIGNALS,)))
 
 
-def release_signals(held: list[set[signal.Signals]]) -> None:
+def release_signals(held: list[set[int]]) -> None:
     """Restore the mask ``hold_signals`` saved (what came meanwhile is handled now)."""
     if held:
         assert _SIGMASK is not None
-        _SIGMASK(signal.SIG_SETMASK, held.pop())
+        _SIGMASK(_signal.SIG_SETMASK, held.pop())
 _ANC = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
 
 
@@ -198,7 +202,7 @@ class CommandChannel:
                 anc = P.ancillary(fds, *_ANC)
                 journal: list[int] = []
                 self._journal = journal
-                held: list[set[signal.Signals]] = []
+                held: list[set[int]] = []
                 try:
                     hold_signals(held)
                     try:

@@ -45,7 +45,6 @@ from ._errors import (
 )
 
 if TYPE_CHECKING:
-    import signal
     from collections.abc import Callable
 
 _RECV_FLAGS = int(getattr(socket, "MSG_DONTWAIT", 0)) | int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
@@ -127,7 +126,7 @@ class ReportChannel:
         for _ in range(_BATCH):
             journal: list[tuple[bytes, list[tuple[int, int, bytes]], int, object]] = []
             self._journal = journal
-            held: list[set[signal.Signals]] = []
+            held: list[set[int]] = []
             try:
                 hold_signals(held)
                 try:
