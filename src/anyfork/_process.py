@@ -185,7 +185,8 @@ class Process:
         someone else's: nothing may be done with them.  Checked before any
         lock is taken: a lock another thread held at the fork stays locked.
         """
-        runtime.check(self._gen, self._describe())
+        if self._gen != runtime.generation:  # the message only when it is needed
+            runtime.check(self._gen, self._describe())
         runtime.reap_directs()
 
     def _usable(self) -> None:
