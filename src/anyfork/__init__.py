@@ -30,6 +30,7 @@ from __future__ import annotations
 from ._errors import Error as Error
 from ._errors import ExitStatusLostError as ExitStatusLostError
 from ._errors import ProcessExitedError as ProcessExitedError
+from ._errors import ProcessFailedError as ProcessFailedError
 from ._errors import ProcessStateError as ProcessStateError
 from ._errors import ProtocolError as ProtocolError
 from ._errors import TemplateDiedError as TemplateDiedError
@@ -65,6 +66,7 @@ __all__ = (
     "LateImportWarning",
     "Process",
     "ProcessExitedError",
+    "ProcessFailedError",
     "ProcessStateError",
     "ProtocolError",
     "TemplateDiedError",

@@ -169,6 +169,11 @@ def _wrap_fd(fd: int) -> object:
 #: without end.  Written only around such code, never on the fast paths.
 preparing: str | None = None
 
+#: The sending end of the caller's failure sink (see _protocol's "Failures
+#: before the function"), or -1 where there is none (a remote host).  Set
+#: once, where the process starts; a forked child inherits it.
+failure_fd = -1
+
 
 def _import(modname: str) -> object:
     """The module, from sys.modules when it is there (the common case, and
@@ -550,8 +555,8 @@ def serve_pipes(rfd: int = 0, wfd: int = 1) -> NoReturn:
 class Server:
     """One process's serve loop.  ``serve()`` never returns."""
 
-    __slots__ = ("child_sock", "decoder", "inherited_signals", "items", "namespace", "pid", "sock",
-                 "template", "user_code")
+    __slots__ = ("child_sock", "decoder", "inherited_signals", "items", "namespace", "pid", "seq",
+                 "sock", "template", "user_code")
 
     def __init__(self, sock: Sock | PipeSocket, passes_fds: bool = True) -> None:
         """``sock``: the transport, a socket (of whatever class socket.socket
@@ -568,6 +573,9 @@ class Server:
         # The process this loop serves: a fork made by code run here (os.fork,
         # multiprocessing) inherits the loop but is not it (see serve).
         self.pid = os.getpid()
+        # Its number in the template that forked it (0: the caller spawned
+        # it), which names it in a failure record.
+        self.seq = 0
         # Set in a process forked from a program (fork_template, early): it
         # carries that program's signal handlers and mask, which run() must
         # reset in full.  Exec'd templates start with default dispositions.
@@ -632,6 +640,7 @@ class Server:
                 self.decoder.close()
                 _fail(2, f"anyfork: stream corrupted: {e}", self.sock)
             _report(e, "while it was being prepared")
+            _send_failure(e, self.seq, False)
             _fail(1, None, self.sock)
 
     def _first_command(self, sock: Sock) -> None:
@@ -776,6 +785,7 @@ class Server:
             tpl.report(P.failed_report(seq, f"fork failed: {e}"))
             return -1
         if pid == 0:
+            self.seq = seq
             self._child(sock, mine)
             return 0
         Sock.close(sock)
@@ -992,7 +1002,9 @@ class Server:
         try:
             func = resolve(name, self.namespace)
         except Exception as e:
-            _report(e, f"can't find {name!r} to run", brief=_raised_by_lookup(e))
+            brief = _raised_by_lookup(e)
+            _report(e, f"can't find {name!r} to run", brief=brief)
+            _send_failure(e, self.seq, brief)
             _fail(1, None, self.sock)
         if sock is None:
             stream = self.sock
@@ -1015,6 +1027,8 @@ class Server:
             _exit(1, run_atexit=False)
         except BaseException as e:
             _report(e, name)
+            if _raised_by_call(e):
+                _send_failure(e, self.seq, False)
             _exit(1, sock=sock)
         _exit(0, sock=sock)
 
@@ -1069,6 +1083,43 @@ def _raised_by_lookup(e: BaseException) -> bool:
     while tb.tb_next is not None:
         tb = tb.tb_next
     return tb.tb_frame.f_globals.get("__name__") in (__name__, "importlib._bootstrap")
+
+
+def _raised_by_call(e: BaseException) -> bool:
+    """Whether ``e`` was raised by calling the function, not inside it: a
+    TypeError whose traceback ends in run()'s own frame (the arguments did
+    not bind, so the function's first line never ran)."""
+    tb = e.__traceback__
+    return isinstance(e, TypeError) and tb is not None and tb.tb_next is None
+
+
+def _send_failure(e: BaseException, seq: int, brief: bool) -> None:
+    """Tell the caller why this process fails before its function runs: one
+    FAILURE record on the failure sink (see _protocol), if there is one.
+    Never blocks: a sink nobody reads drops the record, and the caller gets
+    the bare exit status."""
+    if failure_fd < 0:
+        return
+    try:
+        import traceback
+
+        cls = type(e)
+        type_name = cls.__qualname__
+        if cls.__module__ != "builtins":
+            type_name = f"{cls.__module__}.{type_name}"
+        tb = e.__traceback__
+        while tb is not None and tb.tb_frame.f_globals.get("__name__") == __name__:
+            tb = tb.tb_next  # anyfork's own frames, as _report leaves them out
+        lines = (traceback.format_exception_only(cls, e) if brief
+                 else traceback.format_exception(cls, e, tb))
+        record = P.failure_record((os.getpid(), os.getppid(), seq), (type_name, str(e), "".join(lines)))
+        sink = Sock(_socket.AF_UNIX, _socket.SOCK_DGRAM, 0, failure_fd)
+        try:
+            sink.send(record, _SEND_FLAGS | _DONTWAIT)
+        finally:
+            sink.detach()  # the number stays ours: a fork may still fail
+    except BaseException:
+        pass  # a full sink, or a caller gone: the exit status alone says it
 
 
 def _report(e: BaseException, what: str, brief: bool = False) -> None:
