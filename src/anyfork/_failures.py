@@ -98,6 +98,14 @@ def sink() -> Sink:
     return s
 
 
+def descriptors() -> set[int]:
+    """The sink's descriptors, if it was made (for leak checks)."""
+    from ._runtime import runtime
+
+    s = runtime.failures
+    return set() if s is None else {sock.fileno() for sock in (s.receiver, s.sender) if sock.fileno() >= 0}
+
+
 def take(pid: int, ppid: int | None, seq: int) -> Texts | None:
     """The failure record of that process, if the sink exists and holds one."""
     from ._runtime import runtime

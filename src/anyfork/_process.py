@@ -216,6 +216,13 @@ class Process:
         status 1, or its reports ended: nothing is read otherwise)."""
         if self._failure is None and self._host is None:
             child = self._child
+            if child.pid is None:
+                # A forked template that failed before anything asked for its
+                # pid: its PID report went out at the fork, so it is here.
+                try:
+                    self._parent.status(child, self._describe())
+                except Error:
+                    pass
             pid = child.pid
             if pid is None:
                 return None

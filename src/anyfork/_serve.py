@@ -1015,6 +1015,13 @@ class Server:
                 sock.setblocking(True)
         _fresh_signals(self.inherited_signals)
         _name_process("af " + name.rpartition(":")[2].rpartition(".")[2])
+        # The function must not inherit the failure sink, but a call that
+        # fails to bind its arguments is still ours to report: close the
+        # sink first unless the signature says the call can't bind.
+        sink_open = failure_fd >= 0
+        if sink_open and _binds(func, 1 + len(self.items)):
+            os.close(failure_fd)
+            sink_open = False
         try:
             func(sock, *self.items)
         except SystemExit as e:
@@ -1027,7 +1034,7 @@ class Server:
             _exit(1, run_atexit=False)
         except BaseException as e:
             _report(e, name)
-            if _raised_by_call(e):
+            if sink_open and _raised_by_call(e):
                 _send_failure(e, self.seq, False)
             _exit(1, sock=sock)
         _exit(0, sock=sock)
@@ -1083,6 +1090,39 @@ def _raised_by_lookup(e: BaseException) -> bool:
     while tb.tb_next is not None:
         tb = tb.tb_next
     return tb.tb_frame.f_globals.get("__name__") in (__name__, "importlib._bootstrap")
+
+
+def _binds(func: Any, n: int) -> bool:
+    """Whether ``func`` can be called with ``n`` positional arguments, as far
+    as its signature says without running it: a function written in Python
+    (or a method of one) is checked; any other callable may take them."""
+    bound = 0
+    if type(func) is _MethodType:
+        func = func.__func__  # type: ignore[attr-defined]
+        bound = 1
+    if type(func) is not _FunctionType:
+        return True
+    code = func.__code__
+    n += bound
+    if code.co_kwonlyargcount > len(func.__kwdefaults__ or ()):
+        return False  # a keyword-only argument without a default
+    if n > code.co_argcount and not code.co_flags & 0x04:  # CO_VARARGS
+        return False
+    return n >= code.co_argcount - len(func.__defaults__ or ())
+
+
+class _Methods:
+    def method(self) -> None:
+        pass
+
+
+_FunctionType = type(_binds)
+_MethodType = type(_Methods().method)
+# What _binds looks up, on a forked child's way to its function.
+_CHILD_LOOKUPS += (
+    (_FunctionType, ("__code__", "__defaults__", "__kwdefaults__")),
+    (type(_binds.__code__), ("co_argcount", "co_flags", "co_kwonlyargcount")),
+)
 
 
 def _raised_by_call(e: BaseException) -> bool:
