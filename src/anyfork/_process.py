@@ -32,7 +32,7 @@ import socket
 import sys
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import _exec, _failures, _fds
+from . import _exec, _failures, _fds, _mainmod
 from . import _protocol as P
 from ._backend import Op, deadline_after, run_blocking
 from ._channel import BrokenError, CommandChannel
@@ -107,11 +107,21 @@ def _func_name(func: object) -> str:
         raise TypeError(f"run() takes a function or its name, not {type(func).__name__}")
     module = getattr(func, "__module__", None)
     qualname = getattr(func, "__qualname__", None)
+    if not module and qualname and "<" not in qualname:
+        raise TypeError(
+            f"{func!r} belongs to no module (it was made by exec() in a namespace without a "
+            "__name__?), so no other process can find it: define it in a module and pass it or "
+            "its 'module:name', or define it in the process with eval() and run its name")
     if not module or not qualname or "<" in qualname or not _NAME.fullmatch(qualname):
         raise TypeError(
             f"{func!r} has no importable name (a lambda, closure or local function?); "
             "pass a module-level function or its 'module:name'"
         )
+    if module != "__main__" and module not in sys.modules:
+        raise TypeError(
+            f"{func!r} names its module {module!r}, which is not a module this process imported "
+            "(code run with exec() under a made-up __name__?), so no other process can import it: "
+            "define it in a real module, or define it in the process with eval() and run its name")
     return f"{module}:{qualname}"
 
 
@@ -494,10 +504,18 @@ class Process:
         """Check and set "spent" in one step, and queue RUN: of two threads
         that run() one process, the second gets ProcessStateError."""
         name = _func_name(func)
+        # A function of the caller's main script: the process imports that
+        # script under another name if its own __main__ lacks the function
+        # (see _mainmod).  Not for a name given as a string: that names
+        # what the process's __main__ has (eval'd code, say).
+        main = _mainmod.describe() if (not isinstance(func, str) and name.startswith("__main__:")
+                                        and self._host is None) else None
         self._mine()
         with self._cmd.lock:
             self._usable()
             self._spent = "run"
+            if main is not None:
+                self._cmd.put(P.items_frame(P.MAIN, main))
             self._cmd.put(P.run_frame(name))
             if self._tpl is not None:
                 self._tpl.retire("run")  # no fork() will hand them out now: let them go

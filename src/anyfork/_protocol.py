@@ -79,6 +79,7 @@ RUN = 7  # UTF-8 name of the function to call
 KILL = 8  # u64 seq, i32 signal: signal a process this template forked
 SITE = 10  # items: directories to process as site.addsitedir does
 SPAWN = 11  # u64 seq, u8 flags; fds: [report socket]: fork one ahead, connected
+MAIN = 12  # items: how to find the caller's main module ("path" or "module", then it)
 
 # Reports, template -> caller, on the report channel.
 PID = 64  # u64 seq, i64 pid
@@ -137,6 +138,7 @@ COMMAND_TABLE: dict[int, Shape] = {
     KILL: Shape(size=_SEQ_SIG.size),
     SITE: Shape(),
     SPAWN: Shape(0, 1, FORK_PAYLOAD.size),  # [the report channel]
+    MAIN: Shape(),
 }
 # The report table, template -> caller.
 REPORT_TABLE: dict[int, Shape] = {
@@ -154,7 +156,7 @@ COMMANDS = frozenset(COMMAND_TABLE)
 REPORTS = frozenset(REPORT_TABLE)
 _SHAPES = {**COMMAND_TABLE, **REPORT_TABLE}
 NAMES = {PATH: "PATH", REQUIRE: "REQUIRE", EVAL: "EVAL", ARG: "ARG", FH: "FH", FORK: "FORK",
-         RUN: "RUN", KILL: "KILL", SITE: "SITE", SPAWN: "SPAWN", PID: "PID", EXIT: "EXIT",
+         RUN: "RUN", KILL: "KILL", SITE: "SITE", SPAWN: "SPAWN", MAIN: "MAIN", PID: "PID", EXIT: "EXIT",
          FAILED: "FAILED", SPARE: "SPARE", LOST: "LOST", FAILURE: "FAILURE"}
 
 

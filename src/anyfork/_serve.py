@@ -193,6 +193,30 @@ def _import(modname: str) -> object:
 _MISSING = object()
 
 
+def _mainmod() -> Any:
+    """The ``_mainmod`` module beside this one (MAIN: a function of the
+    caller's main script is to run here).  Loaded from its file when this
+    process has not imported it: an exec'd process has only the serve
+    loop's modules, and importing the package would load all of anyfork."""
+    name = f"{__package__}._mainmod"
+    module = sys.modules.get(name)
+    if module is None:
+        import importlib.util
+
+        path = os.path.join(os.path.dirname(__file__ or "."), "_mainmod.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None or not os.path.exists(path):
+            raise ImportError("the caller's main module can't be used here (no anyfork._mainmod)")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return module
+
+
 def resolve(name: str, namespace: dict[str, object]) -> Callable[..., object]:
     """Find the function ``run`` names: "mod:attr", "pkg.mod.attr" or "name".
 
@@ -695,6 +719,11 @@ class Server:
             self.items.extend(P.decode_items(frame.payload))
         elif kind == P.PATH:
             sys.path[:] = P.decode_strs(frame.payload)
+        elif kind == P.MAIN:
+            where = P.decode_strs(frame.payload)
+            if len(where) != 2:
+                raise _CorruptError("MAIN takes two items")
+            _mainmod().install(where[0], where[1])
         else:  # SITE, REQUIRE, EVAL
             self.user_code = True
             before = _signal_state()
