@@ -36,7 +36,10 @@ inherited objects, and so the pages they live on, alone.
 
 Errors: a malformed stream prints "stream corrupted" and exits with status 2
 without executing anything more; an exception in eval, require, name lookup
-or the function prints its traceback and exits with status 1.  Either way
+or the function prints its traceback and exits with status 1; one that came
+before the function ran is also sent, as one FAILURE record, to the
+caller's failure sink (``failure_fd``; see _protocol), which is closed
+before the function is called.  Either way
 the process first drains what is queued on its socket, so the caller sees
 EOF rather than a reset.  A traceback goes out in one write, headed by the
 pid and what the process was doing, without anyfork's own frames, or to a
