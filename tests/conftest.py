@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 import anyfork
-from anyfork import _runtime
+from anyfork import _failures, _runtime
 from helpers import open_fds, zombie_children
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ def _default_template_fds() -> set[int]:
     and anyfork.rpc's reader thread's epoll, long-lived by design too."""
     tpl = _runtime.runtime.default
     fds = set() if tpl is None else tpl._descriptors()
+    fds |= _failures.descriptors()  # the failure sink: made on first use, kept
     rpc = sys.modules.get("anyfork.rpc")
     reactor = getattr(rpc, "_the_reactor", None)
     if reactor is not None and reactor.epoll is not None:

@@ -264,6 +264,19 @@ def finish(proc: object, func: object, timeout: float = TIMEOUT) -> int:
     return proc.wait(timeout)  # type: ignore[attr-defined, no-any-return]
 
 
+def wait_failed(proc: Any, timeout: float = TIMEOUT) -> Any:
+    """``proc.wait()`` of a process that failed before its function ran: it
+    raises ProcessFailedError (returned), and the exit status is 1."""
+    import pytest
+
+    import anyfork
+
+    with pytest.raises(anyfork.ProcessFailedError) as info:
+        proc.wait(timeout)
+    assert info.value.returncode == proc.returncode == 1
+    return info.value
+
+
 def zombie_children() -> list[int]:
     """Our children that exited but were not reaped."""
     pids: set[int] = set()

@@ -39,8 +39,9 @@ def _session_members(sid: int) -> list[int]:
     return members
 
 
-def run_example(name: str, tmp_path: Path) -> str:
-    """Run examples/<name>.py from the repository root; its stdout.
+def run_example(name: str, tmp_path: Path, script: Path | None = None, cwd: Path = ROOT) -> str:
+    """Run examples/<name>.py (or ``script``) from the repository root (or
+    ``cwd``); its stdout.
 
     Output goes to files, not pipes: a process left behind would hold a pipe
     open, and reading it to EOF would wait for that process instead of
@@ -49,8 +50,8 @@ def run_example(name: str, tmp_path: Path) -> str:
     out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
     with out_path.open("w") as out_f, err_path.open("w") as err_f:
         proc = subprocess.Popen(
-            [sys.executable, "-X", "dev", "-W", "error", str(EXAMPLES / f"{name}.py")],
-            cwd=ROOT,
+            [sys.executable, "-X", "dev", "-W", "error", str(script or EXAMPLES / f"{name}.py")],
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=out_f,
             stderr=err_f,
@@ -76,6 +77,30 @@ def run_example(name: str, tmp_path: Path) -> str:
 
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+
+
+def _check_one_file(out: str) -> None:
+    assert out.splitlines() == ["worker said: HELLO", "worker said: WORLD", "worker exited with status 0"]
+
+
+def test_one_file(tmp_path: Path) -> None:
+    _check_one_file(run_example("one_file", tmp_path))
+
+
+def test_the_readmes_first_example_works_copied_anywhere(tmp_path: Path) -> None:
+    """What a new user does: copy the README's first program into a file of
+    their own, in a directory of their own, and run it."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    first = re.search(r"^```python\n(.*?)^```", readme, re.M | re.S)
+    assert first is not None
+    code = first.group(1)
+    assert "def " in code
+    assert "anyfork.new()" in code
+    workdir = tmp_path / "mine"
+    workdir.mkdir()
+    script = workdir / "my_program.py"
+    script.write_text(code, encoding="utf-8")
+    _check_one_file(run_example("my_program", tmp_path, script=script, cwd=workdir))
 
 
 def test_single_worker(tmp_path: Path) -> None:

@@ -1146,7 +1146,11 @@ import anyfork
 # runs this again.  It used to fork without end (the machine ran out of memory).
 p = anyfork.new().require("selfbomb")
 p.run("builtins:id").close()
-print(json.dumps({"status": p.wait(20), "pid": os.getpid()}))
+try:
+    status = p.wait(20)
+except anyfork.ProcessFailedError as e:
+    status = [e.returncode, e.type_name]
+print(json.dumps({"status": status, "pid": os.getpid()}))
 """
 
 
@@ -1180,7 +1184,7 @@ def test_a_script_that_requires_itself_without_a_guard_makes_one_process_not_a_b
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     facts = json.loads(out.decode().strip().splitlines()[-1])
-    assert facts["status"] == 1  # the child failed at its import, saying why
+    assert facts["status"] == [1, "anyfork._errors.Error"]  # the child failed at its import, saying why
     assert "still being prepared by anyfork" in err.decode()
     assert 'if __name__ == "__main__":' in err.decode()
     deadline = time.monotonic() + 5

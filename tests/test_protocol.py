@@ -406,7 +406,8 @@ def test_every_kind_has_a_shape_and_the_kind_sets_are_the_tables() -> None:
     assert set(wire.COMMAND_TABLE) == wire.COMMANDS
     assert set(wire.REPORT_TABLE) == wire.REPORTS
     assert not wire.COMMANDS & wire.REPORTS
-    assert set(wire.NAMES) == wire.COMMANDS | wire.REPORTS
+    assert not (wire.COMMANDS | wire.REPORTS) & set(wire.FAILURE_TABLE)
+    assert set(wire.NAMES) == wire.COMMANDS | wire.REPORTS | set(wire.FAILURE_TABLE)
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,10 @@ flush), ``_reports`` (a template's report channel, and the template as a
 parent) and ``_direct`` (processes the caller spawned) are those operations;
 ``_process`` is ``Process`` and the constructors, ``_aio`` runs its
 operations in asyncio, ``_template`` and ``early`` fork the program itself;
-``_fds`` owns the descriptors, ``_runtime`` the module state, and
-``_errors`` holds the exception tree.  ``rpc`` (a public submodule, imported
+``_fds`` owns the descriptors, ``_runtime`` the module state,
+``_failures`` the failure sink (why a process failed before its function),
+``_mainmod`` finds functions of the caller's main script in other
+processes, and ``_errors`` holds the exception tree.  ``rpc`` (a public submodule, imported
 on use) calls functions in processes over ``_rpc_wire``, with ``_rpc_worker``
 as the worker side; ``pool`` runs pools of them (``_pool_core`` is its
 scheduling, ``_pool_worker`` its worker side).  Everything public is
@@ -30,6 +32,7 @@ from __future__ import annotations
 from ._errors import Error as Error
 from ._errors import ExitStatusLostError as ExitStatusLostError
 from ._errors import ProcessExitedError as ProcessExitedError
+from ._errors import ProcessFailedError as ProcessFailedError
 from ._errors import ProcessStateError as ProcessStateError
 from ._errors import ProtocolError as ProtocolError
 from ._errors import TemplateDiedError as TemplateDiedError
@@ -65,6 +68,7 @@ __all__ = (
     "LateImportWarning",
     "Process",
     "ProcessExitedError",
+    "ProcessFailedError",
     "ProcessStateError",
     "ProtocolError",
     "TemplateDiedError",

@@ -31,15 +31,24 @@ else:
 BIND_MARK = "ANYFORK_UNSET_BIND_NOW"  # set by _exec.spawn
 
 
-def main(fd: int) -> NoReturn:
-    """Entry point of an exec'd process: serve the command socket on ``fd``."""
+def main(fd: int, failure_fd: int = -1) -> NoReturn:
+    """Entry point of an exec'd process: serve the command socket on ``fd``;
+    ``failure_fd``, if set, is the sending end of the caller's failure sink
+    (see ``_protocol``), kept for this process and those it forks."""
     os.set_inheritable(fd, False)
     os.set_blocking(fd, True)
     if os.environ.pop(BIND_MARK, "0") == "1":
         os.environ.pop("LD_BIND_NOW", None)  # set by _exec.spawn for this process only
     # Whatever else the exec let through is not ours: close it.
-    os.closerange(3, fd)
-    os.closerange(fd + 1, _max_fd())
+    keep = sorted({fd, failure_fd} - {-1})
+    low = 3
+    for n in keep:
+        os.closerange(low, n)
+        low = n + 1
+    os.closerange(low, _max_fd())
+    if failure_fd >= 0:
+        os.set_inheritable(failure_fd, False)  # a program the function execs gets no copy
+        _serve.failure_fd = failure_fd
     # Ctrl-C in a terminal reaches the whole process group; a process that is
     # still being prepared must not die of it with a traceback.  run()
     # restores the default before calling the user's function.

@@ -33,6 +33,32 @@ class ProcessExitedError(Error):
         self.returncode = returncode
 
 
+class ProcessFailedError(ProcessExitedError):
+    """The process failed in anyfork's work before its function ran: a
+    ``require`` that raised, ``eval``'d code that raised, a function that
+    could not be found, is not callable or takes other arguments.  Raised by
+    ``wait`` (the exit status is 1, as ever), and by forks from a template
+    that failed so.
+
+    Attributes:
+        returncode: 1.
+        type_name: the exception's type in the process ("ModuleNotFoundError",
+            "mymod.MyError").
+        message: ``str()`` of it.
+        traceback: its formatted traceback, without anyfork's own frames.
+    """
+
+    def __init__(self, message: str, type_name: str = "", error: str = "", traceback: str = "",
+                 returncode: int | None = 1) -> None:
+        super().__init__(message, returncode)
+        self.type_name = type_name
+        self.message = error
+        self.traceback = traceback
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return type(self), (str(self), self.type_name, self.message, self.traceback, self.returncode)
+
+
 class TemplateDiedError(Error):
     """The template a process was forked from is gone, so its forks fail and
     its children's pids and exit statuses can no longer be reported."""

@@ -2,9 +2,10 @@
 
 The caller never forks: it spawns with ``os.posix_spawn`` (glibc implements
 it with ``clone(CLONE_VM|CLONE_VFORK)``, so the cost does not grow with the
-caller's size).  Exactly one descriptor crosses, the child's end of the
-command socket, dup2'ed to fd 3; the serve loop closes anything else that an
-inheritable flag let through before it runs any code of the user's.
+caller's size).  Two descriptors cross: the child's end of the
+command socket, dup2'ed to fd 3, and the sending end of the caller's failure
+sink on fd 4; the serve loop closes anything else that an inheritable flag
+let through before it runs any code of the user's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ._errors import Error
 FROZEN_MARKER = "--anyfork-serve"
 _BIND_MARK = "ANYFORK_UNSET_BIND_NOW"  # read and removed by _boot.main
 CHILD_FD = 3
+FAILURE_FD = 4  # the sending end of the caller's failure sink (see _failures)
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
 _PYTHON_NAME = re.compile(r"python[0-9.]*[dmut]*(\.exe)?", re.IGNORECASE)
@@ -176,19 +178,21 @@ def _flag_args() -> list[str]:
     return args
 
 
-def command(path: list[str]) -> list[str]:
-    """The argv that starts a serve loop on fd 3."""
+def command(path: list[str], failure: bool = False) -> list[str]:
+    """The argv that starts a serve loop on fd 3 (``failure``: with the
+    failure sink on fd 4)."""
+    failure_arg = f", {FAILURE_FD}" if failure else ""
     if getattr(sys, "frozen", False):
         # A frozen program can't run -c; it runs itself, and freeze_support()
         # at the top of its main() diverts into the serve loop.
-        return [sys.executable, FROZEN_MARKER, str(CHILD_FD)]
+        return [sys.executable, FROZEN_MARKER, str(CHILD_FD), *([str(FAILURE_FD)] if failure else [])]
     python = find_python()
     boot = (
         "import sys\n"
         f"m = type(sys)('anyfork'); m.__path__ = [{_PKG_DIR!r}]; m.__anyfork_stub__ = True\n"
         "sys.modules['anyfork'] = m\n"
         "from anyfork._boot import main\n"
-        f"main({CHILD_FD})\n"
+        f"main({CHILD_FD}{failure_arg})\n"
     )
     args = [python, *_flag_args()]
     if not needs_site(path):
@@ -199,15 +203,25 @@ def command(path: list[str]) -> list[str]:
     return args
 
 
-def spawn(child_fd: int, path: list[str]) -> int:
-    """Start a serve loop with ``child_fd`` as its command socket; its pid."""
-    argv = command(path)
+def spawn(child_fd: int, path: list[str], failure_fd: int = -1) -> int:
+    """Start a serve loop with ``child_fd`` as its command socket (and
+    ``failure_fd`` as its failure sink, if not -1); its pid."""
+    argv = command(path, failure_fd >= 0)
     actions = []
+    dups = []
+    # dup2(n, n) would keep close-on-exec set, and one target must not be
+    # overwritten before it is read: go through numbers of our own.
     fd = child_fd
-    if fd == CHILD_FD:
-        # dup2(3, 3) would keep close-on-exec set; go through another number.
+    if fd in (CHILD_FD, FAILURE_FD):
         fd = os.dup(child_fd)  # close-on-exec by default
+        dups.append(fd)
+    sink = failure_fd
+    if sink in (CHILD_FD, FAILURE_FD):
+        sink = os.dup(failure_fd)
+        dups.append(sink)
     actions.append((os.POSIX_SPAWN_DUP2, fd, CHILD_FD))
+    if sink >= 0:
+        actions.append((os.POSIX_SPAWN_DUP2, sink, FAILURE_FD))
     # Bind every dynamic symbol at start-up: lazy binding would have each
     # forked child write the GOT pages again (a copy-on-write fault apiece)
     # the first time it calls a function its template never called.  The
@@ -227,8 +241,8 @@ def spawn(child_fd: int, path: list[str]) -> int:
     except OSError as e:
         raise Error(f"anyfork could not start {argv[0]!r}: {e}") from e
     finally:
-        if fd != child_fd:
-            os.close(fd)
+        for d in dups:
+            os.close(d)
 
 
 # -- a serve loop from source -------------------------------------------------------
@@ -289,4 +303,4 @@ def freeze_support() -> None:
     if getattr(sys, "frozen", False) and len(sys.argv) >= 3 and sys.argv[1] == FROZEN_MARKER:
         from ._boot import main
 
-        main(int(sys.argv[2]))
+        main(int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else -1)

@@ -32,12 +32,19 @@ import socket
 import sys
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import _exec, _fds
+from . import _exec, _failures, _fds, _mainmod
 from . import _protocol as P
 from ._backend import Op, deadline_after, run_blocking
 from ._channel import BrokenError, CommandChannel
 from ._direct import Direct
-from ._errors import Error, ProcessExitedError, ProcessStateError, TemplateDiedError, TimeoutExpired
+from ._errors import (
+    Error,
+    ProcessExitedError,
+    ProcessFailedError,
+    ProcessStateError,
+    TemplateDiedError,
+    TimeoutExpired,
+)
 from ._reports import Template
 from ._runtime import runtime
 
@@ -100,11 +107,21 @@ def _func_name(func: object) -> str:
         raise TypeError(f"run() takes a function or its name, not {type(func).__name__}")
     module = getattr(func, "__module__", None)
     qualname = getattr(func, "__qualname__", None)
+    if not module and qualname and "<" not in qualname:
+        raise TypeError(
+            f"{func!r} belongs to no module (it was made by exec() in a namespace without a "
+            "__name__?), so no other process can find it: define it in a module and pass it or "
+            "its 'module:name', or define it in the process with eval() and run its name")
     if not module or not qualname or "<" in qualname or not _NAME.fullmatch(qualname):
         raise TypeError(
             f"{func!r} has no importable name (a lambda, closure or local function?); "
             "pass a module-level function or its 'module:name'"
         )
+    if module != "__main__" and module not in sys.modules:
+        raise TypeError(
+            f"{func!r} names its module {module!r}, which is not a module this process imported "
+            "(code run with exec() under a made-up __name__?), so no other process can import it: "
+            "define it in a real module, or define it in the process with eval() and run its name")
     return f"{module}:{qualname}"
 
 
@@ -149,7 +166,8 @@ class Process:
     ``returncode``, ``wait`` and ``kill`` work.
     """
 
-    __slots__ = ("__weakref__", "_child", "_cmd", "_gen", "_host", "_keep", "_parent", "_spent", "_tpl")
+    __slots__ = ("__weakref__", "_child", "_cmd", "_failure", "_gen", "_host", "_keep", "_parent", "_spent",
+                 "_tpl")
 
     def __init__(self, token: object, cmd: CommandChannel, parent: Parent, child: Any,
                  host: str | None = None) -> None:
@@ -166,6 +184,7 @@ class Process:
         self._child = child
         self._spent: str | None = None  # "run" or "closed"
         self._tpl: Template | None = None  # once it has been forked from
+        self._failure: ProcessFailedError | None = None  # why it failed before its function, once known
 
     def __repr__(self) -> str:
         state = self._spent or "preparing"
@@ -198,7 +217,55 @@ class Process:
     def _write_error(self, e: BrokenError) -> Error:
         if e.error is None:
             return ProcessStateError(f"{self._describe()} was {e.why}")
-        return self._parent.broken(self._child, self._describe(), e.error)
+        return self._failed_or(self._parent.broken(self._child, self._describe(), e.error))
+
+    # --- failures before the function (see _failures) ------------------------------
+
+    def _failed(self) -> ProcessFailedError | None:
+        """Why this process failed before its function ran, if it did and
+        said so on the failure sink (only ever asked once it has exited with
+        status 1, or its reports ended: nothing is read otherwise)."""
+        if self._failure is None and self._host is None:
+            child = self._child
+            if child.pid is None:
+                # A forked template that failed before anything asked for its
+                # pid: its PID report went out at the fork, so it is here.
+                try:
+                    self._parent.status(child, self._describe())
+                except Error:
+                    pass
+            pid = child.pid
+            if pid is None:
+                return None
+            if isinstance(self._parent, Direct):
+                ppid: int | None = os.getpid()
+                seq = 0
+            else:
+                keep = self._keep
+                ppid = keep._child.pid if keep is not None else None
+                seq = child.seq
+            texts = _failures.take(pid, ppid, seq)
+            if texts is not None:
+                type_name, message, tb = texts
+                self._failure = ProcessFailedError(
+                    f"{self._describe()} failed before its function ran: {type_name}: {message}",
+                    type_name, message, tb)
+        return self._failure
+
+    def _failed_or(self, e: Error) -> Error:
+        """``e``, or this process's own failure (see ``failed``) when ``e``
+        says it exited with status 1; when ``e`` says its template is gone,
+        the template's failure, if that is why."""
+        if isinstance(e, ProcessExitedError) and e.returncode == 1:
+            failure = self._failed()
+            if failure is not None:
+                failure.__cause__ = e
+                return failure
+        elif isinstance(e, TemplateDiedError) and self._keep is not None:
+            failure = self._keep._failed()
+            if failure is not None:
+                return failure
+        return e
 
     def _queue_state(self, parts: list[P.Buffer], fds: list[int] | tuple[int, ...] = ()) -> None:
         """Queue a command that changes the state a fork copies (caller holds the lock).
@@ -380,8 +447,12 @@ class Process:
             tpl.queue_spawns()
         try:
             run_blocking(tpl.flush_op(None))
-        except BaseException:
+        except BaseException as e:
             child._cmd.close()
+            if isinstance(e, TemplateDiedError):
+                failure = self._failed()  # it failed in a require or an eval
+                if failure is not None:
+                    raise failure from e
             raise
         if not tpl.ahead:
             tpl.reports.read_now()  # keep the channel from filling up
@@ -434,10 +505,18 @@ class Process:
         """Check and set "spent" in one step, and queue RUN: of two threads
         that run() one process, the second gets ProcessStateError."""
         name = _func_name(func)
+        # A function of the caller's main script: the process imports that
+        # script under another name if its own __main__ lacks the function
+        # (see _mainmod).  Not for a name given as a string: that names
+        # what the process's __main__ has (eval'd code, say).
+        main = _mainmod.describe() if (not isinstance(func, str) and name.startswith("__main__:")
+                                        and self._host is None) else None
         self._mine()
         with self._cmd.lock:
             self._usable()
             self._spent = "run"
+            if main is not None:
+                self._cmd.put(P.items_frame(P.MAIN, main))
             self._cmd.put(P.run_frame(name))
             if self._tpl is not None:
                 self._tpl.retire("run")  # no fork() will hand them out now: let them go
@@ -461,8 +540,10 @@ class Process:
             yield from self._parent.pid_op(self._child, None)
             if tpl is not None:
                 yield from tpl.last_reports_op()
-        except BaseException:
+        except BaseException as e:
             sock.close()
+            if isinstance(e, TemplateDiedError):
+                raise self._failed_or(e) from e
             raise
         return sock
 
@@ -513,7 +594,10 @@ class Process:
         """
         self._mine()
         if self._child.pid is None:
-            run_blocking(self._parent.pid_op(self._child, None))
+            try:
+                run_blocking(self._parent.pid_op(self._child, None))
+            except TemplateDiedError as e:
+                raise self._failed_or(e) from e
         pid: int = self._child.pid
         return pid
 
@@ -531,12 +615,19 @@ class Process:
         deadline = deadline_after(timeout)
         self._mine()
         parent, child, what = self._parent, self._child, self._describe()
-        rc = parent.status(child, what)
-        if rc is None:
-            yield from parent.exit_op(child, deadline)
+        try:
             rc = parent.status(child, what)
+            if rc is None:
+                yield from parent.exit_op(child, deadline)
+                rc = parent.status(child, what)
+        except TemplateDiedError as e:
+            raise self._failed_or(e) from e
         if rc is None:
             raise TimeoutExpired(f"{what} still running after {timeout} s")
+        if rc == 1:
+            failure = self._failed()
+            if failure is not None:
+                raise failure
         return rc
 
     def wait(self, timeout: float | None = None) -> int:
@@ -546,6 +637,10 @@ class Process:
         waits for ever, like None.
 
         Raises:
+            ProcessFailedError: it exited with status 1 because it failed
+                before its function ran (an import, an eval, looking the
+                function up, calling it); or its template failed so, and it
+                was never forked.
             TimeoutExpired: still running after ``timeout`` seconds.
             TemplateDiedError: its template died, so no status will come.
             ProcessStateError: its template ran a function, which now owns it.
@@ -697,7 +792,7 @@ def new_exec() -> Process:
         raise Error(f"new_exec(): no socketpair for the new process: {e}") from e
     _fds.plain(mine, theirs)
     try:
-        pid = _exec.spawn(theirs.fileno(), _path())
+        pid = _exec.spawn(theirs.fileno(), _path(), _failures.sink().sender.fileno())
     except BaseException:
         mine.close()
         raise

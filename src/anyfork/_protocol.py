@@ -79,6 +79,7 @@ RUN = 7  # UTF-8 name of the function to call
 KILL = 8  # u64 seq, i32 signal: signal a process this template forked
 SITE = 10  # items: directories to process as site.addsitedir does
 SPAWN = 11  # u64 seq, u8 flags; fds: [report socket]: fork one ahead, connected
+MAIN = 12  # items: how to find the caller's main module ("path" or "module", then it)
 
 # Reports, template -> caller, on the report channel.
 PID = 64  # u64 seq, i64 pid
@@ -86,6 +87,10 @@ EXIT = 65  # u64 seq, i64 returncode (subprocess convention)
 FAILED = 66  # u64 seq, UTF-8 reason: the fork did not happen
 SPARE = 67  # u64 seq, i64 pid; fd: the caller's end of that process's command socket
 LOST = 68  # u64 seq, i64 pid: it exited, but someone else collected its status
+
+# The failure record, process -> caller, one datagram on the caller's
+# failure sink (see "Failures before the function" below).
+FAILURE = 80  # i64 pid, i64 parent pid, u64 seq; items: type name, message, traceback
 
 FORK_NEW_REPORTS = 1  # flag: the second descriptor is the report channel
 
@@ -133,6 +138,7 @@ COMMAND_TABLE: dict[int, Shape] = {
     KILL: Shape(size=_SEQ_SIG.size),
     SITE: Shape(),
     SPAWN: Shape(0, 1, FORK_PAYLOAD.size),  # [the report channel]
+    MAIN: Shape(),
 }
 # The report table, template -> caller.
 REPORT_TABLE: dict[int, Shape] = {
@@ -143,12 +149,15 @@ REPORT_TABLE: dict[int, Shape] = {
     LOST: Shape(size=_SEQ_INT.size),
 }
 
+# The failure sink's table: one kind, one frame per datagram.
+FAILURE_TABLE: dict[int, Shape] = {FAILURE: Shape()}
+
 COMMANDS = frozenset(COMMAND_TABLE)
 REPORTS = frozenset(REPORT_TABLE)
 _SHAPES = {**COMMAND_TABLE, **REPORT_TABLE}
 NAMES = {PATH: "PATH", REQUIRE: "REQUIRE", EVAL: "EVAL", ARG: "ARG", FH: "FH", FORK: "FORK",
-         RUN: "RUN", KILL: "KILL", SITE: "SITE", SPAWN: "SPAWN", PID: "PID", EXIT: "EXIT",
-         FAILED: "FAILED", SPARE: "SPARE", LOST: "LOST"}
+         RUN: "RUN", KILL: "KILL", SITE: "SITE", SPAWN: "SPAWN", MAIN: "MAIN", PID: "PID", EXIT: "EXIT",
+         FAILED: "FAILED", SPARE: "SPARE", LOST: "LOST", FAILURE: "FAILURE"}
 
 
 def without_fds(table: dict[int, Shape], transport: str) -> dict[int, Shape]:
@@ -292,6 +301,42 @@ def spare_report(seq: int, pid: int) -> bytes:
 
 def failed_report(seq: int, reason: str) -> bytes:
     return b"".join(frame(FAILED, [_SEQ.pack(seq), reason.encode("utf-8", "replace")]))
+
+
+# Failures before the function
+# ----------------------------
+# A process that fails in anyfork's own work before its function runs (a
+# require, an eval, looking the function up, calling it with the wrong
+# arguments) exits with status 1, as one that fails in the function does.
+# To tell the caller why, it first sends one FAILURE record, as a datagram,
+# to the *failure sink*: an AF_UNIX datagram socket of the caller's, whose
+# sending end every local process inherits (exec'd ones on descriptor 4).
+# A datagram arrives whole or not at all, so processes that fail at once
+# can't interleave, and the record is queued before the process exits: a
+# caller that sees status 1 finds it there.  Nothing is sent otherwise.
+# The record names the process by pid, its parent's pid and its sequence
+# number in that parent (0 for a process the caller spawned), so that a
+# record nobody collected never passes for a later process with the same pid.
+_FAILURE_IDS = struct.Struct("<qqQ")
+FAILURE_TEXT_MAX = 8192  # characters per text: a record must fit in one datagram
+
+
+def failure_record(ids: tuple[int, int, int], texts: tuple[str, str, str]) -> bytes:
+    """A FAILURE: ``ids`` (pid, parent pid, seq), ``texts`` (type name,
+    message, traceback), each text cut to its last ``FAILURE_TEXT_MAX``."""
+    cut = [t if len(t) <= FAILURE_TEXT_MAX else "..." + t[-FAILURE_TEXT_MAX:] for t in texts]
+    return b"".join(frame(FAILURE, [_FAILURE_IDS.pack(*ids), *encode_items(cut)]))
+
+
+def decode_failure(payload: bytes) -> tuple[tuple[int, int, int], list[str]]:
+    """A FAILURE's payload: ((pid, parent pid, seq), [type name, message, traceback])."""
+    if len(payload) < _FAILURE_IDS.size:
+        raise ProtocolError("truncated failure record")
+    ids = _FAILURE_IDS.unpack_from(payload)
+    texts = decode_strs(payload[_FAILURE_IDS.size :])
+    if len(texts) != 3:
+        raise ProtocolError(f"failure record with {len(texts)} texts, expected 3")
+    return ids, texts
 
 
 # --- decoding payloads ---------------------------------------------------------

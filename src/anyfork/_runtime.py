@@ -21,6 +21,7 @@ from . import _fds
 from ._errors import ProcessStateError
 
 if TYPE_CHECKING:
+    from ._failures import Sink
     from ._process import Process
 
 
@@ -42,6 +43,8 @@ class Runtime:
         "directs",
         "early",
         "early_site",
+        "failures",
+        "failures_lock",
         "generation",
         "lock",
         "shut_down",
@@ -57,6 +60,8 @@ class Runtime:
         self.early: Process | None = None
         self.early_site: list[str] = []  # site directories the program had when early forked
         self.directs: dict[int, Reaped] = {}  # pid -> child the caller must reap
+        self.failures: Sink | None = None  # the failure sink (see _failures), made on first use
+        self.failures_lock = threading.Lock()
 
     def set_early(self, proc: Process, site: list[str]) -> None:
         """Make ``proc`` the early process: ``new_exec`` and ``new`` fork from it."""
@@ -84,6 +89,8 @@ class Runtime:
         self.directs.clear()
         self.default = None
         self.early = None
+        self.failures = None  # its ends are closed by _fds; a new one is made on use
+        self.failures_lock = threading.Lock()
 
     def _at_exit(self) -> None:
         self.generation += 1

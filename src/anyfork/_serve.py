@@ -36,7 +36,10 @@ inherited objects, and so the pages they live on, alone.
 
 Errors: a malformed stream prints "stream corrupted" and exits with status 2
 without executing anything more; an exception in eval, require, name lookup
-or the function prints its traceback and exits with status 1.  Either way
+or the function prints its traceback and exits with status 1; one that came
+before the function ran is also sent, as one FAILURE record, to the
+caller's failure sink (``failure_fd``; see _protocol), which is closed
+before the function is called.  Either way
 the process first drains what is queued on its socket, so the caller sees
 EOF rather than a reset.  A traceback goes out in one write, headed by the
 pid and what the process was doing, without anyfork's own frames, or to a
@@ -169,6 +172,11 @@ def _wrap_fd(fd: int) -> object:
 #: without end.  Written only around such code, never on the fast paths.
 preparing: str | None = None
 
+#: The sending end of the caller's failure sink (see _protocol's "Failures
+#: before the function"), or -1 where there is none (a remote host).  Set
+#: once, where the process starts; a forked child inherits it.
+failure_fd = -1
+
 
 def _import(modname: str) -> object:
     """The module, from sys.modules when it is there (the common case, and
@@ -186,6 +194,30 @@ def _import(modname: str) -> object:
 
 
 _MISSING = object()
+
+
+def _mainmod() -> Any:
+    """The ``_mainmod`` module beside this one (MAIN: a function of the
+    caller's main script is to run here).  Loaded from its file when this
+    process has not imported it: an exec'd process has only the serve
+    loop's modules, and importing the package would load all of anyfork."""
+    name = f"{__package__}._mainmod"
+    module = sys.modules.get(name)
+    if module is None:
+        import importlib.util
+
+        path = os.path.join(os.path.dirname(__file__ or "."), "_mainmod.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None or not os.path.exists(path):
+            raise ImportError("the caller's main module can't be used here (no anyfork._mainmod)")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return module
 
 
 def resolve(name: str, namespace: dict[str, object]) -> Callable[..., object]:
@@ -550,8 +582,8 @@ def serve_pipes(rfd: int = 0, wfd: int = 1) -> NoReturn:
 class Server:
     """One process's serve loop.  ``serve()`` never returns."""
 
-    __slots__ = ("child_sock", "decoder", "inherited_signals", "items", "namespace", "pid", "sock",
-                 "template", "user_code")
+    __slots__ = ("child_sock", "decoder", "inherited_signals", "items", "namespace", "pid", "seq",
+                 "sock", "template", "user_code")
 
     def __init__(self, sock: Sock | PipeSocket, passes_fds: bool = True) -> None:
         """``sock``: the transport, a socket (of whatever class socket.socket
@@ -568,6 +600,9 @@ class Server:
         # The process this loop serves: a fork made by code run here (os.fork,
         # multiprocessing) inherits the loop but is not it (see serve).
         self.pid = os.getpid()
+        # Its number in the template that forked it (0: the caller spawned
+        # it), which names it in a failure record.
+        self.seq = 0
         # Set in a process forked from a program (fork_template, early): it
         # carries that program's signal handlers and mask, which run() must
         # reset in full.  Exec'd templates start with default dispositions.
@@ -632,6 +667,7 @@ class Server:
                 self.decoder.close()
                 _fail(2, f"anyfork: stream corrupted: {e}", self.sock)
             _report(e, "while it was being prepared")
+            _send_failure(e, self.seq, False)
             _fail(1, None, self.sock)
 
     def _first_command(self, sock: Sock) -> None:
@@ -686,6 +722,11 @@ class Server:
             self.items.extend(P.decode_items(frame.payload))
         elif kind == P.PATH:
             sys.path[:] = P.decode_strs(frame.payload)
+        elif kind == P.MAIN:
+            where = P.decode_strs(frame.payload)
+            if len(where) != 2:
+                raise _CorruptError("MAIN takes two items")
+            _mainmod().install(where[0], where[1])
         else:  # SITE, REQUIRE, EVAL
             self.user_code = True
             before = _signal_state()
@@ -776,6 +817,7 @@ class Server:
             tpl.report(P.failed_report(seq, f"fork failed: {e}"))
             return -1
         if pid == 0:
+            self.seq = seq
             self._child(sock, mine)
             return 0
         Sock.close(sock)
@@ -992,7 +1034,9 @@ class Server:
         try:
             func = resolve(name, self.namespace)
         except Exception as e:
-            _report(e, f"can't find {name!r} to run", brief=_raised_by_lookup(e))
+            brief = _raised_by_lookup(e)
+            _report(e, f"can't find {name!r} to run", brief=brief)
+            _send_failure(e, self.seq, brief)
             _fail(1, None, self.sock)
         if sock is None:
             stream = self.sock
@@ -1003,6 +1047,13 @@ class Server:
                 sock.setblocking(True)
         _fresh_signals(self.inherited_signals)
         _name_process("af " + name.rpartition(":")[2].rpartition(".")[2])
+        # The function must not inherit the failure sink, but a call that
+        # fails to bind its arguments is still ours to report: close the
+        # sink first unless the signature says the call can't bind.
+        sink_open = failure_fd >= 0
+        if sink_open and _binds(func, 1 + len(self.items)):
+            os.close(failure_fd)
+            sink_open = False
         try:
             func(sock, *self.items)
         except SystemExit as e:
@@ -1015,6 +1066,8 @@ class Server:
             _exit(1, run_atexit=False)
         except BaseException as e:
             _report(e, name)
+            if sink_open and _raised_by_call(e):
+                _send_failure(e, self.seq, False)
             _exit(1, sock=sock)
         _exit(0, sock=sock)
 
@@ -1069,6 +1122,76 @@ def _raised_by_lookup(e: BaseException) -> bool:
     while tb.tb_next is not None:
         tb = tb.tb_next
     return tb.tb_frame.f_globals.get("__name__") in (__name__, "importlib._bootstrap")
+
+
+def _binds(func: Any, n: int) -> bool:
+    """Whether ``func`` can be called with ``n`` positional arguments, as far
+    as its signature says without running it: a function written in Python
+    (or a method of one) is checked; any other callable may take them."""
+    bound = 0
+    if type(func) is _MethodType:
+        func = func.__func__  # type: ignore[attr-defined]
+        bound = 1
+    if type(func) is not _FunctionType:
+        return True
+    code = func.__code__
+    n += bound
+    if code.co_kwonlyargcount > len(func.__kwdefaults__ or ()):
+        return False  # a keyword-only argument without a default
+    if n > code.co_argcount and not code.co_flags & 0x04:  # CO_VARARGS
+        return False
+    return n >= code.co_argcount - len(func.__defaults__ or ())
+
+
+class _Methods:
+    def method(self) -> None:
+        pass
+
+
+_FunctionType = type(_binds)
+_MethodType = type(_Methods().method)
+# What _binds looks up, on a forked child's way to its function.
+_CHILD_LOOKUPS += (
+    (_FunctionType, ("__code__", "__defaults__", "__kwdefaults__")),
+    (type(_binds.__code__), ("co_argcount", "co_flags", "co_kwonlyargcount")),
+)
+
+
+def _raised_by_call(e: BaseException) -> bool:
+    """Whether ``e`` was raised by calling the function, not inside it: a
+    TypeError whose traceback ends in run()'s own frame (the arguments did
+    not bind, so the function's first line never ran)."""
+    tb = e.__traceback__
+    return isinstance(e, TypeError) and tb is not None and tb.tb_next is None
+
+
+def _send_failure(e: BaseException, seq: int, brief: bool) -> None:
+    """Tell the caller why this process fails before its function runs: one
+    FAILURE record on the failure sink (see _protocol), if there is one.
+    Never blocks: a sink nobody reads drops the record, and the caller gets
+    the bare exit status."""
+    if failure_fd < 0:
+        return
+    try:
+        import traceback
+
+        cls = type(e)
+        type_name = cls.__qualname__
+        if cls.__module__ != "builtins":
+            type_name = f"{cls.__module__}.{type_name}"
+        tb = e.__traceback__
+        while tb is not None and tb.tb_frame.f_globals.get("__name__") == __name__:
+            tb = tb.tb_next  # anyfork's own frames, as _report leaves them out
+        lines = (traceback.format_exception_only(cls, e) if brief
+                 else traceback.format_exception(cls, e, tb))
+        record = P.failure_record((os.getpid(), os.getppid(), seq), (type_name, str(e), "".join(lines)))
+        sink = Sock(_socket.AF_UNIX, _socket.SOCK_DGRAM, 0, failure_fd)
+        try:
+            sink.send(record, _SEND_FLAGS | _DONTWAIT)
+        finally:
+            sink.detach()  # the number stays ours: a fork may still fail
+    except BaseException:
+        pass  # a full sink, or a caller gone: the exit status alone says it
 
 
 def _report(e: BaseException, what: str, brief: bool = False) -> None:

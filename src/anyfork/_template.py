@@ -37,7 +37,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
-from . import _fds, _process, _serve
+from . import _failures, _fds, _process, _serve
 from ._errors import Error
 from ._runtime import runtime
 
@@ -96,6 +96,14 @@ def fork_template(*, allow_threads: bool = False) -> Process:
     except OSError as e:
         raise Error(f"fork_template(): no socketpair for the template: {e}") from e
     _fds.plain(mine, theirs)
+    try:
+        # The child's copy of the failure sink's sending end: _fds closes
+        # the caller's own in every fork of it.
+        failure = os.dup(_failures.sink().sender.fileno())
+    except BaseException:
+        mine.close()
+        theirs.close()
+        raise
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
@@ -119,11 +127,13 @@ def fork_template(*, allow_threads: bool = False) -> Process:
             gc.unfreeze()
         mine.close()
         theirs.close()
+        os.close(failure)
         if isinstance(e, OSError):
             raise Error(f"fork_template() could not fork: {e}") from e
         raise
     if pid == 0:
-        _serve_forked(theirs, mine)
+        _serve_forked(theirs, mine, failure)
+    os.close(failure)
     _restore_mask(mask)
     if not frozen_before:
         gc.unfreeze()  # the caller's own garbage must still be collected
@@ -141,10 +151,11 @@ def _restore_mask(mask: set[signal.Signals] | None) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
-def _serve_forked(sock: socket.socket, callers_end: socket.socket) -> NoReturn:
+def _serve_forked(sock: socket.socket, callers_end: socket.socket, failure: int) -> NoReturn:
     """In the forked child: become a template; never return into the program."""
     try:
         callers_end.close()
+        _serve.failure_fd = failure
         atexit._clear()  # the program's handlers are not ours to run
         signal.set_wakeup_fd(-1)
         # The program's handlers must not run here (a SIGTERM handler that only

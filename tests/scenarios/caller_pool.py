@@ -7,7 +7,7 @@ import time
 
 import anyfork
 import helpers
-from anyfork import _process
+from anyfork import _failures, _process
 
 
 def fill_pool(tpl):
@@ -18,7 +18,8 @@ def fill_pool(tpl):
 
 
 def template_fds(tpl):
-    return tpl._descriptors()
+    """The template's descriptors, and the failure sink (made once, kept)."""
+    return tpl._descriptors() | _failures.descriptors()
 
 
 def still_alive(pids):
