@@ -910,6 +910,8 @@ def test_a_dead_process_forked_ahead_is_never_handed_out() -> None:
 @pytest.mark.parametrize("how", ["close", "run"])
 def test_closing_or_running_a_template_closes_its_report_channel(how: str) -> None:
     # Broke: only __del__ closed it, so it lasted as long as any child's object.
+    # A closed template stays alive for its children (issue 14): its channels
+    # close once the last of them is reported gone, whoever asks.
     before = set(helpers.open_fds())
     tpl = anyfork.new_exec().eval("def hold(s):\n    s.recv(1)\n")
     child = tpl.fork()
@@ -917,9 +919,12 @@ def test_closing_or_running_a_template_closes_its_report_channel(how: str) -> No
     sock = tpl.run("hold") if how == "run" else None
     if sock is None:
         tpl.close()
+        child.close()
+        assert child.wait(5) == 0  # its EXIT: the last child is gone
     # (The template's pidfd is open while it is alive: not a channel.)
     new = {fd for fd, what in helpers.open_fds().items() if fd not in before and "pidfd" not in what}
-    mine = {child._cmd.sock.fileno()} | ({sock.fileno()} if sock is not None else set())
+    mine = {child._cmd.sock.fileno()} if child._cmd.sock is not None else set()
+    mine |= {sock.fileno()} if sock is not None else set()
     try:
         assert new == mine, f"still open besides the child's socket (and run's): {new - mine}"
     finally:
@@ -1211,3 +1216,92 @@ def test_a_template_dropped_at_once_still_forks_its_child() -> None:
     with child.eval("def ok(sock):\n    sock.sendall(b'ok')\n").run("ok") as sock:
         assert read_all(sock) == b"ok"
     assert child.wait(10) == 0
+
+
+# --- issue 14: lifecycle and messages -----------------------------------------------------
+
+HOLD = "def hold(s):\n    s.recv(1)\n"
+
+
+def test_returncode_never_raises_when_the_status_cannot_be_known() -> None:
+    """Issue 14: returncode raised TemplateDiedError; it is documented int | None."""
+    tpl = anyfork.new_exec().eval(HOLD)
+    child = tpl.fork()
+    with child.run("hold"):
+        os.kill(tpl.pid, signal.SIGKILL)
+        assert tpl.wait(5) == -signal.SIGKILL
+        assert child.returncode is None  # no status will come: None, and wait says why
+        with pytest.raises(anyfork.TemplateDiedError):
+            child.wait(5)
+    assert wait_exited(child.pid)
+
+
+def test_children_of_a_closed_template_can_still_be_killed_and_waited_for() -> None:
+    """Issue 14: after template.close(), kill() said "can't signal process N
+    safely: its template was closed" and wait() that the template "exited"."""
+    tpl = anyfork.new_exec().eval(HOLD)
+    kids = [tpl.fork() for _ in range(2)]
+    socks = [k.run("hold") for k in kids]
+    try:
+        tpl.close()
+        assert tpl.returncode is None  # alive for its children
+        kids[0].kill(signal.SIGKILL)
+        assert kids[0].wait(5) == -signal.SIGKILL
+        assert kids[1].returncode is None
+        socks[1].sendall(b"x")  # lets hold() return
+        assert kids[1].wait(5) == 0
+    finally:
+        for s in socks:
+            s.close()
+    assert tpl.wait(5) == 0  # it exits once the last of them is gone
+    with pytest.raises(anyfork.ProcessStateError, match="closed"):
+        tpl.fork()
+
+
+def test_wait_on_a_closed_template_waits_for_its_children_too() -> None:
+    tpl = anyfork.new_exec().eval(HOLD)
+    child = tpl.fork()
+    with child.run("hold") as sock:
+        tpl.close()
+        with pytest.raises(anyfork.TimeoutExpired):
+            tpl.wait(0.3)  # its child still runs, so it does too
+        sock.sendall(b"x")
+        assert tpl.wait(5) == 0
+    assert child.returncode == 0
+
+
+def test_repr_shows_pid_function_and_status() -> None:
+    tpl = anyfork.new_exec().eval(HOLD)
+    assert repr(tpl) == f"<anyfork.Process pid={tpl.pid} being prepared>"
+    child = tpl.fork()
+    assert repr(tpl) == f"<anyfork.Process pid={tpl.pid} a template>"
+    with child.run("hold"):
+        assert repr(child) == f"<anyfork.Process pid={child.pid} 'hold' running>"
+        child.kill(signal.SIGKILL)
+        child.wait(5)
+    assert repr(child) == f"<anyfork.Process pid={child.pid} 'hold' killed by signal 9>"
+    tpl.close()
+    assert tpl.wait(5) == 0
+    assert repr(tpl) == f"<anyfork.Process pid={tpl.pid} exited with status 0>"
+    late = anyfork.new()
+    late.close()
+    assert repr(late).endswith(" closed>")
+
+
+def test_messages_say_where_a_process_comes_from_not_an_internal_number() -> None:
+    """Issue 14: "process #4 of process 27219" meant nothing to a user."""
+    tpl = anyfork.new_exec().eval("import time\ntime.sleep(0.5)\n")  # holds the fork back
+    child = tpl.fork()
+    os.kill(tpl.pid, signal.SIGKILL)
+    assert tpl.wait(5) == -signal.SIGKILL
+    with pytest.raises(anyfork.TemplateDiedError) as died:
+        child.pid  # noqa: B018
+    child.close()
+    with pytest.raises(anyfork.ProcessStateError) as closed:
+        child.require("os")
+    tpl.close()
+    for e in (died.value, closed.value):
+        assert "#" not in str(e), str(e)
+    assert str(died.value) == (f"template process {tpl.pid} exited before it reported the pid "
+                               "of a process it was asked to fork")
+    assert str(closed.value) == f"a process forked from process {tpl.pid} was already closed"

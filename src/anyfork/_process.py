@@ -82,7 +82,8 @@ class Parent(Protocol):
 def _describe(child: Any, parent: Parent) -> str:
     if child.pid is not None:
         return f"process {child.pid}"
-    return f"process #{child.seq} of {parent.describe()}"
+    # Its pid is not known yet: say where it comes from, not our own numbering.
+    return f"a process forked from {parent.describe()}"
 
 
 def _func_name(func: object) -> str:
@@ -149,7 +150,8 @@ class Process:
     ``returncode``, ``wait`` and ``kill`` work.
     """
 
-    __slots__ = ("__weakref__", "_child", "_cmd", "_gen", "_host", "_keep", "_parent", "_spent", "_tpl")
+    __slots__ = ("__weakref__", "_child", "_cmd", "_func", "_gen", "_host", "_keep", "_parent", "_spent",
+                 "_tpl")
 
     def __init__(self, token: object, cmd: CommandChannel, parent: Parent, child: Any,
                  host: str | None = None) -> None:
@@ -165,12 +167,26 @@ class Process:
         self._parent = parent
         self._child = child
         self._spent: str | None = None  # "run" or "closed"
+        self._func: str | None = None  # the name run() sent
         self._tpl: Template | None = None  # once it has been forked from
 
     def __repr__(self) -> str:
-        state = self._spent or "preparing"
+        """Its pid, what it runs and how it is doing; never waits (the pid of a
+        process whose template has not reported it yet shows as "?")."""
         pid = self._child.pid if self._child.pid is not None else "?"
-        return f"<anyfork.Process pid={pid} {state}>"
+        func = f" {self._func!r}" if self._func is not None else ""
+        return f"<anyfork.Process pid={pid}{func} {self._status()}>"
+
+    def _status(self) -> str:
+        if self._gen != runtime.generation:
+            return "of the process this one was forked from"
+        rc = self.returncode
+        if rc is not None:
+            return f"exited with status {rc}" if rc >= 0 else f"killed by signal {-rc}"
+        if self._spent == "run":
+            return "running"
+        state = "a template" if self._tpl is not None else "being prepared"
+        return "closed" if self._spent == "closed" else state
 
     # --- helpers ------------------------------------------------------------
 
@@ -437,6 +453,7 @@ class Process:
         with self._cmd.lock:
             self._usable()
             self._spent = "run"
+            self._func = name
             self._cmd.put(P.run_frame(name))
             if self._tpl is not None:
                 self._tpl.retire("run")  # no fork() will hand them out now: let them go
@@ -519,9 +536,14 @@ class Process:
     @property
     def returncode(self) -> int | None:
         """The exit status once known, else None (subprocess's convention:
-        negative for a signal).  Never blocks."""
-        self._mine()
-        return self._parent.status(self._child, self._describe())
+        negative for a signal).  Never blocks, and never raises: when the
+        status can't be known (its template died, someone else reaped it),
+        it stays None, and ``wait`` says why."""
+        try:
+            self._mine()
+            return self._parent.status(self._child, self._describe())
+        except Error:
+            return None
 
     def _wait_op(self, timeout: float | None) -> Op[int]:
         """Wait for the exit (within ``timeout`` seconds, every step included)."""
@@ -530,6 +552,9 @@ class Process:
         deadline = deadline_after(timeout)
         self._mine()
         parent, child, what = self._parent, self._child, self._describe()
+        tpl = self._tpl
+        if tpl is not None and tpl.lingers():  # closed, alive for its children: after them
+            yield from tpl.settle_op(deadline)
         rc = parent.status(child, what)
         if rc is None:
             yield from parent.exit_op(child, deadline)
@@ -579,9 +604,11 @@ class Process:
         sig = int(sig)
         if sig != 0 and sig not in signal.valid_signals():
             raise ValueError(f"not a signal number: {sig}")
-        if self.returncode is not None:
+        self._mine()
+        what = self._describe()
+        if self._parent.status(self._child, what) is not None:
             return
-        self._parent.kill(self._child, sig, self._describe())
+        self._parent.kill(self._child, sig, what)
 
     # --- closing --------------------------------------------------------------
 
@@ -589,7 +616,10 @@ class Process:
         """Drop the process before run: it exits.  After run: does nothing.
 
         Descriptors queued with send_fh are closed.  A template lets go of
-        the processes it forked ahead and of its report channel at once.
+        the processes it forked ahead at once, and forks no more.  It exits
+        once the processes it forked are all gone: until then it stays
+        alive for them, so their ``kill``, ``wait`` and ``returncode`` go on
+        working (and ``wait`` on the template waits for them too).
         Idempotent.
         """
         if self._gen != runtime.generation:
@@ -601,6 +631,10 @@ class Process:
             tpl = self._tpl
             if tpl is not None and tpl.retired is None:
                 tpl.retire("closed")
+            if tpl is not None:
+                tpl.reports.read_now()  # the exits that came: only live children keep it
+                if tpl.lingers():
+                    return
         self._cmd.close()
         if tpl is not None:
             # The pids of what it forked before it saw EOF are on their way.

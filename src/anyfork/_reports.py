@@ -54,6 +54,9 @@ _ANC_SPACE = socket.CMSG_SPACE(4 * 4)  # reports carry one descriptor; leave roo
 # How long closing a template waits for its last reports (the pids of what
 # it forked before it saw EOF) before it closes the channel anyway.
 _LAST_REPORTS = 1.0
+# Why a template's channel ended when the caller closed it (compared in
+# Template.error, to say "you closed" where that is what happened).
+CLOSED = "was closed"
 # How many reads one read_now makes at most: a template with a backlog
 # refills the channel as fast as it is read, and an event loop must get its
 # turn between batches.
@@ -261,6 +264,8 @@ class Template:
     def error(self, detail: str = "") -> Error:
         """Why this template can't answer any more, as the error to raise."""
         state = self.state
+        if state.ended == CLOSED and not state.handed_over:
+            return ProcessStateError(f"you closed its template ({self.describe()}){detail}")
         message = f"template {self.describe()} {state.ended or 'stopped reporting'}{detail}"
         if state.corrupt:
             return ProtocolError(message)
@@ -349,7 +354,30 @@ class Template:
         (briefly: a template that saw EOF or RUN closes it at once), then
         close ours, so that nothing lingers for as long as a child's object."""
         yield from self.reports.until_op(lambda: False, deadline_after(_LAST_REPORTS))
-        self.reports.end("was " + ("run" if self.state.handed_over else "closed"))
+        self.reports.end("was run" if self.state.handed_over else CLOSED)
+
+    # --- closed, and alive for its children ----------------------------------------------
+
+    def lingers(self) -> bool:
+        """Whether the caller closed this template while processes it forked
+        may still run: it then stays alive, serving KILL and reporting their
+        exits, until the last of them is reported gone (or the caller drops
+        them all, or exits: the template sees EOF)."""
+        return (self.retired == "closed" and self.cmd.sock is not None
+                and self.state.ended is None and bool(self.state.children))
+
+    def settle(self) -> None:
+        """Let go of a closed template whose children are all gone: it sees
+        EOF and exits.  Never waits: nothing is left to report."""
+        if self.retired == "closed" and self.cmd.sock is not None and not self.lingers():
+            self.cmd.close()
+            self.reports.end(CLOSED)
+
+    def settle_op(self, deadline: float | None) -> Op[None]:
+        """Read reports until no child of this closed template is left, then
+        let it go (``wait`` on the template itself: it exits after them)."""
+        yield from self.reports.until_op(lambda: not self.lingers(), deadline)
+        self.settle()
 
     # --- the parent's interface (see _direct.Direct) --------------------------------------
 
@@ -368,7 +396,7 @@ class Template:
             return
         if child.failed is not None:
             raise Error(f"{self.describe()} could not fork: {child.failed}")
-        raise self.error(f"; no pid for process #{child.seq} of {self.describe()}")
+        raise self.error(" before it reported the pid of a process it was asked to fork")
 
     def exit_op(self, child: C.Child, deadline: float | None) -> Op[bool]:
         if not child.done:
@@ -376,11 +404,15 @@ class Template:
                 yield from self.flush_op(deadline)  # a KILL may be waiting to go
             state = self.state
             yield from self.reports.until_op(lambda: child.done or state.ended is not None, deadline)
+        if self.retired == "closed":
+            self.settle()
         return child.done or self.state.ended is not None
 
     def status(self, child: C.Child, what: str) -> int | None:
         if not child.done:
             self.reports.read_now()
+            if self.retired == "closed":
+                self.settle()
         if child.returncode is not None:
             return child.returncode
         if child.lost:
@@ -395,9 +427,14 @@ class Template:
 
     def kill(self, child: C.Child, sig: int, what: str) -> None:
         with self.cmd.lock:
-            if self.retired is not None or self.cmd.sock is None:
+            if self.retired == "run":
                 raise ProcessStateError(
-                    f"can't signal {what} safely: its template was {self.retired or 'closed'}")
+                    f"can't signal {what} safely: its template ran a function, which now owns it")
+            if self.cmd.sock is None:
+                if self.state.ended is not None and self.state.ended != CLOSED:
+                    raise self.error(f", so {what} can't be signalled safely")
+                raise ProcessStateError(
+                    f"can't signal {what} safely: you closed its template ({self.describe()})")
             with self.reports.lock:
                 frame = self.state.kill(child, sig)
             self.cmd.put(frame)
