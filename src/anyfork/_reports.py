@@ -45,7 +45,6 @@ from ._errors import (
 )
 
 if TYPE_CHECKING:
-    import signal
     from collections.abc import Callable
 
 _RECV_FLAGS = int(getattr(socket, "MSG_DONTWAIT", 0)) | int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
@@ -66,7 +65,7 @@ _BATCH = 8
 class ReportChannel:
     """The caller's end of one template's report channel (see the module's doc)."""
 
-    __slots__ = ("_journal", "lock", "notifier", "reading", "shared", "state")
+    __slots__ = ("_journal", "contended", "lock", "notifier", "reading", "shared", "state")
 
     def __init__(self, sock: socket.socket, state: C.TemplateState) -> None:
         self.shared = _fds.Shared(sock.fileno(), sock)
@@ -75,6 +74,8 @@ class ReportChannel:
         # interrupted a dispatch may kill() a process of the same template.
         self.lock = threading.RLock()
         self.reading = False
+        # Someone found the reader role taken and waits for it on the notifier.
+        self.contended = False
         self.notifier = Notifier()
         self._journal: list[tuple[bytes, list[tuple[int, int, bytes]], int, object]] | None = None
 
@@ -104,6 +105,7 @@ class ReportChannel:
         try:
             with self.lock:
                 if self.reading:
+                    self.contended = True
                     return None
                 if self.state.ended is not None:
                     return False
@@ -120,9 +122,17 @@ class ReportChannel:
                     self.reading = False
                     if journal:  # read, not dispatched: the stream has lost its place
                         self._apply(self.state.end("was interrupted while its reports were read", True))
+                    # Wake the waiters only if there is something new to see, or
+                    # someone waits for the role: a read that found nothing
+                    # changed nothing, and every waiter woken would read again
+                    # (and wake all the others: 300 tasks waiting on one
+                    # template's reports made the loop wake ~40,000 times).
+                    wake = got or self.contended or self.state.ended is not None
+                    self.contended = False
                 if entered:
                     self.shared.leave()
-                self.notifier.notify()
+                if wake:
+                    self.notifier.notify()
         return got
 
     def _read(self, sock: socket.socket) -> bool:
@@ -130,7 +140,7 @@ class ReportChannel:
         for _ in range(_BATCH):
             journal: list[tuple[bytes, list[tuple[int, int, bytes]], int, object]] = []
             self._journal = journal
-            held: list[set[signal.Signals]] = []
+            held: list[set[int]] = []
             try:
                 hold_signals(held)
                 try:
@@ -197,6 +207,11 @@ class ReportChannel:
         that under asyncio a channel that keeps filling never holds the loop.
         """
         notifier = self.notifier
+        state = self.state
+
+        def until() -> bool:  # what a notification must find to wake this one
+            return state.ended is not None or done()
+
         while True:
             if done():
                 return True
@@ -213,7 +228,7 @@ class ReportChannel:
             if fd < 0:
                 continue
             try:
-                yield Wait(reads=(fd,), notifier=notifier, epoch=epoch, deadline=deadline)
+                yield Wait(reads=(fd,), notifier=notifier, epoch=epoch, deadline=deadline, until=until)
             finally:
                 self.shared.leave()
 
