@@ -30,6 +30,7 @@ import re
 import signal
 import socket
 import sys
+import weakref
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _exec, _fds
@@ -42,6 +43,7 @@ from ._reports import Template
 from ._runtime import runtime
 
 if TYPE_CHECKING:
+    import asyncio
     from collections.abc import Callable
     from types import TracebackType
 
@@ -363,6 +365,11 @@ class Process:
             ProcessStateError: this process was already run or closed.
             TemplateDiedError: this process is gone.
         """
+        return run_blocking(self._fork_op())
+
+    def _fork_op(self) -> Op[Process]:
+        """``fork``, as an operation: everything but writing the FORK (or the
+        SPAWNs that replace a process forked ahead) happens at its first step."""
         self._mine()
         _refuse_while_prepared()
         with self._cmd.lock:
@@ -394,7 +401,7 @@ class Process:
             assert tpl is not None
             tpl.queue_spawns()
         try:
-            run_blocking(tpl.flush_op(None))
+            yield from tpl.flush_op(None)
         except BaseException:
             child._cmd.close()
             raise
@@ -843,3 +850,45 @@ def new() -> Process:
             _send_path(proc, runtime.default_site)
         return proc
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def new_async() -> Process:
+    """:func:`new` for asyncio: when no process forked ahead is at hand, the
+    event loop waits for the template, never its thread.
+
+    Starting the default template the first time (a ``posix_spawn``, a
+    millisecond or two) still happens in the call.
+
+    Raises:
+        TemplateDiedError: the template died twice in a row.
+    """
+    import asyncio
+
+    from ._backend import run_async
+
+    check_supported()
+    # Calls take turns, one per turn of the loop: gather() of 300 jobs would
+    # otherwise run 300 calls' worth of work back to back before the loop
+    # saw a timer again.  It costs nothing in speed: the template forks one
+    # at a time anyway, and this thread prepares one at a time.
+    loop = asyncio.get_running_loop()
+    turn = _turns.get(loop)
+    if turn is None:
+        turn = _turns.setdefault(loop, asyncio.Lock())
+    async with turn:
+        for attempt in (1, 2):
+            tpl = _default_template()
+            try:
+                proc = await run_async(tpl._fork_op())
+            except (TemplateDiedError, ProcessExitedError, ProcessStateError):
+                if attempt == 2:
+                    raise
+                continue
+            if sys.path != runtime.default_path:
+                _send_path(proc, runtime.default_site)
+            return proc
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# new_async's turns, one lock per event loop (an asyncio.Lock belongs to one loop).
+_turns: weakref.WeakKeyDictionary[Any, asyncio.Lock] = weakref.WeakKeyDictionary()
