@@ -1305,3 +1305,85 @@ def test_messages_say_where_a_process_comes_from_not_an_internal_number() -> Non
     assert str(died.value) == (f"template process {tpl.pid} exited before it reported the pid "
                                "of a process it was asked to fork")
     assert str(closed.value) == f"a process forked from process {tpl.pid} was already closed"
+
+
+OWNER = """
+import json, os, sys, threading, time
+import anyfork
+
+CODE = "import time\\ndef serve(s):\\n    s.sendall(b'!')\\n    time.sleep(30)\\n"
+tpl = anyfork.new_exec().eval(CODE)
+procs = {
+    "new": anyfork.new().eval(CODE).tie_to_owner(),
+    "fork": tpl.fork().tie_to_owner(),
+    "new_exec": anyfork.new_exec().eval(CODE).tie_to_owner(),
+    "untied": anyfork.new().eval(CODE),
+}
+socks = {name: p.run("serve") for name, p in procs.items()}
+
+
+def from_a_thread():  # spawned, tied and run by a thread that then exits
+    p = procs["thread"] = anyfork.new_exec().eval(CODE).tie_to_owner()
+    socks["thread"] = p.run("serve")
+    assert socks["thread"].recv(1) == b"!"
+    native.append(threading.get_native_id())
+
+
+native = []
+t = threading.Thread(target=from_a_thread)
+t.start()
+t.join()
+deadline = time.monotonic() + 10
+while os.path.exists(f"/proc/self/task/{native[0]}") and time.monotonic() < deadline:
+    time.sleep(0.01)  # until the kernel is done with the thread
+for name, sock in socks.items():
+    if name != "thread":
+        assert sock.recv(1) == b"!", name  # running: its tie is in place
+try:
+    procs["thread"].wait(0.5)
+    sys.exit("the process died with the thread that spawned it")
+except anyfork.TimeoutExpired:
+    pass
+print(json.dumps({name: p.pid for name, p in procs.items()}), flush=True)
+time.sleep(30)
+"""
+
+
+def test_tie_to_owner_ends_the_process_when_its_owner_is_killed(tmp_path: Path) -> None:
+    """Issue 14: after the owner was SIGKILLed, its workers kept serving.  Each
+    way of making a process, tied, is gone within 2 s of its owner's SIGKILL;
+    a new_exec process outlives the thread that spawned it; an untied one
+    outlives its owner, as the seed's contract says."""
+    import subprocess
+
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER)
+    src = os.path.dirname(os.path.dirname(os.path.abspath(anyfork.__file__)))
+    env = dict(os.environ, PYTHONPATH=src)
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, env=env)
+    try:
+        assert owner.stdout is not None
+        ready, _, _ = select.select([owner.stdout], [], [], 30)
+        line = owner.stdout.readline() if ready else b""
+        assert line, f"the owner printed nothing (status {owner.poll()})"
+        pids = json.loads(line)
+    finally:
+        owner.kill()
+        owner.wait(10)
+        if owner.stdout is not None:
+            owner.stdout.close()
+    untied = os.pidfd_open(pids.pop("untied"))
+    try:
+        for name, pid in pids.items():
+            assert wait_exited(pid, 2), f"the tied process made by {name} outlived its owner"
+        assert not select.select([untied], [], [], 0.2)[0], "the untied process died with its owner"
+    finally:
+        signal.pidfd_send_signal(untied, signal.SIGKILL)
+        os.close(untied)
+
+
+def test_tie_to_owner_refuses_what_is_not_a_signal() -> None:
+    with anyfork.new() as p:
+        for bad in (0, -1, 100000):
+            with pytest.raises(ValueError, match="not a signal"):
+                p.tie_to_owner(bad)

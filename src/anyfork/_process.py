@@ -349,6 +349,48 @@ class Process:
                 self._queue_state(P.fh_frame(len(chunk)), chunk)
         return self
 
+    def tie_to_owner(self, sig: int = signal.SIGKILL) -> Self:
+        """Make the process get ``sig`` (SIGKILL by default) when its owner dies.
+
+        The owner is the program that holds the process's template: your
+        program for ``new()`` and ``new_exec()``, whoever holds ``tpl`` for
+        ``tpl.fork()``.  A template exits as soon as its owner's end of its
+        socket closes (the owner exited, however it exited, or let go of it:
+        closed it and dropped every process forked from it), and a process
+        forked from it gets ``sig`` then, from the kernel
+        (``PR_SET_PDEATHSIG``, which fires when the *thread* that forked a
+        process exits: a template's one thread).  A process your program
+        spawned itself (``new_exec()``) may have been spawned by a thread
+        that exits long before the program, so there a thread in the process
+        watches for the program's exit instead (a pidfd, else ``getppid()``
+        five times a second), as it does wherever Linux's prctl is missing.
+        Without this, a process that runs its function outlives its owner
+        (it sees EOF on its socket, if it reads it).
+
+        Queued like ``send_arg``.  It ties this process only: processes later
+        forked from it are not tied (their template is).
+
+        Raises:
+            ValueError: not a signal number.
+        """
+        sig = int(sig)
+        if sig not in signal.valid_signals() or sig == 0:
+            raise ValueError(f"not a signal number: {sig}")
+        self._mine()
+        if self._host is not None:
+            # A remote host's hub ends everything it started when the
+            # connection drops, which it does when the owner dies.
+            return self
+        if isinstance(self._parent, Direct):
+            owner, flags = os.getpid(), 0  # spawned by one of our threads: watched
+        else:
+            keep = self._keep
+            owner, flags = (keep.pid if keep is not None else 0), P.TIE_BY_PARENT
+        with self._cmd.lock:
+            self._usable()
+            self._cmd.put(P.tie_frame(sig, owner, flags))
+        return self
+
     # --- forking ------------------------------------------------------------
 
     def fork(self) -> Process:
