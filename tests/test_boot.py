@@ -35,7 +35,8 @@ def test_an_exec_process_has_a_short_readable_command_line_and_argv() -> None:
     with open(f"/proc/{p.pid}/cmdline", "rb") as f:
         argv = f.read().split(b"\0")[:-1]
     assert argv[-1] == f"anyfork process of {os.getpid()}".encode()
-    assert argv[-3] == b"-c" and len(argv[-2]) < 60, argv
+    assert argv[-3] == b"-c", argv
+    assert len(argv[-2]) < 60, argv
     assert len(b" ".join(argv)) < len(_exec.find_python()) + 120, argv
     # What the code run there sees: no tag in sys.argv, no bootstrap in its environment.
     got = outcome(p.eval("import os, sys\ndef look(s):\n"
