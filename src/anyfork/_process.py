@@ -682,8 +682,11 @@ class Process:
                 tpl.retire("closed")
             if tpl is not None:
                 tpl.reports.read_now()  # the exits that came: only live children keep it
-                if tpl.lingers():
-                    return
+        if tpl is not None and tpl.lingers():
+            if tpl.all_exited():  # their exit reports are on the way: take them now
+                run_blocking(tpl.settle_op(deadline_after(1.0)))
+            if tpl.lingers():
+                return
         self._cmd.close()
         if tpl is not None:
             # The pids of what it forked before it saw EOF are on their way.

@@ -381,6 +381,29 @@ class Template:
         return (self.retired == "closed" and self.cmd.sock is not None
                 and self.state.ended is None and bool(self.state.children))
 
+    def all_exited(self) -> bool:
+        """Whether every process of this template not yet reported gone has
+        exited all the same (its EXIT is on its way: the template reaps when
+        SIGCHLD wakes it).  A pidfd turns readable when its process exits;
+        without pidfds, or for a process whose pid is not known yet, no."""
+        with self.reports.lock:
+            pids = [child.pid for child in self.state.children.values()]
+        for pid in pids:
+            if pid is None or not hasattr(os, "pidfd_open"):
+                return False
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue  # reaped already
+            except OSError:
+                return False
+            try:
+                if not _poll((fd,), (), 0):
+                    return False
+            finally:
+                os.close(fd)
+        return True
+
     def settle(self) -> None:
         """Let go of a closed template whose children are all gone: it sees
         EOF and exits.  Never waits: nothing is left to report."""
