@@ -27,10 +27,11 @@ address = listener.getsockname()
 template = anyfork.new().require("_pool_server").send_fh(listener)
 listener.close()  # anyfork keeps its own duplicate for the template
 
-# Now create identical workers; each is forked from the template.
+# Now create identical workers; each is forked from the template, and tied
+# to this program: if it dies, even of SIGKILL, they die too.
 workers = []
 for worker_id in range(1, WORKERS + 1):
-    proc = template.fork().send_arg(str(worker_id))
+    proc = template.fork().send_arg(str(worker_id)).tie_to_owner()
     proc.run("_pool_server:run").close()  # this demo does not use the socket
     workers.append(proc)
 print("workers:", " ".join(str(p.pid) for p in workers))

@@ -26,7 +26,23 @@ def test_an_exec_process_loads_the_bootstrap_and_the_loop_and_nothing_else_of_an
 
 def test_the_serve_loop_holds_no_exec_bootstrap() -> None:
     assert not hasattr(_serve, "main")
-    assert "anyfork._boot import main" in " ".join(_exec.command([]))
+    assert "anyfork._boot import main" in _exec.boot_code()
+
+
+def test_an_exec_process_has_a_short_readable_command_line_and_argv() -> None:
+    """Issue 14: ps showed 'python3 -B -S -c exec("import sys\\nm = type(sys)...'."""
+    p = anyfork.new_exec()
+    with open(f"/proc/{p.pid}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")[:-1]
+    assert argv[-1] == f"anyfork process of {os.getpid()}".encode()
+    assert argv[-3] == b"-c", argv
+    assert len(argv[-2]) < 60, argv
+    assert len(b" ".join(argv)) < len(_exec.find_python()) + 120, argv
+    # What the code run there sees: no tag in sys.argv, no bootstrap in its environment.
+    got = outcome(p.eval("import os, sys\ndef look(s):\n"
+                         "    s.sendall(repr((sys.argv, 'ANYFORK_BOOT' in os.environ)).encode())\n"),
+                  "look")
+    assert got == (["-c"], False)
 
 
 def test_ld_bind_now_set_for_the_bootstrap_alone_is_gone_when_code_runs(

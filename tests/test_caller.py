@@ -77,6 +77,21 @@ def test_a_closed_or_run_template_forks_nothing_and_kills_nothing() -> None:
     assert state.receive_eof() == [C.Ended("ran a function, which now owns its children")]
 
 
+def test_a_closed_template_forks_nothing_but_still_kills_its_children() -> None:
+    """Issue 14: a template the caller closed stays alive for its children,
+    so KILL still goes to it; a template that ended kills nothing."""
+    state = C.TemplateState()
+    child, _ = state.fork(True)
+    assert state.close() == []
+    with pytest.raises(C.ProcessStateError, match="closed"):
+        state.fork(False)
+    (kind, _, payload), = frames_of(state.kill(child, 9))
+    assert (kind, wire.decode_kill(payload)) == (wire.KILL, (child.seq, 9))
+    state.receive_eof()
+    with pytest.raises(C.ProcessStateError, match="exited"):
+        state.kill(child, 9)
+
+
 # --- reports ---------------------------------------------------------------------------
 
 

@@ -910,6 +910,8 @@ def test_a_dead_process_forked_ahead_is_never_handed_out() -> None:
 @pytest.mark.parametrize("how", ["close", "run"])
 def test_closing_or_running_a_template_closes_its_report_channel(how: str) -> None:
     # Broke: only __del__ closed it, so it lasted as long as any child's object.
+    # A closed template stays alive for its children (issue 14): its channels
+    # close once the last of them is reported gone, whoever asks.
     before = set(helpers.open_fds())
     tpl = anyfork.new_exec().eval("def hold(s):\n    s.recv(1)\n")
     child = tpl.fork()
@@ -917,9 +919,12 @@ def test_closing_or_running_a_template_closes_its_report_channel(how: str) -> No
     sock = tpl.run("hold") if how == "run" else None
     if sock is None:
         tpl.close()
+        child.close()
+        assert child.wait(5) == 0  # its EXIT: the last child is gone
     # (The template's pidfd is open while it is alive: not a channel.)
     new = {fd for fd, what in helpers.open_fds().items() if fd not in before and "pidfd" not in what}
-    mine = {child._cmd.sock.fileno()} | ({sock.fileno()} if sock is not None else set())
+    mine = {child._cmd.sock.fileno()} if child._cmd.sock is not None else set()
+    mine |= {sock.fileno()} if sock is not None else set()
     try:
         assert new == mine, f"still open besides the child's socket (and run's): {new - mine}"
     finally:
@@ -1215,3 +1220,174 @@ def test_a_template_dropped_at_once_still_forks_its_child() -> None:
     with child.eval("def ok(sock):\n    sock.sendall(b'ok')\n").run("ok") as sock:
         assert read_all(sock) == b"ok"
     assert child.wait(10) == 0
+
+
+# --- issue 14: lifecycle and messages -----------------------------------------------------
+
+HOLD = "def hold(s):\n    s.recv(1)\n"
+
+
+def test_returncode_never_raises_when_the_status_cannot_be_known() -> None:
+    """Issue 14: returncode raised TemplateDiedError; it is documented int | None."""
+    tpl = anyfork.new_exec().eval(HOLD)
+    child = tpl.fork()
+    with child.run("hold"):
+        os.kill(tpl.pid, signal.SIGKILL)
+        assert tpl.wait(5) == -signal.SIGKILL
+        assert child.returncode is None  # no status will come: None, and wait says why
+        with pytest.raises(anyfork.TemplateDiedError):
+            child.wait(5)
+    assert wait_exited(child.pid)
+
+
+def test_children_of_a_closed_template_can_still_be_killed_and_waited_for() -> None:
+    """Issue 14: after template.close(), kill() said "can't signal process N
+    safely: its template was closed" and wait() that the template "exited"."""
+    tpl = anyfork.new_exec().eval(HOLD)
+    kids = [tpl.fork() for _ in range(2)]
+    socks = [k.run("hold") for k in kids]
+    try:
+        tpl.close()
+        assert tpl.returncode is None  # alive for its children
+        kids[0].kill(signal.SIGKILL)
+        assert kids[0].wait(5) == -signal.SIGKILL
+        assert kids[1].returncode is None
+        socks[1].sendall(b"x")  # lets hold() return
+        assert kids[1].wait(5) == 0
+    finally:
+        for s in socks:
+            s.close()
+    assert tpl.wait(5) == 0  # it exits once the last of them is gone
+    with pytest.raises(anyfork.ProcessStateError, match="closed"):
+        tpl.fork()
+
+
+def test_wait_on_a_closed_template_waits_for_its_children_too() -> None:
+    tpl = anyfork.new_exec().eval(HOLD)
+    child = tpl.fork()
+    with child.run("hold") as sock:
+        tpl.close()
+        with pytest.raises(anyfork.TimeoutExpired):
+            tpl.wait(0.3)  # its child still runs, so it does too
+        sock.sendall(b"x")
+        assert tpl.wait(5) == 0
+    assert child.returncode == 0
+
+
+def test_repr_shows_pid_function_and_status() -> None:
+    tpl = anyfork.new_exec().eval(HOLD)
+    assert repr(tpl) == f"<anyfork.Process pid={tpl.pid} being prepared>"
+    child = tpl.fork()
+    assert repr(tpl) == f"<anyfork.Process pid={tpl.pid} a template>"
+    with child.run("hold"):
+        assert repr(child) == f"<anyfork.Process pid={child.pid} 'hold' running>"
+        child.kill(signal.SIGKILL)
+        child.wait(5)
+    assert repr(child) == f"<anyfork.Process pid={child.pid} 'hold' killed by signal 9>"
+    tpl.close()
+    assert tpl.wait(5) == 0
+    assert repr(tpl) == f"<anyfork.Process pid={tpl.pid} exited with status 0>"
+    late = anyfork.new()
+    late.close()
+    assert repr(late).endswith(" closed>")
+
+
+def test_messages_say_where_a_process_comes_from_not_an_internal_number() -> None:
+    """Issue 14: "process #4 of process 27219" meant nothing to a user."""
+    tpl = anyfork.new_exec().eval("import time\ntime.sleep(0.5)\n")  # holds the fork back
+    child = tpl.fork()
+    os.kill(tpl.pid, signal.SIGKILL)
+    assert tpl.wait(5) == -signal.SIGKILL
+    with pytest.raises(anyfork.TemplateDiedError) as died:
+        child.pid  # noqa: B018
+    child.close()
+    with pytest.raises(anyfork.ProcessStateError) as closed:
+        child.require("os")
+    tpl.close()
+    for e in (died.value, closed.value):
+        assert "#" not in str(e), str(e)
+    assert str(died.value) == (f"template process {tpl.pid} exited before it reported the pid "
+                               "of a process it was asked to fork")
+    assert str(closed.value) == f"a process forked from process {tpl.pid} was already closed"
+
+
+OWNER = """
+import json, os, sys, threading, time
+import anyfork
+
+CODE = "import time\\ndef serve(s):\\n    s.sendall(b'!')\\n    time.sleep(30)\\n"
+tpl = anyfork.new_exec().eval(CODE)
+procs = {
+    "new": anyfork.new().eval(CODE).tie_to_owner(),
+    "fork": tpl.fork().tie_to_owner(),
+    "new_exec": anyfork.new_exec().eval(CODE).tie_to_owner(),
+    "untied": anyfork.new().eval(CODE),
+}
+socks = {name: p.run("serve") for name, p in procs.items()}
+
+
+def from_a_thread():  # spawned, tied and run by a thread that then exits
+    p = procs["thread"] = anyfork.new_exec().eval(CODE).tie_to_owner()
+    socks["thread"] = p.run("serve")
+    assert socks["thread"].recv(1) == b"!"
+    native.append(threading.get_native_id())
+
+
+native = []
+t = threading.Thread(target=from_a_thread)
+t.start()
+t.join()
+deadline = time.monotonic() + 10
+while os.path.exists(f"/proc/self/task/{native[0]}") and time.monotonic() < deadline:
+    time.sleep(0.01)  # until the kernel is done with the thread
+for name, sock in socks.items():
+    if name != "thread":
+        assert sock.recv(1) == b"!", name  # running: its tie is in place
+try:
+    procs["thread"].wait(0.5)
+    sys.exit("the process died with the thread that spawned it")
+except anyfork.TimeoutExpired:
+    pass
+print(json.dumps({name: p.pid for name, p in procs.items()}), flush=True)
+time.sleep(30)
+"""
+
+
+def test_tie_to_owner_ends_the_process_when_its_owner_is_killed(tmp_path: Path) -> None:
+    """Issue 14: after the owner was SIGKILLed, its workers kept serving.  Each
+    way of making a process, tied, is gone within 2 s of its owner's SIGKILL;
+    a new_exec process outlives the thread that spawned it; an untied one
+    outlives its owner, as the seed's contract says."""
+    import subprocess
+
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER)
+    src = os.path.dirname(os.path.dirname(os.path.abspath(anyfork.__file__)))
+    env = dict(os.environ, PYTHONPATH=src)
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, env=env)
+    try:
+        assert owner.stdout is not None
+        ready, _, _ = select.select([owner.stdout], [], [], 30)
+        line = owner.stdout.readline() if ready else b""
+        assert line, f"the owner printed nothing (status {owner.poll()})"
+        pids = json.loads(line)
+    finally:
+        owner.kill()
+        owner.wait(10)
+        if owner.stdout is not None:
+            owner.stdout.close()
+    untied = os.pidfd_open(pids.pop("untied"))
+    try:
+        for name, pid in pids.items():
+            assert wait_exited(pid, 2), f"the tied process made by {name} outlived its owner"
+        assert not select.select([untied], [], [], 0.2)[0], "the untied process died with its owner"
+    finally:
+        signal.pidfd_send_signal(untied, signal.SIGKILL)
+        os.close(untied)
+
+
+def test_tie_to_owner_refuses_what_is_not_a_signal() -> None:
+    with anyfork.new() as p:
+        for bad in (0, -1, 100000):
+            with pytest.raises(ValueError, match="not a signal"):
+                p.tie_to_owner(bad)

@@ -46,13 +46,15 @@ def test_every_name_in_all_exists() -> None:
 
 
 def test_the_issues_api_is_there() -> None:
-    assert {"new", "new_exec", "Process", "Error", "PYTHON", "freeze_support"} <= set(anyfork.__all__)
+    assert {"new", "new_async", "new_exec", "Process", "Error", "PYTHON",
+            "freeze_support"} <= set(anyfork.__all__)
     for method in ("fork", "fork_ahead", "require", "eval", "send_fh", "send_arg", "run", "run_async",
                    "kill", "wait", "wait_async", "close", "__enter__", "__exit__"):
         assert callable(getattr(anyfork.Process, method)), method
     for prop in ("pid", "returncode"):
         assert isinstance(inspect.getattr_static(anyfork.Process, prop), property), prop
     assert inspect.iscoroutinefunction(anyfork.Process.run_async)
+    assert inspect.iscoroutinefunction(anyfork.new_async)
     assert inspect.iscoroutinefunction(anyfork.Process.wait_async)
 
 

@@ -603,15 +603,18 @@ def test_template_ignores_sigint() -> None:
     assert t.wait(5) == 0
 
 
-def test_template_exits_when_its_owner_closes_it_even_with_children_running() -> None:
+def test_a_closed_template_exits_once_its_running_children_have() -> None:
+    # Issue 14: it used to exit at once, and its children could no longer be
+    # signalled or waited for.
     t = anyfork.new_exec()
     child = t.fork()
     sock = child.run("helpers:wait_eof")
     t.close()
-    assert t.wait(5) == 0
-    child_pid = child.pid
+    with pytest.raises(anyfork.TimeoutExpired):
+        t.wait(0.2)
     sock.close()
-    assert wait_exited(child_pid)
+    assert t.wait(5) == 0
+    assert child.returncode == 0
 
 
 def test_a_template_that_is_run_hands_its_children_to_the_function() -> None:

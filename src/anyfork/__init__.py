@@ -41,6 +41,7 @@ from ._errors import UnsupportedError as UnsupportedError
 from ._exec import freeze_support as freeze_support
 from ._process import Process as Process
 from ._process import new as new
+from ._process import new_async as new_async
 from ._process import new_exec as new_exec
 from ._template import LateImportWarning as LateImportWarning
 from ._template import fork_template as fork_template
@@ -78,6 +79,7 @@ __all__ = (
     "fork_template",
     "freeze_support",
     "new",
+    "new_async",
     "new_exec",
 )
 

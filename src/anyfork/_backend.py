@@ -73,21 +73,31 @@ class Notifier:
     def __init__(self) -> None:
         self.epoch = 0
         self._lock = threading.Lock()
-        self._waiters: dict[object, Callable[[], None]] = {}
+        self._waiters: dict[object, tuple[Callable[[], None], Callable[[], bool] | None]] = {}
 
     def notify(self) -> None:
         with self._lock:
             self.epoch += 1
-            waiters = list(self._waiters.values()) if self._waiters else ()
-        for wake in waiters:
-            wake()
+            waiters = list(self._waiters.items()) if self._waiters else ()
+        for key, (wake, until) in waiters:
+            # A waiter whose condition is still false would only look and wait
+            # again; with hundreds of tasks waiting on one template's reports,
+            # waking them all for every report swamped the event loop.  One
+            # woken is done with this wait: later notifications skip it.
+            if until is None or until():
+                with self._lock:
+                    woken = self._waiters.pop(key, None) is not None
+                if woken:
+                    wake()
 
-    def _add(self, key: object, wake: Callable[[], None], epoch: int) -> bool:
-        """Register ``wake``; False (and nothing registered) if ``epoch`` is stale."""
+    def _add(self, key: object, wake: Callable[[], None], epoch: int,
+             until: Callable[[], bool] | None = None) -> bool:
+        """Register ``wake`` (called on ``notify`` if ``until`` is None or
+        true then); False (and nothing registered) if ``epoch`` is stale."""
         with self._lock:
             if self.epoch != epoch:
                 return False
-            self._waiters[key] = wake
+            self._waiters[key] = (wake, until)
             return True
 
     def _remove(self, key: object) -> None:
@@ -105,9 +115,12 @@ class Wait:
         deadline: ``time.monotonic()`` value after which to give up, or None.
         notifier: wake when it is notified ...
         epoch: ... or if it already was since ``epoch`` was read.
+        until: if given, a notification wakes only if this says so then (a
+            cheap check of the state the operation waits for; it runs in the
+            notifying thread, and the operation checks again when woken).
     """
 
-    __slots__ = ("deadline", "epoch", "notifier", "reads", "writes")
+    __slots__ = ("deadline", "epoch", "notifier", "reads", "until", "writes")
 
     def __init__(
         self,
@@ -116,12 +129,15 @@ class Wait:
         deadline: float | None = None,
         notifier: Notifier | None = None,
         epoch: int = 0,
+        *,
+        until: Callable[[], bool] | None = None,
     ) -> None:
         self.reads = reads
         self.writes = writes
         self.deadline = deadline
         self.notifier = notifier
         self.epoch = epoch
+        self.until = until
 
     def __repr__(self) -> str:
         return (f"Wait(reads={self.reads}, writes={self.writes}, deadline={self.deadline}, "
@@ -196,7 +212,7 @@ def _block_on_notifier(notifier: Notifier, wait: Wait) -> tuple[int, ...]:
             pass
 
     key = object()
-    if not notifier._add(key, wake, wait.epoch):
+    if not notifier._add(key, wake, wait.epoch, wait.until):
         return ()
     try:
         left = time_left(wait.deadline)
@@ -338,7 +354,7 @@ async def _await(loop: asyncio.AbstractEventLoop, wait: Wait) -> tuple[int, ...]
                 except RuntimeError:  # the loop is closed; its task is gone
                     pass
 
-            if not notifier._add(key, wake, wait.epoch):
+            if not notifier._add(key, wake, wait.epoch, wait.until):
                 return ()
         for fd in wait.reads:
             watches.add(fd, False, fut)

@@ -1,7 +1,9 @@
 """The exec bootstrap: what a fresh interpreter runs before the serve loop.
 
-``new_exec`` (``_exec.command``) starts ``python -c`` with a one-line program
-that puts a stand-in ``anyfork`` package in sys.modules, so that importing
+``new_exec`` (``_exec.command``) starts ``python -c`` with a short line
+that runs the bootstrap it finds in the environment (``_exec.boot_code``:
+so that ``ps`` shows "python3 -S -c exec(...) anyfork process of PID"),
+which puts a stand-in ``anyfork`` package in sys.modules, so that importing
 this module imports neither the package's ``__init__`` nor anything of the
 caller's side, and calls ``main``.  What is particular to being exec'd this
 way lives here: closing descriptors the exec let through, undoing
@@ -37,6 +39,9 @@ def main(fd: int, failure_fd: int = -1) -> NoReturn:
     (see ``_protocol``), kept for this process and those it forks."""
     os.set_inheritable(fd, False)
     os.set_blocking(fd, True)
+    # "anyfork process of PID", after -c: for ps, not for the code run here.
+    if len(sys.argv) == 2 and sys.argv[0] == "-c" and sys.argv[1].startswith("anyfork process of "):
+        del sys.argv[1:]
     if os.environ.pop(BIND_MARK, "0") == "1":
         os.environ.pop("LD_BIND_NOW", None)  # set by _exec.spawn for this process only
     # Whatever else the exec let through is not ours: close it.

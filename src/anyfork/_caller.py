@@ -252,8 +252,11 @@ class TemplateState:
         Raises:
             ProcessStateError: the template can't be asked any more.
         """
-        if self.closed or self.ended is not None:
-            raise ProcessStateError("its template was " + ("run" if self.handed_over else "closed"))
+        if self.handed_over or self.ended is not None:
+            # (A closed template is still asked, while it stays alive for its children.)
+            raise ProcessStateError("its template " + ("was run: the function it runs owns its children"
+                                                       if self.handed_over
+                                                       else f"stopped reporting: it {self.ended}"))
         return P.kill_frame(child.seq, sig)
 
     def close(self, handed_over: bool = False) -> list[Event]:
@@ -342,7 +345,7 @@ class TemplateState:
         else:
             seq, value = P.decode_seq_int(frame.payload)
         if not 0 < seq < self.next_seq:
-            raise P.ProtocolError(f"a report about process #{seq}, which the caller never asked for")
+            raise P.ProtocolError(f"a report about a process the caller never asked for (number {seq})")
         if kind == P.SPARE:
             fd = frame.fds.pop()
             version = self._spawning.pop(seq, None)
@@ -363,7 +366,7 @@ class TemplateState:
                 forked.pid = value
                 events.append(Forked(forked))
             elif forked.pid != value:
-                raise P.ProtocolError(f"two pids for process #{seq}: {forked.pid} and {value}")
+                raise P.ProtocolError(f"two pids for one process: {forked.pid} and {value}")
             return
         # It is gone (exited, lost, not forked).
         self._spawning.pop(seq, None)  # should its SPARE still come, it is dead: discarded

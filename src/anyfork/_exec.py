@@ -20,6 +20,11 @@ from ._errors import Error
 
 FROZEN_MARKER = "--anyfork-serve"
 _BIND_MARK = "ANYFORK_UNSET_BIND_NOW"  # read and removed by _boot.main
+# The bootstrap travels in the environment, so that the command line ps
+# shows is short: "python3 -S -c <one short line> anyfork process of PID".
+# The short line takes it out again before anything else runs.
+BOOT_VAR = "ANYFORK_BOOT"
+_SHORT_C = f"exec(__import__('os').environ.pop({BOOT_VAR!r}),{{}})"
 CHILD_FD = 3
 FAILURE_FD = 4  # the sending end of the caller's failure sink (see _failures)
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -181,26 +186,34 @@ def _flag_args() -> list[str]:
 def command(path: list[str], failure: bool = False) -> list[str]:
     """The argv that starts a serve loop on fd 3 (``failure``: with the
     failure sink on fd 4)."""
-    failure_arg = f", {FAILURE_FD}" if failure else ""
     if getattr(sys, "frozen", False):
         # A frozen program can't run -c; it runs itself, and freeze_support()
         # at the top of its main() diverts into the serve loop.
         return [sys.executable, FROZEN_MARKER, str(CHILD_FD), *([str(FAILURE_FD)] if failure else [])]
     python = find_python()
-    boot = (
+    args = [python, *_flag_args()]
+    if not needs_site(path):
+        args.append("-S")
+    # exec in a dict of its own, so the bootstrap binds no name in __main__,
+    # the namespace eval() and run() work in.  What follows is sys.argv[1],
+    # for ps to show (_boot.main removes it from sys.argv).
+    args += ["-c", _SHORT_C, f"anyfork process of {os.getpid()}"]
+    return args
+
+
+def boot_code(failure: bool = False) -> str:
+    """The bootstrap an exec'd interpreter runs (through ``BOOT_VAR``): a
+    stand-in ``anyfork`` package, so that importing ``_boot`` runs neither
+    the package's ``__init__`` nor anything of the caller's side
+    (``failure``: with the failure sink on fd 4)."""
+    failure_arg = f", {FAILURE_FD}" if failure else ""
+    return (
         "import sys\n"
         f"m = type(sys)('anyfork'); m.__path__ = [{_PKG_DIR!r}]; m.__anyfork_stub__ = True\n"
         "sys.modules['anyfork'] = m\n"
         "from anyfork._boot import main\n"
         f"main({CHILD_FD}{failure_arg})\n"
     )
-    args = [python, *_flag_args()]
-    if not needs_site(path):
-        args.append("-S")
-    # exec in a dict of its own, so the bootstrap binds no name in __main__,
-    # the namespace eval() and run() work in.
-    args += ["-c", f"exec({boot!r}, {{}})"]
-    return args
 
 
 def spawn(child_fd: int, path: list[str], failure_fd: int = -1) -> int:
@@ -229,6 +242,8 @@ def spawn(child_fd: int, path: list[str], failure_fd: int = -1) -> int:
     env = dict(os.environ)
     env["LD_BIND_NOW"] = "1"
     env[_BIND_MARK] = "1" if "LD_BIND_NOW" not in os.environ else "0"
+    if not getattr(sys, "frozen", False):
+        env[BOOT_VAR] = boot_code(failure_fd >= 0)
     try:
         return os.posix_spawn(
             argv[0],

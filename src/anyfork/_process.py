@@ -30,6 +30,7 @@ import re
 import signal
 import socket
 import sys
+import weakref
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _exec, _failures, _fds, _mainmod
@@ -49,6 +50,7 @@ from ._reports import Template
 from ._runtime import runtime
 
 if TYPE_CHECKING:
+    import asyncio
     from collections.abc import Callable
     from types import TracebackType
 
@@ -89,7 +91,8 @@ class Parent(Protocol):
 def _describe(child: Any, parent: Parent) -> str:
     if child.pid is not None:
         return f"process {child.pid}"
-    return f"process #{child.seq} of {parent.describe()}"
+    # Its pid is not known yet: say where it comes from, not our own numbering.
+    return f"a process forked from {parent.describe()}"
 
 
 def _func_name(func: object) -> str:
@@ -166,8 +169,8 @@ class Process:
     ``returncode``, ``wait`` and ``kill`` work.
     """
 
-    __slots__ = ("__weakref__", "_child", "_cmd", "_failure", "_gen", "_host", "_keep", "_parent", "_spent",
-                 "_tpl")
+    __slots__ = ("__weakref__", "_child", "_cmd", "_failure", "_func", "_gen", "_host", "_keep", "_parent",
+                 "_spent", "_tpl")
 
     def __init__(self, token: object, cmd: CommandChannel, parent: Parent, child: Any,
                  host: str | None = None) -> None:
@@ -183,13 +186,27 @@ class Process:
         self._parent = parent
         self._child = child
         self._spent: str | None = None  # "run" or "closed"
+        self._func: str | None = None  # the name run() sent
         self._tpl: Template | None = None  # once it has been forked from
         self._failure: ProcessFailedError | None = None  # why it failed before its function, once known
 
     def __repr__(self) -> str:
-        state = self._spent or "preparing"
+        """Its pid, what it runs and how it is doing; never waits (the pid of a
+        process whose template has not reported it yet shows as "?")."""
         pid = self._child.pid if self._child.pid is not None else "?"
-        return f"<anyfork.Process pid={pid} {state}>"
+        func = f" {self._func!r}" if self._func is not None else ""
+        return f"<anyfork.Process pid={pid}{func} {self._status()}>"
+
+    def _status(self) -> str:
+        if self._gen != runtime.generation:
+            return "of the process this one was forked from"
+        rc = self.returncode
+        if rc is not None:
+            return f"exited with status {rc}" if rc >= 0 else f"killed by signal {-rc}"
+        if self._spent == "run":
+            return "running"
+        state = "a template" if self._tpl is not None else "being prepared"
+        return "closed" if self._spent == "closed" else state
 
     # --- helpers ------------------------------------------------------------
 
@@ -399,6 +416,48 @@ class Process:
                 self._queue_state(P.fh_frame(len(chunk)), chunk)
         return self
 
+    def tie_to_owner(self, sig: int = signal.SIGKILL) -> Self:
+        """Make the process get ``sig`` (SIGKILL by default) when its owner dies.
+
+        The owner is the program that holds the process's template: your
+        program for ``new()`` and ``new_exec()``, whoever holds ``tpl`` for
+        ``tpl.fork()``.  A template exits as soon as its owner's end of its
+        socket closes (the owner exited, however it exited, or let go of it:
+        closed it and dropped every process forked from it), and a process
+        forked from it gets ``sig`` then, from the kernel
+        (``PR_SET_PDEATHSIG``, which fires when the *thread* that forked a
+        process exits: a template's one thread).  A process your program
+        spawned itself (``new_exec()``) may have been spawned by a thread
+        that exits long before the program, so there a thread in the process
+        watches for the program's exit instead (a pidfd, else ``getppid()``
+        five times a second), as it does wherever Linux's prctl is missing.
+        Without this, a process that runs its function outlives its owner
+        (it sees EOF on its socket, if it reads it).
+
+        Queued like ``send_arg``.  It ties this process only: processes later
+        forked from it are not tied (their template is).
+
+        Raises:
+            ValueError: not a signal number.
+        """
+        sig = int(sig)
+        if sig not in signal.valid_signals() or sig == 0:
+            raise ValueError(f"not a signal number: {sig}")
+        self._mine()
+        if self._host is not None:
+            # A remote host's hub ends everything it started when the
+            # connection drops, which it does when the owner dies.
+            return self
+        if isinstance(self._parent, Direct):
+            owner, flags = os.getpid(), 0  # spawned by one of our threads: watched
+        else:
+            keep = self._keep
+            owner, flags = (keep.pid if keep is not None else 0), P.TIE_BY_PARENT
+        with self._cmd.lock:
+            self._usable()
+            self._cmd.put(P.tie_frame(sig, owner, flags))
+        return self
+
     # --- forking ------------------------------------------------------------
 
     def fork(self) -> Process:
@@ -415,6 +474,11 @@ class Process:
             ProcessStateError: this process was already run or closed.
             TemplateDiedError: this process is gone.
         """
+        return run_blocking(self._fork_op())
+
+    def _fork_op(self) -> Op[Process]:
+        """``fork``, as an operation: everything but writing the FORK (or the
+        SPAWNs that replace a process forked ahead) happens at its first step."""
         self._mine()
         _refuse_while_prepared()
         with self._cmd.lock:
@@ -446,7 +510,7 @@ class Process:
             assert tpl is not None
             tpl.queue_spawns()
         try:
-            run_blocking(tpl.flush_op(None))
+            yield from tpl.flush_op(None)
         except BaseException as e:
             child._cmd.close()
             if isinstance(e, TemplateDiedError):
@@ -515,6 +579,7 @@ class Process:
         with self._cmd.lock:
             self._usable()
             self._spent = "run"
+            self._func = name
             if main is not None:
                 self._cmd.put(P.items_frame(P.MAIN, main))
             self._cmd.put(P.run_frame(name))
@@ -604,9 +669,14 @@ class Process:
     @property
     def returncode(self) -> int | None:
         """The exit status once known, else None (subprocess's convention:
-        negative for a signal).  Never blocks."""
-        self._mine()
-        return self._parent.status(self._child, self._describe())
+        negative for a signal).  Never blocks, and never raises: when the
+        status can't be known (its template died, someone else reaped it),
+        it stays None, and ``wait`` says why."""
+        try:
+            self._mine()
+            return self._parent.status(self._child, self._describe())
+        except Error:
+            return None
 
     def _wait_op(self, timeout: float | None) -> Op[int]:
         """Wait for the exit (within ``timeout`` seconds, every step included)."""
@@ -615,7 +685,10 @@ class Process:
         deadline = deadline_after(timeout)
         self._mine()
         parent, child, what = self._parent, self._child, self._describe()
+        tpl = self._tpl
         try:
+            if tpl is not None and tpl.lingers():  # closed, alive for its children: after them
+                yield from tpl.settle_op(deadline)
             rc = parent.status(child, what)
             if rc is None:
                 yield from parent.exit_op(child, deadline)
@@ -675,9 +748,11 @@ class Process:
         sig = int(sig)
         if sig != 0 and sig not in signal.valid_signals():
             raise ValueError(f"not a signal number: {sig}")
-        if self.returncode is not None:
+        self._mine()
+        what = self._describe()
+        if self._parent.status(self._child, what) is not None:
             return
-        self._parent.kill(self._child, sig, self._describe())
+        self._parent.kill(self._child, sig, what)
 
     # --- closing --------------------------------------------------------------
 
@@ -685,7 +760,10 @@ class Process:
         """Drop the process before run: it exits.  After run: does nothing.
 
         Descriptors queued with send_fh are closed.  A template lets go of
-        the processes it forked ahead and of its report channel at once.
+        the processes it forked ahead at once, and forks no more.  It exits
+        once the processes it forked are all gone: until then it stays
+        alive for them, so their ``kill``, ``wait`` and ``returncode`` go on
+        working (and ``wait`` on the template waits for them too).
         Idempotent.
         """
         if self._gen != runtime.generation:
@@ -697,6 +775,13 @@ class Process:
             tpl = self._tpl
             if tpl is not None and tpl.retired is None:
                 tpl.retire("closed")
+            if tpl is not None:
+                tpl.reports.read_now()  # the exits that came: only live children keep it
+        if tpl is not None and tpl.lingers():
+            if tpl.all_exited():  # their exit reports are on the way: take them now
+                run_blocking(tpl.settle_op(deadline_after(1.0)))
+            if tpl.lingers():
+                return
         self._cmd.close()
         if tpl is not None:
             # The pids of what it forked before it saw EOF are on their way.
@@ -905,3 +990,45 @@ def new() -> Process:
             _send_path(proc, runtime.default_site)
         return proc
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def new_async() -> Process:
+    """:func:`new` for asyncio: when no process forked ahead is at hand, the
+    event loop waits for the template, never its thread.
+
+    Starting the default template the first time (a ``posix_spawn``, a
+    millisecond or two) still happens in the call.
+
+    Raises:
+        TemplateDiedError: the template died twice in a row.
+    """
+    import asyncio
+
+    from ._backend import run_async
+
+    check_supported()
+    # Calls take turns, one per turn of the loop: gather() of 300 jobs would
+    # otherwise run 300 calls' worth of work back to back before the loop
+    # saw a timer again.  It costs nothing in speed: the template forks one
+    # at a time anyway, and this thread prepares one at a time.
+    loop = asyncio.get_running_loop()
+    turn = _turns.get(loop)
+    if turn is None:
+        turn = _turns.setdefault(loop, asyncio.Lock())
+    async with turn:
+        for attempt in (1, 2):
+            tpl = _default_template()
+            try:
+                proc = await run_async(tpl._fork_op())
+            except (TemplateDiedError, ProcessExitedError, ProcessStateError):
+                if attempt == 2:
+                    raise
+                continue
+            if sys.path != runtime.default_path:
+                _send_path(proc, runtime.default_site)
+            return proc
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# new_async's turns, one lock per event loop (an asyncio.Lock belongs to one loop).
+_turns: weakref.WeakKeyDictionary[Any, asyncio.Lock] = weakref.WeakKeyDictionary()

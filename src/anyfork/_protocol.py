@@ -80,6 +80,7 @@ KILL = 8  # u64 seq, i32 signal: signal a process this template forked
 SITE = 10  # items: directories to process as site.addsitedir does
 SPAWN = 11  # u64 seq, u8 flags; fds: [report socket]: fork one ahead, connected
 MAIN = 12  # items: how to find the caller's main module ("path" or "module", then it)
+TIE = 13  # i32 signal, i64 owner's pid, u8 flags: get the signal when the owner dies
 
 # Reports, template -> caller, on the report channel.
 PID = 64  # u64 seq, i64 pid
@@ -98,6 +99,8 @@ _SEQ = struct.Struct("<Q")
 _SEQ_FLAGS = FORK_PAYLOAD = struct.Struct("<QB")
 _SEQ_INT = struct.Struct("<Qq")
 _SEQ_SIG = struct.Struct("<Qi")
+_TIE = struct.Struct("<iqB")
+TIE_BY_PARENT = 1  # flag: the parent is the owner's single forking thread (PR_SET_PDEATHSIG)
 _ITEM = struct.Struct("<cQ")
 
 
@@ -139,6 +142,7 @@ COMMAND_TABLE: dict[int, Shape] = {
     SITE: Shape(),
     SPAWN: Shape(0, 1, FORK_PAYLOAD.size),  # [the report channel]
     MAIN: Shape(),
+    TIE: Shape(size=_TIE.size),
 }
 # The report table, template -> caller.
 REPORT_TABLE: dict[int, Shape] = {
@@ -156,8 +160,8 @@ COMMANDS = frozenset(COMMAND_TABLE)
 REPORTS = frozenset(REPORT_TABLE)
 _SHAPES = {**COMMAND_TABLE, **REPORT_TABLE}
 NAMES = {PATH: "PATH", REQUIRE: "REQUIRE", EVAL: "EVAL", ARG: "ARG", FH: "FH", FORK: "FORK",
-         RUN: "RUN", KILL: "KILL", SITE: "SITE", SPAWN: "SPAWN", MAIN: "MAIN", PID: "PID", EXIT: "EXIT",
-         FAILED: "FAILED", SPARE: "SPARE", LOST: "LOST", FAILURE: "FAILURE"}
+         RUN: "RUN", KILL: "KILL", SITE: "SITE", SPAWN: "SPAWN", MAIN: "MAIN", TIE: "TIE", PID: "PID",
+         EXIT: "EXIT", FAILED: "FAILED", SPARE: "SPARE", LOST: "LOST", FAILURE: "FAILURE"}
 
 
 def without_fds(table: dict[int, Shape], transport: str) -> dict[int, Shape]:
@@ -404,6 +408,15 @@ def decode_seq_int(payload: bytes) -> tuple[int, int]:
 def decode_kill(payload: bytes) -> tuple[int, int]:
     seq, sig = _unpack(_SEQ_SIG, payload)
     return seq, sig
+
+
+def tie_frame(sig: int, owner: int, flags: int) -> list[Buffer]:
+    return frame(TIE, [_TIE.pack(sig, owner, flags)])
+
+
+def decode_tie(payload: bytes) -> tuple[int, int, int]:
+    sig, owner, flags = _unpack(_TIE, payload)
+    return sig, owner, flags
 
 
 def decode_failed(payload: bytes) -> tuple[int, str]:

@@ -53,6 +53,9 @@ _ANC_SPACE = socket.CMSG_SPACE(4 * 4)  # reports carry one descriptor; leave roo
 # How long closing a template waits for its last reports (the pids of what
 # it forked before it saw EOF) before it closes the channel anyway.
 _LAST_REPORTS = 1.0
+# Why a template's channel ended when the caller closed it (compared in
+# Template.error, to say "you closed" where that is what happened).
+CLOSED = "was closed"
 # How many reads one read_now makes at most: a template with a backlog
 # refills the channel as fast as it is read, and an event loop must get its
 # turn between batches.
@@ -62,7 +65,7 @@ _BATCH = 8
 class ReportChannel:
     """The caller's end of one template's report channel (see the module's doc)."""
 
-    __slots__ = ("_journal", "lock", "notifier", "reading", "shared", "state")
+    __slots__ = ("_journal", "contended", "lock", "notifier", "reading", "shared", "state")
 
     def __init__(self, sock: socket.socket, state: C.TemplateState) -> None:
         self.shared = _fds.Shared(sock.fileno(), sock)
@@ -71,6 +74,8 @@ class ReportChannel:
         # interrupted a dispatch may kill() a process of the same template.
         self.lock = threading.RLock()
         self.reading = False
+        # Someone found the reader role taken and waits for it on the notifier.
+        self.contended = False
         self.notifier = Notifier()
         self._journal: list[tuple[bytes, list[tuple[int, int, bytes]], int, object]] | None = None
 
@@ -100,6 +105,7 @@ class ReportChannel:
         try:
             with self.lock:
                 if self.reading:
+                    self.contended = True
                     return None
                 if self.state.ended is not None:
                     return False
@@ -116,9 +122,17 @@ class ReportChannel:
                     self.reading = False
                     if journal:  # read, not dispatched: the stream has lost its place
                         self._apply(self.state.end("was interrupted while its reports were read", True))
+                    # Wake the waiters only if there is something new to see, or
+                    # someone waits for the role: a read that found nothing
+                    # changed nothing, and every waiter woken would read again
+                    # (and wake all the others: 300 tasks waiting on one
+                    # template's reports made the loop wake ~40,000 times).
+                    wake = got or self.contended or self.state.ended is not None
+                    self.contended = False
                 if entered:
                     self.shared.leave()
-                self.notifier.notify()
+                if wake:
+                    self.notifier.notify()
         return got
 
     def _read(self, sock: socket.socket) -> bool:
@@ -193,6 +207,11 @@ class ReportChannel:
         that under asyncio a channel that keeps filling never holds the loop.
         """
         notifier = self.notifier
+        state = self.state
+
+        def until() -> bool:  # what a notification must find to wake this one
+            return state.ended is not None or done()
+
         while True:
             if done():
                 return True
@@ -209,7 +228,7 @@ class ReportChannel:
             if fd < 0:
                 continue
             try:
-                yield Wait(reads=(fd,), notifier=notifier, epoch=epoch, deadline=deadline)
+                yield Wait(reads=(fd,), notifier=notifier, epoch=epoch, deadline=deadline, until=until)
             finally:
                 self.shared.leave()
 
@@ -260,6 +279,8 @@ class Template:
     def error(self, detail: str = "") -> Error:
         """Why this template can't answer any more, as the error to raise."""
         state = self.state
+        if state.ended == CLOSED and not state.handed_over:
+            return ProcessStateError(f"you closed its template ({self.describe()}){detail}")
         message = f"template {self.describe()} {state.ended or 'stopped reporting'}{detail}"
         if state.corrupt:
             return ProtocolError(message)
@@ -348,7 +369,53 @@ class Template:
         (briefly: a template that saw EOF or RUN closes it at once), then
         close ours, so that nothing lingers for as long as a child's object."""
         yield from self.reports.until_op(lambda: False, deadline_after(_LAST_REPORTS))
-        self.reports.end("was " + ("run" if self.state.handed_over else "closed"))
+        self.reports.end("was run" if self.state.handed_over else CLOSED)
+
+    # --- closed, and alive for its children ----------------------------------------------
+
+    def lingers(self) -> bool:
+        """Whether the caller closed this template while processes it forked
+        may still run: it then stays alive, serving KILL and reporting their
+        exits, until the last of them is reported gone (or the caller drops
+        them all, or exits: the template sees EOF)."""
+        return (self.retired == "closed" and self.cmd.sock is not None
+                and self.state.ended is None and bool(self.state.children))
+
+    def all_exited(self) -> bool:
+        """Whether every process of this template not yet reported gone has
+        exited all the same (its EXIT is on its way: the template reaps when
+        SIGCHLD wakes it).  A pidfd turns readable when its process exits;
+        without pidfds, or for a process whose pid is not known yet, no."""
+        with self.reports.lock:
+            pids = [child.pid for child in self.state.children.values()]
+        for pid in pids:
+            if pid is None or not hasattr(os, "pidfd_open"):
+                return False
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue  # reaped already
+            except OSError:
+                return False
+            try:
+                if not _poll((fd,), (), 0):
+                    return False
+            finally:
+                os.close(fd)
+        return True
+
+    def settle(self) -> None:
+        """Let go of a closed template whose children are all gone: it sees
+        EOF and exits.  Never waits: nothing is left to report."""
+        if self.retired == "closed" and self.cmd.sock is not None and not self.lingers():
+            self.cmd.close()
+            self.reports.end(CLOSED)
+
+    def settle_op(self, deadline: float | None) -> Op[None]:
+        """Read reports until no child of this closed template is left, then
+        let it go (``wait`` on the template itself: it exits after them)."""
+        yield from self.reports.until_op(lambda: not self.lingers(), deadline)
+        self.settle()
 
     # --- the parent's interface (see _direct.Direct) --------------------------------------
 
@@ -367,7 +434,7 @@ class Template:
             return
         if child.failed is not None:
             raise Error(f"{self.describe()} could not fork: {child.failed}")
-        raise self.error(f"; no pid for process #{child.seq} of {self.describe()}")
+        raise self.error(" before it reported the pid of a process it was asked to fork")
 
     def exit_op(self, child: C.Child, deadline: float | None) -> Op[bool]:
         if not child.done:
@@ -375,11 +442,15 @@ class Template:
                 yield from self.flush_op(deadline)  # a KILL may be waiting to go
             state = self.state
             yield from self.reports.until_op(lambda: child.done or state.ended is not None, deadline)
+        if self.retired == "closed":
+            self.settle()
         return child.done or self.state.ended is not None
 
     def status(self, child: C.Child, what: str) -> int | None:
         if not child.done:
             self.reports.read_now()
+            if self.retired == "closed":
+                self.settle()
         if child.returncode is not None:
             return child.returncode
         if child.lost:
@@ -394,9 +465,14 @@ class Template:
 
     def kill(self, child: C.Child, sig: int, what: str) -> None:
         with self.cmd.lock:
-            if self.retired is not None or self.cmd.sock is None:
+            if self.retired == "run":
                 raise ProcessStateError(
-                    f"can't signal {what} safely: its template was {self.retired or 'closed'}")
+                    f"can't signal {what} safely: its template ran a function, which now owns it")
+            if self.cmd.sock is None:
+                if self.state.ended is not None and self.state.ended != CLOSED:
+                    raise self.error(f", so {what} can't be signalled safely")
+                raise ProcessStateError(
+                    f"can't signal {what} safely: you closed its template ({self.describe()})")
             with self.reports.lock:
                 frame = self.state.kill(child, sig)
             self.cmd.put(frame)

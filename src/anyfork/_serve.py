@@ -710,6 +710,8 @@ class Server:
             self.run(P.decode_text(frame.payload))
         elif kind == P.KILL:
             self.kill(*P.decode_kill(frame.payload))
+        elif kind == P.TIE:
+            tie(*P.decode_tie(frame.payload))
         elif kind == P.FH:
             fds, frame.fds = frame.fds, []
             for i, fd in enumerate(fds):
@@ -1091,6 +1093,64 @@ _CHILD_LOOKUPS: tuple[tuple[object, tuple[str, ...]], ...] = (
                "default_int_handler", "pthread_sigmask", "SIG_SETMASK", "valid_signals")),
     (P, ("decode_text", "match_run", "ProtocolError")),
 )
+
+
+def tie(sig: int, owner: int, flags: int) -> None:
+    """TIE: get ``sig`` as soon as ``owner`` (a pid; 0: the parent) exits.
+
+    With ``TIE_BY_PARENT`` the owner is the parent, which forks from one
+    thread that lives as long as it does (a template): Linux's
+    PR_SET_PDEATHSIG, set through ctypes, which the kernel fires when the
+    *thread* that forked this process exits.  Otherwise (the owner spawned
+    this process from any of its threads, or there is no prctl) a thread
+    here waits for the owner's exit, on a pidfd where there is one, else by
+    looking at getppid() five times a second.  Either way, an owner already
+    gone by now (this process has been handed to another parent) means the
+    signal at once.
+    """
+    if owner == 0:
+        owner = os.getppid()
+    if flags & P.TIE_BY_PARENT and _set_pdeathsig(sig):
+        if os.getppid() != owner:  # it died before the kernel was asked to tell us
+            os.kill(os.getpid(), sig)
+        return
+    import threading
+
+    threading.Thread(target=_watch_owner, args=(owner, sig), name="anyfork tie", daemon=True).start()
+
+
+def _set_pdeathsig(sig: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(1, sig, 0, 0, 0) == 0)  # PR_SET_PDEATHSIG
+    except Exception:  # no libc to load, no prctl in it
+        return False
+
+
+def _watch_owner(owner: int, sig: int) -> None:
+    fd = -1
+    try:
+        fd = os.pidfd_open(owner)
+    except (AttributeError, OSError):
+        pass
+    # The pidfd is the owner's only if the owner is still our parent after
+    # it was opened: a pid that died and was reused would have reparented us.
+    if fd >= 0 and os.getppid() == owner:
+        import select
+
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.poll()  # readable once the owner has exited
+    else:
+        import time
+
+        while os.getppid() == owner:
+            time.sleep(0.2)
+    os.kill(os.getpid(), sig)
 
 
 def _name_process(title: str) -> None:

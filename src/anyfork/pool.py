@@ -570,6 +570,12 @@ class Pool:
                         _kill_group(worker.proc, signal.SIGKILL)
         if self._template is not None:
             self._template.close()
+            try:
+                # A closed template stays alive for the workers it forked that
+                # are still on their way out; collect them, briefly.
+                self._template.wait(1.0)
+            except Error:
+                pass  # still running: it goes when they do, or when dropped
 
     def _signal_workers(self, sig: int) -> None:
         """Signal every live worker (through its template: never a recycled pid)."""
