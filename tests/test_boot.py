@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -32,8 +33,15 @@ def test_the_serve_loop_holds_no_exec_bootstrap() -> None:
 def test_an_exec_process_has_a_short_readable_command_line_and_argv() -> None:
     """Issue 14: ps showed 'python3 -B -S -c exec("import sys\\nm = type(sys)...'."""
     p = anyfork.new_exec()
-    with open(f"/proc/{p.pid}/cmdline", "rb") as f:
-        argv = f.read().split(b"\0")[:-1]
+    # posix_spawn returns once the child is in execve, and the kernel shows an
+    # empty cmdline until execve has set up the new image: look again a moment.
+    deadline = time.monotonic() + 10
+    while True:
+        with open(f"/proc/{p.pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")[:-1]
+        if argv or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     assert argv[-1] == f"anyfork process of {os.getpid()}".encode()
     assert argv[-3] == b"-c", argv
     assert len(argv[-2]) < 60, argv

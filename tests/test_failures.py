@@ -268,5 +268,5 @@ def test_a_process_without_a_sink_sends_nothing(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_the_exec_bootstrap_keeps_the_sink() -> None:
-    assert "main(3, 4)" in " ".join(_exec.command([], True))
-    assert "main(3)" in " ".join(_exec.command([], False))
+    assert "main(3, 4)" in _exec.boot_code(True)
+    assert "main(3)" in _exec.boot_code(False)
