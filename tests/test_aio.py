@@ -321,9 +321,6 @@ def test_new_async_gives_a_process_of_the_default_template_in_any_loop() -> None
         assert status == 0
 
 
-@pytest.mark.xfail(reason="issue 14 item 7, open: one read of the default template's reports "
-                          "wakes ~300 tasks at once, and their steps (~0.3 ms each) run in one "
-                          "turn of the loop: ~100 ms, down from seconds", strict=False)
 def test_a_ticker_never_stalls_while_300_jobs_launched_with_gather_await_new_async() -> None:
     """Issue 14: new() is synchronous; 300 jobs launched at once with gather
     stalled the loop for 165 ms when no process forked ahead was at hand."""

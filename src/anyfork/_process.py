@@ -1010,7 +1010,11 @@ async def new_async() -> Process:
     # Calls take turns, one per turn of the loop: gather() of 300 jobs would
     # otherwise run 300 calls' worth of work back to back before the loop
     # saw a timer again.  It costs nothing in speed: the template forks one
-    # at a time anyway, and this thread prepares one at a time.
+    # at a time anyway, and this thread prepares one at a time.  The turn is
+    # held across one yield to the loop: a free asyncio.Lock is taken without
+    # one, and a call that finds a process forked ahead waits for nothing, so
+    # without it every call would run, one after the other, in the loop
+    # iteration that started them all.
     loop = asyncio.get_running_loop()
     turn = _turns.get(loop)
     if turn is None:
@@ -1026,8 +1030,11 @@ async def new_async() -> Process:
                 continue
             if sys.path != runtime.default_path:
                 _send_path(proc, runtime.default_site)
-            return proc
-    raise AssertionError("unreachable")  # pragma: no cover
+            break
+        else:
+            raise AssertionError("unreachable")  # pragma: no cover
+        await asyncio.sleep(0)  # the others wait on the turn meanwhile; see above
+    return proc
 
 
 # new_async's turns, one lock per event loop (an asyncio.Lock belongs to one loop).
