@@ -38,6 +38,7 @@ that another thread received meanwhile.
 
 from __future__ import annotations
 
+import errno
 import signal
 import socket
 import threading
@@ -45,7 +46,7 @@ from typing import TYPE_CHECKING
 
 from . import _fds
 from . import _protocol as P
-from ._backend import Notifier, Op, Wait, time_left
+from ._backend import Notifier, Op, Wait, sooner, time_left
 
 if TYPE_CHECKING:
     from ._reports import ReportChannel
@@ -73,6 +74,16 @@ def release_signals(held: list[set[signal.Signals]]) -> None:
         assert _SIGMASK is not None
         _SIGMASK(signal.SIG_SETMASK, held.pop())
 _ANC = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+# How often a wait looks at a template's process when there is no descriptor
+# that turns readable as it exits (no pidfd: a platform other than Linux 5.3+;
+# see _reports.Watch).
+WATCH_POLL = 0.05
+
+
+def watch_deadline(wfd: int | None, deadline: float | None) -> float | None:
+    """The deadline of a wait that also watches a process through ``wfd``
+    (see _reports.Watch.enter): -1, no descriptor, means soon, to ask again."""
+    return sooner(deadline, WATCH_POLL) if wfd == -1 else deadline
 
 
 class BrokenError(Exception):
@@ -219,14 +230,25 @@ class CommandChannel:
                     continue
                 fd = sock.fileno()
             rfd = reports.reader_fd() if reports is not None else -1
+            # A template that is gone may never make its socket writable (a
+            # helper it forked holds the other end): watch its process too.
+            watch = reports.watch if reports is not None else None
+            wfd = watch.enter() if watch is not None else None
+            reads = tuple(x for x in (rfd, wfd) if x is not None and x >= 0)
             try:
-                ready = yield Wait(writes=(fd,), reads=(rfd,) if rfd >= 0 else (), deadline=deadline)
+                ready = yield Wait(writes=(fd,), reads=reads, deadline=watch_deadline(wfd, deadline))
             finally:
                 if rfd >= 0:
                     assert reports is not None
                     reports.reader_fd_done()
+                if watch is not None:
+                    watch.leave(wfd)
             if rfd >= 0 and rfd in ready:
                 assert reports is not None
                 reports.read_now()
+            if watch is not None and wfd is not None and (wfd < 0 or wfd in ready) and watch.gone():
+                assert reports is not None
+                yield from reports.gone_op()
+                raise BrokenError(OSError(errno.EPIPE, "it exited"), "exited")
             if not ready and time_left(deadline) == 0:
                 return False

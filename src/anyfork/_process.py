@@ -38,7 +38,7 @@ from ._backend import Op, deadline_after, run_blocking
 from ._channel import BrokenError, CommandChannel
 from ._direct import Direct
 from ._errors import Error, ProcessExitedError, ProcessStateError, TemplateDiedError, TimeoutExpired
-from ._reports import Template
+from ._reports import ExitWatch, ForkedWatch, Template, Watch
 from ._runtime import runtime
 
 if TYPE_CHECKING:
@@ -214,7 +214,12 @@ class Process:
         tpl = self._tpl
         if tpl is None:
             child, parent = self._child, self._parent
-            tpl = self._tpl = Template(self._cmd, lambda: _describe(child, parent))
+            watch: Watch | None = None  # how its waits see it gone (see _reports)
+            if isinstance(child, Direct):
+                watch = ExitWatch(child)
+            elif isinstance(parent, Template):
+                watch = ForkedWatch(parent, child)
+            tpl = self._tpl = Template(self._cmd, lambda: _describe(child, parent), watch)
         return tpl
 
     def _descriptors(self) -> set[int]:
@@ -353,6 +358,8 @@ class Process:
             self._usable()
             tpl = self._tpl
             child = None
+            if tpl is not None:
+                tpl.check_alive()  # gone, though its sockets may never see EOF
             if tpl is not None and tpl.ahead:
                 tpl.read_first()
                 taken = tpl.take()
@@ -372,7 +379,11 @@ class Process:
                     mine.close()
                     theirs.close()
                     raise
-                record = tpl.queue_fork(theirs.detach())  # the queue owns that end now
+                try:
+                    record = tpl.queue_fork(theirs.detach())  # the queue owns that end now
+                except BaseException:
+                    mine.close()
+                    raise
                 child = Process(_TOKEN, CommandChannel(mine), tpl, record, self._host)
                 child._keep = self
             assert tpl is not None
