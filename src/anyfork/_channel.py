@@ -131,7 +131,7 @@ class CommandChannel:
 
     def close(self) -> None:
         """Close the socket and drop what is queued: the process sees EOF."""
-        with self.lock:
+        with self.lock, _fds.fork_lock:  # no fork while closed ones are still queued
             sock, self.sock = self.sock, None
             self.out.close()
         _fds.close_sock(sock)
@@ -189,7 +189,8 @@ class CommandChannel:
     def _poison(self) -> None:
         self.broken = "interrupted in the middle of a write (the process was let go)"
         sock, self.sock = self.sock, None
-        self.out.close()
+        with _fds.fork_lock:
+            self.out.close()
         _fds.close_sock(sock)
 
     def _write(self, deadline: float | None, reports: ReportChannel | None) -> Op[bool]:
@@ -210,22 +211,26 @@ class CommandChannel:
                 journal: list[int] = []
                 self._journal = journal
                 held: list[set[signal.Signals]] = []
-                try:
-                    hold_signals(held)
+                # Under fork_lock: the outbox closes the descriptors that went
+                # out one by one, and a fork in between would close numbers
+                # still listed (reused by then) in the child.
+                with _fds.fork_lock:
                     try:
-                        # The count lands in the journal in C, in the same call.
-                        journal.extend(map(sock.sendmsg, (buffers,), (anc,), (_SEND_FLAGS,)))
-                    except BlockingIOError:
-                        pass
-                    except OSError as e:
+                        hold_signals(held)
+                        try:
+                            # The count lands in the journal in C, in the same call.
+                            journal.extend(map(sock.sendmsg, (buffers,), (anc,), (_SEND_FLAGS,)))
+                        except BlockingIOError:
+                            pass
+                        except OSError as e:
+                            self._journal = None
+                            out.close()
+                            raise BrokenError(e, str(e)) from e
+                        if journal:
+                            out.sent(journal[0])
                         self._journal = None
-                        out.close()
-                        raise BrokenError(e, str(e)) from e
-                    if journal:
-                        out.sent(journal[0])
-                    self._journal = None
-                finally:
-                    release_signals(held)
+                    finally:
+                        release_signals(held)
                 if journal:
                     continue
                 fd = sock.fileno()

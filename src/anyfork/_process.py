@@ -19,7 +19,8 @@ Every operation that may wait (flush, run, wait for a pid or an exit) is a
 No threading lock is held across a wait.
 
 Ownership: see ``_fds``; the module state: see ``_runtime``.  Lock order:
-a Process's (its channel's), then its template's report channel's.
+a Process's (its channel's), then ``_fds.fork_lock``, which is also every
+report channel's.
 """
 
 from __future__ import annotations
@@ -314,19 +315,15 @@ class Process:
         fds = [_fileno(h) for h in handles]
         self._mine()
         dups: list[int] = []
-        try:
-            for h, fd in zip(handles, fds, strict=True):
-                try:
-                    dups.append(os.dup(fd))  # non-inheritable by default
-                except OSError as e:
-                    if e.errno == errno.EBADF:
-                        raise ValueError(f"{h!r} is not an open descriptor") from e
-                    raise
-        except BaseException:
-            P.close_fds(dups)
-            raise
-        with self._cmd.lock:
+        with self._cmd.lock, _fds.fork_lock:  # the duplicates are queued before a fork
             try:
+                for h, fd in zip(handles, fds, strict=True):
+                    try:
+                        dups.append(os.dup(fd))  # non-inheritable by default
+                    except OSError as e:
+                        if e.errno == errno.EBADF:
+                            raise ValueError(f"{h!r} is not an open descriptor") from e
+                        raise
                 self._usable()
             except BaseException:
                 P.close_fds(dups)
@@ -354,7 +351,7 @@ class Process:
         """
         self._mine()
         _refuse_while_prepared()
-        with self._cmd.lock:
+        with self._cmd.lock, _fds.fork_lock:  # descriptors made here are listed before a fork
             self._usable()
             tpl = self._tpl
             child = None
@@ -427,7 +424,7 @@ class Process:
         if not 0 <= n <= _MAX_AHEAD:
             raise ValueError(f"fork_ahead() keeps 0 to {_MAX_AHEAD} processes, not {n}")
         self._mine()
-        with self._cmd.lock:
+        with self._cmd.lock, _fds.fork_lock:
             self._usable()
             tpl = self._template()
             tpl.ahead = n
@@ -701,19 +698,20 @@ def new_exec() -> Process:
         proc = early.fork()
         _send_path(proc, runtime.early_site)  # the early process has sys.path as of its fork
         return proc
-    try:
-        mine, theirs = socket.socketpair()
-    except OSError as e:
-        raise Error(f"new_exec(): no socketpair for the new process: {e}") from e
-    _fds.plain(mine, theirs)
-    try:
-        pid = _exec.spawn(theirs.fileno(), _path())
-    except BaseException:
-        mine.close()
-        raise
-    finally:
-        theirs.close()
-    proc = adopt(mine, pid)
+    with _fds.fork_lock:  # the socketpair is owned before a fork
+        try:
+            mine, theirs = socket.socketpair()
+        except OSError as e:
+            raise Error(f"new_exec(): no socketpair for the new process: {e}") from e
+        _fds.plain(mine, theirs)
+        try:
+            pid = _exec.spawn(theirs.fileno(), _path())
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        proc = adopt(mine, pid)
     _send_path(proc, [])
     return proc
 

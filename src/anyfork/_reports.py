@@ -39,7 +39,6 @@ from __future__ import annotations
 import os
 import socket
 import stat
-import threading
 from typing import TYPE_CHECKING, Protocol
 
 from . import _caller as C
@@ -142,7 +141,7 @@ class ForkedWatch:
 class ReportChannel:
     """The caller's end of one template's report channel (see the module's doc)."""
 
-    __slots__ = ("_journal", "lock", "notifier", "reading", "shared", "state", "watch")
+    __slots__ = ("__weakref__", "_journal", "lock", "notifier", "reading", "shared", "state", "watch")
 
     def __init__(self, sock: socket.socket, state: C.TemplateState, watch: Watch | None = None) -> None:
         self.shared = _fds.Shared(sock.fileno(), sock)
@@ -150,10 +149,19 @@ class ReportChannel:
         self.watch = watch  # the template's process (see the module's doc)
         # Guards state and the reader role.  Reentrant: a signal handler that
         # interrupted a dispatch may kill() a process of the same template.
-        self.lock = threading.RLock()
+        # It is _fds.fork_lock, one for every channel: what is done under it
+        # may close descriptors, which takes that lock, and a read holds that
+        # one while it takes this (a SPARE's socket, from recvmsg until it is
+        # listed).  One lock can't be taken in two orders.
+        self.lock = _fds.fork_lock
         self.reading = False
         self.notifier = Notifier()
         self._journal: list[tuple[bytes, list[tuple[int, int, bytes]], int, object]] | None = None
+        _fds.hold(self)  # a SPARE's socket may wait in the decoder for the rest of its frame
+
+    def drop_inherited(self) -> None:
+        """In a forked child: close what the decoder holds (see ``_fds.hold``)."""
+        self.state.drop_inherited()
 
     def fileno(self) -> int:
         return self.shared.fd
@@ -189,7 +197,8 @@ class ReportChannel:
             if entered:
                 sock = self.shared.sock
                 assert sock is not None
-                got = self._read(sock)
+                with _fds.fork_lock:  # a SPARE's socket is owned before a fork
+                    got = self._read(sock)
         finally:
             if took:
                 journal, self._journal = self._journal, None
@@ -353,17 +362,18 @@ class Template:
     __slots__ = ("_theirs", "ahead", "cmd", "pid_of", "reports", "retired", "state")
 
     def __init__(self, cmd: CommandChannel, pid_of: Callable[[], str], watch: Watch | None = None) -> None:
-        try:
-            mine, theirs = socket.socketpair()
-        except OSError as e:
-            raise Error(f"no socketpair for the report channel: {e}") from e
-        _fds.plain(mine, theirs)  # reads here are non-blocking by flag: a timeout would wait first
-        self.cmd = cmd
-        self.pid_of = pid_of
-        self.state = C.TemplateState()
-        self.reports = ReportChannel(mine, self.state, watch)
-        self._theirs = theirs.detach()  # sent with the first FORK or SPAWN
-        _fds.own(self._theirs)
+        with _fds.fork_lock:  # owned before a fork
+            try:
+                mine, theirs = socket.socketpair()
+            except OSError as e:
+                raise Error(f"no socketpair for the report channel: {e}") from e
+            _fds.plain(mine, theirs)  # reads here are non-blocking by flag: a timeout would wait first
+            self.cmd = cmd
+            self.pid_of = pid_of
+            self.state = C.TemplateState()
+            self.reports = ReportChannel(mine, self.state, watch)
+            self._theirs = theirs.detach()  # sent with the first FORK or SPAWN
+            _fds.own(self._theirs)
         self.ahead = 0
         self.retired: str | None = None  # "run" or "closed": no more forks or signals
 
