@@ -160,6 +160,12 @@ def deadline_after(timeout: float | None) -> float | None:
     return time.monotonic() + max(0.0, timeout)
 
 
+def sooner(deadline: float | None, seconds: float) -> float:
+    """``deadline``, or ``seconds`` from now if that comes first."""
+    soon = time.monotonic() + seconds
+    return soon if deadline is None else min(deadline, soon)
+
+
 def time_left(deadline: float | None) -> float | None:
     """Seconds until ``deadline`` (never negative), or None for no deadline."""
     return None if deadline is None else max(0.0, deadline - time.monotonic())

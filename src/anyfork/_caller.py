@@ -311,6 +311,11 @@ class TemplateState:
             return []
         return self._end(reason, corrupt)
 
+    def drop_inherited(self) -> None:
+        """In a process forked from the caller: close the descriptors of a
+        frame still being received (the others are the driver's to close)."""
+        self._decoder.close()
+
     # --- inside ------------------------------------------------------------------
 
     def _check_open(self) -> None:

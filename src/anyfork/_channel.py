@@ -39,13 +39,14 @@ that another thread received meanwhile.
 from __future__ import annotations
 
 import _signal  # type: ignore[import-not-found]  # the C module has no stub of its own
+import errno
 import socket
 import threading
 from typing import TYPE_CHECKING
 
 from . import _fds
 from . import _protocol as P
-from ._backend import Notifier, Op, Wait, time_left
+from ._backend import Notifier, Op, Wait, sooner, time_left
 
 if TYPE_CHECKING:
     from ._reports import ReportChannel
@@ -77,6 +78,16 @@ def release_signals(held: list[set[int]]) -> None:
         assert _SIGMASK is not None
         _SIGMASK(_signal.SIG_SETMASK, held.pop())
 _ANC = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+# How often a wait looks at a template's process when there is no descriptor
+# that turns readable as it exits (no pidfd: a platform other than Linux 5.3+;
+# see _reports.Watch).
+WATCH_POLL = 0.05
+
+
+def watch_deadline(wfd: int | None, deadline: float | None) -> float | None:
+    """The deadline of a wait that also watches a process through ``wfd``
+    (see _reports.Watch.enter): -1, no descriptor, means soon, to ask again."""
+    return sooner(deadline, WATCH_POLL) if wfd == -1 else deadline
 
 
 class BrokenError(Exception):
@@ -124,7 +135,7 @@ class CommandChannel:
 
     def close(self) -> None:
         """Close the socket and drop what is queued: the process sees EOF."""
-        with self.lock:
+        with self.lock, _fds.fork_lock:  # no fork while closed ones are still queued
             sock, self.sock = self.sock, None
             self.out.close()
         _fds.close_sock(sock)
@@ -182,7 +193,8 @@ class CommandChannel:
     def _poison(self) -> None:
         self.broken = "interrupted in the middle of a write (the process was let go)"
         sock, self.sock = self.sock, None
-        self.out.close()
+        with _fds.fork_lock:
+            self.out.close()
         _fds.close_sock(sock)
 
     def _write(self, deadline: float | None, reports: ReportChannel | None) -> Op[bool]:
@@ -203,34 +215,49 @@ class CommandChannel:
                 journal: list[int] = []
                 self._journal = journal
                 held: list[set[int]] = []
-                try:
-                    hold_signals(held)
+                # Under fork_lock: the outbox closes the descriptors that went
+                # out one by one, and a fork in between would close numbers
+                # still listed (reused by then) in the child.
+                with _fds.fork_lock:
                     try:
-                        # The count lands in the journal in C, in the same call.
-                        journal.extend(map(sock.sendmsg, (buffers,), (anc,), (_SEND_FLAGS,)))
-                    except BlockingIOError:
-                        pass
-                    except OSError as e:
+                        hold_signals(held)
+                        try:
+                            # The count lands in the journal in C, in the same call.
+                            journal.extend(map(sock.sendmsg, (buffers,), (anc,), (_SEND_FLAGS,)))
+                        except BlockingIOError:
+                            pass
+                        except OSError as e:
+                            self._journal = None
+                            out.close()
+                            raise BrokenError(e, str(e)) from e
+                        if journal:
+                            out.sent(journal[0])
                         self._journal = None
-                        out.close()
-                        raise BrokenError(e, str(e)) from e
-                    if journal:
-                        out.sent(journal[0])
-                    self._journal = None
-                finally:
-                    release_signals(held)
+                    finally:
+                        release_signals(held)
                 if journal:
                     continue
                 fd = sock.fileno()
             rfd = reports.reader_fd() if reports is not None else -1
+            # A template that is gone may never make its socket writable (a
+            # helper it forked holds the other end): watch its process too.
+            watch = reports.watch if reports is not None else None
+            wfd = watch.enter() if watch is not None else None
+            reads = tuple(x for x in (rfd, wfd) if x is not None and x >= 0)
             try:
-                ready = yield Wait(writes=(fd,), reads=(rfd,) if rfd >= 0 else (), deadline=deadline)
+                ready = yield Wait(writes=(fd,), reads=reads, deadline=watch_deadline(wfd, deadline))
             finally:
                 if rfd >= 0:
                     assert reports is not None
                     reports.reader_fd_done()
+                if watch is not None:
+                    watch.leave(wfd)
             if rfd >= 0 and rfd in ready:
                 assert reports is not None
                 reports.read_now()
+            if watch is not None and wfd is not None and (wfd < 0 or wfd in ready) and watch.gone():
+                assert reports is not None
+                yield from reports.gone_op()
+                raise BrokenError(OSError(errno.EPIPE, "it exited"), "exited")
             if not ready and time_left(deadline) == 0:
                 return False

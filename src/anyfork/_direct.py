@@ -44,7 +44,8 @@ class Direct:
         self.pidfd: _fds.Shared | None = None
         if hasattr(os, "pidfd_open"):
             try:
-                self.pidfd = _fds.Shared(os.pidfd_open(pid))
+                with _fds.fork_lock:  # owned before a fork
+                    self.pidfd = _fds.Shared(os.pidfd_open(pid))
             except OSError:
                 pass
         runtime.directs[pid] = self

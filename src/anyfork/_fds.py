@@ -29,6 +29,15 @@ its ``drop_inherited()`` closes them.
 Hooks registered with :func:`on_fork` and :func:`on_exit` run *before* the
 descriptors are closed, so that state which names them (a pidfd number) can
 be forgotten first.
+
+Between the call that makes a descriptor (``socketpair``, ``recvmsg``,
+``dup``, ``pidfd_open``) and the owner's :func:`own`, it is on no list, and
+another thread that forks then (``fork_template(allow_threads=True)``, the
+user's ``os.fork``) would carry it into the child; so would a descriptor
+taken off the list just before it is closed.  So those steps run under
+:data:`fork_lock`, which a fork takes first (``register_at_fork``'s
+*before* hook): it waits for such a step to end, and none starts until the
+fork is done.  The steps never wait while they hold it.
 """
 
 from __future__ import annotations
@@ -52,6 +61,12 @@ class Holder(Protocol):
     def drop_inherited(self) -> None:
         """In a forked child: close them, and forget them."""
 
+
+#: Held from making a descriptor to listing it, and from unlisting one to
+#: closing it (see the module's doc), and by a fork of this process.
+#: Reentrant: a signal handler may fork.  Taken after a Process's lock; it
+#: is also every report channel's lock (see _reports.ReportChannel).
+fork_lock = threading.RLock()
 
 _owned: dict[int, socket.socket | None] = {}
 _holders: weakref.WeakSet[Holder] = weakref.WeakSet()
@@ -80,15 +95,17 @@ def owned() -> frozenset[int]:
 def close_sock(sock: socket.socket | None) -> None:
     """Close an owned socket (None, or one already closed: nothing to do)."""
     if sock is not None and sock.fileno() >= 0:
-        _owned.pop(sock.fileno(), None)
-        sock.close()
+        with fork_lock:  # off the list and closed, with no fork in between
+            _owned.pop(sock.fileno(), None)
+            sock.close()
 
 
 def close_owned_fd(fd: int) -> None:
     """Close an owned bare descriptor."""
     if fd >= 0:
-        _owned.pop(fd, None)
-        close_fd(fd)
+        with fork_lock:
+            _owned.pop(fd, None)
+            close_fd(fd)
 
 
 def plain(*socks: socket.socket) -> None:
@@ -116,6 +133,7 @@ def on_exit(hook: Callable[[], None]) -> None:
 
 
 def _after_fork_in_child() -> None:
+    fork_lock.release()  # taken by this thread, before the fork
     for hook in _fork_hooks:
         hook()
     for fd, sock in list(_owned.items()):
@@ -140,7 +158,8 @@ def _close_all_at_exit() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=fork_lock.acquire, after_in_parent=fork_lock.release,
+                        after_in_child=_after_fork_in_child)
 atexit.register(_close_all_at_exit)
 
 

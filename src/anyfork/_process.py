@@ -19,7 +19,8 @@ Every operation that may wait (flush, run, wait for a pid or an exit) is a
 No threading lock is held across a wait.
 
 Ownership: see ``_fds``; the module state: see ``_runtime``.  Lock order:
-a Process's (its channel's), then its template's report channel's.
+a Process's (its channel's), then ``_fds.fork_lock``, which is also every
+report channel's.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from ._errors import (
     TemplateDiedError,
     TimeoutExpired,
 )
-from ._reports import Template
+from ._reports import ExitWatch, ForkedWatch, Template, Watch
 from ._runtime import runtime
 
 if TYPE_CHECKING:
@@ -299,7 +300,12 @@ class Process:
         tpl = self._tpl
         if tpl is None:
             child, parent = self._child, self._parent
-            tpl = self._tpl = Template(self._cmd, lambda: _describe(child, parent))
+            watch: Watch | None = None  # how its waits see it gone (see _reports)
+            if isinstance(child, Direct):
+                watch = ExitWatch(child)
+            elif isinstance(parent, Template):
+                watch = ForkedWatch(parent, child)
+            tpl = self._tpl = Template(self._cmd, lambda: _describe(child, parent), watch)
         return tpl
 
     def _descriptors(self) -> set[int]:
@@ -394,19 +400,15 @@ class Process:
         fds = [_fileno(h) for h in handles]
         self._mine()
         dups: list[int] = []
-        try:
-            for h, fd in zip(handles, fds, strict=True):
-                try:
-                    dups.append(os.dup(fd))  # non-inheritable by default
-                except OSError as e:
-                    if e.errno == errno.EBADF:
-                        raise ValueError(f"{h!r} is not an open descriptor") from e
-                    raise
-        except BaseException:
-            P.close_fds(dups)
-            raise
-        with self._cmd.lock:
+        with self._cmd.lock, _fds.fork_lock:  # the duplicates are queued before a fork
             try:
+                for h, fd in zip(handles, fds, strict=True):
+                    try:
+                        dups.append(os.dup(fd))  # non-inheritable by default
+                    except OSError as e:
+                        if e.errno == errno.EBADF:
+                            raise ValueError(f"{h!r} is not an open descriptor") from e
+                        raise
                 self._usable()
             except BaseException:
                 P.close_fds(dups)
@@ -481,10 +483,12 @@ class Process:
         SPAWNs that replace a process forked ahead) happens at its first step."""
         self._mine()
         _refuse_while_prepared()
-        with self._cmd.lock:
+        with self._cmd.lock, _fds.fork_lock:  # descriptors made here are listed before a fork
             self._usable()
             tpl = self._tpl
             child = None
+            if tpl is not None:
+                tpl.check_alive()  # gone, though its sockets may never see EOF
             if tpl is not None and tpl.ahead:
                 tpl.read_first()
                 taken = tpl.take()
@@ -504,7 +508,11 @@ class Process:
                     mine.close()
                     theirs.close()
                     raise
-                record = tpl.queue_fork(theirs.detach())  # the queue owns that end now
+                try:
+                    record = tpl.queue_fork(theirs.detach())  # the queue owns that end now
+                except BaseException:
+                    mine.close()
+                    raise
                 child = Process(_TOKEN, CommandChannel(mine), tpl, record, self._host)
                 child._keep = self
             assert tpl is not None
@@ -552,7 +560,7 @@ class Process:
         if not 0 <= n <= _MAX_AHEAD:
             raise ValueError(f"fork_ahead() keeps 0 to {_MAX_AHEAD} processes, not {n}")
         self._mine()
-        with self._cmd.lock:
+        with self._cmd.lock, _fds.fork_lock:
             self._usable()
             tpl = self._template()
             tpl.ahead = n
@@ -871,19 +879,21 @@ def new_exec() -> Process:
         proc = early.fork()
         _send_path(proc, runtime.early_site)  # the early process has sys.path as of its fork
         return proc
-    try:
-        mine, theirs = socket.socketpair()
-    except OSError as e:
-        raise Error(f"new_exec(): no socketpair for the new process: {e}") from e
-    _fds.plain(mine, theirs)
-    try:
-        pid = _exec.spawn(theirs.fileno(), _path(), _failures.sink().sender.fileno())
-    except BaseException:
-        mine.close()
-        raise
-    finally:
-        theirs.close()
-    proc = adopt(mine, pid)
+    sender = _failures.sink().sender.fileno()  # made once, before the lock
+    with _fds.fork_lock:  # the socketpair is owned before a fork
+        try:
+            mine, theirs = socket.socketpair()
+        except OSError as e:
+            raise Error(f"new_exec(): no socketpair for the new process: {e}") from e
+        _fds.plain(mine, theirs)
+        try:
+            pid = _exec.spawn(theirs.fileno(), _path(), sender)
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        proc = adopt(mine, pid)
     _send_path(proc, [])
     return proc
 

@@ -16,6 +16,18 @@ notifies when it is done; those who find it free wait for the socket to
 turn readable, and then take it.  ``recvmsg`` and its ``MSG_CTRUNC``
 handling exist only here on the caller's side.
 
+The end of the channel is not proof enough that the template is gone: a
+helper that code run in the template forked (``os.fork``, a
+``multiprocessing.Pool`` with the fork start method) holds copies of its
+sockets, and EOF comes only when the helper exits too.  So whoever waits on
+the channel also watches the template's *process* (a :class:`Watch`): a
+template the caller spawned through its pidfd (:class:`ExitWatch`), a
+template forked from another template through that one's report of its exit
+(:class:`ForkedWatch`).  Once the process is gone, what it wrote before it
+went is read, and the channel ends as if at EOF (:meth:`ReportChannel.gone_op`).
+Only waits look at the watch: a call that finds what it wants at once pays
+nothing for it.
+
 :class:`Template` is what a ``Process`` forked from a template asks about
 itself: its pid, its exit status, a signal.  ``_direct.Direct`` answers
 the same questions for a process the caller spawned, so ``Process`` never
@@ -27,14 +39,13 @@ from __future__ import annotations
 import os
 import socket
 import stat
-import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from . import _caller as C
 from . import _fds
 from . import _protocol as P
 from ._backend import Notifier, Op, Wait, _poll, deadline_after, run_blocking, time_left
-from ._channel import BrokenError, CommandChannel, hold_signals, release_signals
+from ._channel import BrokenError, CommandChannel, hold_signals, release_signals, watch_deadline
 from ._errors import (
     Error,
     ExitStatusLostError,
@@ -46,6 +57,8 @@ from ._errors import (
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from ._direct import Direct
 
 _RECV_FLAGS = int(getattr(socket, "MSG_DONTWAIT", 0)) | int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 _CTRUNC = int(getattr(socket, "MSG_CTRUNC", 8))
@@ -62,22 +75,98 @@ CLOSED = "was closed"
 _BATCH = 8
 
 
+class Watch(Protocol):
+    """How a wait sees that a template's process is gone, whatever keeps its
+    sockets open (see the module's doc)."""
+
+    def gone(self) -> bool:
+        """True once the process has exited.  Never blocks."""
+
+    def enter(self) -> int | None:
+        """A descriptor that turns readable when ``gone()`` may have changed;
+        -1: none, ask ``gone()`` every ``_channel.WATCH_POLL`` s; None: nothing to
+        watch (no one can tell), rely on EOF.  Pair with ``leave``."""
+
+    def leave(self, fd: int | None) -> None: ...
+
+
+class ExitWatch:
+    """A template the caller spawned (``_direct.Direct``): its pidfd turns
+    readable as it exits; without one, it is polled with ``waitpid``."""
+
+    __slots__ = ("direct",)
+
+    def __init__(self, direct: Direct) -> None:
+        self.direct = direct
+
+    def gone(self) -> bool:
+        return self.direct.poll()  # reaps it: its own wait() then says how it ended
+
+    def enter(self) -> int | None:
+        shared = self.direct.pidfd
+        return -1 if shared is None else shared.enter()  # -1 once reaped: gone() says so
+
+    def leave(self, fd: int | None) -> None:
+        if fd is not None and fd >= 0:
+            shared = self.direct.pidfd
+            assert shared is not None
+            shared.leave()
+
+
+class ForkedWatch:
+    """A template forked from another template: that one, its parent,
+    reports its exit.  If the parent's channel ended too (it died, was closed
+    or ran), no one can tell: EOF is all there is."""
+
+    __slots__ = ("child", "parent")
+
+    def __init__(self, parent: Template, child: C.Child) -> None:
+        self.parent = parent
+        self.child = child
+
+    def gone(self) -> bool:
+        if not self.child.done:
+            self.parent.reports.read_now()
+        return self.child.done  # exited, lost, or never forked
+
+    def enter(self) -> int | None:
+        reports = self.parent.reports
+        if reports.state.ended is not None:
+            return None
+        return reports.reader_fd()  # -1 while another thread reads it: poll
+
+    def leave(self, fd: int | None) -> None:
+        if fd is not None and fd >= 0:
+            self.parent.reports.reader_fd_done()
+
+
 class ReportChannel:
     """The caller's end of one template's report channel (see the module's doc)."""
 
-    __slots__ = ("_journal", "contended", "lock", "notifier", "reading", "shared", "state")
+    __slots__ = ("__weakref__", "_journal", "contended", "lock", "notifier", "reading", "shared", "state",
+                 "watch")
 
-    def __init__(self, sock: socket.socket, state: C.TemplateState) -> None:
+    def __init__(self, sock: socket.socket, state: C.TemplateState, watch: Watch | None = None) -> None:
         self.shared = _fds.Shared(sock.fileno(), sock)
         self.state = state
+        self.watch = watch  # the template's process (see the module's doc)
         # Guards state and the reader role.  Reentrant: a signal handler that
         # interrupted a dispatch may kill() a process of the same template.
-        self.lock = threading.RLock()
+        # It is _fds.fork_lock, one for every channel: what is done under it
+        # may close descriptors, which takes that lock, and a read holds that
+        # one while it takes this (a SPARE's socket, from recvmsg until it is
+        # listed).  One lock can't be taken in two orders.
+        self.lock = _fds.fork_lock
         self.reading = False
         # Someone found the reader role taken and waits for it on the notifier.
         self.contended = False
         self.notifier = Notifier()
         self._journal: list[tuple[bytes, list[tuple[int, int, bytes]], int, object]] | None = None
+        _fds.hold(self)  # a SPARE's socket may wait in the decoder for the rest of its frame
+
+    def drop_inherited(self) -> None:
+        """In a forked child: close what the decoder holds (see ``_fds.hold``)."""
+        self.state.drop_inherited()
 
     def fileno(self) -> int:
         return self.shared.fd
@@ -114,7 +203,8 @@ class ReportChannel:
             if entered:
                 sock = self.shared.sock
                 assert sock is not None
-                got = self._read(sock)
+                with _fds.fork_lock:  # a SPARE's socket is owned before a fork
+                    got = self._read(sock)
         finally:
             if took:
                 journal, self._journal = self._journal, None
@@ -227,10 +317,51 @@ class ReportChannel:
             fd = self.shared.enter()
             if fd < 0:
                 continue
+            watch = self.watch
+            wfd = watch.enter() if watch is not None else None
             try:
-                yield Wait(reads=(fd,), notifier=notifier, epoch=epoch, deadline=deadline, until=until)
+                ready = yield Wait(reads=(fd,) if wfd is None or wfd < 0 else (fd, wfd), notifier=notifier,
+                                   epoch=epoch, deadline=watch_deadline(wfd, deadline), until=until)
             finally:
                 self.shared.leave()
+                if watch is not None:
+                    watch.leave(wfd)
+            if watch is not None and wfd is not None and (wfd < 0 or wfd in ready) and watch.gone():
+                yield from self.gone_op()
+
+    def end_if_gone(self) -> bool | None:
+        """If the template's process is gone, read what it wrote before it
+        went and end the channel.  Never waits.
+
+        Returns:
+            True if the channel has ended, False if the process is not known
+            to be gone, None if another reader is at work (try again once it
+            notifies).
+        """
+        if self.state.ended is not None:
+            return True
+        watch = self.watch
+        if watch is None or not watch.gone():
+            return False
+        while True:
+            r = self.read_now()  # nothing more is coming: the process is gone
+            if r is None:
+                return None
+            if not r:
+                break
+        with self.lock:
+            self._apply(self.state.receive_eof())
+        self.notifier.notify()
+        return True
+
+    def gone_op(self) -> Op[None]:
+        """``end_if_gone``, waiting for another reader to finish if need be."""
+        notifier = self.notifier
+        while True:
+            epoch = notifier.epoch
+            if self.end_if_gone() is not None:
+                return
+            yield Wait(notifier=notifier, epoch=epoch)  # a reader never waits while it reads
 
     def end(self, reason: str) -> None:
         """Stop listening: no more reports will be read."""
@@ -249,18 +380,19 @@ class Template:
 
     __slots__ = ("_theirs", "ahead", "cmd", "pid_of", "reports", "retired", "state")
 
-    def __init__(self, cmd: CommandChannel, pid_of: Callable[[], str]) -> None:
-        try:
-            mine, theirs = socket.socketpair()
-        except OSError as e:
-            raise Error(f"no socketpair for the report channel: {e}") from e
-        _fds.plain(mine, theirs)  # reads here are non-blocking by flag: a timeout would wait first
-        self.cmd = cmd
-        self.pid_of = pid_of
-        self.state = C.TemplateState()
-        self.reports = ReportChannel(mine, self.state)
-        self._theirs = theirs.detach()  # sent with the first FORK or SPAWN
-        _fds.own(self._theirs)
+    def __init__(self, cmd: CommandChannel, pid_of: Callable[[], str], watch: Watch | None = None) -> None:
+        with _fds.fork_lock:  # owned before a fork
+            try:
+                mine, theirs = socket.socketpair()
+            except OSError as e:
+                raise Error(f"no socketpair for the report channel: {e}") from e
+            _fds.plain(mine, theirs)  # reads here are non-blocking by flag: a timeout would wait first
+            self.cmd = cmd
+            self.pid_of = pid_of
+            self.state = C.TemplateState()
+            self.reports = ReportChannel(mine, self.state, watch)
+            self._theirs = theirs.detach()  # sent with the first FORK or SPAWN
+            _fds.own(self._theirs)
         self.ahead = 0
         self.retired: str | None = None  # "run" or "closed": no more forks or signals
 
@@ -331,10 +463,20 @@ class Template:
         _fds.plain(sock)
         return child, sock
 
+    def check_alive(self) -> None:
+        """Raise the template's error if it is known to be gone (not closed by the caller)."""
+        if self.state.ended is not None and self.retired is None:
+            raise self.error()
+
     def queue_fork(self, theirs: int) -> C.Child:
-        new_channel, fds = self.channel_fds()
-        with self.reports.lock:
-            child, frame = self.state.fork(new_channel)
+        """Queue a FORK with ``theirs``, which this takes (and closes if it raises)."""
+        try:
+            with self.reports.lock:
+                child, frame = self.state.fork(self._theirs >= 0)  # raises if it ended meanwhile
+        except BaseException:
+            P.close_fds([theirs])
+            raise
+        _, fds = self.channel_fds()
         self.cmd.put(frame, [theirs, *fds])
         return child
 
@@ -449,6 +591,8 @@ class Template:
     def status(self, child: C.Child, what: str) -> int | None:
         if not child.done:
             self.reports.read_now()
+            if not child.done:
+                self.reports.end_if_gone()  # no EOF may ever come (see the module's doc)
             if self.retired == "closed":
                 self.settle()
         if child.returncode is not None:

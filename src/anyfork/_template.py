@@ -91,10 +91,13 @@ def fork_template(*, allow_threads: bool = False) -> Process:
             "copy of a threaded process can deadlock on a lock one of them held; call it before "
             "starting threads, or pass allow_threads=True")
     runtime.reap_directs()
-    try:
-        mine, theirs = socket.socketpair()
-    except OSError as e:
-        raise Error(f"fork_template(): no socketpair for the template: {e}") from e
+    with _fds.fork_lock:  # listed at once: another thread's fork closes its copies
+        try:
+            mine, theirs = socket.socketpair()
+        except OSError as e:
+            raise Error(f"fork_template(): no socketpair for the template: {e}") from e
+        _fds.own(mine)
+        _fds.own(theirs)
     _fds.plain(mine, theirs)
     try:
         # The child's copy of the failure sink's sending end: _fds closes
@@ -119,20 +122,26 @@ def fork_template(*, allow_threads: bool = False) -> Process:
     # So hold every signal back across the fork.  The caller gets what came
     # as soon as its mask is restored; the child, once it is set up.
     mask = _block_signals()
-    try:
-        pid = os.fork()
-    except BaseException as e:
-        _restore_mask(mask)
-        if not frozen_before:
-            gc.unfreeze()
-        mine.close()
-        theirs.close()
-        os.close(failure)
-        if isinstance(e, OSError):
-            raise Error(f"fork_template() could not fork: {e}") from e
-        raise
-    if pid == 0:
-        _serve_forked(theirs, mine, failure)
+    # Under the lock, so that no other thread's fork comes between: ours
+    # must keep them (the after-fork handler closes what is listed).
+    with _fds.fork_lock:
+        _fds.disown(mine)
+        _fds.disown(theirs)
+        try:
+            pid = os.fork()
+        except BaseException as e:
+            _restore_mask(mask)
+            if not frozen_before:
+                gc.unfreeze()
+            mine.close()
+            theirs.close()
+            os.close(failure)
+            if isinstance(e, OSError):
+                raise Error(f"fork_template() could not fork: {e}") from e
+            raise
+        if pid == 0:
+            _fds.fork_lock.release()  # this block never ends here: other threads may need it
+            _serve_forked(theirs, mine, failure)
     os.close(failure)
     _restore_mask(mask)
     if not frozen_before:

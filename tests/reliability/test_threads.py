@@ -178,3 +178,16 @@ def test_sixteen_threads_making_processes_every_way_at_once(h) -> None:
     assert shared.wait(WAIT) == 0
     # check_leaks then compares the caller's /proc/self/fd with its baseline
     # and looks for zombie children.
+
+
+# Issue 15 (minor): with fork_template(allow_threads=True) while other threads
+# were inside anyfork calls, some templates inherited a socket another thread
+# had just made, received or was closing, before it was on _fds's list.
+
+
+def test_fork_template_with_threads_inside_anyfork_inherits_none_of_its_sockets() -> None:
+    from helpers import run_program
+
+    facts = run_program("caller_fork_template_threads_fds.py", "60", timeout=120).facts
+    assert facts["errors"] == [], facts
+    assert facts["extra"] == [], f"{len(facts['extra'])} of 60 templates inherited anyfork's: {facts}"
