@@ -879,7 +879,10 @@ def new_exec() -> Process:
         proc = early.fork()
         _send_path(proc, runtime.early_site)  # the early process has sys.path as of its fork
         return proc
-    sender = _failures.sink().sender.fileno()  # made once, before the lock
+    try:
+        sender = _failures.sink().sender.fileno()  # made once, before the lock
+    except OSError as e:
+        raise Error(f"new_exec(): no failure sink for the new process: {e}") from e
     with _fds.fork_lock:  # the socketpair is owned before a fork
         try:
             mine, theirs = socket.socketpair()
