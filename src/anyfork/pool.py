@@ -24,6 +24,13 @@ Three kinds of thread touch a pool, and one lock (``_lock``) orders them:
 Nothing is sent to a worker, and no future is settled, while ``_lock`` is
 held: both can run callbacks that come back into the pool.
 
+A pool belongs to the process that made it.  In a child forked from that
+process (``os.fork``, multiprocessing's fork) its workers are the parent's:
+the child's copy is dead from the fork on (``_after_fork_in_child``), so that
+it never writes to the parent's workers, reads their replies, or closes them
+when it exits.  Its calls raise ProcessStateError, and the futures it
+inherited unfinished fail with it; the parent's pool goes on untouched.
+
 A worker that dies fails the calls it held with ``WorkerDiedError`` and is
 replaced; the pool breaks as a whole only when no worker can be made at all
 (then every waiting call fails with ``BrokenPoolError``, saying why).  A
@@ -38,11 +45,12 @@ import os
 import signal
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any
 
-from . import _pool_core
+from . import _fds, _pool_core
 from ._errors import Error, ProcessStateError, TimeoutExpired
 
 if TYPE_CHECKING:
@@ -197,6 +205,8 @@ class Pool:
         self._forking_ahead = False
         self._manager: threading.Thread | None = None
         self._closing: list[_Worker] = []  # let go, their exit not yet collected
+        self._forked = False  # this is a forked child's copy: dead (see the module's doc)
+        _pools.add(self)
 
     def __repr__(self) -> str:
         state = "broken" if self._broken else "closed" if self._closed else "running"
@@ -211,6 +221,8 @@ class Pool:
             anyfork.ProcessStateError: the pool was closed.
             BrokenPoolError: no worker can be made; says why.
         """
+        if self._forked:
+            raise _forked_error()
         fut = _Task()
         call = _Call(args, kwargs, fut)
         with self._lock:
@@ -573,6 +585,8 @@ class Pool:
 
     def _signal_workers(self, sig: int) -> None:
         """Signal every live worker (through its template: never a recycled pid)."""
+        if self._forked:
+            return
         with self._lock:
             procs = [w.proc for w in self._workers if w.proc is not None]
         for proc in procs:
@@ -592,6 +606,8 @@ class Pool:
 
     def close(self) -> None:
         """Take no more calls; the workers finish what is queued, then exit."""
+        if self._forked:
+            return  # the workers are the parent's
         with self._lock:
             self._closed = True
             self._ensure_manager()
@@ -615,7 +631,7 @@ class Pool:
             anyfork.TimeoutExpired: still at work after ``timeout`` seconds.
         """
         manager = self._manager
-        if manager is None:
+        if manager is None or self._forked:
             return
         manager.join(timeout)
         if manager.is_alive():
@@ -627,6 +643,41 @@ class Pool:
     def __exit__(self, *exc: object) -> None:
         self.close()
         self.join()
+
+
+_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+def _forked_error() -> ProcessStateError:
+    return ProcessStateError("this pool belongs to the process this one was forked from: "
+                             "its workers are that process's; make a new pool here")
+
+
+def _after_fork_in_child() -> None:
+    """Every pool inherited from the parent is dead here (see the module's doc).
+
+    Only this thread exists now, and any other may have held a lock at the
+    fork: the pool's, or a future's condition.  So nothing here takes one;
+    the locks are replaced, and each unfinished future is finished by hand
+    with the error (nobody in this process waits on it yet).  Its callbacks
+    don't run: they belong to the dead pool and its Executor."""
+    for pool in list(_pools):
+        pool._forked = True
+        pool._lock = threading.Lock()
+        pool._wake = threading.Condition(pool._lock)
+        calls = list(pool._sched.queue)
+        for worker in pool._workers:
+            calls.extend(worker.calls)
+        for call in calls:
+            fut = call.future
+            if fut._state in ("PENDING", "RUNNING"):  # (done() takes the condition)
+                fut._condition = threading.Condition()
+                fut._exception = _forked_error()
+                fut._state = "FINISHED"
+                fut._rpc = None
+
+
+_fds.on_fork(_after_fork_in_child)
 
 
 def _read_dump(fd: int, timeout: float) -> str:
