@@ -76,6 +76,16 @@ def test_max_tasks_replaces_each_worker_with_a_new_fork() -> None:
     assert len(set(pids)) == 5
 
 
+def test_max_tasks_with_many_calls_waiting_starts_every_replacement() -> None:
+    # Every worker is retiring once it has its one call, and the replacement
+    # is asked for when a call is placed or a worker goes, by whichever thread
+    # read the reply: the manager must be woken for it each time.
+    with pool.run(None, "pool_handlers:pid", max=2, max_tasks=1) as p:
+        futures = [p.submit() for _ in range(12)]
+        pids = [f.result(20) for f in futures]
+    assert len(set(pids)) == 12
+
+
 def test_a_worker_that_retires_is_replaced_and_nothing_is_lost() -> None:
     with pool.run(None, "pool_handlers:retiring", max=1, load=4) as p:
         results = [f.result(20) for f in [p.submit(i) for i in range(6)]]

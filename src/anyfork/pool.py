@@ -238,6 +238,7 @@ class Pool:
                 return fut
             worker: _Worker = rec.key  # type: ignore[assignment]
             self._bind(call, worker)
+            self._kick()
         self._send([(worker, call)])
         return fut
 
@@ -383,7 +384,9 @@ class Pool:
             self._workers.remove(worker)
         if worker.rec is None or worker.rec.state == _pool_core.GONE:
             return []
-        return self._placed(self._sched.gone(worker.rec, now))
+        pairs = self._placed(self._sched.gone(worker.rec, now))
+        self._kick()
+        return pairs
 
     def _placed(self, pairs: list[tuple[_pool_core.Worker, _Call]]) -> list[tuple[_Worker, _Call]]:
         """(under _lock) What the scheduler placed, bound to the driver's workers."""
@@ -392,7 +395,17 @@ class Pool:
             worker: _Worker = rec.key  # type: ignore[assignment]
             self._bind(call, worker)
             out.append((worker, call))
+        self._kick()
         return out
+
+    def _kick(self) -> None:
+        """(under _lock) Wake the manager if the scheduler wants workers
+        started.  After every scheduler step that may ask for one: placing a
+        call can (its worker reached max_tasks: its replacement starts now),
+        and so can a worker going (calls wait and nobody else takes them)."""
+        if self._sched.to_start:
+            self._ensure_manager()
+            self._wake.notify()
 
     # --- the manager thread ----------------------------------------------------------
 
