@@ -493,9 +493,13 @@ class Pool:
             import anyfork
 
             self._template = anyfork.new()
-        fork_ahead = getattr(self._template, "fork_ahead", None)
-        if fork_ahead is not None and not self._forking_ahead:
-            fork_ahead(1)  # the next worker is forked before it is asked for
+        if not self._forking_ahead:
+            # The rpc and pool worker modules are imported once, in the
+            # template, not again in every worker after its fork.
+            self._template.eval(self._boot)
+            fork_ahead = getattr(self._template, "fork_ahead", None)
+            if fork_ahead is not None:
+                fork_ahead(1)  # the next worker is forked before it is asked for
             self._forking_ahead = True
         return self._template.fork()
 
