@@ -122,3 +122,16 @@ def returns_a_lock() -> object:
     import threading
 
     return threading.Lock()
+
+
+def square_or_die(x: float) -> float:
+    """``x`` squared; for a negative ``x``, wait a moment (so that the calls
+    after it reach the worker), then exit with status ``-x``; a float is
+    slept for, and returned."""
+    if isinstance(x, float):
+        time.sleep(x)
+        return x
+    if x < 0:
+        time.sleep(0.3)
+        os._exit(-x)
+    return x * x

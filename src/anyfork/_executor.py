@@ -140,9 +140,14 @@ class Executor(concurrent.futures.Executor):
                 template = anyfork.new()
             template.send_arg(payload)
             init_name = "anyfork._pool_worker:initialize_pickled"
-        self._pool: Pool = pool.run(
+        # Tiny tasks are pipelined: a worker that answers quickly may hold up
+        # to 16 (about a millisecond of its work), so that they travel many to
+        # a write; a slow task keeps at most one more waiting behind it.  Not
+        # with task_timeout, whose clock starts when a task is sent.
+        self._pool: Pool = pool._run(
             template, _HANDLER, max=max_workers, load=2, start=0.0, stop=60.0, init=init_name,
-            on_event=on_event, max_tasks=max_tasks_per_child, timeout=task_timeout)
+            on_event=on_event, max_tasks=max_tasks_per_child, timeout=task_timeout,
+            pipeline=None if task_timeout is not None else 16)
 
     # --- concurrent.futures.Executor ------------------------------------------------
 

@@ -70,6 +70,8 @@ _GRACE = 1.0
 # The signal a worker dumps its Python stack on (see _pool_worker).
 DUMP_SIGNAL = signal.SIGUSR1
 _WORKER_INIT = "anyfork._pool_worker:init"
+# Pipelining (the Executor): the work a worker may have waiting for it, in seconds.
+_PIPELINE_BUDGET = 0.01
 _BOOT_MODULES = ("anyfork._rpc_worker", "anyfork._pool_worker")
 
 
@@ -139,7 +141,7 @@ class _Call:
 class _Worker:
     """The driver's side of one worker: its process, its rpc client, its calls."""
 
-    __slots__ = ("calls", "client", "closed", "dump", "proc", "rec")
+    __slots__ = ("busy_time", "calls", "client", "closed", "dump", "last_done", "proc", "rec")
 
     def __init__(self) -> None:
         self.proc: Process | None = None
@@ -148,6 +150,8 @@ class _Worker:
         self.calls: set[_Call] = set()
         self.dump = -1  # read end of the pipe its stack is dumped to
         self.closed = False
+        self.last_done = 0.0  # when its last call was answered
+        self.busy_time = 0.0  # a moving average of the time it takes per call, when busy
 
     @property
     def pid(self) -> int | None:
@@ -185,7 +189,7 @@ class Pool:
                  max: int | None, idle: int, load: int, start: float, stop: float,
                  serializer: Any, init: str | Callable[..., Any] | None,
                  on_event: Callable[..., Any] | None, max_tasks: int | None, timeout: float | None,
-                 boot: str) -> None:
+                 boot: str, pipeline: int | None = None) -> None:
         if token is not _TOKEN:
             raise TypeError("Pool objects come from anyfork.pool.run()")
         self._func = func
@@ -194,6 +198,7 @@ class Pool:
         self._on_event = on_event
         self._boot = boot
         self._timeout = timeout
+        self._pipeline = pipeline
         self._sched: _pool_core.Scheduler[_Call] = _pool_core.Scheduler(
             max=max or _cpus(), idle=idle, load=load, start=start, stop=stop, max_tasks=max_tasks)
         self._lock = threading.Lock()
@@ -336,6 +341,10 @@ class Pool:
         if isinstance(exc, rpc.RetiredError) and worker is not None:
             self._replace(worker, call)  # never ran: it goes to another worker
             return
+        if isinstance(exc, WorkerDiedError) and worker is not None and call.timed_out is None \
+                and not self._was_running(worker, rpc_fut, exc):
+            self._replace(worker, call)  # queued behind the call it died in: never ran
+            return
         if worker is not None and worker.client is not None and worker.client.broken is exc \
                 and not isinstance(exc, WorkerDiedError) and call.timed_out is None:
             # Not this call's failure: the worker could not start (its init raised).
@@ -353,6 +362,20 @@ class Pool:
             self._send(pairs)
         self._finished(call, exc)
 
+    @staticmethod
+    def _was_running(worker: _Worker, rpc_fut: Future[Any], exc: BaseException) -> bool:
+        """``worker`` died: may the call of ``rpc_fut`` have started?  A
+        worker that runs a call at a time runs them in the order they were
+        written, and writes each reply before it starts the next call (see
+        ``_pool_worker``), so of the calls it held, all but the one written
+        first (rpc names it on the error) never started.  A worker that runs
+        several at once: any may have."""
+        client = worker.client
+        if client is None or not client._core.sequential:
+            return True
+        oldest = getattr(exc, "_anyfork_oldest", None)
+        return oldest is None or getattr(rpc_fut, "_anyfork_id", None) == oldest
+
     def _finished(self, call: _Call, exc: BaseException | None, result: Any = None,
                   cancelled: bool = False) -> None:
         now = time.monotonic()
@@ -364,6 +387,8 @@ class Pool:
                 worker.calls.discard(call)
                 rec = worker.rec
                 if rec is not None and rec.state != _pool_core.GONE:
+                    if self._pipeline is not None and exc is None and not cancelled:
+                        self._measure(worker, rec, now)
                     pairs = self._placed(self._sched.finished(rec, now))
                     if rec.state == _pool_core.RETIRING and not rec.load:
                         close = worker
@@ -377,6 +402,23 @@ class Pool:
         if close is not None:
             self._close_worker(close)
         self._send(pairs)
+
+    def _measure(self, worker: _Worker, rec: _pool_core.Worker, now: float) -> None:
+        """(under _lock; pipelining) How long ``worker`` takes per call,
+        and so how many it may hold: enough for ``_PIPELINE_BUDGET`` seconds
+        of work, between ``load`` and ``pipeline``.  Tiny calls then travel
+        many to a write and a read, and a slow call keeps at most ``load``
+        waiting behind it, as without pipelining."""
+        if rec.load >= 2 and worker.last_done:  # the next call was waiting: the gap is its time
+            gap = now - worker.last_done
+            worker.busy_time = gap if not worker.busy_time else 0.8 * worker.busy_time + 0.2 * gap
+            assert self._pipeline is not None
+            want = self._sched.load if worker.busy_time >= _PIPELINE_BUDGET else int(
+                _PIPELINE_BUDGET / max(worker.busy_time, 1e-7))
+            limit = max(self._sched.load, min(self._pipeline, want))
+            if limit != rec.limit:
+                rec.limit = limit  # (what it lets through is drained by ``finished``, next)
+        worker.last_done = now
 
     def _gone(self, worker: _Worker, now: float) -> list[tuple[_Worker, _Call]]:
         """(under _lock) ``worker`` takes no more calls: out of the schedule; what to send now."""
@@ -478,7 +520,7 @@ class Pool:
             finally:
                 os.close(w)
             worker.client = rpc._run(proc, self._func, self._serializer, _WORKER_INIT, self._on_event,
-                                     self._sched.load, boot=self._boot)
+                                     max(self._sched.load, self._pipeline or 0), boot=self._boot)
         except BaseException as e:
             self._failed_to_start(worker, e)
             return
@@ -756,6 +798,16 @@ def run(template: Process | None, func: str | Callable[..., Any], *, max: int | 
     Raises:
         TypeError, ValueError: a bad argument, before anything starts.
     """
+    return _run(template, func, max=max, idle=idle, load=load, start=start, stop=stop, serializer=serializer,
+                init=init, on_event=on_event, max_tasks=max_tasks, timeout=timeout)
+
+
+def _run(template: Process | None, func: str | Callable[..., Any], *, max: int | None = None, idle: int = 0,
+         load: int = 2, start: float = 0.1, stop: float = 10.0, serializer: Any = "pickle",
+         init: str | Callable[..., Any] | None = None, on_event: Callable[..., Any] | None = None,
+         max_tasks: int | None = None, timeout: float | None = None, pipeline: int | None = None) -> Pool:
+    """``run``, and for the Executor ``pipeline``: let a worker that answers
+    quickly hold up to that many calls (see ``Pool._measure``)."""
     _check("max", max, 1, whole=True, none=True)
     _check("idle", idle, 0, whole=True)
     _check("load", load, 1, whole=True)
@@ -779,7 +831,7 @@ def run(template: Process | None, func: str | Callable[..., Any], *, max: int | 
         raise TypeError(f"on_event must be callable, not {type(on_event).__name__}")
     pool = Pool(_TOKEN, template, func, max=max, idle=idle, load=load, start=start, stop=stop,
                 serializer=serializer, init=init, on_event=on_event, max_tasks=max_tasks, timeout=timeout,
-                boot=rpc._boot(*_BOOT_MODULES))
+                boot=rpc._boot(*_BOOT_MODULES), pipeline=pipeline)
     if idle:
         with pool._lock:
             pool._sched.due(time.monotonic())
