@@ -378,7 +378,7 @@ def measure(quick: bool, rounds: int) -> dict[str, Any]:
             try:
                 proc = subprocess.run(
                     [sys.executable, "-c", "from anyfork._bench_pools import child; child()",
-                     json.dumps(job)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+                     json.dumps(job)], capture_output=True, env=env,
                     timeout=60 if quick else 600, check=False)
             except subprocess.TimeoutExpired:
                 result["failed"].append(f"pools: {kind}: timed out")
@@ -389,7 +389,9 @@ def measure(quick: bool, rounds: int) -> dict[str, Any]:
                         samples[kind].setdefault(row, []).append(value)
                     break
             else:
-                result["failed"].append(f"pools: {kind}: the job exited with status {proc.returncode}")
+                last = (proc.stderr.decode(errors="replace").strip().splitlines() or [""])[-1]
+                result["failed"].append(
+                    f"pools: {kind}: the job exited with status {proc.returncode}: {last}")
     for kind in peers:
         figures: dict[str, Any] = {}
         for row, values in samples[kind].items():
