@@ -323,10 +323,18 @@ def child() -> None:
                 for f in futures:
                     f.result()
             rows["recycle"] = count / (time.perf_counter() - start)
+        except Exception as e:  # mpire's worker_lifespan=1 can fail with "Worker-0 died unexpectedly"
+            rows["recycle_state"] = f"failed: {type(e).__name__}: {e}"
         finally:
-            peer.close()
+            try:
+                peer.close()
+            except Exception:
+                pass
     rows["uss"], rows["pss"] = _memory(kind, params["mem_workers"])
-    crash = _crash(kind, params["crash_timeout"])
+    try:
+        crash = _crash(kind, params["crash_timeout"])
+    except Exception:  # mpire raises "Worker-0 died unexpectedly" from its own calls
+        crash = "broken"
     if isinstance(crash, float):
         rows["crash"] = crash * 1e3
     else:
@@ -395,13 +403,16 @@ def measure(quick: bool, rounds: int) -> dict[str, Any]:
     for kind in peers:
         figures: dict[str, Any] = {}
         for row, values in samples[kind].items():
-            if row == "crash_state":
+            if row.endswith("_state"):
                 figures[row] = values[0]
             else:
                 figures[row] = sorted(values)[len(values) // 2]
         result["peers"][kind] = figures
     if quick:
         result["notes"].append("pools: --quick measures the first five rows only, on fewer tasks")
+    for kind, figures in result["peers"].items():
+        if ":" in figures.get("recycle_state", ""):
+            result["notes"].append(f"{PEERS[kind][0]}: recycling {figures['recycle_state']}")
     for kind in peers if not quick else ():
         why = offers_recycling(kind)
         if why is not None:
@@ -413,8 +424,9 @@ def measure(quick: bool, rounds: int) -> dict[str, Any]:
 
 
 def _cell(figures: dict[str, Any], row: str) -> str:
-    if row == "crash" and "crash_state" in figures:
-        return str(figures["crash_state"])
+    state = figures.get(f"{row}_state")
+    if state is not None:
+        return str(state).split(":", 1)[0]
     value = figures.get(row)
     if value is None:
         return "-"
@@ -436,7 +448,7 @@ def report(pools: dict[str, Any]) -> list[str]:
     if not peers:
         out.extend(f"FAILED: {f}" for f in pools["failed"])
         return out
-    shown = [r for r in ROWS if any(r in f or (r == "crash" and "crash_state" in f) for f in peers.values())]
+    shown = [r for r in ROWS if any(r in f or f"{r}_state" in f for f in peers.values())]
     headers = ["what", *(f"{ROWS[r][0]} ({ROWS[r][1]})" for r in shown)]
     lines = [[PEERS[kind][0], *(_cell(figures, r) for r in shown)] for kind, figures in peers.items()]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
