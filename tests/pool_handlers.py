@@ -135,3 +135,8 @@ def square_or_die(x: float) -> float:
         time.sleep(0.3)
         os._exit(-x)
     return x * x
+
+
+def sleep_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()

@@ -118,6 +118,19 @@ def test_tiny_calls_are_pipelined_and_slow_ones_are_not() -> None:
         assert slow.rec is not None and slow.rec.limit == 2
 
 
+def test_a_slow_call_stops_its_worker_from_taking_a_pipelines_worth_behind_it() -> None:
+    with anyfork.Executor(max_workers=2) as ex:
+        for f in [ex.submit(h.square, i) for i in range(3000)]:
+            f.result(20)
+        assert all(w.rec is not None and w.rec.limit > 2 for w in ex._pool._workers)
+        slow = ex.submit(h.sleep_pid, 1.5)
+        time.sleep(0.2)  # it has been running for longer than a pipeline's worth of work
+        shorts = [ex.submit(h.sleep_pid, 0.05) for _ in range(6)]
+        pid = slow.result(20)
+        behind = [f.result(20) for f in shorts].count(pid)
+    assert behind <= 1  # load=2: one more at most, as without pipelining
+
+
 def test_max_tasks_with_many_calls_waiting_starts_every_replacement() -> None:
     # Every worker is retiring once it has its one call, and the replacement
     # is asked for when a call is placed or a worker goes, by whichever thread

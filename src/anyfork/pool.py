@@ -235,7 +235,10 @@ class Pool:
                 raise ProcessStateError("the pool was closed: it takes no more calls")
             if self._broken is not None:
                 raise BrokenPoolError(f"the pool is broken: {self._broken}") from self._broken
-            rec = self._sched.submit(call, time.monotonic())
+            now = time.monotonic()
+            if self._pipeline is not None:
+                self._unpipeline_stuck(now)
+            rec = self._sched.submit(call, now)
             if rec is None:
                 if self._sched.to_start:
                     self._ensure_manager()
@@ -264,6 +267,8 @@ class Pool:
     def _bind(self, call: _Call, worker: _Worker) -> None:
         """(under _lock) ``call`` goes to ``worker``."""
         call.worker = worker
+        if self._pipeline is not None and worker.rec is not None and worker.rec.load == 1:
+            worker.last_done = time.monotonic()  # idle until now: its clock starts here
         worker.calls.add(call)
         if self._timeout is not None:
             call.deadline = time.monotonic() + self._timeout
@@ -387,8 +392,10 @@ class Pool:
                 worker.calls.discard(call)
                 rec = worker.rec
                 if rec is not None and rec.state != _pool_core.GONE:
-                    if self._pipeline is not None and exc is None and not cancelled:
-                        self._measure(worker, rec, now)
+                    if self._pipeline is not None:
+                        if exc is None and not cancelled:
+                            self._measure(worker, rec, now)
+                        self._unpipeline_stuck(now)
                     pairs = self._placed(self._sched.finished(rec, now))
                     if rec.state == _pool_core.RETIRING and not rec.load:
                         close = worker
@@ -419,6 +426,18 @@ class Pool:
             if limit != rec.limit:
                 rec.limit = limit  # (what it lets through is drained by ``finished``, next)
         worker.last_done = now
+
+    def _unpipeline_stuck(self, now: float) -> None:
+        """(under _lock; pipelining) A worker that has not answered for
+        ``_PIPELINE_BUDGET`` seconds is on a slow call: it takes no more than
+        ``load`` again until its replies come quickly, so that calls placed
+        from now on don't queue behind that one."""
+        load = self._sched.load
+        for w in self._workers:
+            rec = w.rec
+            if rec is not None and rec.limit > load and rec.load and now - w.last_done > _PIPELINE_BUDGET:
+                rec.limit = load
+                w.busy_time = now - w.last_done
 
     def _gone(self, worker: _Worker, now: float) -> list[tuple[_Worker, _Call]]:
         """(under _lock) ``worker`` takes no more calls: out of the schedule; what to send now."""
