@@ -80,3 +80,63 @@ def raise_system_exit() -> None:
 
 def raise_keyboard_interrupt() -> None:
     raise KeyboardInterrupt
+
+
+# --- a task's stages, each made to fail (test_executor) -------------------------------------
+
+
+def _load_only_in(pid: int) -> str:
+    if os.getpid() != pid:
+        raise ValueError(f"this object unpickles only in process {pid}")
+    return "loaded"
+
+
+def _load_except_in(pid: int) -> str:
+    if os.getpid() == pid:
+        raise ValueError(f"this object does not unpickle in process {pid}")
+    return "loaded"
+
+
+class LoadsOnlyIn:
+    """Pickles anywhere; unpickles only in process ``pid`` (so: not in a worker)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _load_only_in, (self.pid,)
+
+
+class LoadsExceptIn(LoadsOnlyIn):
+    """Unpickles anywhere but in process ``pid`` (so: not in the caller)."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _load_except_in, (self.pid,)
+
+
+def returns_unloadable(caller: int) -> LoadsExceptIn:
+    return LoadsExceptIn(caller)
+
+
+def returns_a_lock() -> object:
+    import threading
+
+    return threading.Lock()
+
+
+def square_or_die(x: float) -> float:
+    """``x`` squared; for a negative ``x``, wait a moment (so that the calls
+    after it reach the worker), then exit with status ``-x``; a float is
+    slept for, and returned."""
+    if isinstance(x, float):
+        time.sleep(x)
+        return x
+    if x < 0:
+        time.sleep(0.3)
+        os._exit(-x)
+    return x * x
+
+
+def sleep_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 import pytest
 
@@ -168,3 +169,99 @@ def test_terminate_and_kill_workers(how: str) -> None:
         fut.result(20)
     assert wait_exited(worker, 10)
     ex.shutdown()
+
+
+# --- a failure at each stage of a task: its future's error; the executor goes on -------------
+
+
+def _goes_on(ex: anyfork.Executor, workers: list[int]) -> None:
+    assert [ex.submit(h.square, i).result(10) for i in range(4)] == [0, 1, 4, 9]
+    assert sorted(ex._pool.workers) == workers  # nobody died or was replaced for it
+
+
+def _started(ex: anyfork.Executor) -> list[int]:
+    ex.submit(h.square, 0).result(10)
+    ex.submit(h.square, 0).result(10)
+    return sorted(ex._pool.workers)
+
+
+def test_a_call_that_wont_pickle_fails_its_future_and_the_executor_goes_on() -> None:
+    import threading
+
+    with anyfork.Executor(max_workers=1) as ex:
+        workers = _started(ex)
+        fut = ex.submit(h.square, threading.Lock())
+        with pytest.raises(TypeError, match="pickle"):
+            fut.result(10)
+        _goes_on(ex, workers)
+
+
+def test_a_call_that_wont_unpickle_in_the_worker_fails_its_future_and_the_executor_goes_on() -> None:
+    with anyfork.Executor(max_workers=1) as ex:
+        workers = _started(ex)
+        fut = ex.submit(h.square, h.LoadsOnlyIn(os.getpid()))
+        with pytest.raises(ValueError, match="unpickles only in process"):
+            fut.result(10)
+        _goes_on(ex, workers)
+
+
+def test_a_result_that_wont_pickle_in_the_worker_fails_its_future_and_the_executor_goes_on() -> None:
+    with anyfork.Executor(max_workers=1) as ex:
+        workers = _started(ex)
+        with pytest.raises(anyfork.rpc.RemoteError, match="the result can't be serialized") as info:
+            ex.submit(h.returns_a_lock).result(10)
+        assert info.value.type_name == "builtins.TypeError"
+        _goes_on(ex, workers)
+
+
+def test_a_result_that_wont_unpickle_in_the_caller_fails_its_future_and_the_executor_goes_on() -> None:
+    with anyfork.Executor(max_workers=1) as ex:
+        workers = _started(ex)
+        with pytest.raises(ValueError, match="does not unpickle in process"):
+            ex.submit(h.returns_unloadable, os.getpid()).result(10)
+        _goes_on(ex, workers)
+
+
+def test_a_forked_caller_gets_a_dead_executor_and_leaves_the_parents_alone() -> None:
+    from helpers import run_program
+
+    facts = run_program("executor_forked_caller.py", timeout=60)
+    for how in ("fork", "mp"):
+        child = facts[how]
+        assert child["submit"] == ["raised", "ProcessStateError"], how
+        assert child["inherited_result"] == ["raised", "ProcessStateError"], how
+        assert child["inherited_done"] == ["value", 1], how  # wait() sees it done: no hang
+        assert child["shutdown"] == ["value", None], how
+    assert facts["fork_status"] == 0
+    assert facts["mp_status"] == 0
+    assert facts["parent_pending"] == [0.5, 0.5]
+    assert facts["parent_after"] == [0, 1, 4, 9]
+    assert facts["same_workers"]  # the children's exits closed none of the parent's workers
+
+
+def test_a_result_made_of_the_main_scripts_classes_unpickles_in_the_caller(tmp_path: Path) -> None:
+    # The worker imports the script as __anyfork_main__, so what it makes of
+    # the script's classes pickles under that name: the caller must resolve it.
+    from helpers import run_source
+
+    ran = run_source(tmp_path, """
+        import json
+
+        import anyfork
+
+
+        class Point:
+            def __init__(self, x):
+                self.x = x
+
+
+        def make(x):
+            return Point(x)
+
+
+        if __name__ == "__main__":
+            with anyfork.Executor(max_workers=1) as ex:
+                p = ex.submit(make, 7).result(10)
+            print(json.dumps({"type": type(p).__name__, "same_class": type(p) is Point, "x": p.x}))
+        """)
+    assert ran.facts == {"type": "Point", "same_class": True, "x": 7}

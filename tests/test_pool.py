@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 import anyfork
+import pool_handlers as h
 from anyfork import pool
 from helpers import wait_exited
 
@@ -74,6 +75,70 @@ def test_max_tasks_replaces_each_worker_with_a_new_fork() -> None:
     with pool.run(None, "pool_handlers:pid", max=1, max_tasks=1) as p:
         pids = [p() for _ in range(5)]
     assert len(set(pids)) == 5
+
+
+def test_calls_queued_behind_the_one_a_worker_died_in_run_on_another() -> None:
+    # They reached the worker, but it runs a call at a time: they never started.
+    with pool.run(None, "pool_handlers:square_or_die", max=1, load=4) as p:
+        assert p(0) == 0
+        first = p.workers
+        futures = [p.submit(x) for x in (-5, 2, 3, 4)]
+        with pytest.raises(anyfork.WorkerDiedError) as info:
+            futures[0].result(20)
+        assert info.value.returncode == 5
+        assert [f.result(20) for f in futures[1:]] == [4, 9, 16]
+        assert p.workers != first  # a new worker ran them
+
+
+def test_the_replies_before_the_call_a_worker_died_in_are_not_lost() -> None:
+    # The calls after the slow first one reach the worker in one batch; the
+    # quick one's reply must be out before the next call starts, or it dies
+    # with the worker (and the call that killed it looks like it never ran).
+    with pool.run(None, "pool_handlers:square_or_die", max=1, load=4) as p:
+        futures = [p.submit(x) for x in (0.3, 2, -5, 3)]
+        assert futures[0].result(20) == 0.3
+        assert futures[1].result(20) == 4
+        with pytest.raises(anyfork.WorkerDiedError):
+            futures[2].result(20)
+        assert futures[3].result(20) == 9
+
+
+def test_tiny_calls_are_pipelined_and_slow_ones_are_not() -> None:
+    # The Executor lets a worker that answers quickly hold more than load
+    # calls (they travel many to a write); one whose calls take long keeps load.
+    with anyfork.Executor(max_workers=1) as ex:
+        for f in [ex.submit(h.square, i) for i in range(3000)]:
+            f.result(20)
+        (fast,) = ex._pool._workers
+        assert fast.rec is not None and fast.rec.limit > 2
+    with anyfork.Executor(max_workers=1) as ex:
+        for f in [ex.submit(h.sleep, 0.03) for _ in range(8)]:
+            f.result(20)
+        (slow,) = ex._pool._workers
+        assert slow.rec is not None and slow.rec.limit == 2
+
+
+def test_a_slow_call_stops_its_worker_from_taking_a_pipelines_worth_behind_it() -> None:
+    with anyfork.Executor(max_workers=2) as ex:
+        for f in [ex.submit(h.square, i) for i in range(3000)]:
+            f.result(20)
+        assert all(w.rec is not None and w.rec.limit > 2 for w in ex._pool._workers)
+        slow = ex.submit(h.sleep_pid, 1.5)
+        time.sleep(0.2)  # it has been running for longer than a pipeline's worth of work
+        shorts = [ex.submit(h.sleep_pid, 0.05) for _ in range(6)]
+        pid = slow.result(20)
+        behind = [f.result(20) for f in shorts].count(pid)
+    assert behind <= 1  # load=2: one more at most, as without pipelining
+
+
+def test_max_tasks_with_many_calls_waiting_starts_every_replacement() -> None:
+    # Every worker is retiring once it has its one call, and the replacement
+    # is asked for when a call is placed or a worker goes, by whichever thread
+    # read the reply: the manager must be woken for it each time.
+    with pool.run(None, "pool_handlers:pid", max=2, max_tasks=1) as p:
+        futures = [p.submit() for _ in range(12)]
+        pids = [f.result(20) for f in futures]
+    assert len(set(pids)) == 12
 
 
 def test_a_worker_that_retires_is_replaced_and_nothing_is_lost() -> None:

@@ -836,8 +836,14 @@ def measure(cfg: Config, command: str) -> dict[str, Any]:
     sys.stderr.write("bench: calls\n")
     calls = _bench_calls.measure(cfg.quick, cfg.rounds)
     failed.extend(calls["failed"])
+    # The "Pools" section (anyfork.Executor against its peers): jobs of its own.
+    from . import _bench_pools
+
+    pools = _bench_pools.measure(cfg.quick, cfg.rounds)
+    failed.extend(pools["failed"])
     return {
         "calls": calls,
+        "pools": pools,
         "command": command,
         "machine": info,
         "config": cfg._asdict(),
@@ -932,21 +938,36 @@ def report(result: dict[str, Any]) -> str:
         from . import _bench_calls
 
         out.extend(_bench_calls.report(result["calls"]))
+    if "pools" in result:
+        from . import _bench_pools
+
+        out.extend(_bench_pools.report(result["pools"]))
     out.append("")
-    out.append("Targets (issue 4; ratios from this run):")
+    out.append("Summary (ratios from this run, >1x: anyfork is ahead; the project's targets are in "
+               "docs/benchmarks.md):")
     for t in result["targets"]:
-        if t["met"] is None:
-            out.append(f"  n/a     {t['target']}: {t['note']}")
-        else:
+        if t["value"] is not None:
             floor = t.get("floor")
             beside = f" (the floor row: {floor:.2f}x)" if floor else ""
-            out.append(f"  {'met   ' if t['met'] else 'MISSED'}  {t['target']}: {t['value']:.2f}x{beside}")
+            out.append(f"  {_summary_phrase(t['target'])}: {t['value']:.2f}x{beside}")
+    if "pools" in result:
+        out.extend(_bench_pools.summary(result["pools"], result.get("calls")))
     for n in result["notes"]:
         out.append(f"note: {n}")
     for f in result["failed"]:
         out.append(f"FAILED: {f}")
     out.append(f"({result['seconds']} s)")
     return "\n".join(out)
+
+
+def _summary_phrase(target: str) -> str:
+    """A target's name as a plain comparison, without its goal:
+    "anyfork.new() >= 2x manual fork" reads "anyfork.new() vs manual fork"."""
+    name, _, rest = target.partition(" >= ")
+    what = rest.partition(" ")[2]
+    if what.startswith("below "):
+        return f"{name}, {what[len('below '):]}'s over anyfork's"
+    return f"{name} vs {what}" if what else target
 
 
 def plot(result: dict[str, Any], path: str) -> None:

@@ -4,7 +4,10 @@ A drop-in for ``ProcessPoolExecutor``: the same constructor, ``submit``,
 ``map`` (with ``timeout`` and ``chunksize``), ``shutdown(wait,
 cancel_futures)``, ``initializer``/``initargs``, ``max_tasks_per_child``,
 3.14's ``terminate_workers()``/``kill_workers()``, and the context manager.
-What is different is underneath: workers are forks of a template (the
+In a child forked from the caller (``os.fork``, multiprocessing) an
+executor inherited from the parent is dead: ``submit`` raises
+ProcessStateError, its unfinished futures fail with it, and ``shutdown``
+leaves the parent's workers alone.  What is different is underneath: workers are forks of a template (the
 default one, or ``template=``), so they start in milliseconds and recycle
 cheaply; a worker that dies fails only the tasks it held, and the executor
 goes on; ``task_timeout`` stops a stuck task; ``on_event`` gets what tasks
@@ -36,7 +39,7 @@ _HANDLER = "anyfork._pool_worker:call"
 
 def _cloudpickle() -> Any:
     try:
-        import cloudpickle  # type: ignore[import-not-found,unused-ignore]
+        import cloudpickle  # type: ignore[import-not-found,import-untyped,unused-ignore]
     except ImportError:
         return None
     return cloudpickle
@@ -137,13 +140,24 @@ class Executor(concurrent.futures.Executor):
                 template = anyfork.new()
             template.send_arg(payload)
             init_name = "anyfork._pool_worker:initialize_pickled"
-        self._pool: Pool = pool.run(
+        # Tiny tasks are pipelined: a worker that answers quickly may hold up
+        # to 16 (about a millisecond of its work), so that they travel many to
+        # a write; a slow task keeps at most one more waiting behind it.  Not
+        # with task_timeout, whose clock starts when a task is sent.
+        self._pool: Pool = pool._run(
             template, _HANDLER, max=max_workers, load=2, start=0.0, stop=60.0, init=init_name,
-            on_event=on_event, max_tasks=max_tasks_per_child, timeout=task_timeout)
+            on_event=on_event, max_tasks=max_tasks_per_child, timeout=task_timeout,
+            pipeline=None if task_timeout is not None else 16)
 
     # --- concurrent.futures.Executor ------------------------------------------------
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        if self._pool._forked:
+            # A forked child's copy (see pool's doc); checked before the lock,
+            # which another thread of the parent may have held at the fork.
+            from .pool import _forked_error
+
+            raise _forked_error()
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
@@ -165,6 +179,8 @@ class Executor(concurrent.futures.Executor):
         return itertools.chain.from_iterable(results)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if self._pool._forked:
+            return  # its workers are the parent's: nothing to shut down here
         with self._shutdown_lock:
             self._shutdown = True
             futures = list(self._futures)
@@ -187,6 +203,8 @@ class Executor(concurrent.futures.Executor):
         self._signal_workers(signal.SIGKILL)
 
     def _signal_workers(self, sig: int) -> None:
+        if self._pool._forked:
+            return
         with self._shutdown_lock:
             self._shutdown = True
             futures = list(self._futures)

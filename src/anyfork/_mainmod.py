@@ -28,6 +28,10 @@ def describe() -> tuple[str, str] | None:
     main = sys.modules.get("__main__")
     if main is None:
         return None
+    # What a process makes from the main module's classes and functions
+    # pickles as ``__anyfork_main__.X`` there (a task's result, say): here,
+    # that name is the caller's own ``__main__``.
+    sys.modules.setdefault(NAME, main)
     spec = getattr(main, "__spec__", None)
     name = getattr(spec, "name", None)
     if name and name != "__main__":

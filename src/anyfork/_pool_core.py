@@ -14,6 +14,10 @@ time it happened, and does what it answers.
   are kept.  ``max`` counts every process: one retiring after its last
   call still holds its place until it is gone.
 - A worker idle for ``stop`` seconds is retired, down to ``idle`` workers.
+- A worker's own ``limit`` (``load`` unless the driver sets another; it
+  takes effect at the next placement) is what "fewer than ``load``" means
+  for it: the Executor lets a worker that answers tiny calls quickly hold
+  more of them, so that they travel in batches (see ``pool.py``).
 - A worker that has been given ``max_tasks`` calls takes no more: once its
   last one is answered it is retired, and a new one started if needed.
 
@@ -37,12 +41,13 @@ STARTING, READY, RETIRING, GONE = "starting", "ready", "retiring", "gone"
 class Worker:
     """The scheduler's record of one worker; ``key`` is the driver's own handle."""
 
-    __slots__ = ("assigned", "idle_since", "key", "load", "state")
+    __slots__ = ("assigned", "idle_since", "key", "limit", "load", "state")
 
-    def __init__(self, key: object, now: float) -> None:
+    def __init__(self, key: object, now: float, limit: int) -> None:
         self.key = key
         self.state = STARTING
         self.load = 0  # calls sent and not yet finished
+        self.limit = limit  # most calls it may have outstanding
         self.assigned = 0  # calls ever sent to it (for max_tasks)
         self.idle_since = now
 
@@ -80,11 +85,10 @@ class Scheduler(Generic[C]):
     def submit(self, call: C, now: float) -> Worker | None:
         """A new call: the worker to send it to now, or None (queued)."""
         best = None
-        best_load = self.load
         for w in self.workers:
-            if w.state == READY and w.load < best_load:
-                best, best_load = w, w.load
-                if not best_load:
+            if w.state == READY and w.load < w.limit and (best is None or w.load < best.load):
+                best = w
+                if not w.load:
                     break
         if best is not None and not self.queue:
             self._assign(best)
@@ -98,7 +102,7 @@ class Scheduler(Generic[C]):
 
     def added(self, key: object, now: float) -> Worker:
         """The driver started a worker (it is STARTING until ``ready``)."""
-        w = Worker(key, now)
+        w = Worker(key, now, self.load)
         self.workers.append(w)
         return w
 
@@ -209,10 +213,9 @@ class Scheduler(Generic[C]):
         queue = self.queue
         while queue:
             best = None
-            best_load = self.load
             for w in self.workers:
-                if w.state == READY and w.load < best_load:
-                    best, best_load = w, w.load
+                if w.state == READY and w.load < w.limit and (best is None or w.load < best.load):
+                    best = w
             if best is None:
                 break
             self._assign(best)

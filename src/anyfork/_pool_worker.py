@@ -12,6 +12,10 @@ module, and the write end of a pipe for stack dumps.
   call was stuck.
 - The caller's main module is made resolvable (``_mainmod``), so functions
   defined in the user's script unpickle here.
+- Each reply is written before the next call starts (rpc's worker may
+  otherwise keep a quick call's reply back to send it with the next ones).
+  So when a worker dies, every call it held but the oldest never started,
+  and the pool sends those to another worker instead of failing them.
 
 Standard library only (and ``_rpc_worker`` for name lookup): rpc loads it
 without the rest of anyfork.
@@ -35,6 +39,9 @@ def init(*items: Any) -> None:
     import faulthandler
 
     faulthandler.register(DUMP_SIGNAL, file=dump, all_threads=True, chain=False)
+    from . import _rpc_worker
+
+    _rpc_worker._QUICK = 0.0  # no call counts as quick: its reply is out before the next starts
     global _dump
     _dump = dump  # faulthandler needs it open for as long as the process lives
     if main:

@@ -24,6 +24,13 @@ Three kinds of thread touch a pool, and one lock (``_lock``) orders them:
 Nothing is sent to a worker, and no future is settled, while ``_lock`` is
 held: both can run callbacks that come back into the pool.
 
+A pool belongs to the process that made it.  In a child forked from that
+process (``os.fork``, multiprocessing's fork) its workers are the parent's:
+the child's copy is dead from the fork on (``_after_fork_in_child``), so that
+it never writes to the parent's workers, reads their replies, or closes them
+when it exits.  Its calls raise ProcessStateError, and the futures it
+inherited unfinished fail with it; the parent's pool goes on untouched.
+
 A worker that dies fails the calls it held with ``WorkerDiedError`` and is
 replaced; the pool breaks as a whole only when no worker can be made at all
 (then every waiting call fails with ``BrokenPoolError``, saying why).  A
@@ -38,11 +45,12 @@ import os
 import signal
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any
 
-from . import _pool_core
+from . import _fds, _pool_core
 from ._errors import Error, ProcessStateError, TimeoutExpired
 
 if TYPE_CHECKING:
@@ -62,6 +70,8 @@ _GRACE = 1.0
 # The signal a worker dumps its Python stack on (see _pool_worker).
 DUMP_SIGNAL = signal.SIGUSR1
 _WORKER_INIT = "anyfork._pool_worker:init"
+# Pipelining (the Executor): the work a worker may have waiting for it, in seconds.
+_PIPELINE_BUDGET = 0.01
 _BOOT_MODULES = ("anyfork._rpc_worker", "anyfork._pool_worker")
 
 
@@ -131,7 +141,7 @@ class _Call:
 class _Worker:
     """The driver's side of one worker: its process, its rpc client, its calls."""
 
-    __slots__ = ("calls", "client", "closed", "dump", "proc", "rec")
+    __slots__ = ("busy_time", "calls", "client", "closed", "dump", "last_done", "proc", "rec")
 
     def __init__(self) -> None:
         self.proc: Process | None = None
@@ -140,6 +150,8 @@ class _Worker:
         self.calls: set[_Call] = set()
         self.dump = -1  # read end of the pipe its stack is dumped to
         self.closed = False
+        self.last_done = 0.0  # when its last call was answered
+        self.busy_time = 0.0  # a moving average of the time it takes per call, when busy
 
     @property
     def pid(self) -> int | None:
@@ -177,7 +189,7 @@ class Pool:
                  max: int | None, idle: int, load: int, start: float, stop: float,
                  serializer: Any, init: str | Callable[..., Any] | None,
                  on_event: Callable[..., Any] | None, max_tasks: int | None, timeout: float | None,
-                 boot: str) -> None:
+                 boot: str, pipeline: int | None = None) -> None:
         if token is not _TOKEN:
             raise TypeError("Pool objects come from anyfork.pool.run()")
         self._func = func
@@ -186,6 +198,7 @@ class Pool:
         self._on_event = on_event
         self._boot = boot
         self._timeout = timeout
+        self._pipeline = pipeline
         self._sched: _pool_core.Scheduler[_Call] = _pool_core.Scheduler(
             max=max or _cpus(), idle=idle, load=load, start=start, stop=stop, max_tasks=max_tasks)
         self._lock = threading.Lock()
@@ -197,6 +210,8 @@ class Pool:
         self._forking_ahead = False
         self._manager: threading.Thread | None = None
         self._closing: list[_Worker] = []  # let go, their exit not yet collected
+        self._forked = False  # this is a forked child's copy: dead (see the module's doc)
+        _pools.add(self)
 
     def __repr__(self) -> str:
         state = "broken" if self._broken else "closed" if self._closed else "running"
@@ -211,6 +226,8 @@ class Pool:
             anyfork.ProcessStateError: the pool was closed.
             BrokenPoolError: no worker can be made; says why.
         """
+        if self._forked:
+            raise _forked_error()
         fut = _Task()
         call = _Call(args, kwargs, fut)
         with self._lock:
@@ -218,7 +235,10 @@ class Pool:
                 raise ProcessStateError("the pool was closed: it takes no more calls")
             if self._broken is not None:
                 raise BrokenPoolError(f"the pool is broken: {self._broken}") from self._broken
-            rec = self._sched.submit(call, time.monotonic())
+            now = time.monotonic()
+            if self._pipeline is not None:
+                self._unpipeline_stuck(now)
+            rec = self._sched.submit(call, now)
             if rec is None:
                 if self._sched.to_start:
                     self._ensure_manager()
@@ -226,6 +246,7 @@ class Pool:
                 return fut
             worker: _Worker = rec.key  # type: ignore[assignment]
             self._bind(call, worker)
+            self._kick()
         self._send([(worker, call)])
         return fut
 
@@ -246,6 +267,8 @@ class Pool:
     def _bind(self, call: _Call, worker: _Worker) -> None:
         """(under _lock) ``call`` goes to ``worker``."""
         call.worker = worker
+        if self._pipeline is not None and worker.rec is not None and worker.rec.load == 1:
+            worker.last_done = time.monotonic()  # idle until now: its clock starts here
         worker.calls.add(call)
         if self._timeout is not None:
             call.deadline = time.monotonic() + self._timeout
@@ -323,6 +346,10 @@ class Pool:
         if isinstance(exc, rpc.RetiredError) and worker is not None:
             self._replace(worker, call)  # never ran: it goes to another worker
             return
+        if isinstance(exc, WorkerDiedError) and worker is not None and call.timed_out is None \
+                and not self._was_running(worker, rpc_fut, exc):
+            self._replace(worker, call)  # queued behind the call it died in: never ran
+            return
         if worker is not None and worker.client is not None and worker.client.broken is exc \
                 and not isinstance(exc, WorkerDiedError) and call.timed_out is None:
             # Not this call's failure: the worker could not start (its init raised).
@@ -340,6 +367,20 @@ class Pool:
             self._send(pairs)
         self._finished(call, exc)
 
+    @staticmethod
+    def _was_running(worker: _Worker, rpc_fut: Future[Any], exc: BaseException) -> bool:
+        """``worker`` died: may the call of ``rpc_fut`` have started?  A
+        worker that runs a call at a time runs them in the order they were
+        written, and writes each reply before it starts the next call (see
+        ``_pool_worker``), so of the calls it held, all but the one written
+        first (rpc names it on the error) never started.  A worker that runs
+        several at once: any may have."""
+        client = worker.client
+        if client is None or not client._core.sequential:
+            return True
+        oldest = getattr(exc, "_anyfork_oldest", None)
+        return oldest is None or getattr(rpc_fut, "_anyfork_id", None) == oldest
+
     def _finished(self, call: _Call, exc: BaseException | None, result: Any = None,
                   cancelled: bool = False) -> None:
         now = time.monotonic()
@@ -351,6 +392,10 @@ class Pool:
                 worker.calls.discard(call)
                 rec = worker.rec
                 if rec is not None and rec.state != _pool_core.GONE:
+                    if self._pipeline is not None:
+                        if exc is None and not cancelled:
+                            self._measure(worker, rec, now)
+                        self._unpipeline_stuck(now)
                     pairs = self._placed(self._sched.finished(rec, now))
                     if rec.state == _pool_core.RETIRING and not rec.load:
                         close = worker
@@ -365,13 +410,44 @@ class Pool:
             self._close_worker(close)
         self._send(pairs)
 
+    def _measure(self, worker: _Worker, rec: _pool_core.Worker, now: float) -> None:
+        """(under _lock; pipelining) How long ``worker`` takes per call,
+        and so how many it may hold: enough for ``_PIPELINE_BUDGET`` seconds
+        of work, between ``load`` and ``pipeline``.  Tiny calls then travel
+        many to a write and a read, and a slow call keeps at most ``load``
+        waiting behind it, as without pipelining."""
+        if rec.load >= 2 and worker.last_done:  # the next call was waiting: the gap is its time
+            gap = now - worker.last_done
+            worker.busy_time = gap if not worker.busy_time else 0.8 * worker.busy_time + 0.2 * gap
+            assert self._pipeline is not None
+            want = self._sched.load if worker.busy_time >= _PIPELINE_BUDGET else int(
+                _PIPELINE_BUDGET / max(worker.busy_time, 1e-7))
+            limit = max(self._sched.load, min(self._pipeline, want))
+            if limit != rec.limit:
+                rec.limit = limit  # (what it lets through is drained by ``finished``, next)
+        worker.last_done = now
+
+    def _unpipeline_stuck(self, now: float) -> None:
+        """(under _lock; pipelining) A worker that has not answered for
+        ``_PIPELINE_BUDGET`` seconds is on a slow call: it takes no more than
+        ``load`` again until its replies come quickly, so that calls placed
+        from now on don't queue behind that one."""
+        load = self._sched.load
+        for w in self._workers:
+            rec = w.rec
+            if rec is not None and rec.limit > load and rec.load and now - w.last_done > _PIPELINE_BUDGET:
+                rec.limit = load
+                w.busy_time = now - w.last_done
+
     def _gone(self, worker: _Worker, now: float) -> list[tuple[_Worker, _Call]]:
         """(under _lock) ``worker`` takes no more calls: out of the schedule; what to send now."""
         if worker in self._workers:
             self._workers.remove(worker)
         if worker.rec is None or worker.rec.state == _pool_core.GONE:
             return []
-        return self._placed(self._sched.gone(worker.rec, now))
+        pairs = self._placed(self._sched.gone(worker.rec, now))
+        self._kick()
+        return pairs
 
     def _placed(self, pairs: list[tuple[_pool_core.Worker, _Call]]) -> list[tuple[_Worker, _Call]]:
         """(under _lock) What the scheduler placed, bound to the driver's workers."""
@@ -380,7 +456,17 @@ class Pool:
             worker: _Worker = rec.key  # type: ignore[assignment]
             self._bind(call, worker)
             out.append((worker, call))
+        self._kick()
         return out
+
+    def _kick(self) -> None:
+        """(under _lock) Wake the manager if the scheduler wants workers
+        started.  After every scheduler step that may ask for one: placing a
+        call can (its worker reached max_tasks: its replacement starts now),
+        and so can a worker going (calls wait and nobody else takes them)."""
+        if self._sched.to_start:
+            self._ensure_manager()
+            self._wake.notify()
 
     # --- the manager thread ----------------------------------------------------------
 
@@ -453,7 +539,7 @@ class Pool:
             finally:
                 os.close(w)
             worker.client = rpc._run(proc, self._func, self._serializer, _WORKER_INIT, self._on_event,
-                                     self._sched.load, boot=self._boot)
+                                     max(self._sched.load, self._pipeline or 0), boot=self._boot)
         except BaseException as e:
             self._failed_to_start(worker, e)
             return
@@ -468,9 +554,13 @@ class Pool:
             import anyfork
 
             self._template = anyfork.new()
-        fork_ahead = getattr(self._template, "fork_ahead", None)
-        if fork_ahead is not None and not self._forking_ahead:
-            fork_ahead(1)  # the next worker is forked before it is asked for
+        if not self._forking_ahead:
+            # The rpc and pool worker modules are imported once, in the
+            # template, not again in every worker after its fork.
+            self._template.eval(self._boot)
+            fork_ahead = getattr(self._template, "fork_ahead", None)
+            if fork_ahead is not None:
+                fork_ahead(1)  # the next worker is forked before it is asked for
             self._forking_ahead = True
         return self._template.fork()
 
@@ -579,6 +669,8 @@ class Pool:
 
     def _signal_workers(self, sig: int) -> None:
         """Signal every live worker (through its template: never a recycled pid)."""
+        if self._forked:
+            return
         with self._lock:
             procs = [w.proc for w in self._workers if w.proc is not None]
         for proc in procs:
@@ -598,6 +690,8 @@ class Pool:
 
     def close(self) -> None:
         """Take no more calls; the workers finish what is queued, then exit."""
+        if self._forked:
+            return  # the workers are the parent's
         with self._lock:
             self._closed = True
             self._ensure_manager()
@@ -621,7 +715,7 @@ class Pool:
             anyfork.TimeoutExpired: still at work after ``timeout`` seconds.
         """
         manager = self._manager
-        if manager is None:
+        if manager is None or self._forked:
             return
         manager.join(timeout)
         if manager.is_alive():
@@ -633,6 +727,41 @@ class Pool:
     def __exit__(self, *exc: object) -> None:
         self.close()
         self.join()
+
+
+_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+def _forked_error() -> ProcessStateError:
+    return ProcessStateError("this pool belongs to the process this one was forked from: "
+                             "its workers are that process's; make a new pool here")
+
+
+def _after_fork_in_child() -> None:
+    """Every pool inherited from the parent is dead here (see the module's doc).
+
+    Only this thread exists now, and any other may have held a lock at the
+    fork: the pool's, or a future's condition.  So nothing here takes one;
+    the locks are replaced, and each unfinished future is finished by hand
+    with the error (nobody in this process waits on it yet).  Its callbacks
+    don't run: they belong to the dead pool and its Executor."""
+    for pool in list(_pools):
+        pool._forked = True
+        pool._lock = threading.Lock()
+        pool._wake = threading.Condition(pool._lock)
+        calls = list(pool._sched.queue)
+        for worker in pool._workers:
+            calls.extend(worker.calls)
+        for call in calls:
+            fut = call.future
+            if fut._state in ("PENDING", "RUNNING"):  # (done() takes the condition)
+                fut._condition = threading.Condition()
+                fut._exception = _forked_error()
+                fut._state = "FINISHED"
+                fut._rpc = None
+
+
+_fds.on_fork(_after_fork_in_child)
 
 
 def _read_dump(fd: int, timeout: float) -> str:
@@ -694,6 +823,16 @@ def run(template: Process | None, func: str | Callable[..., Any], *, max: int | 
     Raises:
         TypeError, ValueError: a bad argument, before anything starts.
     """
+    return _run(template, func, max=max, idle=idle, load=load, start=start, stop=stop, serializer=serializer,
+                init=init, on_event=on_event, max_tasks=max_tasks, timeout=timeout)
+
+
+def _run(template: Process | None, func: str | Callable[..., Any], *, max: int | None = None, idle: int = 0,
+         load: int = 2, start: float = 0.1, stop: float = 10.0, serializer: Any = "pickle",
+         init: str | Callable[..., Any] | None = None, on_event: Callable[..., Any] | None = None,
+         max_tasks: int | None = None, timeout: float | None = None, pipeline: int | None = None) -> Pool:
+    """``run``, and for the Executor ``pipeline``: let a worker that answers
+    quickly hold up to that many calls (see ``Pool._measure``)."""
     _check("max", max, 1, whole=True, none=True)
     _check("idle", idle, 0, whole=True)
     _check("load", load, 1, whole=True)
@@ -717,7 +856,7 @@ def run(template: Process | None, func: str | Callable[..., Any], *, max: int | 
         raise TypeError(f"on_event must be callable, not {type(on_event).__name__}")
     pool = Pool(_TOKEN, template, func, max=max, idle=idle, load=load, start=start, stop=stop,
                 serializer=serializer, init=init, on_event=on_event, max_tasks=max_tasks, timeout=timeout,
-                boot=rpc._boot(*_BOOT_MODULES))
+                boot=rpc._boot(*_BOOT_MODULES), pipeline=pipeline)
     if idle:
         with pool._lock:
             pool._sched.due(time.monotonic())

@@ -278,6 +278,8 @@ class _Core:
         call_id = self.next_id
         self.next_id = call_id % 0xFFFFFFFF + 1
         call = _Call(call_id, future)
+        if future is not None:
+            future._anyfork_id = call_id  # type: ignore[attr-defined]  # (for the pool: see _fail)
         # A worker that runs one call at a time can't start this one before the
         # calls in flight are done: hold a small one back until a reply comes
         # (whoever reads it writes the batch; see _rpc_wire).  A call in flight
@@ -516,6 +518,11 @@ class _Core:
                 self.error = error
             error = self.error
             calls = list(self.calls.values())
+            if calls and getattr(error, "_anyfork_oldest", None) is None:
+                # The call written first of those unanswered (the dict keeps
+                # that order): the one a worker that runs a call at a time
+                # was running.  The pool sends the others elsewhere.
+                error._anyfork_oldest = calls[0].id  # type: ignore[attr-defined]
             self.calls.clear()
             self.unwaited = 0
             self.outbox.discard()
