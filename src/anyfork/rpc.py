@@ -496,10 +496,8 @@ class _Core:
         if fut is None:
             call.value, call.error = value, error
             call.done = True
-        elif error is None:
-            fut.set_result(value)
         else:
-            fut.set_exception(error)
+            fut._anyfork_set(value, error)  # type: ignore[attr-defined]
 
     def _event(self, f: W.Frame) -> None:
         try:
@@ -766,38 +764,93 @@ class _Future:
     @classmethod
     def make(cls, core: _Core) -> concurrent.futures.Future[Any]:
         if cls.cls is None:
-            import concurrent.futures
+            cls.cls = _future_class()
+        return cls.cls(core)  # type: ignore[no-any-return]
 
-            class Future(concurrent.futures.Future):  # type: ignore[type-arg]
-                """A future whose ``result()`` reads the socket itself when nobody
-                else is reading (so ``submit(...).result()`` costs no thread
-                hand-off)."""
 
-                def result(self, timeout: float | None = None) -> Any:
-                    if self._state != "FINISHED":  # else nothing to wait for or drive
-                        self._drive(timeout)
+def _future_class() -> type:
+    import concurrent.futures
+
+    finished = "FINISHED"
+
+    class Future(concurrent.futures.Future):  # type: ignore[type-arg]
+        """A ``concurrent.futures.Future`` that makes its ``Condition`` only
+        when something waits on it or adds to it, and whose ``result()``
+        reads the socket itself when nobody else is reading (so
+        ``submit(...).result()`` costs no thread hand-off).
+
+        The condition, made in ``__init__`` and taken by ``set_result`` and
+        ``result()``, was a quarter of a pipelined call's time.  Most of our
+        futures are asked for their result after it came, by the thread that
+        read it or one that found it done: neither needs a lock.  The
+        hazard is a waiter that arrives while the result is being set:
+        ``_complete`` stores the result and the state first and looks for a
+        condition after, and every waiter (``result``, ``wait``,
+        ``as_completed``, ``add_done_callback``) makes the condition first and
+        looks at the state after, under it, so one of them sees the other.
+        """
+
+        def __init__(self, core: _Core) -> None:  # not super's: no condition yet
+            self._anyfork_core = core
+            # It is sent at once, so it can't be cancelled: RUNNING from the start.
+            self._state = "RUNNING"
+            self._result = None
+            self._exception: BaseException | None = None
+            self._waiters: list[Any] = []
+            self._done_callbacks: list[Any] = []
+
+        @property
+        def _condition(self) -> threading.Condition:  # type: ignore[override]
+            d = self.__dict__
+            cond = d.get("_anyfork_cond")
+            if cond is None:
+                cond = d.setdefault("_anyfork_cond", threading.Condition())
+            return cond  # type: ignore[no-any-return]
+
+        def _anyfork_set(self, value: Any, error: BaseException | None) -> None:
+            if error is None:
+                self._result = value
+            else:
+                self._exception = error
+            self._state = finished
+            if "_anyfork_cond" in self.__dict__:
+                with self._condition:
+                    for waiter in self._waiters:
+                        if error is None:
+                            waiter.add_result(self)
+                        else:
+                            waiter.add_exception(self)
+                    self._condition.notify_all()
+                self._invoke_callbacks()  # type: ignore[attr-defined]
+
+        def done(self) -> bool:
+            return self._state == finished
+
+        def result(self, timeout: float | None = None) -> Any:
+            if self._state != finished:
+                self._drive(timeout)
+                if self._state != finished:
                     return super().result(timeout)
+            if self._exception is not None:
+                try:
+                    raise self._exception
+                finally:
+                    self = None  # type: ignore[assignment]  # no cycle through the traceback
+            return self._result
 
-                def exception(self, timeout: float | None = None) -> BaseException | None:
-                    self._drive(timeout)
+        def exception(self, timeout: float | None = None) -> BaseException | None:
+            if self._state != finished:
+                self._drive(timeout)
+                if self._state != finished:
                     return super().exception(timeout)
+            return self._exception
 
-                _anyfork_core: _Core
+        def _drive(self, timeout: float | None) -> None:
+            if threading.current_thread() is getattr(_the_reactor, "thread", None):
+                return
+            run_blocking(self._anyfork_core.op_progress(self.done, deadline_after(timeout)))
 
-                def _drive(self, timeout: float | None) -> None:
-                    core = self._anyfork_core
-                    if self.done() or threading.current_thread() is getattr(_the_reactor, "thread", None):
-                        return
-                    run_blocking(core.op_progress(self.done, deadline_after(timeout)))
-
-            cls.cls = Future
-        fut = cls.cls()
-        fut._anyfork_core = core
-        # It is sent at once, so it can't be cancelled: RUNNING from the start.
-        # (set_running_or_notify_cancel() does the same under the future's
-        # condition, which costs a submit a tenth of its time.)
-        fut._state = "RUNNING"
-        return fut  # type: ignore[no-any-return]
+    return Future
 
 
 def _finalize(core: _Core) -> None:
