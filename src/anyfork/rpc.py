@@ -831,12 +831,14 @@ def _future_class() -> type:
                 self._drive(timeout)
                 if self._state != finished:
                     return super().result(timeout)
-            if self._exception is not None:
-                try:
-                    raise self._exception
-                finally:
-                    self = None  # type: ignore[assignment]  # no cycle through the traceback
-            return self._result
+            exc = self._exception
+            if exc is None:
+                return self._result
+            del self  # the traceback keeps this frame: no cycle through it
+            try:
+                raise exc
+            finally:
+                del exc
 
         def exception(self, timeout: float | None = None) -> BaseException | None:
             if self._state != finished:
