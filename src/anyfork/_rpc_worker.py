@@ -53,7 +53,7 @@ class _Conn:
         self.flush()
 
     def flush(self) -> None:
-        while self.outbox:
+        while self.outbox.size:
             send(self.sock, self.outbox)
 
     def read(self) -> list[W.Frame]:
@@ -217,7 +217,7 @@ def _serve_sync(conn: _Conn, fn: Callable[..., Any], frames: list[W.Frame]) -> N
                 # must not wait behind a slow call, so they go out first
                 # unless the last call was quick (the hazard left: a quick
                 # call's reply waits for one slow call after it).
-                if outbox and not quick:
+                if outbox.size and not quick:
                     conn.flush()
                 conn.call_id = frame.id
                 start = perf_counter()

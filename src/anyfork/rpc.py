@@ -96,8 +96,8 @@ _EXIT_GRACE = 1.0
 _STEP_ASIDE = 0.001  # the reactor leaves a socket alone this long after another reader
 _READ_EVERY = 0.001  # a thread that keeps submitting reads this often (see read_now)
 _DROP, _DEFER, _REARM = 0, 1, 2
-_OK, _BROKEN, _EOF = 0, 1, 2
-_POLLIN, _POLLOUT = 1, 4  # the POSIX values  # how long a worker whose socket ended has to show its exit status
+_OK, _BROKEN, _EOF = 0, 1, 2  # how long a worker whose socket ended has to show its exit status
+_POLLIN, _POLLOUT = 1, 4  # the POSIX values
 
 
 class RemoteTraceback(Exception):  # noqa: N818 - named like concurrent.futures'
@@ -228,7 +228,7 @@ class _Core:
 
     def _queue(self, data: bytes, fds: list[int] | None = None, hold: bool = False) -> int:
         self.added += len(data)
-        if not self.outbox and not fds and not hold and self.sock is not None:
+        if not self.outbox.size and not fds and not hold and self.sock is not None:
             # The common case, without the outbox's bookkeeping.
             try:
                 n = self.sock.send(data)
@@ -250,7 +250,7 @@ class _Core:
     def _flush(self) -> None:
         sock = self.sock
         try:
-            while self.outbox and sock is not None:
+            while self.outbox.size and sock is not None:
                 before = self.outbox.size
                 send(sock, self.outbox)
                 self.written += before - self.outbox.size
@@ -343,7 +343,7 @@ class _Core:
         receive until the reply; about half the Python calls of a round trip.
         Other threads that come meanwhile find a leader, as with op_call."""
         with self.lock:
-            if self.leader or self.calls or self.outbox or self.sock is None:
+            if self.leader or self.calls or self.outbox.size or self.sock is None:
                 return None
             got = self._begin(payload, [], None)  # raises if broken or closed
             assert got is not None  # nothing in flight: below max_in_flight
@@ -359,7 +359,7 @@ class _Core:
             events = _POLLIN
             while True:
                 # The reply can't be there yet: poll first, not a receive that fails.
-                want = _POLLIN | _POLLOUT if self.outbox else _POLLIN
+                want = _POLLIN | _POLLOUT if self.outbox.size else _POLLIN
                 if want != events:
                     poller.modify(self.fd, want)
                     events = want
@@ -427,7 +427,7 @@ class _Core:
                     with self.lock:
                         if done() or self.error is not None:
                             return True
-                        writes = (fd,) if self.outbox else ()
+                        writes = (fd,) if self.outbox.size else ()
                     if deadline is not None and time.monotonic() >= deadline:
                         return False
                     yield Wait(reads=(fd,), writes=writes, deadline=deadline)
@@ -456,7 +456,7 @@ class _Core:
         sock = self.sock
         if sock is None:
             return _BROKEN
-        if self.outbox:
+        if self.outbox.size:
             with self.lock:
                 self._flush()
         decoder = self.decoder
@@ -479,7 +479,7 @@ class _Core:
             decoder.eof = True
         if decoder.eof:
             return _EOF
-        if self.outbox:
+        if self.outbox.size:
             with self.lock:
                 self._flush()
         return _BROKEN if self.error is not None else _OK
