@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 _QUICK = 100e-6  # a call this quick lets the replies before it wait for the next
 _BATCH = 1 << 16
+_REPLY_BATCH = 16
 
 
 class _Conn:
@@ -209,6 +210,7 @@ def _serve_sync(conn: _Conn, fn: Callable[..., Any], frames: list[W.Frame]) -> N
 
     outbox = conn.outbox
     quick = False  # the last handler took under _QUICK seconds
+    replies = 0  # in the outbox, not yet written
     while True:
         for frame in frames:
             if frame.kind == W.CALL:
@@ -229,14 +231,17 @@ def _serve_sync(conn: _Conn, fn: Callable[..., Any], frames: list[W.Frame]) -> N
                     outbox.add(W.header(W.RETIRE, frame.id, 0))
                     conn.flush()
                     return
-                if outbox.size > _BATCH:
+                replies += 1
+                if outbox.size > _BATCH or replies >= _REPLY_BATCH:
                     conn.flush()
+                    replies = 0
             elif frame.kind == W.CLOSE:
                 conn.flush()
                 return
             else:
                 raise ProtocolError(f"unexpected {W.describe(frame.kind)} from the caller")
         conn.flush()
+        replies = 0
         frames = conn.read()
         if not frames:
             return  # EOF before CLOSE: the caller is gone
