@@ -88,6 +88,9 @@ class Frame(NamedTuple):
     fds: list[int]
 
 
+_new_frame = tuple.__new__  # a Frame without NamedTuple's __new__, a Python call per frame
+
+
 def close_fds(fds: list[int]) -> None:
     for fd in fds:
         try:
@@ -168,7 +171,7 @@ class Decoder:
                         raise ProtocolError(
                             f"an rpc frame claims {nfds} descriptors; {len(self._fds)} arrived")
                     fds = [self._fds.popleft() for _ in range(nfds)]
-                out.append(Frame(kind, call_id, view[pos + HSIZE:end].tobytes(), fds))
+                out.append(_new_frame(Frame, (kind, call_id, view[pos + HSIZE:end].tobytes(), fds)))
                 pos = end
         finally:
             if lent is not None:

@@ -273,7 +273,8 @@ class _Core:
                future: concurrent.futures.Future[Any] | None) -> tuple[_Call, int] | None:
         """Register and queue a call if fewer than max_in_flight are; the
         call and the byte count at which it is written (0: held back)."""
-        self._check()
+        if self.error is not None or self.closed:
+            self._check()
         if len(self.calls) >= self.max:
             return None
         self.active = time.monotonic()  # the reactor stays out of a busy client's way
@@ -528,7 +529,12 @@ class _Core:
                     error = error or e
             else:
                 error = error or _exception(f.payload, codec)
-            self._complete(call, value, error)
+            fut = call.future
+            if fut is None:
+                call.value, call.error = value, error
+                call.done = True
+            else:
+                fut._anyfork_set(value, error)  # type: ignore[attr-defined]  # _complete, inline
         self.changed.notify()
 
     @staticmethod
@@ -955,8 +961,11 @@ class Client:
         """Send a call; a Future of its result.  Blocks while max_in_flight
         calls are unanswered, and until the call is written."""
         core = self._core
-        payload, fds = core.encode(args, kwargs)
-        fut = _Future.make(core)
+        payload, fds = core.codec.dumps_call(args, kwargs)  # encode(), inline
+        if len(fds) > W.MAX_FDS:
+            W.close_fds(fds)
+            raise ValueError(f"a call carries at most {W.MAX_FDS} descriptors")
+        fut = (_Future.cls or _Future.make)(core)
         got = None
         if not fds:
             with core.lock:  # the common case, without an operation's machinery
