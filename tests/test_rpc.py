@@ -311,6 +311,19 @@ def test_a_handler_that_cant_be_found_fails_the_calls(drive: Driver) -> None:
         assert drive.run(client.wait(TIMEOUT)) == 1  # type: ignore[attr-defined]
 
 
+def test_handler_names_are_found_as_run_finds_them() -> None:
+    """The worker looks names up with the serve loop's resolve: a bare name
+    is __main__'s only, and one missing there says so, as run() does."""
+    client = rpc.run(anyfork.new(), "print")
+    with pytest.raises(NameError, match="not defined in the process's __main__; a builtin is named"):
+        client.call()
+    assert client.wait(TIMEOUT) == 1
+    client = rpc.run(anyfork.new(), "os.path.join")  # a dotted walk through modules to a function
+    assert client.call("a", "b") == os.path.join("a", "b")
+    with client:
+        pass
+
+
 def test_bad_arguments_fail_at_the_call() -> None:
     with pytest.raises(ValueError, match="serializer"):
         rpc.run(anyfork.new(), "rpc_handlers:echo", serializer="nope")

@@ -105,32 +105,12 @@ def event(*args: Any) -> None:
 
 
 def resolve(name: str) -> Callable[..., Any]:
-    """The function ``name`` names: "mod:attr.attr", "pkg.mod.attr" or a
-    name in ``__main__`` (what ``Process.run`` takes)."""
-    import importlib
+    """The function ``name`` names, found as ``Process.run`` finds it (the
+    serve loop's ``resolve``: "mod:attr.attr", "pkg.mod.attr", or a name in
+    ``__main__``), so that rpc and run() take the same names the same way."""
+    from ._serve import resolve as find
 
-    if ":" in name:
-        modname, _, attrs = name.partition(":")
-        obj: Any = importlib.import_module(modname)
-        path = attrs.split(".")
-    else:
-        parts = name.split(".")
-        for i in range(len(parts) - 1, 0, -1):
-            try:
-                obj = importlib.import_module(".".join(parts[:i]))
-            except ModuleNotFoundError as e:
-                if e.name is None or not ".".join(parts[:i]).startswith(e.name):
-                    raise
-                continue
-            path = parts[i:]
-            break
-        else:
-            obj, path = sys.modules["__main__"], parts
-    for attr in path:
-        obj = getattr(obj, attr)
-    if not callable(obj):
-        raise TypeError(f"{name!r} is not callable")
-    return obj  # type: ignore[no-any-return]
+    return find(name, sys.modules["__main__"].__dict__)
 
 
 def reply(conn: _Conn, call_id: int, fn: Callable[..., Any], frame: W.Frame) -> tuple[bytes, list[int]]:
