@@ -153,3 +153,9 @@ class Reverse:
         import json
 
         return json.loads(data[::-1])
+
+
+def recv_one(sock: socket.socket) -> bytes:
+    """Return once the caller writes a byte on the socket it was sent."""
+    with sock:
+        return sock.recv(1)

@@ -169,6 +169,52 @@ def test_futures_complete_with_nobody_waiting_in_result() -> None:
     assert client.process.returncode == 0
 
 
+def test_a_future_nobody_waits_on_makes_no_condition(monkeypatch: pytest.MonkeyPatch) -> None:
+    """submit(...).result() and callbacks-free futures take no lock of their own:
+    a Condition per call was a quarter of a pipelined call's time."""
+    client = rpc.run(anyfork.new(), "rpc_handlers:echo")
+    assert client.submit(0).result(TIMEOUT) == 0  # starts the reader thread (an Event: a Condition)
+    made: list[object] = []
+    real = threading.Condition
+
+    def counting(*args: Any) -> threading.Condition:
+        made.append(None)
+        return real(*args)
+
+    monkeypatch.setattr(threading, "Condition", counting)
+    futures = [client.submit(i) for i in range(100)]
+    assert [f.result(TIMEOUT) for f in futures] == list(range(100))
+    assert made == []
+    monkeypatch.undo()
+    with client:
+        pass
+
+
+def test_threads_waiting_on_a_running_future_are_woken() -> None:
+    """Waiters that come before the reply (result() in another thread, wait,
+    as_completed, a callback) each see it, however the setting interleaves."""
+    client = rpc.run(anyfork.new(), "rpc_handlers:recv_one")
+    ours, theirs = socket.socketpair()
+    fut = client.submit(theirs)
+    theirs.close()
+    seen: list[Any] = []
+    called = threading.Event()
+    fut.add_done_callback(lambda f: (seen.append(("callback", f.result())), called.set()))
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        waiters = [pool.submit(fut.result, TIMEOUT),
+                   pool.submit(lambda: concurrent.futures.wait([fut], TIMEOUT).done == {fut}),
+                   pool.submit(lambda: [f.result() for f in concurrent.futures.as_completed([fut], TIMEOUT)])]
+        time.sleep(0.05)  # let them start waiting (they pass either way)
+        ours.sendall(b"!")
+        got = [w.result(TIMEOUT) for w in waiters]
+    ours.close()
+    assert called.wait(TIMEOUT)
+    assert got == [b"!", True, [b"!"]]
+    assert seen == [("callback", b"!")]
+    with client:
+        pass
+
+
 def test_init_is_called_first_with_what_send_arg_and_send_fh_queued(drive: Driver) -> None:
     a, b = socket.socketpair()
     with a, b:
@@ -263,6 +309,19 @@ def test_a_handler_that_cant_be_found_fails_the_calls(drive: Driver) -> None:
         assert client.wait(TIMEOUT) == 1
     else:
         assert drive.run(client.wait(TIMEOUT)) == 1  # type: ignore[attr-defined]
+
+
+def test_handler_names_are_found_as_run_finds_them() -> None:
+    """The worker looks names up with the serve loop's resolve: a bare name
+    is __main__'s only, and one missing there says so, as run() does."""
+    client = rpc.run(anyfork.new(), "print")
+    with pytest.raises(NameError, match="not defined in the process's __main__; a builtin is named"):
+        client.call()
+    assert client.wait(TIMEOUT) == 1
+    client = rpc.run(anyfork.new(), "os.path.join")  # a dotted walk through modules to a function
+    assert client.call("a", "b") == os.path.join("a", "b")
+    with client:
+        pass
 
 
 def test_bad_arguments_fail_at_the_call() -> None:
@@ -526,7 +585,7 @@ def test_events_read_together_with_their_reply_are_delivered_first() -> None:
     log: list[Any] = []
     core = rpc._Core(FakeProcess(), ours, W.serializer("pickle"), 8,  # type: ignore[arg-type]
                      lambda *args: log.append(args))
-    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    future = rpc._Future.make(core)
     future.add_done_callback(lambda f: log.append(f.result()))  # called as the reply is taken
     with worker:
         with core.lock:

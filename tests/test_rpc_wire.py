@@ -48,6 +48,31 @@ def test_a_stream_decodes_the_same_fed_a_byte_at_a_time() -> None:
     check(decode_all([data[i:i + 1] for i in range(len(data))]))
 
 
+def test_a_stream_received_into_one_reused_buffer_decodes_the_same_split_at_every_byte() -> None:
+    """The decoder borrows what it is fed (a view of the receiver's buffer)
+    until frames(): what it keeps of a partial frame must be its own copy."""
+    data = stream()
+    scratch = bytearray(len(data))
+    for i in range(len(data) + 1):
+        d = W.Decoder(W.FROM_CALLER)
+        out: list[W.Frame] = []
+        for chunk in (data[:i], data[i:]):
+            scratch[:] = b"\xee" * len(scratch)  # the receiver reuses its buffer
+            scratch[:len(chunk)] = chunk
+            d.feed(memoryview(scratch)[:len(chunk)] if chunk else b"")
+            out.extend(d.frames())
+        check(out)
+
+
+def test_two_feeds_before_frames_keep_both() -> None:
+    data = stream()
+    for i in range(len(data) + 1):
+        d = W.Decoder(W.FROM_CALLER)
+        d.feed(bytearray(data[:i]))
+        d.feed(bytearray(data[i:]))
+        check(d.frames())
+
+
 def test_eof_inside_a_frame_is_a_protocol_error() -> None:
     data = stream()
     d = W.Decoder(W.FROM_CALLER)

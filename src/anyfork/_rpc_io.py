@@ -20,13 +20,14 @@ def recv(sock: socket.socket, decoder: W.Decoder, scratch: bytearray) -> int:
     """One receive into ``decoder`` (shared with the caller's side); how
     many bytes came.  Into ``scratch``, a buffer of ``_RECV`` bytes the
     caller keeps: ``recvmsg`` would allocate one that size each time, and
-    that is an mmap, page faults and a munmap per receive."""
+    that is an mmap, page faults and a munmap per receive.  The decoder
+    borrows a view of it: call ``decoder.frames()`` before the next receive."""
     n, anc, msg_flags, _ = sock.recvmsg_into([scratch], _ANC, _RECV_FLAGS)
     fds: list[int] = []
     for level, kind, raw in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.extend(memoryview(raw[: len(raw) - len(raw) % 4]).cast("i"))
-    decoder.feed(scratch[:n] if n else b"", fds)
+    decoder.feed(memoryview(scratch)[:n] if n else b"", fds)  # lent: frames() comes next
     if msg_flags & _CTRUNC:
         raise ProtocolError("descriptors were lost in transit (MSG_CTRUNC)")
     return n

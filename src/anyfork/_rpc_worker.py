@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 _QUICK = 100e-6  # a call this quick lets the replies before it wait for the next
 _BATCH = 1 << 16
+_REPLY_BATCH = 16
 
 
 class _Conn:
@@ -53,7 +54,7 @@ class _Conn:
         self.flush()
 
     def flush(self) -> None:
-        while self.outbox:
+        while self.outbox.size:
             send(self.sock, self.outbox)
 
     def read(self) -> list[W.Frame]:
@@ -104,32 +105,12 @@ def event(*args: Any) -> None:
 
 
 def resolve(name: str) -> Callable[..., Any]:
-    """The function ``name`` names: "mod:attr.attr", "pkg.mod.attr" or a
-    name in ``__main__`` (what ``Process.run`` takes)."""
-    import importlib
+    """The function ``name`` names, found as ``Process.run`` finds it (the
+    serve loop's ``resolve``: "mod:attr.attr", "pkg.mod.attr", or a name in
+    ``__main__``), so that rpc and run() take the same names the same way."""
+    from ._serve import resolve as find
 
-    if ":" in name:
-        modname, _, attrs = name.partition(":")
-        obj: Any = importlib.import_module(modname)
-        path = attrs.split(".")
-    else:
-        parts = name.split(".")
-        for i in range(len(parts) - 1, 0, -1):
-            try:
-                obj = importlib.import_module(".".join(parts[:i]))
-            except ModuleNotFoundError as e:
-                if e.name is None or not ".".join(parts[:i]).startswith(e.name):
-                    raise
-                continue
-            path = parts[i:]
-            break
-        else:
-            obj, path = sys.modules["__main__"], parts
-    for attr in path:
-        obj = getattr(obj, attr)
-    if not callable(obj):
-        raise TypeError(f"{name!r} is not callable")
-    return obj  # type: ignore[no-any-return]
+    return find(name, sys.modules["__main__"].__dict__)
 
 
 def reply(conn: _Conn, call_id: int, fn: Callable[..., Any], frame: W.Frame) -> tuple[bytes, list[int]]:
@@ -209,6 +190,7 @@ def _serve_sync(conn: _Conn, fn: Callable[..., Any], frames: list[W.Frame]) -> N
 
     outbox = conn.outbox
     quick = False  # the last handler took under _QUICK seconds
+    replies = 0  # in the outbox, not yet written
     while True:
         for frame in frames:
             if frame.kind == W.CALL:
@@ -217,7 +199,7 @@ def _serve_sync(conn: _Conn, fn: Callable[..., Any], frames: list[W.Frame]) -> N
                 # must not wait behind a slow call, so they go out first
                 # unless the last call was quick (the hazard left: a quick
                 # call's reply waits for one slow call after it).
-                if outbox and not quick:
+                if outbox.size and not quick:
                     conn.flush()
                 conn.call_id = frame.id
                 start = perf_counter()
@@ -229,14 +211,17 @@ def _serve_sync(conn: _Conn, fn: Callable[..., Any], frames: list[W.Frame]) -> N
                     outbox.add(W.header(W.RETIRE, frame.id, 0))
                     conn.flush()
                     return
-                if outbox.size > _BATCH:
+                replies += 1
+                if outbox.size > _BATCH or replies >= _REPLY_BATCH:
                     conn.flush()
+                    replies = 0
             elif frame.kind == W.CLOSE:
                 conn.flush()
                 return
             else:
                 raise ProtocolError(f"unexpected {W.describe(frame.kind)} from the caller")
         conn.flush()
+        replies = 0
         frames = conn.read()
         if not frames:
             return  # EOF before CLOSE: the caller is gone

@@ -97,6 +97,7 @@ _STEP_ASIDE = 0.001  # the reactor leaves a socket alone this long after another
 _READ_EVERY = 0.001  # a thread that keeps submitting reads this often (see read_now)
 _DROP, _DEFER, _REARM = 0, 1, 2
 _OK, _BROKEN, _EOF = 0, 1, 2  # how long a worker whose socket ended has to show its exit status
+_POLLIN, _POLLOUT = 1, 4  # the POSIX values
 
 
 class RemoteTraceback(Exception):  # noqa: N818 - named like concurrent.futures'
@@ -221,12 +222,13 @@ class _Core:
         self.event_errors: dict[int, BaseException] = {}
         self.write_failed = False  # a write found the worker gone
         self.on_end: Callable[[], None] | None = None  # the async client's end of events()
+        self.poller: Any = None  # call_alone's, registered for fd
 
     # --- under the lock ------------------------------------------------------------------
 
     def _queue(self, data: bytes, fds: list[int] | None = None, hold: bool = False) -> int:
         self.added += len(data)
-        if not self.outbox and not fds and not hold and self.sock is not None:
+        if not self.outbox.size and not fds and not hold and self.sock is not None:
             # The common case, without the outbox's bookkeeping.
             try:
                 n = self.sock.send(data)
@@ -248,7 +250,7 @@ class _Core:
     def _flush(self) -> None:
         sock = self.sock
         try:
-            while self.outbox and sock is not None:
+            while self.outbox.size and sock is not None:
                 before = self.outbox.size
                 send(sock, self.outbox)
                 self.written += before - self.outbox.size
@@ -271,7 +273,8 @@ class _Core:
                future: concurrent.futures.Future[Any] | None) -> tuple[_Call, int] | None:
         """Register and queue a call if fewer than max_in_flight are; the
         call and the byte count at which it is written (0: held back)."""
-        self._check()
+        if self.error is not None or self.closed:
+            self._check()
         if len(self.calls) >= self.max:
             return None
         self.active = time.monotonic()  # the reactor stays out of a busy client's way
@@ -336,6 +339,45 @@ class _Core:
             yield from self.op_progress(lambda: self.written >= mark)
         return call
 
+    def call_alone(self, payload: bytes) -> _Call | None:
+        """``op_call`` without an operation's machinery, for the common case
+        of a call on a client nobody else is using (None if someone is: then
+        nothing was done).  One lock to begin, one send, then poll and
+        receive until the reply; about half the Python calls of a round trip.
+        Other threads that come meanwhile find a leader, as with op_call."""
+        with self.lock:
+            if self.leader or self.calls or self.outbox.size or self.sock is None:
+                return None
+            got = self._begin(payload, [], None)  # raises if broken or closed
+            assert got is not None  # nothing in flight: below max_in_flight
+            self.leader = True
+        call = got[0]
+        try:
+            poller = self.poller
+            if poller is None:
+                import select
+
+                poller = self.poller = select.poll()
+                poller.register(self.fd, _POLLIN)
+            events = _POLLIN
+            while True:
+                # The reply can't be there yet: poll first, not a receive that fails.
+                want = _POLLIN | _POLLOUT if self.outbox.size else _POLLIN
+                if want != events:
+                    poller.modify(self.fd, want)
+                    events = want
+                poller.poll()
+                state = self._pump_now()
+                if state == _EOF:
+                    run_blocking(self._op_eof())
+                if state != _OK or call.done:
+                    break
+            if events != _POLLIN:
+                poller.modify(self.fd, _POLLIN)
+        finally:
+            self._resign()
+        return call
+
     def op_call(self, payload: bytes, fds: list[int]) -> Op[Any]:
         got = None
         if not fds:
@@ -388,7 +430,7 @@ class _Core:
                     with self.lock:
                         if done() or self.error is not None:
                             return True
-                        writes = (fd,) if self.outbox else ()
+                        writes = (fd,) if self.outbox.size else ()
                     if deadline is not None and time.monotonic() >= deadline:
                         return False
                     yield Wait(reads=(fd,), writes=writes, deadline=deadline)
@@ -417,7 +459,7 @@ class _Core:
         sock = self.sock
         if sock is None:
             return _BROKEN
-        if self.outbox:
+        if self.outbox.size:
             with self.lock:
                 self._flush()
         decoder = self.decoder
@@ -440,7 +482,7 @@ class _Core:
             decoder.eof = True
         if decoder.eof:
             return _EOF
-        if self.outbox:
+        if self.outbox.size:
             with self.lock:
                 self._flush()
         return _BROKEN if self.error is not None else _OK
@@ -489,7 +531,12 @@ class _Core:
                     error = error or e
             else:
                 error = error or _exception(f.payload, codec)
-            self._complete(call, value, error)
+            fut = call.future
+            if fut is None:
+                call.value, call.error = value, error
+                call.done = True
+            else:
+                fut._anyfork_set(value, error)  # type: ignore[attr-defined]  # _complete, inline
         self.changed.notify()
 
     @staticmethod
@@ -498,10 +545,8 @@ class _Core:
         if fut is None:
             call.value, call.error = value, error
             call.done = True
-        elif error is None:
-            fut.set_result(value)
         else:
-            fut.set_exception(error)
+            fut._anyfork_set(value, error)  # type: ignore[attr-defined]
 
     def _event(self, f: W.Frame) -> None:
         try:
@@ -773,38 +818,95 @@ class _Future:
     @classmethod
     def make(cls, core: _Core) -> concurrent.futures.Future[Any]:
         if cls.cls is None:
-            import concurrent.futures
+            cls.cls = _future_class()
+        return cls.cls(core)  # type: ignore[no-any-return]
 
-            class Future(concurrent.futures.Future):  # type: ignore[type-arg]
-                """A future whose ``result()`` reads the socket itself when nobody
-                else is reading (so ``submit(...).result()`` costs no thread
-                hand-off)."""
 
-                def result(self, timeout: float | None = None) -> Any:
-                    if self._state != "FINISHED":  # else nothing to wait for or drive
-                        self._drive(timeout)
+def _future_class() -> type:
+    import concurrent.futures
+
+    finished = "FINISHED"
+
+    class Future(concurrent.futures.Future):  # type: ignore[type-arg]
+        """A ``concurrent.futures.Future`` that makes its ``Condition`` only
+        when something waits on it or adds to it, and whose ``result()``
+        reads the socket itself when nobody else is reading (so
+        ``submit(...).result()`` costs no thread hand-off).
+
+        The condition, made in ``__init__`` and taken by ``set_result`` and
+        ``result()``, was a quarter of a pipelined call's time.  Most of our
+        futures are asked for their result after it came, by the thread that
+        read it or one that found it done: neither needs a lock.  The
+        hazard is a waiter that arrives while the result is being set:
+        ``_complete`` stores the result and the state first and looks for a
+        condition after, and every waiter (``result``, ``wait``,
+        ``as_completed``, ``add_done_callback``) makes the condition first and
+        looks at the state after, under it, so one of them sees the other.
+        """
+
+        def __init__(self, core: _Core) -> None:  # not super's: no condition yet
+            self._anyfork_core = core
+            # It is sent at once, so it can't be cancelled: RUNNING from the start.
+            self._state = "RUNNING"
+            self._result = None
+            self._exception: BaseException | None = None
+            self._waiters: list[Any] = []
+            self._done_callbacks: list[Any] = []
+
+        @property
+        def _condition(self) -> threading.Condition:  # type: ignore[override]
+            d = self.__dict__
+            cond = d.get("_anyfork_cond")
+            if cond is None:
+                cond = d.setdefault("_anyfork_cond", threading.Condition())
+            return cond  # type: ignore[no-any-return]
+
+        def _anyfork_set(self, value: Any, error: BaseException | None) -> None:
+            if error is None:
+                self._result = value
+            else:
+                self._exception = error
+            self._state = finished
+            if "_anyfork_cond" in self.__dict__:
+                with self._condition:
+                    for waiter in self._waiters:
+                        if error is None:
+                            waiter.add_result(self)
+                        else:
+                            waiter.add_exception(self)
+                    self._condition.notify_all()
+                self._invoke_callbacks()  # type: ignore[attr-defined]
+
+        def done(self) -> bool:
+            return self._state == finished
+
+        def result(self, timeout: float | None = None) -> Any:
+            if self._state != finished:
+                self._drive(timeout)
+                if self._state != finished:
                     return super().result(timeout)
+            exc = self._exception
+            if exc is None:
+                return self._result
+            del self  # the traceback keeps this frame: no cycle through it
+            try:
+                raise exc
+            finally:
+                del exc
 
-                def exception(self, timeout: float | None = None) -> BaseException | None:
-                    self._drive(timeout)
+        def exception(self, timeout: float | None = None) -> BaseException | None:
+            if self._state != finished:
+                self._drive(timeout)
+                if self._state != finished:
                     return super().exception(timeout)
+            return self._exception
 
-                _anyfork_core: _Core
+        def _drive(self, timeout: float | None) -> None:
+            if threading.current_thread() is getattr(_the_reactor, "thread", None):
+                return
+            run_blocking(self._anyfork_core.op_progress(self.done, deadline_after(timeout)))
 
-                def _drive(self, timeout: float | None) -> None:
-                    core = self._anyfork_core
-                    if self.done() or threading.current_thread() is getattr(_the_reactor, "thread", None):
-                        return
-                    run_blocking(core.op_progress(self.done, deadline_after(timeout)))
-
-            cls.cls = Future
-        fut = cls.cls()
-        fut._anyfork_core = core
-        # It is sent at once, so it can't be cancelled: RUNNING from the start.
-        # (set_running_or_notify_cancel() does the same under the future's
-        # condition, which costs a submit a tenth of its time.)
-        fut._state = "RUNNING"
-        return fut  # type: ignore[no-any-return]
+    return Future
 
 
 def _finalize(core: _Core) -> None:
@@ -853,14 +955,24 @@ class Client:
         """
         core = self._core
         payload, fds = core.encode(args, kwargs)
-        return run_blocking(core.op_call(payload, fds))
+        call = core.call_alone(payload) if not fds else None
+        if call is None:
+            return run_blocking(core.op_call(payload, fds))
+        if not call.done:  # never, unless the socket was disposed of meanwhile
+            run_blocking(core.op_progress(lambda: call.done))
+        if call.error is not None:
+            raise call.error
+        return call.value
 
     def submit(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
         """Send a call; a Future of its result.  Blocks while max_in_flight
         calls are unanswered, and until the call is written."""
         core = self._core
-        payload, fds = core.encode(args, kwargs)
-        fut = _Future.make(core)
+        payload, fds = core.codec.dumps_call(args, kwargs)  # encode(), inline
+        if len(fds) > W.MAX_FDS:
+            W.close_fds(fds)
+            raise ValueError(f"a call carries at most {W.MAX_FDS} descriptors")
+        fut = (_Future.cls or _Future.make)(core)
         got = None
         if not fds:
             with core.lock:  # the common case, without an operation's machinery
