@@ -154,3 +154,66 @@ def test_a_wrong_host_key_fails_new_exec_with_sshs_words(hosts: sshd.Hosts) -> N
     config.write_text(hosts.config.read_text().replace(str(hosts.known_hosts), str(wrong)))
     with pytest.raises(anyfork.Error, match=r"(?i)host key"):
         remote.new_exec([sshd.SSH or "ssh", "-F", str(config), "host1", sys.executable])
+
+
+# --- what results from a remote host may unpickle to (_results) -------------------------------
+
+
+def test_results_from_a_remote_host_name_only_what_is_allowed(command: list[str]) -> None:
+    import pickle
+
+    import remote_handlers as h
+    from anyfork import rpc
+
+    tpl = remote.template(command)
+    with rpc.run(tpl.fork(), "remote_handlers:values") as client:
+        assert client() == h.values()  # builtins and the standard value types
+    with rpc.run(tpl.fork(), "remote_handlers:fails") as client, pytest.raises(KeyError):
+        client()  # built-in exceptions
+    with rpc.run(tpl.fork(), "remote_handlers:point") as client, \
+            pytest.raises(pickle.UnpicklingError, match=r"remote_handlers\.Point.*allow="):
+        client(1, 2)
+    tpl.close()
+    tpl.wait(20)
+    for allow in (["remote_handlers.Point"], ["remote_handlers.*"]):
+        p = remote.new_exec(command, allow=allow)
+        with rpc.run(p, "remote_handlers:point") as client:
+            assert client(1, 2) == h.Point(1, 2)
+
+
+def test_a_crafted_pickle_from_a_remote_host_runs_nothing_in_the_caller(command: list[str],
+                                                                        tmp_path: Path) -> None:
+    import pickle
+
+    from anyfork import rpc
+
+    tpl = remote.template(command)
+    with rpc.run(tpl.fork(), "remote_handlers:crafted") as client, \
+            pytest.raises(pickle.UnpicklingError, match="getpid"):
+        client()  # plain pickle would call os.getpid here and return this pid
+    events: list[object] = []
+    with rpc.run(tpl.fork(), "remote_handlers:crafted_event", on_event=events.append) as client, \
+            pytest.raises(pickle.UnpicklingError, match="getpid"):
+        client()
+    assert events == []
+    made = tmp_path / "made-by-unpickling"
+    with rpc.run(tpl.fork(), "remote_handlers:crafted_error") as client, \
+            pytest.raises(rpc.RemoteError, match="CraftedError"):
+        client(str(made))
+    assert not made.exists()
+    tpl.close()
+    tpl.wait(20)
+
+
+def test_allow_star_unpickles_anything_from_a_trusted_host(command: list[str]) -> None:
+    from anyfork import rpc
+
+    p = remote.new_exec(command, allow=["*"])
+    with rpc.run(p, "remote_handlers:crafted") as client:
+        assert client() == os.getpid()  # what plain pickle does: the caller ran os.getpid
+
+
+def test_a_bad_allow_entry_fails_at_the_call_before_ssh_starts() -> None:
+    for allow, error in (("remote_handlers.Point", TypeError), (["Point"], ValueError), ([1], TypeError)):
+        with pytest.raises(error, match="allow"):
+            remote.new_exec(["/nonexistent/ssh", "host", "python3"], allow=allow)  # type: ignore[arg-type]

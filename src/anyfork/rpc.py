@@ -163,7 +163,7 @@ def _exception(payload: bytes, codec: W._Codec) -> BaseException:
     type_name, message, tb, pickled = W.decode_error(payload)
     if pickled and codec.carries_fds:
         try:
-            exc = pickle.loads(pickled)
+            exc = codec.loads(pickled, [])  # restricted for a remote host's (see _results)
         except Exception:
             exc = None
         if isinstance(exc, BaseException):
@@ -961,7 +961,10 @@ class AsyncClient:
 
 def _prepare(proc: Process, func: object, serializer: object, init: object,
              max_in_flight: int, *, boot: str | None = None) -> tuple[W._Codec, bytes]:
-    codec = W.serializer(serializer)
+    from ._process import host_of
+    from ._results import codec_for
+
+    codec = codec_for(W.serializer(serializer), host_of(proc))
     if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
         raise ValueError(f"max_in_flight must be a positive int, not {max_in_flight!r}")
     names = [_name(func, "rpc.run()"), "" if init is None else _name(init, "init"),
