@@ -217,3 +217,61 @@ def test_a_bad_allow_entry_fails_at_the_call_before_ssh_starts() -> None:
     for allow, error in (("remote_handlers.Point", TypeError), (["Point"], ValueError), ([1], TypeError)):
         with pytest.raises(error, match="allow"):
             remote.new_exec(["/nonexistent/ssh", "host", "python3"], allow=allow)  # type: ignore[arg-type]
+
+
+# --- rpc on a host that has no anyfork ----------------------------------------------------------
+
+
+def _hiding_the_callers_anyfork(command: list[str]) -> list[str]:
+    """``command`` with the far side in a mount namespace of its own where
+    the caller's anyfork directory is an empty tmpfs, its Python isolated
+    (-I: no environment, no user site, no cwd on the path) and run from /."""
+    import shlex
+    import subprocess
+
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True,
+                           timeout=20, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare -m is not permitted here: {probe.stderr.decode().strip()}")
+    script = f"mount -t tmpfs anyfork-hidden {shlex.quote(PKG)} && cd / && exec \"$@\""
+    ssh, *rest = command[:-1]
+    return [ssh, *rest, "unshare", "-m", "--propagation", "private", "sh", "-c", shlex.quote(script), "sh",
+            command[-1], "-I"]
+
+
+PKG = str(Path(anyfork.__file__).resolve().parent)
+
+
+def test_rpc_and_pool_boot_their_worker_from_the_caller_where_anyfork_is_not(command: list[str]) -> None:
+    from anyfork import pool, rpc
+
+    hidden = _hiding_the_callers_anyfork(command)
+    tpl = remote.template(hidden)
+    with rpc.run(tpl.fork(), "os:listdir") as client:
+        assert client(PKG) == []  # the far side can't see the caller's anyfork
+    with pool.run(tpl, "operator:add", max=2) as p:
+        assert [f.result(20) for f in [p.submit(i, 1) for i in range(6)]] == [i + 1 for i in range(6)]
+
+
+def test_a_stuck_remote_pool_call_is_stopped_through_its_hub(command: list[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from anyfork import pool
+
+    groups: list[int] = []
+    real_killpg = os.killpg
+
+    def killpg(pgid: int, sig: int) -> None:
+        groups.append(pgid)
+        real_killpg(pgid, sig)
+
+    # A remote pid is another host's: signalling it as a local group would
+    # hit whatever has that number here (on loopback the same process, so
+    # only a record of the call can tell).
+    monkeypatch.setattr(os, "killpg", killpg)
+    tpl = remote.template(command)
+    with pool.run(tpl, "time:sleep", max=1, timeout=1.0) as p:
+        stuck = p.submit(60)
+        with pytest.raises(pool.TaskTimeoutError):
+            stuck.result(30)
+        assert p.submit(0).result(30) is None  # a new worker took over
+    assert groups == []

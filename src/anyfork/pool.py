@@ -433,6 +433,7 @@ class Pool:
 
     def _start_worker(self) -> None:
         from . import _mainmod, rpc
+        from ._process import host_of
 
         worker = _Worker()
         now = time.monotonic()
@@ -442,16 +443,19 @@ class Pool:
         try:
             proc = self._fork()
             worker.proc = proc
-            r, w = os.pipe()  # its stack dump comes back on this
-            os.set_blocking(r, False)
-            worker.dump = r
-            try:
-                main = _mainmod.describe()
-                proc.send_arg("" if self._init is None else rpc._name(self._init, "init"),
-                              "" if main is None else ":".join(main))
-                proc.send_fh(w)
-            finally:
-                os.close(w)
+            main = _mainmod.describe()
+            proc.send_arg("" if self._init is None else rpc._name(self._init, "init"),
+                          "" if main is None else ":".join(main))
+            if host_of(proc) is not None:
+                proc.send_arg("")  # no pipe to another host: it dumps its stack on its stderr
+            else:
+                r, w = os.pipe()  # its stack dump comes back on this
+                os.set_blocking(r, False)
+                worker.dump = r
+                try:
+                    proc.send_fh(w)
+                finally:
+                    os.close(w)
             worker.client = rpc._run(proc, self._func, self._serializer, _WORKER_INIT, self._on_event,
                                      self._sched.load, boot=self._boot)
         except BaseException as e:
@@ -544,7 +548,8 @@ class Pool:
         stack = ""
         try:
             proc.kill(DUMP_SIGNAL)
-            stack = _read_dump(worker.dump, _DUMP_WAIT)
+            if worker.dump >= 0:
+                stack = _read_dump(worker.dump, _DUMP_WAIT)
         except Error:
             pass
         call.timed_out = stack
@@ -655,8 +660,13 @@ def _kill_group(proc: Process, sig: int) -> None:
     children go too.  Only while the worker is known to be alive: its group
     id is its pid, and a group id can't be reused while the group has a
     member (the worker itself, not yet reaped by its template, holds it)."""
+    from ._process import host_of
+
     try:
         if proc.returncode is not None:
+            return
+        if host_of(proc) is not None:
+            proc.kill(sig)  # its pid is another host's: its hub signals it (not its group)
             return
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError, Error):

@@ -67,16 +67,25 @@ def _boot(*names: str) -> str:
     """Code for ``eval`` that imports ``names`` (modules of anyfork's that
     import only the standard library) without the rest of the library, as
     the serve loop itself is imported, unless the process has anyfork
-    already (a fork of a template that loaded it)."""
+    already (a fork of a template that loaded it).
+
+    Locally they come from this package's directory.  On a remote host that
+    directory is the caller's, not the host's (or, worse, a different
+    anyfork's): a process there that forwards modules from the caller
+    (``_importer``) gets them through it instead, the same sources as the
+    caller's."""
     lines = [
         "import sys",
+        "imp = sys.modules.get('_anyfork_remote._importer')",
+        "forwarded = imp is not None and any(isinstance(f, imp.Finder) for f in sys.meta_path)",
+        f"path = [imp.MARK] if forwarded else [{_PKG_DIR!r}]",
         f"for name in {names!r}:",
         "    if name in sys.modules:",
         "        continue",
         "    if 'anyfork' in sys.modules:",
         "        __import__(name)",
         "        continue",
-        "    m = type(sys)('anyfork'); m.__path__ = [" + repr(_PKG_DIR) + "]",
+        "    m = type(sys)('anyfork'); m.__path__ = path",
         "    sys.modules['anyfork'] = m",
         "    try:",
         "        __import__(name)",
