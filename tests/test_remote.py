@@ -275,3 +275,100 @@ def test_a_stuck_remote_pool_call_is_stopped_through_its_hub(command: list[str],
             stuck.result(30)
         assert p.submit(0).result(30) is None  # a new worker took over
     assert groups == []
+
+
+# --- the caller killed --------------------------------------------------------------------------
+
+CALLER = """
+import sys
+from anyfork import remote
+tpl = remote.template(sys.argv[1:]).eval(
+    "import os\\n"
+    "def stuck(sock):\\n"
+    "    r, w = os.pipe()\\n"
+    "    os.read(r, 1)  # deaf to its socket: only a signal ends it\\n")
+kids = [tpl.fork() for _ in range(3)]
+socks = [k.run("stuck") for k in kids]
+print(*[p.pid for p in [tpl, *kids]], flush=True)
+sys.stdin.read()
+"""
+
+
+def _marked(marker: str) -> list[int]:
+    """Pids of this machine's processes whose argv has ``marker``, but not ssh's (the caller's side)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                state = f.read().rpartition(b")")[2].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in argv and not os.path.basename(argv[0]).startswith(b"ssh") and state != b"Z":
+            found.append(int(entry))
+    return found
+
+
+def test_everything_a_sigkilled_caller_started_remotely_exits_within_2_s(hosts: sshd.Hosts) -> None:
+    import select
+    import subprocess
+    import time
+    import uuid
+
+    marker = f"anyfork_test_{uuid.uuid4().hex}"  # -X takes any name: the remote argv carries it
+    command = hosts.ssh("host1", sys.executable, "-X", marker)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(PKG).parent), TESTS]))
+    caller = subprocess.Popen([sys.executable, "-c", CALLER, *command], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, env=env)
+    try:
+        assert caller.stdout is not None
+        assert select.select([caller.stdout], [], [], 60)[0], "the caller did not start its processes"
+        pids = [int(p) for p in caller.stdout.readline().split()]
+        assert len(pids) == 4
+        assert set(pids) <= set(_marked(marker))  # the template and its forks (and the hub)
+        caller.kill()
+        caller.wait(20)
+        deadline = time.monotonic() + 2.0
+        while _marked(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _marked(marker) == [], "remote processes outlived the caller by 2 s"
+    finally:
+        caller.kill()
+        caller.wait(20)
+        for pid in _marked(marker):
+            os.kill(pid, signal.SIGKILL)  # what a failure left: not for the next test
+        for f in (caller.stdin, caller.stdout):
+            if f is not None:
+                f.close()
+
+
+# --- another Python on the far side ------------------------------------------------------------
+
+
+def _other_python() -> str:
+    for version in ("3.12.1", "3.10.13", "3.13.0"):
+        path = f"/root/.pyenv/versions/{version}/bin/python"
+        if os.access(path, os.X_OK) and tuple(map(int, version.split(".")[:2])) != sys.version_info[:2]:
+            return path
+    pytest.skip("no other CPython 3 under /root/.pyenv/versions")
+
+
+def test_the_far_side_may_run_another_python(hosts: sshd.Hosts) -> None:
+    from anyfork import rpc
+
+    python = _other_python()
+    command = hosts.ssh("host1", python)
+    p = remote.new_exec(command).eval(HANDLERS + "def version():\n    return tuple(sys.version_info[:3])\n")
+    with p.fork().run("pids") as sock:
+        _, ppid = ast.literal_eval(_read(sock).decode())
+    assert ppid == p.pid
+    with rpc.run(p, "version") as client:
+        assert client()[:2] != sys.version_info[:2]
+        assert ".".join(map(str, client())) in python
+    with rpc.run(remote.new_exec(command), "remote_handlers:values") as client:
+        import remote_handlers
+
+        assert client() == remote_handlers.values()  # its pickles, this side's unpickler
