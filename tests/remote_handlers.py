@@ -62,3 +62,10 @@ class CraftedError(Exception):
 
 def crafted_error(path: str) -> None:
     raise CraftedError(path)
+
+
+def sleep_then_parent(seconds: float) -> int:
+    import time
+
+    time.sleep(seconds)  # long enough that a second worker takes some of the calls
+    return os.getppid()

@@ -39,7 +39,7 @@ HANDLERS = (
 
 @pytest.fixture(scope="module")
 def hosts() -> Iterator[sshd.Hosts]:
-    h = sshd.hosts_or_skip("host1")
+    h = sshd.hosts_or_skip("host1", "host2")  # two servers stand in for two hosts
     yield h
     h.close()
 
@@ -144,7 +144,7 @@ def test_the_connection_dropping_fails_calls_and_ends_the_remote_processes(comma
 
 
 def test_a_wrong_host_key_fails_new_exec_with_sshs_words(hosts: sshd.Hosts) -> None:
-    (server,) = hosts.servers
+    server = hosts.servers[0]
     other_key = hosts.dir / "remote_other_key"
     if not other_key.exists():
         sshd._keygen(other_key)
@@ -372,3 +372,51 @@ def test_the_far_side_may_run_another_python(hosts: sshd.Hosts) -> None:
         import remote_handlers
 
         assert client() == remote_handlers.values()  # its pickles, this side's unpickler
+
+
+# --- pools across hosts -------------------------------------------------------------------------
+
+
+def _parent(pid: int) -> int:
+    """``pid``'s parent (loopback: the far side's processes are this machine's)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rpartition(b")")[2].split()[1])
+
+
+def test_a_pool_over_templates_on_two_hosts_and_here_forks_max_from_each(hosts: sshd.Hosts) -> None:
+    import time
+
+    from anyfork import pool
+
+    templates = [remote.template(hosts.ssh("host1", sys.executable)),
+                 remote.template(hosts.ssh("host2", sys.executable)), anyfork.new()]
+    pids = [t.pid for t in templates]
+    with pool.run(templates, "operator:add", max=2, idle=6) as p:
+        deadline = time.monotonic() + 30
+        while len(p.workers) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = p.workers
+        assert sorted(_parent(w) for w in workers) == sorted(pids * 2)  # max is per template
+        assert [f.result(20) for f in [p.submit(i, 1) for i in range(20)]] == [i + 1 for i in range(20)]
+
+
+def test_a_pool_goes_on_on_its_other_hosts_when_one_is_gone(hosts: sshd.Hosts) -> None:
+    from anyfork import pool
+
+    gone = remote.template(hosts.ssh("host1", sys.executable))
+    there = remote.template(hosts.ssh("host2", sys.executable))
+    os.kill(remote._connections[id(gone)].pid, signal.SIGKILL)  # its ssh
+    with pytest.raises(anyfork.Error):
+        gone.wait(20)  # the drop is seen: its exit status can't be known
+    with pool.run([gone, there], "os:getppid", max=2) as p:
+        assert {p.submit().result(30) for _ in range(5)} == {there.pid}
+
+
+def test_an_executor_over_templates_on_two_hosts(hosts: sshd.Hosts) -> None:
+    import remote_handlers
+
+    tpls = [remote.template(hosts.ssh(alias, sys.executable)) for alias in ("host1", "host2")]
+    with anyfork.Executor(max_workers=1, template=tpls) as ex:
+        futures = [ex.submit(remote_handlers.sleep_then_parent, 0.2) for _ in range(10)]
+        assert {f.result(60) for f in futures} == {t.pid for t in tpls}
+

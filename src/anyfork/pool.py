@@ -46,7 +46,7 @@ from . import _pool_core
 from ._errors import Error, ProcessStateError, TimeoutExpired
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from typing_extensions import Self
 
@@ -131,10 +131,11 @@ class _Call:
 class _Worker:
     """The driver's side of one worker: its process, its rpc client, its calls."""
 
-    __slots__ = ("calls", "client", "closed", "dump", "proc", "rec")
+    __slots__ = ("calls", "client", "closed", "dump", "proc", "rec", "tpl")
 
     def __init__(self) -> None:
         self.proc: Process | None = None
+        self.tpl = -1  # which of the pool's templates it was forked from
         self.client: _rpc.Client | None = None
         self.rec: _pool_core.Worker | None = None
         self.calls: set[_Call] = set()
@@ -173,7 +174,7 @@ class Pool:
     ``pool.call``), or ``submit`` for a future, or ``await call_async``.
     """
 
-    def __init__(self, token: object, template: Process | None, func: str | Callable[..., Any], *,
+    def __init__(self, token: object, templates: list[Process | None], func: str | Callable[..., Any], *,
                  max: int | None, idle: int, load: int, start: float, stop: float,
                  serializer: Any, init: str | Callable[..., Any] | None,
                  on_event: Callable[..., Any] | None, max_tasks: int | None, timeout: float | None,
@@ -186,15 +187,19 @@ class Pool:
         self._on_event = on_event
         self._boot = boot
         self._timeout = timeout
+        # max is per template: the scheduler counts them all, _fork places each.
+        self._max = max or _cpus()
         self._sched: _pool_core.Scheduler[_Call] = _pool_core.Scheduler(
-            max=max or _cpus(), idle=idle, load=load, start=start, stop=stop, max_tasks=max_tasks)
+            max=self._max * len(templates), idle=idle, load=load, start=start, stop=stop,
+            max_tasks=max_tasks)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._workers: list[_Worker] = []
         self._closed = False
         self._broken: BaseException | None = None
-        self._template = template
-        self._forking_ahead = False
+        self._templates = templates
+        self._dead: set[int] = set()  # templates that could not fork: out of the rotation
+        self._forking_ahead: set[int] = set()
         self._manager: threading.Thread | None = None
         self._closing: list[_Worker] = []  # let go, their exit not yet collected
 
@@ -441,7 +446,7 @@ class Pool:
             worker.rec = self._sched.added(worker, now)
             self._workers.append(worker)
         try:
-            proc = self._fork()
+            proc = self._fork(worker)
             worker.proc = proc
             main = _mainmod.describe()
             proc.send_arg("" if self._init is None else rpc._name(self._init, "init"),
@@ -467,16 +472,42 @@ class Pool:
                 pairs = self._placed(self._sched.ready(worker.rec, time.monotonic()))
         self._send(pairs)
 
-    def _fork(self) -> Process:
-        if self._template is None:
-            import anyfork
+    def _fork(self, worker: _Worker) -> Process:
+        """A new worker's process, from the template (of several, on several
+        hosts maybe) with the fewest workers and room for one more.  One
+        that can't fork (its host is gone) is left out from then on, and
+        the others take its share."""
+        while True:
+            with self._lock:
+                counts = [0] * len(self._templates)
+                for w in self._workers:
+                    if w.tpl >= 0:
+                        counts[w.tpl] += 1
+                room = [i for i, n in enumerate(counts) if n < self._max and i not in self._dead]
+                if not room:
+                    raise Error("no template of the pool can fork: "
+                                + ("every one failed" if self._dead else "each has max workers"))
+                i = worker.tpl = min(room, key=counts.__getitem__)
+                tpl = self._templates[i]
+            if tpl is None:
+                import anyfork
 
-            self._template = anyfork.new()
-        fork_ahead = getattr(self._template, "fork_ahead", None)
-        if fork_ahead is not None and not self._forking_ahead:
-            fork_ahead(1)  # the next worker is forked before it is asked for
-            self._forking_ahead = True
-        return self._template.fork()
+                tpl = self._templates[i] = anyfork.new()
+            try:
+                fork_ahead = getattr(tpl, "fork_ahead", None)
+                if fork_ahead is not None and i not in self._forking_ahead:
+                    fork_ahead(1)  # the next worker is forked before it is asked for
+                    self._forking_ahead.add(i)
+                return tpl.fork()
+            except Error:
+                if len(self._templates) == 1:
+                    raise  # the pool's only one: as it was, tried again on the next start
+                with self._lock:
+                    self._dead.add(i)
+                    left = len(self._templates) - len(self._dead)
+                    self._sched.max = self._max * left or 1
+                if not left:
+                    raise
 
     def _failed_to_start(self, worker: _Worker, e: BaseException, call: _Call | None = None) -> None:
         """``worker`` can't serve (its fork, its rpc handshake or its init
@@ -573,8 +604,9 @@ class Pool:
                 except Error:
                     if worker.proc is not None:
                         _kill_group(worker.proc, signal.SIGKILL)
-        if self._template is not None:
-            self._template.close()
+        for tpl in self._templates:
+            if tpl is not None:
+                tpl.close()
 
     def _signal_workers(self, sig: int) -> None:
         """Signal every live worker (through its template: never a recycled pid)."""
@@ -673,7 +705,8 @@ def _kill_group(proc: Process, sig: int) -> None:
         pass
 
 
-def run(template: Process | None, func: str | Callable[..., Any], *, max: int | None = None, idle: int = 0,
+def run(template: Process | Sequence[Process] | None, func: str | Callable[..., Any], *,
+        max: int | None = None, idle: int = 0,
         load: int = 2, start: float = 0.1, stop: float = 10.0, serializer: Any = "pickle",
         init: str | Callable[..., Any] | None = None, on_event: Callable[..., Any] | None = None,
         max_tasks: int | None = None, timeout: float | None = None) -> Pool:
@@ -682,10 +715,13 @@ def run(template: Process | None, func: str | Callable[..., Any], *, max: int | 
     Args:
         template: an unrun Process prepared with ``require``, ``eval``,
             ``send_fh`` and ``send_arg`` (its workers share what it loaded and
-            every descriptor it was sent), or None for a fresh ``anyfork.new()``.
-            The pool owns it: it is closed when the pool is done.
+            every descriptor it was sent), or None for a fresh ``anyfork.new()``;
+            or a list of them (local and remote mixed: ``anyfork.remote``),
+            each forking up to ``max`` workers, new ones going to the one with
+            the fewest.  The pool owns them: they are closed when it is done.
         func: the handler, named as for :func:`anyfork.rpc.run`.
-        max: most workers at once (default: the CPUs this process may use).
+        max: most workers at once, per template (default: the CPUs this
+            process may use).
         idle: fewest workers kept, even with nothing to do.
         load: most calls given to one worker at a time.
         start: seconds calls wait in the queue before another worker starts.
@@ -709,8 +745,21 @@ def run(template: Process | None, func: str | Callable[..., Any], *, max: int | 
         raise ValueError(f"timeout must be > 0, got {timeout!r}")
     from ._process import Process
 
-    if template is not None and not isinstance(template, Process):
-        raise TypeError(f"template must be an anyfork Process or None, not {type(template).__name__}")
+    if template is None or isinstance(template, Process):
+        templates: list[Process | None] = [template]
+    elif isinstance(template, (list, tuple)):
+        templates = list(template)
+    else:
+        raise TypeError(f"template must be an anyfork Process, a list of them, or None, "
+                        f"not {type(template).__name__}")
+    if not templates:
+        raise ValueError("template is an empty list: give at least one template")
+    for t in templates:
+        if (t is not None or len(templates) > 1) and not isinstance(t, Process):
+            raise TypeError(f"template must be an anyfork Process, a list of them, or None, "
+                            f"not {type(t).__name__}")
+    if len({id(t) for t in templates}) != len(templates):
+        raise ValueError("a template appears twice in the list")
     from . import _rpc_wire, rpc
 
     rpc._name(func, "pool.run()")
@@ -719,7 +768,7 @@ def run(template: Process | None, func: str | Callable[..., Any], *, max: int | 
     _rpc_wire.serializer(serializer)  # a bad one fails here, before anything starts
     if on_event is not None and not callable(on_event):
         raise TypeError(f"on_event must be callable, not {type(on_event).__name__}")
-    pool = Pool(_TOKEN, template, func, max=max, idle=idle, load=load, start=start, stop=stop,
+    pool = Pool(_TOKEN, templates, func, max=max, idle=idle, load=load, start=start, stop=stop,
                 serializer=serializer, init=init, on_event=on_event, max_tasks=max_tasks, timeout=timeout,
                 boot=rpc._boot(*_BOOT_MODULES))
     if idle:
