@@ -836,8 +836,15 @@ def measure(cfg: Config, command: str) -> dict[str, Any]:
     sys.stderr.write("bench: calls\n")
     calls = _bench_calls.measure(cfg.quick, cfg.rounds)
     failed.extend(calls["failed"])
+    # The "Remote" section (anyfork.remote over a loopback sshd): its own job too.
+    from . import _bench_remote
+
+    sys.stderr.write("bench: remote\n")
+    remote = _bench_remote.measure(cfg.quick, cfg.rounds)
+    failed.extend(remote["failed"])
     return {
         "calls": calls,
+        "remote": remote,
         "command": command,
         "machine": info,
         "config": cfg._asdict(),
@@ -932,6 +939,10 @@ def report(result: dict[str, Any]) -> str:
         from . import _bench_calls
 
         out.extend(_bench_calls.report(result["calls"]))
+    if "remote" in result:
+        from . import _bench_remote
+
+        out.extend(_bench_remote.report(result["remote"]))
     out.append("")
     out.append("Targets (issue 4; ratios from this run):")
     for t in result["targets"]:
