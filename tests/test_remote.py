@@ -420,3 +420,16 @@ def test_an_executor_over_templates_on_two_hosts(hosts: sshd.Hosts) -> None:
         futures = [ex.submit(remote_handlers.sleep_then_parent, 0.2) for _ in range(10)]
         assert {f.result(60) for f in futures} == {t.pid for t in tpls}
 
+
+
+def doubled(x: int) -> int:
+    """A function of this module, which pytest's loader (it has no get_source) imported."""
+    return 2 * x
+
+
+def test_a_module_pytest_imported_is_forwarded_from_its_file(command: list[str]) -> None:
+    from anyfork import rpc
+
+    assert getattr(sys.modules[__name__].__loader__, "get_source", None) is None  # the premise
+    with rpc.run(remote.new_exec(command), doubled) as client:
+        assert client(21) == 42
