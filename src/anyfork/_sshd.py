@@ -75,7 +75,7 @@ class Hosts:
         return server
 
     def ssh(self, alias: str, *remote: str) -> list[str]:
-        """The argv that runs ``remote`` on ``alias`` (ssh quotes it for the remote shell)."""
+        """The argv that runs ``remote`` on ``alias`` (ssh joins the words with spaces: quote them)."""
         assert SSH is not None
         return [SSH, "-F", str(self.config), alias, *remote]
 
