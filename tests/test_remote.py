@@ -433,3 +433,47 @@ def test_a_module_pytest_imported_is_forwarded_from_its_file(command: list[str])
     assert getattr(sys.modules[__name__].__loader__, "get_source", None) is None  # the premise
     with rpc.run(remote.new_exec(command), doubled) as client:
         assert client(21) == 42
+
+
+# --- faults -------------------------------------------------------------------------------------
+
+
+def test_a_sigkilled_remote_template_fails_its_forks_clearly_and_a_new_one_works(command: list[str]) -> None:
+    tpl = remote.template(command).eval(HANDLERS)
+    tpl.fork().close()  # a template now
+    tpl.kill(signal.SIGKILL)
+    assert tpl.wait(20) == -signal.SIGKILL
+    with pytest.raises(anyfork.Error, match="template"):
+        tpl.fork().run("pids")
+    tpl.close()
+    again = remote.template(command).eval(HANDLERS)
+    child = again.fork()
+    with child.run("pids") as sock:
+        _, ppid = ast.literal_eval(_read(sock).decode())
+    assert ppid == again.pid
+    assert child.wait(20) == 0
+    again.close()
+    again.wait(20)
+
+
+@pytest.mark.parametrize("end", ["the local ssh", "sshd's session process"])
+def test_rpc_calls_in_flight_fail_within_2_s_when_the_connection_drops(command: list[str], end: str) -> None:
+    from anyfork import rpc
+
+    p = remote.new_exec(command)
+    client = rpc.run(p, "time:sleep")
+    client.submit(0).result(20)  # serving
+    calls = [client.submit(60) for _ in range(3)]
+    conn = remote._connections[id(p)]
+    assert conn.hello is not None
+    hub = conn.hello[0]
+    victim = conn.pid if end == "the local ssh" else _parent(hub)  # loopback: the far side is here
+    os.kill(victim, signal.SIGKILL)
+    for call in calls:
+        with pytest.raises(anyfork.WorkerDiedError, match=r"out of reach: .*connection"):
+            call.result(2)  # not concurrent.futures' TimeoutError: failed, and soon
+    assert wait_exited(hub, 5)
+    assert wait_exited(p.pid, 5)
+    client.close()
+    with pytest.raises(anyfork.Error):
+        client.wait(5)  # its exit status went with the connection

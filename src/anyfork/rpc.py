@@ -547,17 +547,20 @@ class _Core:
             return
         deadline = time.monotonic() + _EXIT_GRACE
         returncode = None
+        lost: Error | None = None
         while True:
             try:
                 returncode = self.proc.returncode
-            except Error:
+            except Error as e:
+                lost = e  # a remote host's connection ended: its status can't be known
                 break
             if returncode is not None or time.monotonic() >= deadline:
                 break
             yield Wait(deadline=min(deadline, time.monotonic() + 0.005))
         from ._errors import WorkerDiedError
 
-        self._fail(WorkerDiedError(self.pid, returncode))
+        self._fail(WorkerDiedError(self.pid, returncode,
+                                   f"worker process {self.pid} is out of reach: {lost}" if lost else ""))
 
     def op_exit(self, deadline: float | None) -> Op[int]:
         """Wait for the exit status, reading meanwhile (the worker may be
@@ -565,7 +568,11 @@ class _Core:
         if not (yield from self.op_progress(lambda: self.eof, deadline)):
             raise TimeoutExpired(f"worker process {self.pid} still running")
         while True:
-            returncode = self.proc.returncode
+            try:
+                returncode = self.proc.returncode
+            except Error:
+                self.dispose()  # its status is lost (a remote connection ended): so is the socket's use
+                raise
             if returncode is not None:
                 self.dispose()
                 return returncode
