@@ -64,8 +64,17 @@ def crafted_error(path: str) -> None:
     raise CraftedError(path)
 
 
-def sleep_then_parent(seconds: float) -> int:
+remembered = ""
+
+
+def remember(what: str) -> None:
+    """An Executor's initializer."""
+    global remembered
+    remembered = what
+
+
+def sleep_then_parent(seconds: float) -> tuple[int, str]:
     import time
 
     time.sleep(seconds)  # long enough that a second worker takes some of the calls
-    return os.getppid()
+    return os.getppid(), remembered

@@ -416,9 +416,10 @@ def test_an_executor_over_templates_on_two_hosts(hosts: sshd.Hosts) -> None:
     import remote_handlers
 
     tpls = [remote.template(hosts.ssh(alias, sys.executable)) for alias in ("host1", "host2")]
-    with anyfork.Executor(max_workers=1, template=tpls) as ex:
+    with anyfork.Executor(max_workers=1, template=tpls, initializer=remote_handlers.remember,
+                          initargs=("initialized",)) as ex:
         futures = [ex.submit(remote_handlers.sleep_then_parent, 0.2) for _ in range(10)]
-        assert {f.result(60) for f in futures} == {t.pid for t in tpls}
+        assert {f.result(60) for f in futures} == {(t.pid, "initialized") for t in tpls}
 
 
 
