@@ -46,7 +46,7 @@ class QuickRun(NamedTuple):
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    proc = subprocess.run(
+    proc = subprocess.run(  # (a long timeout: the Remote section starts an sshd)
         [sys.executable, "-m", "anyfork", "bench", "--quick", "--json", str(out)],
         capture_output=True, text=True, timeout=120, env=_env(), check=False,
     )
@@ -213,3 +213,24 @@ def test_a_pools_job_measures_every_row() -> None:
 
     assert set(rows) == set(_bench_pools.ROWS)  # the crash row is a time: the next task ran
     assert all(v > 0 for v in rows.values()), rows
+
+
+def test_the_remote_section_has_every_row_or_says_why_not(quick: QuickRun) -> None:
+    from anyfork import _bench_remote, _sshd
+
+    assert "Remote: over ssh to a loopback sshd" in quick.stdout
+    remote = quick.result["remote"]
+    assert remote["failed"] == []
+    if _sshd.available():
+        assert any("Remote section skipped" in n for n in remote["notes"])
+        return
+    want = {"connect:anyfork", "fork:anyfork", "rt:anyfork", "pipe:anyfork", "fork:ssh", "fork:ssh_cm"}
+    if importlib.util.find_spec("execnet") is not None:
+        want |= {"connect:execnet", "rt:execnet", "pipe:execnet"}
+    else:
+        assert any("execnet rows skipped" in n for n in remote["notes"])
+    assert set(remote["rows"]) == want
+    assert all(v > 0 for v in remote["rows"].values())
+    assert len(remote["targets"]) == 4
+    for label in _bench_remote.LABELS.values():
+        assert label in quick.stdout

@@ -39,9 +39,10 @@ def _session_members(sid: int) -> list[int]:
     return members
 
 
-def run_example(name: str, tmp_path: Path, script: Path | None = None, cwd: Path = ROOT) -> str:
-    """Run examples/<name>.py (or ``script``) from the repository root (or
-    ``cwd``); its stdout.
+def run_example(name: str, tmp_path: Path, *args: str, script: Path | None = None,
+                cwd: Path = ROOT) -> str:
+    """Run examples/<name>.py (or ``script``) with ``args``, from the
+    repository root (or ``cwd``); its stdout.
 
     Output goes to files, not pipes: a process left behind would hold a pipe
     open, and reading it to EOF would wait for that process instead of
@@ -50,7 +51,7 @@ def run_example(name: str, tmp_path: Path, script: Path | None = None, cwd: Path
     out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
     with out_path.open("w") as out_f, err_path.open("w") as err_f:
         proc = subprocess.Popen(
-            [sys.executable, "-X", "dev", "-W", "error", str(script or EXAMPLES / f"{name}.py")],
+            [sys.executable, "-X", "dev", "-W", "error", str(script or EXAMPLES / f"{name}.py"), *args],
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=out_f,
@@ -168,3 +169,20 @@ def test_executor(tmp_path: Path) -> None:
     assert "squares: [0, 1, 4, 9, 16, 25, 36, 49]" in out
     assert "a worker died: 1" in out
     assert "and the executor goes on: 144" in out
+
+
+def test_remote_runs_on_a_host_over_ssh(tmp_path: Path) -> None:
+    import shlex
+
+    import sshd
+
+    hosts = sshd.hosts_or_skip("example")
+    try:
+        out = run_example("remote", tmp_path, "example", "--python", sys.executable,
+                          "--ssh", shlex.join([sshd.SSH or "ssh", "-F", str(hosts.config)]))
+    finally:
+        hosts.close()
+    assert "a forked worker: its parent is the remote template | same host as here" in out  # loopback
+    assert "send_fh: send_fh() can't pass descriptors to a process on" in out
+    assert "word counts: [4, 2, 3, 4, 2, 3, 4, 2, 3, 4, 2, 3]" in out
+    assert out.rstrip().endswith("done")

@@ -39,7 +39,7 @@ HANDLERS = (
 
 @pytest.fixture(scope="module")
 def hosts() -> Iterator[sshd.Hosts]:
-    h = sshd.hosts_or_skip("host1")
+    h = sshd.hosts_or_skip("host1", "host2")  # two servers stand in for two hosts
     yield h
     h.close()
 
@@ -144,7 +144,7 @@ def test_the_connection_dropping_fails_calls_and_ends_the_remote_processes(comma
 
 
 def test_a_wrong_host_key_fails_new_exec_with_sshs_words(hosts: sshd.Hosts) -> None:
-    (server,) = hosts.servers
+    server = hosts.servers[0]
     other_key = hosts.dir / "remote_other_key"
     if not other_key.exists():
         sshd._keygen(other_key)
@@ -154,3 +154,327 @@ def test_a_wrong_host_key_fails_new_exec_with_sshs_words(hosts: sshd.Hosts) -> N
     config.write_text(hosts.config.read_text().replace(str(hosts.known_hosts), str(wrong)))
     with pytest.raises(anyfork.Error, match=r"(?i)host key"):
         remote.new_exec([sshd.SSH or "ssh", "-F", str(config), "host1", sys.executable])
+
+
+# --- what results from a remote host may unpickle to (_results) -------------------------------
+
+
+def test_results_from_a_remote_host_name_only_what_is_allowed(command: list[str]) -> None:
+    import pickle
+
+    import remote_handlers as h
+    from anyfork import rpc
+
+    tpl = remote.template(command)
+    with rpc.run(tpl.fork(), "remote_handlers:values") as client:
+        assert client() == h.values()  # builtins and the standard value types
+    with rpc.run(tpl.fork(), "remote_handlers:fails") as client, pytest.raises(KeyError):
+        client()  # built-in exceptions
+    with rpc.run(tpl.fork(), "remote_handlers:point") as client, \
+            pytest.raises(pickle.UnpicklingError, match=r"remote_handlers\.Point.*allow="):
+        client(1, 2)
+    tpl.close()
+    tpl.wait(20)
+    for allow in (["remote_handlers.Point"], ["remote_handlers.*"]):
+        p = remote.new_exec(command, allow=allow)
+        with rpc.run(p, "remote_handlers:point") as client:
+            assert client(1, 2) == h.Point(1, 2)
+
+
+def test_a_crafted_pickle_from_a_remote_host_runs_nothing_in_the_caller(command: list[str],
+                                                                        tmp_path: Path) -> None:
+    import pickle
+
+    from anyfork import rpc
+
+    tpl = remote.template(command)
+    with rpc.run(tpl.fork(), "remote_handlers:crafted") as client, \
+            pytest.raises(pickle.UnpicklingError, match="getpid"):
+        client()  # plain pickle would call os.getpid here and return this pid
+    events: list[object] = []
+    with rpc.run(tpl.fork(), "remote_handlers:crafted_event", on_event=events.append) as client, \
+            pytest.raises(pickle.UnpicklingError, match="getpid"):
+        client()
+    assert events == []
+    made = tmp_path / "made-by-unpickling"
+    with rpc.run(tpl.fork(), "remote_handlers:crafted_error") as client, \
+            pytest.raises(rpc.RemoteError, match="CraftedError"):
+        client(str(made))
+    assert not made.exists()
+    tpl.close()
+    tpl.wait(20)
+
+
+def test_allow_star_unpickles_anything_from_a_trusted_host(command: list[str]) -> None:
+    from anyfork import rpc
+
+    p = remote.new_exec(command, allow=["*"])
+    with rpc.run(p, "remote_handlers:crafted") as client:
+        assert client() == os.getpid()  # what plain pickle does: the caller ran os.getpid
+
+
+def test_a_bad_allow_entry_fails_at_the_call_before_ssh_starts() -> None:
+    for allow, error in (("remote_handlers.Point", TypeError), (["Point"], ValueError), ([1], TypeError)):
+        with pytest.raises(error, match="allow"):
+            remote.new_exec(["/nonexistent/ssh", "host", "python3"], allow=allow)  # type: ignore[arg-type]
+
+
+# --- rpc on a host that has no anyfork ----------------------------------------------------------
+
+
+def _hiding_the_callers_anyfork(command: list[str]) -> list[str]:
+    """``command`` with the far side in a mount namespace of its own where
+    the caller's anyfork directory is an empty tmpfs, its Python isolated
+    (-I: no environment, no user site, no cwd on the path) and run from /."""
+    import shlex
+    import subprocess
+
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True,
+                           timeout=20, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare -m is not permitted here: {probe.stderr.decode().strip()}")
+    script = f"mount -t tmpfs anyfork-hidden {shlex.quote(PKG)} && cd / && exec \"$@\""
+    ssh, *rest = command[:-1]
+    return [ssh, *rest, "unshare", "-m", "--propagation", "private", "sh", "-c", shlex.quote(script), "sh",
+            command[-1], "-I"]
+
+
+PKG = str(Path(anyfork.__file__).resolve().parent)
+
+
+def test_rpc_and_pool_boot_their_worker_from_the_caller_where_anyfork_is_not(command: list[str]) -> None:
+    from anyfork import pool, rpc
+
+    hidden = _hiding_the_callers_anyfork(command)
+    tpl = remote.template(hidden)
+    with rpc.run(tpl.fork(), "os:listdir") as client:
+        assert client(PKG) == []  # the far side can't see the caller's anyfork
+    with pool.run(tpl, "operator:add", max=2) as p:
+        assert [f.result(20) for f in [p.submit(i, 1) for i in range(6)]] == [i + 1 for i in range(6)]
+
+
+def test_a_stuck_remote_pool_call_is_stopped_through_its_hub(command: list[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from anyfork import pool
+
+    groups: list[int] = []
+    real_killpg = os.killpg
+
+    def killpg(pgid: int, sig: int) -> None:
+        groups.append(pgid)
+        real_killpg(pgid, sig)
+
+    # A remote pid is another host's: signalling it as a local group would
+    # hit whatever has that number here (on loopback the same process, so
+    # only a record of the call can tell).
+    monkeypatch.setattr(os, "killpg", killpg)
+    tpl = remote.template(command)
+    with pool.run(tpl, "time:sleep", max=1, timeout=1.0) as p:
+        stuck = p.submit(60)
+        with pytest.raises(pool.TaskTimeoutError):
+            stuck.result(30)
+        assert p.submit(0).result(30) is None  # a new worker took over
+    assert groups == []
+
+
+# --- the caller killed --------------------------------------------------------------------------
+
+CALLER = """
+import sys
+from anyfork import remote
+tpl = remote.template(sys.argv[1:]).eval(
+    "import os\\n"
+    "def stuck(sock):\\n"
+    "    r, w = os.pipe()\\n"
+    "    os.read(r, 1)  # deaf to its socket: only a signal ends it\\n")
+kids = [tpl.fork() for _ in range(3)]
+socks = [k.run("stuck") for k in kids]
+print(*[p.pid for p in [tpl, *kids]], flush=True)
+sys.stdin.read()
+"""
+
+
+def _marked(marker: str) -> list[int]:
+    """Pids of this machine's processes whose argv has ``marker``, but not ssh's (the caller's side)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                state = f.read().rpartition(b")")[2].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in argv and not os.path.basename(argv[0]).startswith(b"ssh") and state != b"Z":
+            found.append(int(entry))
+    return found
+
+
+def test_everything_a_sigkilled_caller_started_remotely_exits_within_2_s(hosts: sshd.Hosts) -> None:
+    import select
+    import subprocess
+    import time
+    import uuid
+
+    marker = f"anyfork_test_{uuid.uuid4().hex}"  # -X takes any name: the remote argv carries it
+    command = hosts.ssh("host1", sys.executable, "-X", marker)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(PKG).parent), TESTS]))
+    caller = subprocess.Popen([sys.executable, "-c", CALLER, *command], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, env=env)
+    try:
+        assert caller.stdout is not None
+        assert select.select([caller.stdout], [], [], 60)[0], "the caller did not start its processes"
+        pids = [int(p) for p in caller.stdout.readline().split()]
+        assert len(pids) == 4
+        assert set(pids) <= set(_marked(marker))  # the template and its forks (and the hub)
+        caller.kill()
+        caller.wait(20)
+        deadline = time.monotonic() + 2.0
+        while _marked(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _marked(marker) == [], "remote processes outlived the caller by 2 s"
+    finally:
+        caller.kill()
+        caller.wait(20)
+        for pid in _marked(marker):
+            os.kill(pid, signal.SIGKILL)  # what a failure left: not for the next test
+        for f in (caller.stdin, caller.stdout):
+            if f is not None:
+                f.close()
+
+
+# --- another Python on the far side ------------------------------------------------------------
+
+
+def _other_python() -> str:
+    for version in ("3.12.1", "3.10.13", "3.13.0"):
+        path = f"/root/.pyenv/versions/{version}/bin/python"
+        if os.access(path, os.X_OK) and tuple(map(int, version.split(".")[:2])) != sys.version_info[:2]:
+            return path
+    pytest.skip("no other CPython 3 under /root/.pyenv/versions")
+
+
+def test_the_far_side_may_run_another_python(hosts: sshd.Hosts) -> None:
+    from anyfork import rpc
+
+    python = _other_python()
+    command = hosts.ssh("host1", python)
+    p = remote.new_exec(command).eval(HANDLERS + "def version():\n    return tuple(sys.version_info[:3])\n")
+    with p.fork().run("pids") as sock:
+        _, ppid = ast.literal_eval(_read(sock).decode())
+    assert ppid == p.pid
+    with rpc.run(p, "version") as client:
+        assert client()[:2] != sys.version_info[:2]
+        assert ".".join(map(str, client())) in python
+    with rpc.run(remote.new_exec(command), "remote_handlers:values") as client:
+        import remote_handlers
+
+        assert client() == remote_handlers.values()  # its pickles, this side's unpickler
+
+
+# --- pools across hosts -------------------------------------------------------------------------
+
+
+def _parent(pid: int) -> int:
+    """``pid``'s parent (loopback: the far side's processes are this machine's)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rpartition(b")")[2].split()[1])
+
+
+def test_a_pool_over_templates_on_two_hosts_and_here_forks_max_from_each(hosts: sshd.Hosts) -> None:
+    import time
+
+    from anyfork import pool
+
+    templates = [remote.template(hosts.ssh("host1", sys.executable)),
+                 remote.template(hosts.ssh("host2", sys.executable)), anyfork.new()]
+    pids = [t.pid for t in templates]
+    with pool.run(templates, "operator:add", max=2, idle=6) as p:
+        deadline = time.monotonic() + 30
+        while len(p.workers) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = p.workers
+        assert sorted(_parent(w) for w in workers) == sorted(pids * 2)  # max is per template
+        assert [f.result(20) for f in [p.submit(i, 1) for i in range(20)]] == [i + 1 for i in range(20)]
+
+
+def test_a_pool_goes_on_on_its_other_hosts_when_one_is_gone(hosts: sshd.Hosts) -> None:
+    from anyfork import pool
+
+    gone = remote.template(hosts.ssh("host1", sys.executable))
+    there = remote.template(hosts.ssh("host2", sys.executable))
+    os.kill(remote._connections[id(gone)].pid, signal.SIGKILL)  # its ssh
+    with pytest.raises(anyfork.Error):
+        gone.wait(20)  # the drop is seen: its exit status can't be known
+    with pool.run([gone, there], "os:getppid", max=2) as p:
+        assert {p.submit().result(30) for _ in range(5)} == {there.pid}
+
+
+def test_an_executor_over_templates_on_two_hosts(hosts: sshd.Hosts) -> None:
+    import remote_handlers
+
+    tpls = [remote.template(hosts.ssh(alias, sys.executable)) for alias in ("host1", "host2")]
+    with anyfork.Executor(max_workers=1, template=tpls, initializer=remote_handlers.remember,
+                          initargs=("initialized",)) as ex:
+        futures = [ex.submit(remote_handlers.sleep_then_parent, 0.2) for _ in range(10)]
+        assert {f.result(60) for f in futures} == {(t.pid, "initialized") for t in tpls}
+
+
+
+def doubled(x: int) -> int:
+    """A function of this module, which pytest's loader (it has no get_source) imported."""
+    return 2 * x
+
+
+def test_a_module_pytest_imported_is_forwarded_from_its_file(command: list[str]) -> None:
+    from anyfork import rpc
+
+    assert getattr(sys.modules[__name__].__loader__, "get_source", None) is None  # the premise
+    with rpc.run(remote.new_exec(command), doubled) as client:
+        assert client(21) == 42
+
+
+# --- faults -------------------------------------------------------------------------------------
+
+
+def test_a_sigkilled_remote_template_fails_its_forks_clearly_and_a_new_one_works(command: list[str]) -> None:
+    tpl = remote.template(command).eval(HANDLERS)
+    tpl.fork().close()  # a template now
+    tpl.kill(signal.SIGKILL)
+    assert tpl.wait(20) == -signal.SIGKILL
+    with pytest.raises(anyfork.Error, match="template"):
+        tpl.fork().run("pids")
+    tpl.close()
+    again = remote.template(command).eval(HANDLERS)
+    child = again.fork()
+    with child.run("pids") as sock:
+        _, ppid = ast.literal_eval(_read(sock).decode())
+    assert ppid == again.pid
+    assert child.wait(20) == 0
+    again.close()
+    again.wait(20)
+
+
+@pytest.mark.parametrize("end", ["the local ssh", "sshd's session process"])
+def test_rpc_calls_in_flight_fail_within_2_s_when_the_connection_drops(command: list[str], end: str) -> None:
+    from anyfork import rpc
+
+    p = remote.new_exec(command)
+    client = rpc.run(p, "time:sleep")
+    client.submit(0).result(20)  # serving
+    calls = [client.submit(60) for _ in range(3)]
+    conn = remote._connections[id(p)]
+    assert conn.hello is not None
+    hub = conn.hello[0]
+    victim = conn.pid if end == "the local ssh" else _parent(hub)  # loopback: the far side is here
+    os.kill(victim, signal.SIGKILL)
+    for call in calls:
+        with pytest.raises(anyfork.WorkerDiedError, match=r"out of reach: .*connection"):
+            call.result(2)  # not concurrent.futures' TimeoutError: failed, and soon
+    assert wait_exited(hub, 5)
+    assert wait_exited(p.pid, 5)
+    client.close()
+    with pytest.raises(anyfork.Error):
+        client.wait(5)  # its exit status went with the connection

@@ -841,9 +841,16 @@ def measure(cfg: Config, command: str) -> dict[str, Any]:
 
     pools = _bench_pools.measure(cfg.quick, cfg.rounds)
     failed.extend(pools["failed"])
+    # The "Remote" section (anyfork.remote over a loopback sshd): its own job too.
+    from . import _bench_remote
+
+    sys.stderr.write("bench: remote\n")
+    remote = _bench_remote.measure(cfg.quick, cfg.rounds)
+    failed.extend(remote["failed"])
     return {
         "calls": calls,
         "pools": pools,
+        "remote": remote,
         "command": command,
         "machine": info,
         "config": cfg._asdict(),
@@ -942,6 +949,10 @@ def report(result: dict[str, Any]) -> str:
         from . import _bench_pools
 
         out.extend(_bench_pools.report(result["pools"]))
+    if "remote" in result:
+        from . import _bench_remote
+
+        out.extend(_bench_remote.report(result["remote"]))
     out.append("")
     out.append("Summary (ratios from this run, >1x: anyfork is ahead; the project's targets are in "
                "docs/benchmarks.md):")

@@ -29,7 +29,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator
+    from collections.abc import Callable, Iterable, Iterator, Sequence
 
     from ._process import Process
     from .pool import Pool
@@ -84,7 +84,8 @@ class Executor(concurrent.futures.Executor):
     """Runs calls in worker processes forked from a template.
 
     Args:
-        max_workers: most workers at once (default: the CPUs this process may use).
+        max_workers: most workers at once, per template (default: the CPUs
+            this process may use).
         mp_context: accepted so that code written for ProcessPoolExecutor
             runs; not used: workers always come from a template.
         initializer, initargs: called in each worker before its first task.
@@ -93,7 +94,9 @@ class Executor(concurrent.futures.Executor):
         max_tasks_per_child: tasks a worker runs before a new fork replaces it.
         template: an unrun Process to fork the workers from (its modules,
             its data and its descriptors are shared by every worker); by
-            default a fresh ``anyfork.new()``.
+            default a fresh ``anyfork.new()``.  Or a list of them, local and
+            remote mixed (``anyfork.remote``): ``max_workers`` is then per
+            template, and new workers go to the one with the fewest.
         task_timeout: seconds a task may run; then its worker (and its
             process group) is killed and the task fails with
             ``anyfork.pool.TaskTimeoutError``, holding the worker's stack.
@@ -106,7 +109,8 @@ class Executor(concurrent.futures.Executor):
 
     def __init__(self, max_workers: int | None = None, mp_context: object = None,
                  initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = (), *,
-                 max_tasks_per_child: int | None = None, template: Process | None = None,
+                 max_tasks_per_child: int | None = None,
+                 template: Process | Sequence[Process] | None = None,
                  task_timeout: float | None = None, on_event: Callable[..., Any] | None = None) -> None:
         from . import pool
 
@@ -138,7 +142,11 @@ class Executor(concurrent.futures.Executor):
                 import anyfork
 
                 template = anyfork.new()
-            template.send_arg(payload)
+            from ._process import Process
+
+            for t in [template] if isinstance(template, Process) else list(template):
+                if isinstance(t, Process):  # (pool.run refuses what is not)
+                    t.send_arg(payload)
             init_name = "anyfork._pool_worker:initialize_pickled"
         # Tiny tasks are pipelined: a worker that answers quickly may hold up
         # to 16 (about a millisecond of its work), so that they travel many to

@@ -125,18 +125,20 @@ def answer(name: str) -> bytes:
     if spec is None:
         return b"NO missing: the caller has no such module either"
     origin = spec.origin or ""
-    loader = spec.loader
-    get_source = getattr(loader, "get_source", None)
-    if not origin.endswith(".py") or get_source is None:
+    get_source = getattr(spec.loader, "get_source", None)
+    if not origin.endswith(".py"):
         what = ("a C extension" if origin.endswith((".so", ".pyd"))
                 else f"not Python source ({origin or 'built in'})")
         return f"NO module {name!r} is {what}, which can't be sent to another host".encode()
     try:
-        source: str | None = get_source(name)
-    except (ImportError, OSError) as e:
+        source: str | None = None if get_source is None else get_source(name)
+        if source is None:
+            # A loader with no get_source (pytest's, which rewrites test
+            # modules as it imports them) over a .py file: the file is the source.
+            with open(origin, "rb") as f:
+                source = importlib.util.decode_source(f.read())
+    except (ImportError, OSError, SyntaxError, UnicodeDecodeError) as e:
         return f"NO the caller can't read its source: {e}".encode()
-    if source is None:
-        return b"NO the caller has no source for it"
     data = source.encode("utf-8", "surrogateescape")
     if len(data) > _MAX:
         return b"NO its source is too large to send"

@@ -3,7 +3,8 @@
 ``init`` is the rpc ``init`` of every pool worker.  It gets the items
 ``run()`` would pass: the template's own (for the user's ``init``), then
 the pool's three: the user's ``init`` name, how to find the caller's main
-module, and the write end of a pipe for stack dumps.
+module, and the write end of a pipe for stack dumps ("" on a remote host:
+there it dumps on its stderr).
 
 - The worker makes a process group of its own, so that stopping a stuck
   call (the pool's ``timeout``) kills what the call started too.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from typing import Any
 
 DUMP_SIGNAL = signal.SIGUSR1
@@ -38,6 +40,8 @@ def init(*items: Any) -> None:
         pass  # a session leader already (a template forked from a program)
     import faulthandler
 
+    if dump == "":
+        dump = sys.stderr  # a remote worker: the pipe can't cross, ssh brings its stderr back
     faulthandler.register(DUMP_SIGNAL, file=dump, all_threads=True, chain=False)
     from . import _rpc_worker
 

@@ -57,6 +57,8 @@ if TYPE_CHECKING:
 
     from typing_extensions import Self
 
+    from ._results import Host
+
 _TOKEN = object()
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _MAX_FD = 2**31 - 1
@@ -174,7 +176,7 @@ class Process:
                  "_spent", "_tpl")
 
     def __init__(self, token: object, cmd: CommandChannel, parent: Parent, child: Any,
-                 host: str | None = None) -> None:
+                 host: Host | None = None) -> None:
         if token is not _TOKEN:
             raise TypeError("Process objects come from anyfork.new(), new_exec() and Process.fork()")
         self._host = host  # the remote host it runs on (see anyfork.remote), None here
@@ -901,9 +903,14 @@ def new_exec() -> Process:
     return proc
 
 
-def remote_process(sock: socket.socket, parent: Parent, record: Any, host: str) -> Process:
+def remote_process(sock: socket.socket, parent: Parent, record: Any, host: Host) -> Process:
     """The Process for one a remote host's hub runs (see anyfork.remote)."""
     return Process(_TOKEN, CommandChannel(sock), parent, record, host)
+
+
+def host_of(proc: Process) -> Host | None:
+    """The remote host ``proc`` runs on (its forks too), or None for this one."""
+    return proc._host
 
 
 def adopt(sock: socket.socket, pid: int) -> Process:

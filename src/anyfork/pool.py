@@ -54,7 +54,7 @@ from . import _fds, _pool_core
 from ._errors import Error, ProcessStateError, TimeoutExpired
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from typing_extensions import Self
 
@@ -141,10 +141,11 @@ class _Call:
 class _Worker:
     """The driver's side of one worker: its process, its rpc client, its calls."""
 
-    __slots__ = ("busy_time", "calls", "client", "closed", "dump", "last_done", "proc", "rec")
+    __slots__ = ("busy_time", "calls", "client", "closed", "dump", "last_done", "proc", "rec", "tpl")
 
     def __init__(self) -> None:
         self.proc: Process | None = None
+        self.tpl = -1  # which of the pool's templates it was forked from
         self.client: _rpc.Client | None = None
         self.rec: _pool_core.Worker | None = None
         self.calls: set[_Call] = set()
@@ -185,7 +186,7 @@ class Pool:
     ``pool.call``), or ``submit`` for a future, or ``await call_async``.
     """
 
-    def __init__(self, token: object, template: Process | None, func: str | Callable[..., Any], *,
+    def __init__(self, token: object, templates: list[Process | None], func: str | Callable[..., Any], *,
                  max: int | None, idle: int, load: int, start: float, stop: float,
                  serializer: Any, init: str | Callable[..., Any] | None,
                  on_event: Callable[..., Any] | None, max_tasks: int | None, timeout: float | None,
@@ -199,15 +200,19 @@ class Pool:
         self._boot = boot
         self._timeout = timeout
         self._pipeline = pipeline
+        # max is per template: the scheduler counts them all, _fork places each.
+        self._max = max or _cpus()
         self._sched: _pool_core.Scheduler[_Call] = _pool_core.Scheduler(
-            max=max or _cpus(), idle=idle, load=load, start=start, stop=stop, max_tasks=max_tasks)
+            max=self._max * len(templates), idle=idle, load=load, start=start, stop=stop,
+            max_tasks=max_tasks)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._workers: list[_Worker] = []
         self._closed = False
         self._broken: BaseException | None = None
-        self._template = template
-        self._forking_ahead = False
+        self._templates = templates
+        self._dead: set[int] = set()  # templates that could not fork: out of the rotation
+        self._forking_ahead: set[int] = set()
         self._manager: threading.Thread | None = None
         self._closing: list[_Worker] = []  # let go, their exit not yet collected
         self._forked = False  # this is a forked child's copy: dead (see the module's doc)
@@ -519,6 +524,7 @@ class Pool:
 
     def _start_worker(self) -> None:
         from . import _mainmod, rpc
+        from ._process import host_of
 
         worker = _Worker()
         now = time.monotonic()
@@ -526,18 +532,21 @@ class Pool:
             worker.rec = self._sched.added(worker, now)
             self._workers.append(worker)
         try:
-            proc = self._fork()
+            proc = self._fork(worker)
             worker.proc = proc
-            r, w = os.pipe()  # its stack dump comes back on this
-            os.set_blocking(r, False)
-            worker.dump = r
-            try:
-                main = _mainmod.describe()
-                proc.send_arg("" if self._init is None else rpc._name(self._init, "init"),
-                              "" if main is None else ":".join(main))
-                proc.send_fh(w)
-            finally:
-                os.close(w)
+            main = _mainmod.describe()
+            proc.send_arg("" if self._init is None else rpc._name(self._init, "init"),
+                          "" if main is None else ":".join(main))
+            if host_of(proc) is not None:
+                proc.send_arg("")  # no pipe to another host: it dumps its stack on its stderr
+            else:
+                r, w = os.pipe()  # its stack dump comes back on this
+                os.set_blocking(r, False)
+                worker.dump = r
+                try:
+                    proc.send_fh(w)
+                finally:
+                    os.close(w)
             worker.client = rpc._run(proc, self._func, self._serializer, _WORKER_INIT, self._on_event,
                                      max(self._sched.load, self._pipeline or 0), boot=self._boot)
         except BaseException as e:
@@ -549,20 +558,46 @@ class Pool:
                 pairs = self._placed(self._sched.ready(worker.rec, time.monotonic()))
         self._send(pairs)
 
-    def _fork(self) -> Process:
-        if self._template is None:
-            import anyfork
+    def _fork(self, worker: _Worker) -> Process:
+        """A new worker's process, from the template (of several, on several
+        hosts maybe) with the fewest workers and room for one more.  One
+        that can't fork (its host is gone) is left out from then on, and
+        the others take its share."""
+        while True:
+            with self._lock:
+                counts = [0] * len(self._templates)
+                for w in self._workers:
+                    if w.tpl >= 0:
+                        counts[w.tpl] += 1
+                room = [i for i, n in enumerate(counts) if n < self._max and i not in self._dead]
+                if not room:
+                    raise Error("no template of the pool can fork: "
+                                + ("every one failed" if self._dead else "each has max workers"))
+                i = worker.tpl = min(room, key=counts.__getitem__)
+                tpl = self._templates[i]
+            if tpl is None:
+                import anyfork
 
-            self._template = anyfork.new()
-        if not self._forking_ahead:
-            # The rpc and pool worker modules are imported once, in the
-            # template, not again in every worker after its fork.
-            self._template.eval(self._boot)
-            fork_ahead = getattr(self._template, "fork_ahead", None)
-            if fork_ahead is not None:
-                fork_ahead(1)  # the next worker is forked before it is asked for
-            self._forking_ahead = True
-        return self._template.fork()
+                tpl = self._templates[i] = anyfork.new()
+            try:
+                if i not in self._forking_ahead:
+                    # The rpc and pool worker modules are imported once, in the
+                    # template, not again in every worker after its fork.
+                    tpl.eval(self._boot)
+                    fork_ahead = getattr(tpl, "fork_ahead", None)
+                    if fork_ahead is not None:
+                        fork_ahead(1)  # the next worker is forked before it is asked for
+                    self._forking_ahead.add(i)
+                return tpl.fork()
+            except Error:
+                if len(self._templates) == 1:
+                    raise  # the pool's only one: as it was, tried again on the next start
+                with self._lock:
+                    self._dead.add(i)
+                    left = len(self._templates) - len(self._dead)
+                    self._sched.max = self._max * left or 1
+                if not left:
+                    raise
 
     def _failed_to_start(self, worker: _Worker, e: BaseException, call: _Call | None = None) -> None:
         """``worker`` can't serve (its fork, its rpc handshake or its init
@@ -634,7 +669,8 @@ class Pool:
         stack = ""
         try:
             proc.kill(DUMP_SIGNAL)
-            stack = _read_dump(worker.dump, _DUMP_WAIT)
+            if worker.dump >= 0:
+                stack = _read_dump(worker.dump, _DUMP_WAIT)
         except Error:
             pass
         call.timed_out = stack
@@ -658,14 +694,15 @@ class Pool:
                 except Error:
                     if worker.proc is not None:
                         _kill_group(worker.proc, signal.SIGKILL)
-        if self._template is not None:
-            self._template.close()
-            try:
-                # A closed template stays alive for the workers it forked that
-                # are still on their way out; collect them, briefly.
-                self._template.wait(1.0)
-            except Error:
-                pass  # still running: it goes when they do, or when dropped
+        for tpl in self._templates:
+            if tpl is not None:
+                tpl.close()
+                try:
+                    # A closed template stays alive for the workers it forked that
+                    # are still on their way out; collect them, briefly.
+                    tpl.wait(1.0)
+                except Error:
+                    pass  # still running: it goes when they do, or when dropped
 
     def _signal_workers(self, sig: int) -> None:
         """Signal every live worker (through its template: never a recycled pid)."""
@@ -790,15 +827,21 @@ def _kill_group(proc: Process, sig: int) -> None:
     children go too.  Only while the worker is known to be alive: its group
     id is its pid, and a group id can't be reused while the group has a
     member (the worker itself, not yet reaped by its template, holds it)."""
+    from ._process import host_of
+
     try:
         if proc.returncode is not None:
+            return
+        if host_of(proc) is not None:
+            proc.kill(sig)  # its pid is another host's: its hub signals it (not its group)
             return
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError, Error):
         pass
 
 
-def run(template: Process | None, func: str | Callable[..., Any], *, max: int | None = None, idle: int = 0,
+def run(template: Process | Sequence[Process] | None, func: str | Callable[..., Any], *,
+        max: int | None = None, idle: int = 0,
         load: int = 2, start: float = 0.1, stop: float = 10.0, serializer: Any = "pickle",
         init: str | Callable[..., Any] | None = None, on_event: Callable[..., Any] | None = None,
         max_tasks: int | None = None, timeout: float | None = None) -> Pool:
@@ -807,10 +850,13 @@ def run(template: Process | None, func: str | Callable[..., Any], *, max: int | 
     Args:
         template: an unrun Process prepared with ``require``, ``eval``,
             ``send_fh`` and ``send_arg`` (its workers share what it loaded and
-            every descriptor it was sent), or None for a fresh ``anyfork.new()``.
-            The pool owns it: it is closed when the pool is done.
+            every descriptor it was sent), or None for a fresh ``anyfork.new()``;
+            or a list of them (local and remote mixed: ``anyfork.remote``),
+            each forking up to ``max`` workers, new ones going to the one with
+            the fewest.  The pool owns them: they are closed when it is done.
         func: the handler, named as for :func:`anyfork.rpc.run`.
-        max: most workers at once (default: the CPUs this process may use).
+        max: most workers at once, per template (default: the CPUs this
+            process may use).
         idle: fewest workers kept, even with nothing to do.
         load: most calls given to one worker at a time.
         start: seconds calls wait in the queue before another worker starts.
@@ -827,8 +873,9 @@ def run(template: Process | None, func: str | Callable[..., Any], *, max: int | 
                 init=init, on_event=on_event, max_tasks=max_tasks, timeout=timeout)
 
 
-def _run(template: Process | None, func: str | Callable[..., Any], *, max: int | None = None, idle: int = 0,
-         load: int = 2, start: float = 0.1, stop: float = 10.0, serializer: Any = "pickle",
+def _run(template: Process | Sequence[Process] | None, func: str | Callable[..., Any], *,
+         max: int | None = None, idle: int = 0, load: int = 2, start: float = 0.1, stop: float = 10.0,
+         serializer: Any = "pickle",
          init: str | Callable[..., Any] | None = None, on_event: Callable[..., Any] | None = None,
          max_tasks: int | None = None, timeout: float | None = None, pipeline: int | None = None) -> Pool:
     """``run``, and for the Executor ``pipeline``: let a worker that answers
@@ -844,8 +891,21 @@ def _run(template: Process | None, func: str | Callable[..., Any], *, max: int |
         raise ValueError(f"timeout must be > 0, got {timeout!r}")
     from ._process import Process
 
-    if template is not None and not isinstance(template, Process):
-        raise TypeError(f"template must be an anyfork Process or None, not {type(template).__name__}")
+    if template is None or isinstance(template, Process):
+        templates: list[Process | None] = [template]
+    elif isinstance(template, (list, tuple)):
+        templates = list(template)
+    else:
+        raise TypeError(f"template must be an anyfork Process, a list of them, or None, "
+                        f"not {type(template).__name__}")
+    if not templates:
+        raise ValueError("template is an empty list: give at least one template")
+    for t in templates:
+        if (t is not None or len(templates) > 1) and not isinstance(t, Process):
+            raise TypeError(f"template must be an anyfork Process, a list of them, or None, "
+                            f"not {type(t).__name__}")
+    if len({id(t) for t in templates}) != len(templates):
+        raise ValueError("a template appears twice in the list")
     from . import _rpc_wire, rpc
 
     rpc._name(func, "pool.run()")
@@ -854,7 +914,7 @@ def _run(template: Process | None, func: str | Callable[..., Any], *, max: int |
     _rpc_wire.serializer(serializer)  # a bad one fails here, before anything starts
     if on_event is not None and not callable(on_event):
         raise TypeError(f"on_event must be callable, not {type(on_event).__name__}")
-    pool = Pool(_TOKEN, template, func, max=max, idle=idle, load=load, start=start, stop=stop,
+    pool = Pool(_TOKEN, templates, func, max=max, idle=idle, load=load, start=start, stop=stop,
                 serializer=serializer, init=init, on_event=on_event, max_tasks=max_tasks, timeout=timeout,
                 boot=rpc._boot(*_BOOT_MODULES), pipeline=pipeline)
     if idle:

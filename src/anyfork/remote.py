@@ -17,6 +17,10 @@ sources of its serve loop and hub on the connection (see ``_hub``,
 sent on demand (``_importer``).  OpenSSH authenticates and encrypts;
 anyfork adds no daemon, no port and no socket file.
 
+Results are decoded with a restricted unpickler (``_results``): a host
+that is compromised must not be able to run code in the caller through a
+crafted pickle.  ``allow=`` widens it.
+
 What does not work: ``send_fh`` (a descriptor can't cross to another host;
 it raises ``anyfork.UnsupportedError``).  The caller's ``sys.path`` is not
 sent: the remote host has its own.
@@ -31,7 +35,7 @@ from ._backend import Op, Wait, deadline_after, run_blocking, time_left
 from ._errors import Error, ProcessExitedError, TemplateDiedError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
 
     from ._process import Process
 
@@ -87,7 +91,7 @@ class _Hub:
                                   f"({e.strerror or e}); its stderr says why", rc)
 
 
-def new_exec(command: Sequence[str], *, timeout: float = 60.0) -> Process:
+def new_exec(command: Sequence[str], *, timeout: float = 60.0, allow: Iterable[str] = ()) -> Process:
     """A new process on the host ``command`` reaches, over one ssh connection.
 
     Args:
@@ -95,15 +99,24 @@ def new_exec(command: Sequence[str], *, timeout: float = 60.0) -> Process:
             ``["ssh", "host", "python3"]``; anyfork appends ``-S -c PROGRAM``
             (quoted for the remote shell when the command is ssh).
         timeout: seconds to wait for the far side to answer.
+        allow: what pickled results, events and exceptions from this host
+            (through ``anyfork.rpc``, ``pool`` and ``Executor``) may name
+            besides built-in values and exceptions and a few standard value
+            types: ``"module.name"``, ``"module.*"`` (a module and its
+            submodules), or ``"*"`` for anything (plain pickle: only for a
+            host you trust as much as this process).  See ``_results``.
 
     Raises:
-        TypeError: ``command`` is not a list of str.
+        TypeError, ValueError: ``command`` is not a list of str, or an
+            ``allow`` entry is not one of the forms above.
         anyfork.Error: ssh failed (its message is in the error).
         anyfork.ProtocolError: the far side speaks another protocol version.
     """
     from ._process import check_supported, remote_process
+    from ._results import Host
 
     check_supported()
+    Host("", allow)  # a bad entry fails here, before ssh starts
     conn = C.Connection(command, timeout=timeout)
     try:
         remote, sock = conn.serve()
@@ -111,7 +124,7 @@ def new_exec(command: Sequence[str], *, timeout: float = 60.0) -> Process:
         conn.close()
         raise
     hub = _Hub(conn)
-    proc = remote_process(sock, hub, remote, conn.host)
+    proc = remote_process(sock, hub, remote, Host(conn.host, allow))
     # The connection lives as long as the process is of use: it ends (and
     # the hub ends everything it started) once the process has exited, or
     # its Process object is gone.
@@ -131,7 +144,8 @@ def _end(key: int) -> None:
         conn.close()
 
 
-def template(command: Sequence[str], *, timeout: float = 60.0) -> Process:
+def template(command: Sequence[str], *, timeout: float = 60.0, allow: Iterable[str] = ()) -> Process:
     """A template on the host ``command`` reaches: its ``fork()`` makes
-    processes there without another connection.  See :func:`new_exec`."""
-    return new_exec(command, timeout=timeout)
+    processes there without another connection (they share its ``allow``).
+    See :func:`new_exec`."""
+    return new_exec(command, timeout=timeout, allow=allow)

@@ -67,16 +67,25 @@ def _boot(*names: str) -> str:
     """Code for ``eval`` that imports ``names`` (modules of anyfork's that
     import only the standard library) without the rest of the library, as
     the serve loop itself is imported, unless the process has anyfork
-    already (a fork of a template that loaded it)."""
+    already (a fork of a template that loaded it).
+
+    Locally they come from this package's directory.  On a remote host that
+    directory is the caller's, not the host's (or, worse, a different
+    anyfork's): a process there that forwards modules from the caller
+    (``_importer``) gets them through it instead, the same sources as the
+    caller's."""
     lines = [
         "import sys",
+        "imp = sys.modules.get('_anyfork_remote._importer')",
+        "forwarded = imp is not None and any(isinstance(f, imp.Finder) for f in sys.meta_path)",
+        f"path = [imp.MARK] if forwarded else [{_PKG_DIR!r}]",
         f"for name in {names!r}:",
         "    if name in sys.modules:",
         "        continue",
         "    if 'anyfork' in sys.modules:",
         "        __import__(name)",
         "        continue",
-        "    m = type(sys)('anyfork'); m.__path__ = [" + repr(_PKG_DIR) + "]",
+        "    m = type(sys)('anyfork'); m.__path__ = path",
         "    sys.modules['anyfork'] = m",
         "    try:",
         "        __import__(name)",
@@ -164,7 +173,7 @@ def _exception(payload: bytes, codec: W._Codec) -> BaseException:
     type_name, message, tb, pickled = W.decode_error(payload)
     if pickled and codec.carries_fds:
         try:
-            exc = pickle.loads(pickled)
+            exc = codec.loads(pickled, [])  # restricted for a remote host's (see _results)
         except Exception:
             exc = None
         if isinstance(exc, BaseException):
@@ -590,17 +599,20 @@ class _Core:
             return
         deadline = time.monotonic() + _EXIT_GRACE
         returncode = None
+        lost: Error | None = None
         while True:
             try:
                 returncode = self.proc.returncode
-            except Error:
+            except Error as e:
+                lost = e  # a remote host's connection ended: its status can't be known
                 break
             if returncode is not None or time.monotonic() >= deadline:
                 break
             yield Wait(deadline=min(deadline, time.monotonic() + 0.005))
         from ._errors import WorkerDiedError
 
-        self._fail(WorkerDiedError(self.pid, returncode))
+        self._fail(WorkerDiedError(self.pid, returncode,
+                                   f"worker process {self.pid} is out of reach: {lost}" if lost else ""))
 
     def op_exit(self, deadline: float | None) -> Op[int]:
         """Wait for the exit status, reading meanwhile (the worker may be
@@ -608,7 +620,11 @@ class _Core:
         if not (yield from self.op_progress(lambda: self.eof, deadline)):
             raise TimeoutExpired(f"worker process {self.pid} still running")
         while True:
-            returncode = self.proc.returncode
+            try:
+                returncode = self.proc.returncode
+            except Error:
+                self.dispose()  # its status is lost (a remote connection ended): so is the socket's use
+                raise
             if returncode is not None:
                 self.dispose()
                 return returncode
@@ -1080,7 +1096,10 @@ class AsyncClient:
 
 def _prepare(proc: Process, func: object, serializer: object, init: object,
              max_in_flight: int, *, boot: str | None = None) -> tuple[W._Codec, bytes]:
-    codec = W.serializer(serializer)
+    from ._process import host_of
+    from ._results import codec_for
+
+    codec = codec_for(W.serializer(serializer), host_of(proc))
     if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
         raise ValueError(f"max_in_flight must be a positive int, not {max_in_flight!r}")
     names = [_name(func, "rpc.run()"), "" if init is None else _name(init, "init"),
