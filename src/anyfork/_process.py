@@ -683,10 +683,15 @@ class Process:
         status can't be known (its template died, someone else reaped it),
         it stays None, and ``wait`` says why."""
         try:
-            self._mine()
-            return self._parent.status(self._child, self._describe())
+            return self._poll()
         except Error:
             return None
+
+    def _poll(self) -> int | None:
+        """``returncode``, but raising when the status can't be known (for
+        rpc, which tells a worker out of reach from one still running)."""
+        self._mine()
+        return self._parent.status(self._child, self._describe())
 
     def _wait_op(self, timeout: float | None) -> Op[int]:
         """Wait for the exit (within ``timeout`` seconds, every step included)."""

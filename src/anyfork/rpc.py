@@ -312,7 +312,7 @@ class _Core:
             from ._errors import WorkerDiedError
 
             try:
-                returncode = self.proc.returncode
+                returncode = self.proc._poll()
             except Error:
                 returncode = None
             raise WorkerDiedError(self.pid, returncode)
@@ -602,7 +602,7 @@ class _Core:
         lost: Error | None = None
         while True:
             try:
-                returncode = self.proc.returncode
+                returncode = self.proc._poll()
             except Error as e:
                 lost = e  # a remote host's connection ended: its status can't be known
                 break
@@ -621,7 +621,7 @@ class _Core:
             raise TimeoutExpired(f"worker process {self.pid} still running")
         while True:
             try:
-                returncode = self.proc.returncode
+                returncode = self.proc._poll()
             except Error:
                 self.dispose()  # its status is lost (a remote connection ended): so is the socket's use
                 raise
