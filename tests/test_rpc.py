@@ -613,3 +613,23 @@ def test_a_client_dropped_without_close_lets_its_worker_go() -> None:
     # Its socket is closed: the worker sees EOF and exits (check_leaks then
     # finds no descriptor and no zombie left).
     assert proc.wait(TIMEOUT) == 0
+
+
+# Pins a race a full run hit once (test_terminate_and_kill_workers): a socket
+# closed between the reactor's epoll.modify (ENOENT: not armed yet) and its
+# epoll.register (EBADF) raised out of _arm, into the caller's submit().
+def test_the_reactor_arms_a_socket_closed_under_it_without_raising() -> None:
+    import errno
+
+    from anyfork.rpc import _Reactor
+
+    class ClosedMeanwhile:
+        def modify(self, fd: int, flags: int) -> None:
+            raise FileNotFoundError(errno.ENOENT, "not registered")
+
+        def register(self, fd: int, flags: int) -> None:
+            raise OSError(errno.EBADF, "closed")
+
+    reactor = _Reactor.__new__(_Reactor)  # no thread: only _arm is under test
+    reactor.epoll = ClosedMeanwhile()
+    reactor._arm(1000)

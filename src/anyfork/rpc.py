@@ -752,6 +752,8 @@ class _Reactor:
                 self.epoll.register(fd, flags)
             except FileExistsError:  # armed meanwhile by another thread
                 pass
+            except OSError:
+                pass  # closed between the two calls (EBADF): its core is gone
         except OSError:
             pass  # closed meanwhile: its core is gone
 
