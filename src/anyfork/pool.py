@@ -371,7 +371,13 @@ class Pool:
             self._workers.remove(worker)
         if worker.rec is None or worker.rec.state == _pool_core.GONE:
             return []
-        return self._placed(self._sched.gone(worker.rec, now))
+        pairs = self._placed(self._sched.gone(worker.rec, now))
+        if self._sched.to_start:
+            # Calls queued while it was retiring wait for a new worker: wake
+            # the manager, or it sleeps on with nobody to start one.
+            self._ensure_manager()
+            self._wake.notify()
+        return pairs
 
     def _placed(self, pairs: list[tuple[_pool_core.Worker, _Call]]) -> list[tuple[_Worker, _Call]]:
         """(under _lock) What the scheduler placed, bound to the driver's workers."""
