@@ -311,21 +311,38 @@ class Template:
         _fds.plain(sock)
         return child, sock
 
+    # Signals are held from a fork's record to its frame in the queue: a
+    # handler raising in between would leave a child recorded that is never
+    # asked for, and its descriptors with no owner.
     def queue_fork(self, theirs: int) -> C.Child:
-        new_channel, fds = self.channel_fds()
-        with self.reports.lock:
-            child, frame = self.state.fork(new_channel)
-        self.cmd.put(frame, [theirs, *fds])
+        held: list[set[signal.Signals]] = []
+        queued = False
+        try:
+            hold_signals(held)
+            new_channel, fds = self.channel_fds()
+            with self.reports.lock:
+                child, frame = self.state.fork(new_channel)
+            self.cmd.put(frame, [theirs, *fds])
+            queued = True
+        finally:
+            if not queued:
+                os.close(theirs)  # the queue never took it
+            release_signals(held)
         return child
 
     def queue_spawns(self) -> None:
         with self.reports.lock:
             missing = self.state.missing(self.ahead)
         for _ in range(missing):
-            new_channel, fds = self.channel_fds()
-            with self.reports.lock:
-                _, frame = self.state.spawn(new_channel)
-            self.cmd.put(frame, fds)
+            held: list[set[signal.Signals]] = []
+            try:
+                hold_signals(held)
+                new_channel, fds = self.channel_fds()
+                with self.reports.lock:
+                    _, frame = self.state.spawn(new_channel)
+                self.cmd.put(frame, fds)
+            finally:
+                release_signals(held)
 
     def changed(self) -> None:
         with self.reports.lock:
