@@ -47,6 +47,11 @@ def stuck_with_a_child(pidfile: str) -> None:
         time.sleep(0.05)
 
 
+def read_file(path: str) -> str:
+    with open(path) as f:  # a fifo's: blocks until the test opens the other end
+        return f.read()
+
+
 def retiring(x: int) -> tuple[int, int]:
     import anyfork.pool
 

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import sys
+import types
+from typing import Any, Callable
+
 import pytest
 
+from anyfork import _channel
+from anyfork import _protocol as P
+from anyfork._channel import CommandChannel
 from helpers import run_program
 
 pytestmark = pytest.mark.usefixtures("check_leaks")
@@ -79,3 +89,83 @@ def test_the_callers_part_of_new_run_stays_small() -> None:
     counts = [_python_calls(one) for _ in range(15)]
     # ~150 on 3.11 when this was written; the regression above made it 1,500.
     assert statistics.median(counts) < 400, counts
+
+
+class Interrupt(Exception):  # noqa: N818 - stands for a handler's KeyboardInterrupt
+    pass
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise Interrupt
+
+
+def _signal_inside(code: types.CodeType, when: Callable[[types.FrameType], bool]) -> Callable[..., Any]:
+    """A trace function that sends this process SIGUSR1 at the first line of
+    ``code`` where ``when(frame)``: its handler runs at the next bytecode
+    boundary, there, unless the signal is held back."""
+    sent = False
+
+    def trace(frame: types.FrameType, event: str, arg: object) -> Any:
+        nonlocal sent
+        if frame.f_code is code and event == "line" and not sent and when(frame):
+            sent = True
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return trace
+
+    return trace
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="no pthread_sigmask")
+def test_a_handler_raising_while_a_frame_is_queued_queues_all_of_it_or_none() -> None:
+    # Pins issue 10 #3: on 3.10 a SIGALRM handler raised between a FORK frame's
+    # header and its payload in Outbox.put; the template read the next header
+    # as this payload, and died of "descriptors arrived with no frame".
+    a, b = socket.socketpair()
+    chan = CommandChannel(a)
+    old = signal.signal(signal.SIGUSR1, _raise_interrupt)
+    frame = P.fork_frame(7, False)
+    try:
+        sys.settrace(_signal_inside(P.Outbox.put.__code__, lambda f: f.f_locals.get("first") is False))
+        try:
+            with chan.lock:
+                chan.put(frame, [os.dup(b.fileno())])
+        except Interrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        whole = sum(len(p) for p in frame)
+        assert len(chan.out) in (0, whole)  # never the header alone
+        assert len(chan.out) == whole  # (queued, then the handler ran)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        chan.close()
+        b.close()
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="no pthread_sigmask")
+def test_a_handler_raising_as_signals_are_held_leaves_the_mask_as_it_was(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # pthread_sigmask runs the handlers due after it changed the mask; one
+    # that raised there left every signal blocked on the main thread for good
+    # (and in every process spawned from it afterwards).
+    real = signal.pthread_sigmask
+    raised = False
+
+    def sigmask_then_a_handler_due(how: int, mask: Any) -> Any:
+        nonlocal raised
+        previous = real(how, mask)
+        if how == signal.SIG_BLOCK and set(mask) and not raised:
+            raised = True
+            raise Interrupt  # as a handler due would, in the same call
+        return previous
+
+    before = real(signal.SIG_BLOCK, ())
+    monkeypatch.setattr(_channel, "_SIGMASK", sigmask_then_a_handler_due)
+    held: list[Any] = []
+    try:
+        with pytest.raises(Interrupt):
+            _channel.hold_signals(held)
+        assert real(signal.SIG_BLOCK, ()) == before
+        assert held == []
+    finally:
+        real(signal.SIG_SETMASK, before)

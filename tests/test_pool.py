@@ -16,6 +16,7 @@ from anyfork import pool
 from helpers import wait_exited
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
     from pathlib import Path
 
 pytestmark = pytest.mark.usefixtures("check_leaks")
@@ -139,6 +140,23 @@ def test_max_tasks_with_many_calls_waiting_starts_every_replacement() -> None:
         futures = [p.submit() for _ in range(12)]
         pids = [f.result(20) for f in futures]
     assert len(set(pids)) == 12
+
+
+def test_a_call_queued_while_the_last_worker_retires_gets_a_new_one(tmp_path: Path) -> None:
+    # The first call's done-callback submits the second in the moment between
+    # the answer and the retiring worker's exit: the call queues, and the
+    # worker's exit must wake the manager to start its replacement.  (On
+    # free-threaded 3.13t the caller's next call raced into that moment.)
+    fifo, plain = tmp_path / "fifo", tmp_path / "plain"
+    os.mkfifo(fifo)
+    plain.write_text("second")
+    with pool.run(None, "pool_handlers:read_file", max=1, max_tasks=1) as p:
+        first = p.submit(str(fifo))  # its worker waits for the fifo's writer
+        second: list[Future[str]] = []
+        first.add_done_callback(lambda _: second.append(p.submit(str(plain))))
+        fifo.write_text("first")
+        assert first.result(20) == "first"
+        assert second[0].result(20) == "second"
 
 
 def test_a_worker_that_retires_is_replaced_and_nothing_is_lost() -> None:

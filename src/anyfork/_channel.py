@@ -69,7 +69,16 @@ def hold_signals(held: list[set[int]]) -> None:
     doc); pass it to ``release_signals`` in a ``finally``.  A handler already
     due runs here, before anything is sent or read."""
     if _SIGMASK is not None and threading.get_ident() == _MAIN:
-        held.extend(map(_SIGMASK, (_signal.SIG_BLOCK,), (_ALL_SIGNALS,)))
+        # pthread_sigmask runs the handlers due *after* changing the mask: one
+        # that raises would leave every signal blocked, with no record of the
+        # old mask.  So read it first (a raise there changed nothing).
+        before = _SIGMASK(_signal.SIG_BLOCK, ())
+        try:
+            held.extend(map(_SIGMASK, (_signal.SIG_BLOCK,), (_ALL_SIGNALS,)))
+        except BaseException:
+            if not held:
+                _SIGMASK(_signal.SIG_SETMASK, before)
+            raise
 
 
 def release_signals(held: list[set[int]]) -> None:
@@ -116,10 +125,19 @@ class CommandChannel:
         self._journal: list[int] | None = None  # see the module's doc
 
     def put(self, parts: list[P.Buffer], fds: list[int] | tuple[int, ...] = ()) -> None:
-        """Queue a frame (caller holds ``lock``); the queue owns ``fds`` from here on."""
-        if fds:
-            _fds.hold(self)
-        self.out.put(parts, fds)
+        """Queue a frame (caller holds ``lock``); the queue owns ``fds`` from here on.
+
+        With signals held: a handler raising between a frame's segments would
+        queue its header without its payload, and the process would read the
+        next frame as the rest of this one."""
+        held: list[set[int]] = []
+        try:
+            hold_signals(held)
+            if fds:
+                _fds.hold(self)
+            self.out.put(parts, fds)
+        finally:
+            release_signals(held)
 
     def drop_inherited(self) -> None:
         """In a forked child: close the send_fh duplicates still queued."""

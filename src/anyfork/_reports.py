@@ -468,26 +468,39 @@ class Template:
         if self.state.ended is not None and self.retired is None:
             raise self.error()
 
+    # Signals are held from a fork's record to its frame in the queue: a
+    # handler raising in between would leave a child recorded that is never
+    # asked for, and its descriptors with no owner.
     def queue_fork(self, theirs: int) -> C.Child:
         """Queue a FORK with ``theirs``, which this takes (and closes if it raises)."""
+        held: list[set[int]] = []
+        queued = False
         try:
+            hold_signals(held)
             with self.reports.lock:
                 child, frame = self.state.fork(self._theirs >= 0)  # raises if it ended meanwhile
-        except BaseException:
-            P.close_fds([theirs])
-            raise
-        _, fds = self.channel_fds()
-        self.cmd.put(frame, [theirs, *fds])
+            _, fds = self.channel_fds()
+            self.cmd.put(frame, [theirs, *fds])
+            queued = True
+        finally:
+            if not queued:
+                P.close_fds([theirs])  # the queue never took it
+            release_signals(held)
         return child
 
     def queue_spawns(self) -> None:
         with self.reports.lock:
             missing = self.state.missing(self.ahead)
         for _ in range(missing):
-            new_channel, fds = self.channel_fds()
-            with self.reports.lock:
-                _, frame = self.state.spawn(new_channel)
-            self.cmd.put(frame, fds)
+            held: list[set[int]] = []
+            try:
+                hold_signals(held)
+                new_channel, fds = self.channel_fds()
+                with self.reports.lock:
+                    _, frame = self.state.spawn(new_channel)
+                self.cmd.put(frame, fds)
+            finally:
+                release_signals(held)
 
     def changed(self) -> None:
         with self.reports.lock:
