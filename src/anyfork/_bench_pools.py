@@ -32,6 +32,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from ._bench_calls import _time_per
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
@@ -202,17 +204,6 @@ def missing(kind: str) -> str | None:
 
 
 # --- one job ------------------------------------------------------------------------------------
-
-
-def _time_per(fn: Callable[[], Any], seconds: float, min_count: int) -> float:
-    count = 0
-    start = time.perf_counter()
-    while True:
-        fn()
-        count += 1
-        elapsed = time.perf_counter() - start
-        if count >= min_count and elapsed >= seconds:
-            return elapsed / count
 
 
 def _first_result(kind: str) -> float:
