@@ -1233,7 +1233,6 @@ def _send_failure(e: BaseException, seq: int, brief: bool) -> None:
     if failure_fd < 0:
         return
     try:
-        import traceback
 
         cls = type(e)
         type_name = cls.__qualname__
@@ -1242,8 +1241,7 @@ def _send_failure(e: BaseException, seq: int, brief: bool) -> None:
         tb = e.__traceback__
         while tb is not None and tb.tb_frame.f_globals.get("__name__") == __name__:
             tb = tb.tb_next  # anyfork's own frames, as _report leaves them out
-        lines = (traceback.format_exception_only(cls, e) if brief
-                 else traceback.format_exception(cls, e, tb))
+        lines = _format_exception(e, tb, brief)
         record = P.failure_record((os.getpid(), os.getppid(), seq), (type_name, str(e), "".join(lines)))
         sink = Sock(_socket.AF_UNIX, _socket.SOCK_DGRAM, 0, failure_fd)
         try:
@@ -1252,6 +1250,21 @@ def _send_failure(e: BaseException, seq: int, brief: bool) -> None:
             sink.detach()  # the number stays ours: a fork may still fail
     except BaseException:
         pass  # a full sink, or a caller gone: the exit status alone says it
+
+
+def _format_exception(e: BaseException, tb: Any, brief: bool) -> list[str]:
+    """traceback's lines for ``e`` from ``tb`` (``brief``: the exception alone).
+
+    3.13's traceback suggests names for an AttributeError or NameError, and
+    that raises UnicodeEncodeError for a name with a lone surrogate (a RUN
+    of "builtins:\\udcff"): then the exception's own line, without it."""
+    import traceback
+
+    try:
+        return (traceback.format_exception_only(type(e), e) if brief
+                else traceback.format_exception(type(e), e, tb))
+    except Exception:
+        return [f"{type(e).__qualname__}: {e}\n"]
 
 
 def _report(e: BaseException, what: str, brief: bool = False) -> None:
@@ -1270,13 +1283,11 @@ def _report(e: BaseException, what: str, brief: bool = False) -> None:
         except BaseException:
             pass  # a broken hook: say it ourselves
     try:
-        import traceback
 
         tb = e.__traceback__
         while tb is not None and tb.tb_frame.f_globals.get("__name__") == __name__:
             tb = tb.tb_next  # anyfork's own frames, down to the user's
-        lines = (traceback.format_exception_only(type(e), e) if brief
-                 else traceback.format_exception(type(e), e, tb))
+        lines = _format_exception(e, tb, brief)
         text = f"anyfork worker {os.getpid()} ({what}):\n" + "".join(lines)
         _flush_stdio()
         data = text.encode("utf-8", "backslashreplace")
