@@ -376,6 +376,29 @@ class _Template:
                 self.backlog.extend(backlog[i + 1 :])
                 return
 
+    def settle(self, seconds: float) -> None:
+        """Before the process runs a function: report the children that have
+        exited already, and get the backlog to the caller (who reads the
+        channel to its end after run(): ``last_reports_op``), waiting for the
+        channel at most ``seconds`` in all.  Statuses it held back would be
+        lost with the template role."""
+        import select
+        import time
+
+        self.reap(True)
+        self.flush()
+        deadline = time.monotonic() + seconds
+        poller = None
+        while self.backlog:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if poller is None:
+                poller = select.poll()
+                poller.register(self.reports.fileno(), select.POLLOUT)
+            poller.poll(int(left * 1000) + 1)
+            self.flush()
+
     def close(self) -> None:
         """Give up the template role: in a child, or when the process runs."""
         _signal.set_wakeup_fd(-1)
@@ -1029,8 +1052,13 @@ class Server:
         otherwise the command socket is wrapped in one here.
         """
         if self.template is not None:
-            # Our children are the function's now: stop reaping and reporting.
-            # The caller sees EOF on the report channel.
+            # Our children are the function's now: stop reaping and reporting,
+            # once what is known has been reported.  The caller sees EOF on
+            # the report channel.
+            try:
+                self.template.settle(5.0)
+            except Exception:
+                pass  # what is still unsent is lost, as the caller will say
             self.template.close()
             self.template = None
         try:
