@@ -18,7 +18,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 TEST_COMMAND = "python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]' && .venv/bin/python -m pytest"
 # The suite on the other interpreters CI tests (tools/pythons finds or builds them).
-PYTHONS_COMMAND = "tools/test-pythons 3.10 3.13 3.13t"
+PYTHONS_COMMAND = "tools/test-pythons 3.10 3.13"
 MACHINE_PYTHON = "3.11"  # what TEST_COMMAND's python3 is, on this project's machines
 MAIN_COMMAND = ("python3 -m venv .venv && .venv/bin/pip install -q -e . "
                 "&& .venv/bin/python -m anyfork bench --quick")
