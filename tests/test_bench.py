@@ -211,7 +211,7 @@ def test_a_pools_job_measures_every_row() -> None:
     rows = json.loads(line.split(" ", 1)[1])
     from anyfork import _bench_pools
 
-    assert set(rows) == set(_bench_pools.ROWS)  # the crash row is a time: the next task ran
+    assert set(rows) == set(_bench_pools.ROWS), rows  # the crash row is a time: the next task ran
     assert all(v > 0 for v in rows.values()), rows
 
 

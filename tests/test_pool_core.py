@@ -153,7 +153,8 @@ def test_retire_stops_new_calls() -> None:
     assert s.submit("1", 0.0) is None
 
 
-_events = st.lists(st.tuples(st.sampled_from(["submit", "finish", "ready", "gone", "due", "start", "cancel"]),
+_events = st.lists(st.tuples(st.sampled_from(["submit", "finish", "ready", "gone", "due", "start", "take", "add",
+                                              "cancel"]),
                              st.integers(0, 10)), max_size=80)
 
 
@@ -168,6 +169,7 @@ def test_no_call_is_lost_or_sent_twice_and_the_limits_hold(
     sent: dict[int, Worker] = {}
     done: set[int] = set()
     cancelled: set[int] = set()
+    taken = 0  # handed out by take_starts, not added yet: the driver starts them outside its lock
 
     def record(pairs: list[tuple[Worker, int]]) -> None:
         for w, call in pairs:
@@ -204,11 +206,16 @@ def test_no_call_is_lost_or_sent_twice_and_the_limits_hold(
         elif kind == "start":
             for _ in range(s.take_starts()):
                 s.added(object(), now)
+        elif kind == "take":
+            taken += s.take_starts()
+        elif kind == "add" and taken:
+            taken -= 1
+            s.added(object(), now)
         elif kind == "cancel" and s.queue:
             call = list(s.queue)[n % len(s.queue)]
             assert s.cancel(call)
             cancelled.add(call)
-        assert len(s.workers) + s.to_start <= max_, "more workers than max"
+        assert len(s.workers) + s.to_start + taken <= max_, "more workers than max"
         for w in s.workers:
             assert 0 <= w.load <= load
             assert w.state != GONE
@@ -221,4 +228,25 @@ def test_no_call_is_lost_or_sent_twice_and_the_limits_hold(
     # goes, and its going starts one (gone(), checked by the events above).
     if s.queue and not any(w.state in ("starting", READY) or (w.state == RETIRING and w.load)
                            for w in s.workers):
-        assert s.to_start >= 1
+        assert s.to_start + taken >= 1
+
+
+def test_a_start_handed_out_holds_its_place_until_the_driver_adds_it() -> None:
+    # The driver takes its starts under its lock and forks them outside it.
+    # A worker reaching max_tasks in between must not ask for another: with
+    # max=1, that second start found no room, and the pool called itself
+    # broken ("each has max workers").
+    s: Scheduler[str] = Scheduler(max=1, load=1, max_tasks=1)
+    s.submit("1", 0.0)
+    (w,) = started(s)
+    s.ready(w, 0.0)  # "1" is its last call: it retires
+    s.finished(w, 0.1)
+    s.gone(w, 0.1)
+    s.submit("2", 0.1)
+    assert s.take_starts() == 1  # its replacement: handed out, not added yet
+    s.submit("3", 0.2)
+    s.due(5.0)
+    assert s.take_starts() == 0
+    w2 = s.added("w2", 0.3)
+    assert s.ready(w2, 0.3) == [(w2, "2")]
+    assert s.take_starts() == 0  # max=1: the next waits for w2 to go

@@ -79,6 +79,10 @@ class Scheduler(Generic[C]):
         self.queue: deque[C] = deque()
         self.queued_since: float | None = None  # when the queue last became non-empty, or last started one
         self.to_start = 0  # workers the driver should start (read and reset by take_starts)
+        # Workers take_starts handed out that the driver has not ``added``
+        # yet: it starts them outside its lock, and until it has, they hold
+        # their places under ``max`` as much as started ones do.
+        self.pending = 0
 
     # --- what the driver tells ------------------------------------------------------
 
@@ -96,7 +100,7 @@ class Scheduler(Generic[C]):
         if not self.queue:
             self.queued_since = now
         self.queue.append(call)
-        if not self.workers and not self.to_start:
+        if not self.workers and not self.to_start and not self.pending:
             self.to_start = 1  # the first worker starts at once
         return None
 
@@ -104,6 +108,8 @@ class Scheduler(Generic[C]):
         """The driver started a worker (it is STARTING until ``ready``)."""
         w = Worker(key, now, self.load)
         self.workers.append(w)
+        if self.pending:
+            self.pending -= 1
         return w
 
     def ready(self, w: Worker, now: float) -> list[tuple[Worker, C]]:
@@ -137,8 +143,9 @@ class Scheduler(Generic[C]):
         w.state = GONE
         w.load = 0
         self.workers.remove(w)
-        if self.queue and not self._alive():
-            self.to_start = max(self.to_start, 1)  # calls wait and nobody will take them: at once
+        if self.queue and not self._alive() and not self.to_start and not self.pending \
+                and self._count() < self.max:
+            self.to_start = 1  # calls wait and nobody will take them: at once
             self.queued_since = now
         return self._drain(now)
 
@@ -157,13 +164,13 @@ class Scheduler(Generic[C]):
     def due(self, now: float) -> list[Worker]:
         """Run the timers: count workers to start (``take_starts``); the idle
         workers to retire now (already marked RETIRING)."""
-        total = len(self.workers) + self.to_start
+        total = self._count()
         if (self.queue and self.queued_since is not None and now - self.queued_since >= self.start
                 and total < self.max):
             self.to_start += 1
             total += 1
             self.queued_since = now  # the next one after another ``start`` seconds
-        usable = self._alive() + self.to_start
+        usable = self._alive() + self.to_start + self.pending
         if usable < self.idle and total < self.max:
             self.to_start += min(self.idle - usable, self.max - total)
         retire = []
@@ -181,7 +188,7 @@ class Scheduler(Generic[C]):
     def next_deadline(self) -> float | None:
         """When ``due`` next has something to do, or None."""
         times = []
-        if self.queue and self.queued_since is not None and len(self.workers) + self.to_start < self.max:
+        if self.queue and self.queued_since is not None and self._count() < self.max:
             times.append(self.queued_since + self.start)
         if not self.queue and self._alive() > self.idle:
             times.extend(w.idle_since + self.stop for w in self.workers if w.state == READY and not w.load)
@@ -190,6 +197,7 @@ class Scheduler(Generic[C]):
     def take_starts(self) -> int:
         """How many workers the driver should start now (counted once)."""
         n, self.to_start = self.to_start, 0
+        self.pending += n
         return n
 
     # --- inside ----------------------------------------------------------------------
@@ -201,8 +209,12 @@ class Scheduler(Generic[C]):
             # Its last call is on its way; then it goes.  Its replacement is
             # started now, so that it is ready by the time it is needed.
             w.state = RETIRING
-            if len(self.workers) + self.to_start < self.max:
+            if self._count() < self.max:
                 self.to_start += 1
+
+    def _count(self) -> int:
+        """Workers under ``max``: every one not gone, and those asked for."""
+        return len(self.workers) + self.to_start + self.pending
 
     def _alive(self) -> int:
         """Workers that take calls now or soon (``max`` counts every worker)."""
