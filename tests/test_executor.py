@@ -124,6 +124,30 @@ def test_shutdown_waits_out_a_stuck_task_when_it_has_a_timeout() -> None:
         fut.result(0)
 
 
+def test_shutdown_returns_only_after_a_timed_out_tasks_future_is_done(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The manager thread used to end as soon as no worker held a call; the
+    # thread that took the timed-out one out set its future a moment later,
+    # so shutdown(wait=True) could return with it still pending (seen as a
+    # flaky test above).  Setting a future is made slow to open that moment.
+    import time
+
+    from anyfork import pool
+
+    def slow(name: str) -> object:
+        original = getattr(cf.Future, name)
+
+        def setter(self: cf.Future[object], value: object) -> None:
+            time.sleep(2)
+            original(self, value)
+        return setter
+    monkeypatch.setattr(pool._Task, "set_exception", slow("set_exception"))
+    ex = anyfork.Executor(max_workers=1, task_timeout=0.5)
+    fut = ex.submit(h.sleep, 60)
+    ex.shutdown(wait=True)
+    assert fut.done()
+    assert isinstance(fut.exception(0), anyfork.pool.TaskTimeoutError)
+
+
 def test_a_tasks_systemexit_and_keyboardinterrupt_are_its_futures_exceptions() -> None:
     with anyfork.Executor(max_workers=1) as ex:
         with pytest.raises(SystemExit):

@@ -215,6 +215,7 @@ class Pool:
         self._forking_ahead: set[int] = set()
         self._manager: threading.Thread | None = None
         self._closing: list[_Worker] = []  # let go, their exit not yet collected
+        self._finishing = 0  # calls out of their worker, their future not yet done (see _finished)
         self._forked = False  # this is a forked child's copy: dead (see the module's doc)
         _pools.add(self)
 
@@ -366,10 +367,13 @@ class Pool:
         if worker is not None and isinstance(exc, (WorkerDiedError, TaskTimeoutError)):
             with self._lock:
                 pairs = self._gone(worker, time.monotonic())
+                self._finishing += 1  # (the manager waits for its future: see _finished)
                 self._ensure_manager()
                 self._wake.notify()
             self._close_worker(worker)
             self._send(pairs)
+            self._finished(call, exc, counted=True)
+            return
         self._finished(call, exc)
 
     @staticmethod
@@ -387,7 +391,12 @@ class Pool:
         return oldest is None or getattr(rpc_fut, "_anyfork_id", None) == oldest
 
     def _finished(self, call: _Call, exc: BaseException | None, result: Any = None,
-                  cancelled: bool = False) -> None:
+                  cancelled: bool = False, counted: bool = False) -> None:
+        """``call`` is over: out of its worker, and its future done.  Once
+        the pool is closed, a call being finished is counted in
+        ``_finishing`` from the moment it leaves its worker until its
+        future is done, so that the manager (and ``join``) does not end in
+        between (``counted``: the caller counted it already)."""
         now = time.monotonic()
         close: _Worker | None = None
         pairs: list[tuple[_Worker, _Call]] = []
@@ -404,13 +413,20 @@ class Pool:
                     pairs = self._placed(self._sched.finished(rec, now))
                     if rec.state == _pool_core.RETIRING and not rec.load:
                         close = worker
-            if self._closed:
-                self._wake.notify()
-        if not cancelled and not call.future.done():
-            if exc is None:
-                call.future.set_result(result)
-            else:
-                call.future.set_exception(exc)
+            if self._closed and not counted:
+                self._finishing += 1
+                counted = True
+        try:
+            if not cancelled and not call.future.done():
+                if exc is None:
+                    call.future.set_result(result)
+                else:
+                    call.future.set_exception(exc)
+        finally:
+            if counted:
+                with self._lock:
+                    self._finishing -= 1
+                    self._wake.notify()
         if close is not None:
             self._close_worker(close)
         self._send(pairs)
@@ -493,10 +509,10 @@ class Pool:
                     c.timed_out = ""
                     if c.worker is not None and c.worker.rec is not None:
                         self._sched.retire(c.worker.rec)
-                if self._closed and not starts and not self._sched.queue and not any(
+                if self._closed and not starts and not self._sched.queue and not self._finishing and not any(
                         w.calls for w in self._workers):
                     break
-                if self._broken is not None and not any(w.calls for w in self._workers):
+                if self._broken is not None and not self._finishing and not any(w.calls for w in self._workers):
                     break
                 if not starts and not retire and not stuck:
                     deadlines = [d for d in (self._sched.next_deadline(),) if d is not None]
