@@ -509,10 +509,10 @@ class Pool:
                     c.timed_out = ""
                     if c.worker is not None and c.worker.rec is not None:
                         self._sched.retire(c.worker.rec)
-                if self._closed and not starts and not self._sched.queue and not self._finishing and not any(
-                        w.calls for w in self._workers):
+                held = self._finishing or any(w.calls for w in self._workers)
+                if self._closed and not starts and not self._sched.queue and not held:
                     break
-                if self._broken is not None and not self._finishing and not any(w.calls for w in self._workers):
+                if self._broken is not None and not held:
                     break
                 if not starts and not retire and not stuck:
                     deadlines = [d for d in (self._sched.next_deadline(),) if d is not None]
