@@ -370,9 +370,11 @@ class Pool:
                 self._finishing += 1  # (the manager waits for its future: see _finished)
                 self._ensure_manager()
                 self._wake.notify()
-            self._close_worker(worker)
-            self._send(pairs)
-            self._finished(call, exc, counted=True)
+            try:
+                self._close_worker(worker)
+                self._send(pairs)
+            finally:  # counted above: it must be finished, whatever happens
+                self._finished(call, exc, counted=True)
             return
         self._finished(call, exc)
 
