@@ -856,8 +856,14 @@ def _refuse_while_prepared() -> None:
     running its eval'd code, importing the caller's main script) must not
     create processes: a script that imports itself without a ``__main__``
     guard would fork without end, each new process doing the same."""
+    modules = sys.modules
     for name in _SERVE_MODULES:
-        serve = sys.modules.get(name)
+        # Not sys.modules.get: on free-threaded CPython that takes the dict's
+        # lock (`in` and [] don't), and a fork_template(allow_threads=True)
+        # in another thread can then leave it held for good in the template
+        # (CPython hands a contended lock straight to a waiting thread, which
+        # the fork leaves behind: gh-133130).  Every process creation comes here.
+        serve = modules[name] if name in modules else None  # noqa: SIM401 (not .get)
         what = getattr(serve, "preparing", None) if serve is not None else None
         if what:
             raise Error(

@@ -181,7 +181,12 @@ failure_fd = -1
 def _import(modname: str) -> object:
     """The module, from sys.modules when it is there (the common case, and
     cheaper than touching importlib in a freshly forked process)."""
-    module = sys.modules.get(modname)
+    # `in` and [], not sys.modules.get, which on free-threaded CPython takes
+    # the dict's lock: a lock another thread held (or was handed) at a fork
+    # stays held in the child, and a template forked with allow_threads=True
+    # would wait for it for ever here.
+    modules = sys.modules
+    module = modules[modname] if modname in modules else None  # noqa: SIM401
     if module is None:
         global preparing
         before, preparing = preparing, f"importing {modname!r}"
@@ -262,7 +267,7 @@ def resolve(name: str, namespace: dict[str, object]) -> Callable[..., object]:
         while rest < len(path):
             attr = path[rest]
             sub = modname + "." + attr
-            found: object = modules.get(sub)
+            found: object = modules[sub] if sub in modules else None  # noqa: SIM401
             if found is None:
                 found = getattr(obj, attr, _MISSING)
                 if found is _MISSING:

@@ -39,7 +39,7 @@ import signal
 import socket
 import sys
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import _failures, _fds, _process, _serve
 from ._errors import Error
@@ -132,6 +132,10 @@ def fork_template(*, allow_threads: bool = False) -> Process:
         _fds.disown(mine)
         _fds.disown(theirs)
         try:
+            # Found here, not in the child: iterating sys.modules takes its
+            # lock on free-threaded CPython, and there a lock another thread
+            # was handed at the fork stays held for good (gh-133130).
+            importing = _importing()
             pid = os.fork()
         except BaseException as e:
             _restore_mask(mask)
@@ -145,7 +149,7 @@ def fork_template(*, allow_threads: bool = False) -> Process:
             raise
         if pid == 0:
             _fds.fork_lock.release()  # this block never ends here: other threads may need it
-            _serve_forked(theirs, mine, failure, collecting)
+            _serve_forked(theirs, mine, failure, collecting, importing)
     os.close(failure)
     _restore_mask(mask)
     if collecting:
@@ -164,8 +168,15 @@ def _restore_mask(mask: set[signal.Signals] | None) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
+def _importing() -> list[Any]:
+    """The specs of the modules being imported now (by this thread, or by
+    others, whose imports never finish in a child either)."""
+    specs = (getattr(module, "__spec__", None) for module in list(sys.modules.values()))
+    return [spec for spec in specs if getattr(spec, "_initializing", False)]
+
+
 def _serve_forked(sock: socket.socket, callers_end: socket.socket, failure: int,
-                  collecting: bool) -> NoReturn:
+                  collecting: bool, importing: list[Any]) -> NoReturn:
     """In the forked child: become a template; never return into the program."""
     try:
         gc.freeze()  # the template's collections must not touch what it shares
@@ -184,10 +195,8 @@ def _serve_forked(sock: socket.socket, callers_end: socket.socket, failure: int,
         # a module that called fork_template at import) never finish here:
         # mark them done, or another thread importing one would wait forever
         # for their import lock.
-        for module in list(sys.modules.values()):
-            spec = getattr(module, "__spec__", None)
-            if getattr(spec, "_initializing", False):
-                spec._initializing = False  # type: ignore[union-attr]
+        for spec in importing:
+            spec._initializing = False
         server = _serve.Server(sock)
         server.inherited_signals = True  # the program's handlers: run() resets them all
     except BaseException:
