@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import sys
+import threading
 import types
 from typing import Any, Callable
 
@@ -99,33 +101,52 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise Interrupt
 
 
-def _signal_inside(code: types.CodeType, when: Callable[[types.FrameType], bool]) -> Callable[..., Any]:
-    """A trace function that sends this process SIGUSR1 at the first line of
-    ``code`` where ``when(frame)``: its handler runs at the next bytecode
-    boundary, there, unless the signal is held back."""
-    sent = False
-
-    def trace(frame: types.FrameType, event: str, arg: object) -> Any:
-        nonlocal sent
-        if frame.f_code is code and event == "line" and not sent and when(frame):
-            sent = True
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return trace
-
-    return trace
-
-
 @pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="no pthread_sigmask")
 def test_a_handler_raising_while_a_frame_is_queued_queues_all_of_it_or_none() -> None:
     # Pins issue 10 #3: on 3.10 a SIGALRM handler raised between a FORK frame's
     # header and its payload in Outbox.put; the template read the next header
-    # as this payload, and died of "descriptors arrived with no frame".
+    # as this payload, and died of "descriptors arrived with no frame".  In a
+    # program of its own: with no other thread, signals held on the main
+    # thread wait until the frame is queued (a test runner's threads would
+    # take the signal instead; the threaded case is the next test).
+    facts = run_program("caller_handler_inside_put.py", timeout=30).facts
+    assert facts["sent"] and facts["threads"] == 1, facts
+    assert facts["queued"] in (0, facts["whole"]), facts  # never the header alone
+    assert facts["queued"] == facts["whole"] and facts["interrupted"], facts  # queued, then it ran
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="no pthread_sigmask")
+def test_a_frame_is_queued_whole_or_not_at_all_in_a_threaded_program() -> None:
+    # Holding signals on the main thread keeps them from it, not from the
+    # process: with another thread there, the kernel gives that thread the
+    # signal, and Python runs its handler on the main thread all the same,
+    # at the next bytecode boundary, in the middle of Outbox.put.  The header
+    # was queued without its payload (seen under pytest-xdist, whose workers
+    # have a thread of their own).  Here the trace function waits until the
+    # other thread has taken the signal (its C handler writes the wakeup fd).
+    idle = threading.Event()
+    other = threading.Thread(target=idle.wait, daemon=True)
+    other.start()
     a, b = socket.socketpair()
     chan = CommandChannel(a)
+    r, w = os.pipe()
+    os.set_blocking(w, False)
     old = signal.signal(signal.SIGUSR1, _raise_interrupt)
+    old_fd = signal.set_wakeup_fd(w)
     frame = P.fork_frame(7, False)
+    sent = False
+
+    def trace(f: types.FrameType, event: str, arg: object) -> Any:
+        nonlocal sent
+        if f.f_code is P.Outbox.put.__code__ and event == "line" and not sent \
+                and f.f_locals.get("first") is False:
+            sent = True
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert select.select([r], [], [], 5)[0], "no thread took the signal"
+        return trace
+
     try:
-        sys.settrace(_signal_inside(P.Outbox.put.__code__, lambda f: f.f_locals.get("first") is False))
+        sys.settrace(trace)
         try:
             with chan.lock:
                 chan.put(frame, [os.dup(b.fileno())])
@@ -133,11 +154,15 @@ def test_a_handler_raising_while_a_frame_is_queued_queues_all_of_it_or_none() ->
             pass
         finally:
             sys.settrace(None)
-        whole = sum(len(p) for p in frame)
-        assert len(chan.out) in (0, whole)  # never the header alone
-        assert len(chan.out) == whole  # (queued, then the handler ran)
+        assert sent
+        assert len(chan.out) in (0, sum(len(p) for p in frame))  # never the header alone
     finally:
+        signal.set_wakeup_fd(old_fd)
         signal.signal(signal.SIGUSR1, old)
+        os.close(r)
+        os.close(w)
+        idle.set()
+        other.join(5)
         chan.close()
         b.close()
 

@@ -616,29 +616,44 @@ class Outbox:
             outbox.sent(n)
     """
 
-    __slots__ = ("_bytes", "_segments")
+    __slots__ = ("_segments",)
 
     # Each segment: [remaining bytes of one buffer, descriptors to send with its
     # first byte (None once sent or when it has none)].
     def __init__(self) -> None:
         self._segments: deque[list[object]] = deque()
-        self._bytes = 0
 
     def __bool__(self) -> bool:
         return bool(self._segments)
 
     def __len__(self) -> int:
-        return self._bytes
+        """Bytes queued (counted, not kept: a count kept beside the queue
+        could be left wrong by an exception between the two)."""
+        return sum(len(seg[0]) for seg in self._segments)  # type: ignore[misc, arg-type]
 
     def put(self, parts: Sequence[Buffer], fds: Sequence[int] = ()) -> None:
-        first = True
-        for p in parts:
-            if not len(p):
-                continue
-            view = p if isinstance(p, memoryview) else memoryview(p)
-            self._segments.append([view.cast("B"), list(fds) if first and fds else None])
-            self._bytes += len(view)
-            first = False
+        """Queue one frame's parts, all or none: they go in with one C call,
+        so an exception at a bytecode boundary (a signal handler's, which
+        holding signals on one thread can't keep out of a threaded program)
+        never queues a header without its payload."""
+        segments: list[list[object]] = []
+        queue = self._segments
+        try:
+            first = True
+            for p in parts:
+                if not len(p):
+                    continue
+                view = p if isinstance(p, memoryview) else memoryview(p)
+                segments.append([view.cast("B"), list(fds) if first and fds else None])
+                first = False
+            queue.extend(segments)
+        except BaseException:
+            # Not queued (the queue would end with this frame's last part):
+            # the descriptors are still the outbox's to close.
+            if not (segments and queue and queue[-1] is segments[-1]):
+                for fd in fds:
+                    close_fd(fd)
+            raise
 
     def chunk(self, limit: int = 64) -> tuple[list[memoryview], list[int]]:
         """Buffers for the next ``sendmsg`` and the descriptors to attach.
@@ -663,7 +678,6 @@ class Outbox:
         """The kernel took ``n`` bytes (n > 0 means the chunk's fds went too)."""
         if n <= 0:
             return
-        self._bytes -= n
         segs = self._segments
         first = True
         while n:
@@ -688,7 +702,6 @@ class Outbox:
                 for fd in seg[1]:  # type: ignore[attr-defined]
                     close_fd(fd)
         self._segments.clear()
-        self._bytes = 0
 
 
 def ancillary(fds: Sequence[int], level: int, kind: int) -> list[tuple[int, int, bytes]]:
