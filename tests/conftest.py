@@ -20,6 +20,7 @@ import pytest
 
 import anyfork
 from anyfork import _failures, _runtime
+import xdist_alone
 from helpers import open_fds, zombie_children
 
 if TYPE_CHECKING:
@@ -28,6 +29,13 @@ if TYPE_CHECKING:
 # How long exiting processes get to be reaped and their descriptors closed
 # before a test counts as leaking.
 SETTLE = 3.0
+
+
+@pytest.fixture(autouse=True)
+def _timing_tests_run_alone(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Under pytest-xdist, a test marked "timing" runs while no other does."""
+    with xdist_alone.turn(request.node.get_closest_marker("timing") is not None):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -249,6 +249,7 @@ TICK = 0.01
 MAX_STALL = 0.05  # the issue's bound: a tick may come late by this much, no more
 
 
+@pytest.mark.timing
 def test_a_ticker_never_stalls_while_64_run_async_and_wait_async_calls_run(
         monkeypatch: pytest.MonkeyPatch) -> None:
     tpl = anyfork.new_exec().eval(
@@ -322,6 +323,7 @@ def test_new_async_gives_a_process_of_the_default_template_in_any_loop() -> None
         assert status == 0
 
 
+@pytest.mark.timing
 def test_a_ticker_never_stalls_while_300_jobs_launched_with_gather_await_new_async() -> None:
     """Issue 14: new() is synchronous; 300 jobs launched at once with gather
     stalled the loop for 165 ms when no process forked ahead was at hand."""

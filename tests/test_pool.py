@@ -104,6 +104,7 @@ def test_the_replies_before_the_call_a_worker_died_in_are_not_lost() -> None:
         assert futures[3].result(20) == 9
 
 
+@pytest.mark.timing  # how quickly calls answer decides the pipelining
 def test_tiny_calls_are_pipelined_and_slow_ones_are_not() -> None:
     # The Executor lets a worker that answers quickly hold more than load
     # calls (they travel many to a write); one whose calls take long keeps load.
@@ -119,6 +120,7 @@ def test_tiny_calls_are_pipelined_and_slow_ones_are_not() -> None:
         assert slow.rec is not None and slow.rec.limit == 2
 
 
+@pytest.mark.timing  # how quickly calls answer decides the pipelining
 def test_a_slow_call_stops_its_worker_from_taking_a_pipelines_worth_behind_it() -> None:
     with anyfork.Executor(max_workers=2) as ex:
         for f in [ex.submit(h.square, i) for i in range(3000)]:

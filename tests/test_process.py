@@ -1289,7 +1289,8 @@ def test_repr_shows_pid_function_and_status() -> None:
     assert repr(tpl) == f"<anyfork.Process pid={tpl.pid} exited with status 0>"
     late = anyfork.new()
     late.close()
-    assert repr(late).endswith(" closed>")
+    # Closed: it exits at once, and its status may be in before repr asks.
+    assert repr(late).endswith((" closed>", " exited with status 0>")), repr(late)
 
 
 def test_messages_say_where_a_process_comes_from_not_an_internal_number() -> None:

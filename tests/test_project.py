@@ -16,9 +16,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
-TEST_COMMAND = "python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]' && .venv/bin/python -m pytest"
+TEST_COMMAND = ("python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]' "
+                "&& .venv/bin/python -m pytest -n 4")
 # The suite on the other interpreters CI tests (tools/pythons finds or builds them).
-PYTHONS_COMMAND = "tools/test-pythons 3.10 3.13"
+PYTHONS_COMMAND = "tools/test-pythons 3.13 3.13t"
 MACHINE_PYTHON = "3.11"  # what TEST_COMMAND's python3 is, on this project's machines
 MAIN_COMMAND = ("python3 -m venv .venv && .venv/bin/pip install -q -e . "
                 "&& .venv/bin/python -m anyfork bench --quick")

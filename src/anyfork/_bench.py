@@ -360,7 +360,7 @@ def _job_concurrent(job: _Job) -> None:
 
         try:
             asyncio.run(bounded())
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise RuntimeError(f"{count} concurrent run_async() calls did not finish in {limit} s") from None
 
     runners: dict[str, Callable[[int], None]] = {"conc_anyfork": ours, "conc_mp_forkserver": mp_many}

@@ -188,8 +188,6 @@ def offers_recycling(kind: str) -> str | None:
         return "loky has no max_tasks_per_child"
     if kind == "ppe_fork":
         return "ProcessPoolExecutor refuses max_tasks_per_child with the fork start method"
-    if kind.startswith("ppe_") and sys.version_info < (3, 11):
-        return "ProcessPoolExecutor has max_tasks_per_child from Python 3.11"
     return None
 
 

@@ -54,8 +54,7 @@ if TYPE_CHECKING:
     import asyncio
     from collections.abc import Callable
     from types import TracebackType
-
-    from typing_extensions import Self
+    from typing import Self
 
     from ._results import Host
 

@@ -55,8 +55,7 @@ from ._errors import Error, ProcessStateError, TimeoutExpired
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
-
-    from typing_extensions import Self
+    from typing import Self
 
     from . import rpc as _rpc
     from ._process import Process
