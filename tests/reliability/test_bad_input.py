@@ -64,7 +64,10 @@ class ServeChild:
         if close:
             self.sock.shutdown(socket.SHUT_WR)
         try:
-            rc = self.proc.wait(5)
+            # Bounded, and generous: the child is a fresh interpreter that
+            # imports the package (compiled from source where bytecode isn't
+            # written), and the suite's other workers share the machine.
+            rc = self.proc.wait(20)
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
