@@ -125,7 +125,8 @@ class CommandChannel:
         self._journal: list[int] | None = None  # see the module's doc
 
     def put(self, parts: list[P.Buffer], fds: list[int] | tuple[int, ...] = ()) -> None:
-        """Queue a frame (caller holds ``lock``); the queue owns ``fds`` from here on.
+        """Queue a frame (caller holds ``lock``); the queue owns ``fds`` from here
+        on, and closes them if this raises before they are queued.
 
         With signals held: a handler raising between a frame's segments would
         queue its header without its payload, and the process would read the
@@ -135,7 +136,12 @@ class CommandChannel:
             hold_signals(held)
             if fds:
                 _fds.hold(self)
-            self.out.put(parts, fds)
+        except BaseException:
+            P.close_fds(fds)  # not handed to the queue: still ours to close
+            release_signals(held)
+            raise
+        try:
+            self.out.put(parts, fds)  # (which closes them if it raises before queueing them)
         finally:
             release_signals(held)
 

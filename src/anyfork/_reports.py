@@ -474,16 +474,20 @@ class Template:
     def queue_fork(self, theirs: int) -> C.Child:
         """Queue a FORK with ``theirs``, which this takes (and closes if it raises)."""
         held: list[set[int]] = []
-        queued = False
+        handed = False
         try:
             hold_signals(held)
             with self.reports.lock:
                 child, frame = self.state.fork(self._theirs >= 0)  # raises if it ended meanwhile
             _, fds = self.channel_fds()
+            # From here the queue owns it: put closes what it did not queue.
+            # (Not a flag set after put: in a threaded program a handler can
+            # raise between put's return and the next line, and closing a
+            # queued descriptor would send whatever reuses its number.)
+            handed = True
             self.cmd.put(frame, [theirs, *fds])
-            queued = True
         finally:
-            if not queued:
+            if not handed:
                 P.close_fds([theirs])  # the queue never took it
             release_signals(held)
         return child
