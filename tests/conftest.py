@@ -31,6 +31,14 @@ if TYPE_CHECKING:
 SETTLE = 3.0
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A timing test first waits for the tests running beside it to end (the
+    # bench's, 150 s at most): its pytest-timeout bound covers that wait too.
+    for item in items:
+        if item.get_closest_marker("timing") is not None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(240))
+
+
 @pytest.fixture(autouse=True)
 def _timing_tests_run_alone(request: pytest.FixtureRequest) -> Iterator[None]:
     """Under pytest-xdist, a test marked "timing" runs while no other does."""
