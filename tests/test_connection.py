@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -150,6 +151,11 @@ def test_a_module_only_the_caller_has_is_sent_on_demand(conn: C.Connection, tmp_
 def test_a_module_nobody_has_fails_with_the_ordinary_error(conn: C.Connection) -> None:
     remote, _ = _run_remote(conn, [P.items_frame(P.REQUIRE, ["no_such_module_anywhere_x"])])
     assert remote.returncode == 1
+    # ssh passes the remote stderr on through a pipe of its own, beside the
+    # channel the exit came on: it may arrive a moment after the exit.
+    deadline = time.monotonic() + 10
+    while "No module named" not in conn.stderr() and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert "No module named 'no_such_module_anywhere_x'" in conn.stderr()
 
 
