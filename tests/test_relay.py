@@ -255,3 +255,26 @@ def test_a_reader_that_never_reads_bounds_what_the_relays_hold(ends: tuple[End, 
         # Held in the caller's relay: at most one read beyond the window.
         assert caller.relay.mux.pending(ch) <= M.WINDOW + (1 << 16)
         assert written < 100 * (1 << 20)  # the user was made to wait, not buffered without end
+
+
+def test_a_channel_closed_with_unread_bytes_reads_as_eof_and_frees_their_descriptors() -> None:
+    # The connection dropping closes every local socket, whatever the user
+    # wrote that the relay had not read yet (a RUN frame, say): the user
+    # must see a plain EOF, not ECONNRESET, and a descriptor sent along
+    # must be closed, not kept in a socket nobody reads.
+    conn_a, conn_b = socket.socketpair()
+    mine, user = socket.socketpair()
+    carried, kept = socket.socketpair()
+    try:
+        relay = R.Relay(M.Mux(True), conn_a.fileno(), conn_a.fileno(), lambda ch, what: None, lambda m: None)
+        relay.open("serve", mine)
+        socket.send_fds(user, [b"x" * 4096], [carried.fileno()])
+        carried.close()
+        relay.close()  # never read: as when the connection drops
+        user.settimeout(5)
+        assert user.recv(100) == b""
+        kept.settimeout(5)
+        assert kept.recv(100) == b""  # its peer, sent along, was closed
+    finally:
+        for s in (conn_a, conn_b, user, kept):
+            s.close()

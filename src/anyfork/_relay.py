@@ -294,10 +294,7 @@ class Relay:
         except OSError:
             self.drop(ch)
             return
-        fds: list[int] = []
-        for level, kind, raw in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.extend(memoryview(raw[: len(raw) - len(raw) % 4]).cast("i"))
+        fds = _fds_in(anc)
         carried = []
         refused = bool(flags & getattr(socket, "MSG_CTRUNC", 8))
         for fd in fds:
@@ -394,7 +391,32 @@ class Relay:
         loc.out.clear()
         while loc.unattached:
             loc.unattached.popleft().close()
+        _drain(loc.sock)
         loc.sock.close()
+
+
+def _fds_in(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, raw in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(memoryview(raw[: len(raw) - len(raw) % 4]).cast("i"))
+    return fds
+
+
+def _drain(sock: socket.socket) -> None:
+    """Read (and drop) what is still queued on the non-blocking ``sock``,
+    closing the descriptors in it: a Unix socket closed with unread data
+    makes its peer's next read fail with ECONNRESET, where a channel that
+    ended should read as a plain EOF.  Bounded, for a peer that keeps writing."""
+    for _ in range(64):
+        try:
+            data, anc, _, _ = sock.recvmsg(_READ, _ANC, _RECV_FLAGS)
+        except OSError:  # BlockingIOError: nothing more queued
+            return
+        for fd in _fds_in(anc):
+            os.close(fd)
+        if not data:
+            return
 
 
 # anyfork's frame header (see _protocol): version u8, kind u8, fds u16, length u64.
