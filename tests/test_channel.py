@@ -194,3 +194,40 @@ def test_a_handler_raising_as_signals_are_held_leaves_the_mask_as_it_was(
         assert held == []
     finally:
         real(signal.SIG_SETMASK, before)
+
+
+# Holds nest (queue_fork's around its put, a batch of reads): within one,
+# every signal is blocked already, and the inner hold must not ask the
+# kernel again (three rt_sigprocmask calls a hold, ~22 per new().run()),
+# nor unblock anything as it ends.
+def test_a_hold_inside_a_hold_makes_no_system_call_and_unblocks_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    real = _channel._SIGMASK
+    assert real is not None
+    calls: list[int] = []
+
+    def counting(how: int, mask: Any) -> Any:
+        calls.append(how)
+        return real(how, mask)
+
+    monkeypatch.setattr(_channel, "_SIGMASK", counting)
+    before = real(signal.SIG_BLOCK, ())
+    outer: list[Any] = []
+    inner: list[Any] = []
+    try:
+        _channel.hold_signals(outer)
+        blocked = real(signal.SIG_BLOCK, ())
+        assert signal.SIGINT in blocked
+        n = len(calls)
+        _channel.hold_signals(inner)
+        _channel.release_signals(inner)
+        assert len(calls) == n, "the inner hold asked the kernel"
+        assert real(signal.SIG_BLOCK, ()) == blocked, "the inner release unblocked signals"
+        _channel.release_signals(outer)
+        assert real(signal.SIG_BLOCK, ()) == before
+        _channel.hold_signals(inner)  # and a hold after them all is a full one again
+        assert signal.SIGINT in real(signal.SIG_BLOCK, ())
+        _channel.release_signals(inner)
+        assert real(signal.SIG_BLOCK, ()) == before
+    finally:
+        real(signal.SIG_SETMASK, before)

@@ -61,14 +61,26 @@ _ALL_SIGNALS = _signal.valid_signals() if hasattr(_signal, "valid_signals") else
 _MAIN = threading.main_thread().ident
 
 
-def hold_signals(held: list[set[int]]) -> None:
+# How many holds are open on the main thread.  Within one, every signal is
+# blocked already: a hold nested in it (a fork's record and its frame's put)
+# only counts, and costs no system call.  A hold never spans a wait, so
+# holds nest strictly.
+_depth = 0
+
+
+def hold_signals(held: list[set[int] | None]) -> None:
     """On the main thread, hold signals back for a send or a read and its
     bookkeeping: a signal that arrives during the system call would
     otherwise run its Python handler right after it, before the count is
     accounted for.  The old mask lands in ``held`` in C (see the module's
     doc); pass it to ``release_signals`` in a ``finally``.  A handler already
     due runs here, before anything is sent or read."""
+    global _depth
     if _SIGMASK is not None and threading.get_ident() == _MAIN:
+        if _depth:
+            held.append(None)  # inside another hold: nothing to change
+            _depth += 1
+            return
         # pthread_sigmask runs the handlers due *after* changing the mask: one
         # that raises would leave every signal blocked, with no record of the
         # old mask.  So read it first (a raise there changed nothing).
@@ -79,13 +91,18 @@ def hold_signals(held: list[set[int]]) -> None:
             if not held:
                 _SIGMASK(_signal.SIG_SETMASK, before)
             raise
+        _depth = 1
 
 
-def release_signals(held: list[set[int]]) -> None:
+def release_signals(held: list[set[int] | None]) -> None:
     """Restore the mask ``hold_signals`` saved (what came meanwhile is handled now)."""
+    global _depth
     if held:
         assert _SIGMASK is not None
-        _SIGMASK(_signal.SIG_SETMASK, held.pop())
+        mask = held.pop()
+        _depth -= 1  # first: a handler run by the call below may hold in turn
+        if mask is not None:
+            _SIGMASK(_signal.SIG_SETMASK, mask)
 _ANC = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
 # How often a wait looks at a template's process when there is no descriptor
 # that turns readable as it exits (no pidfd: a platform other than Linux 5.3+;
@@ -131,7 +148,7 @@ class CommandChannel:
         With signals held: a handler raising between a frame's segments would
         queue its header without its payload, and the process would read the
         next frame as the rest of this one."""
-        held: list[set[int]] = []
+        held: list[set[int] | None] = []
         try:
             hold_signals(held)
             if fds:
@@ -238,7 +255,7 @@ class CommandChannel:
                 anc = P.ancillary(fds, *_ANC)
                 journal: list[int] = []
                 self._journal = journal
-                held: list[set[int]] = []
+                held: list[set[int] | None] = []
                 # Under fork_lock: the outbox closes the descriptors that went
                 # out one by one, and a fork in between would close numbers
                 # still listed (reused by then) in the child.

@@ -227,12 +227,13 @@ class ReportChannel:
 
     def _read(self, sock: socket.socket) -> bool:
         got = False
-        for _ in range(_BATCH):
-            journal: list[tuple[bytes, list[tuple[int, int, bytes]], int, object]] = []
-            self._journal = journal
-            held: list[set[int]] = []
-            try:
-                hold_signals(held)
+        # One hold for the batch, not one per read: the reads never wait.
+        held: list[set[int] | None] = []
+        try:
+            hold_signals(held)
+            for _ in range(_BATCH):
+                journal: list[tuple[bytes, list[tuple[int, int, bytes]], int, object]] = []
+                self._journal = journal
                 try:
                     # What is read lands in the journal in C, in the same call.
                     journal.extend(map(sock.recvmsg, (65536,), (_ANC_SPACE,), (_RECV_FLAGS,)))
@@ -246,9 +247,9 @@ class ReportChannel:
                     return True
                 if self._dispatch_read(journal[0]):
                     return True
-            finally:
-                release_signals(held)
-            got = True
+                got = True
+        finally:
+            release_signals(held)
         return got
 
     def _dispatch_read(self, read: tuple[bytes, list[tuple[int, int, bytes]], int, object]) -> bool:
@@ -473,7 +474,7 @@ class Template:
     # asked for, and its descriptors with no owner.
     def queue_fork(self, theirs: int) -> C.Child:
         """Queue a FORK with ``theirs``, which this takes (and closes if it raises)."""
-        held: list[set[int]] = []
+        held: list[set[int] | None] = []
         handed = False
         try:
             hold_signals(held)
@@ -496,7 +497,7 @@ class Template:
         with self.reports.lock:
             missing = self.state.missing(self.ahead)
         for _ in range(missing):
-            held: list[set[int]] = []
+            held: list[set[int] | None] = []
             try:
                 hold_signals(held)
                 new_channel, fds = self.channel_fds()
