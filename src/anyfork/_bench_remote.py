@@ -40,6 +40,15 @@ LABELS = {
 }
 
 
+def _warm_up(call: Callable[[], object]) -> None:
+    """A few calls before a timed row: the first ones start the far side's
+    worker (anyfork's fetches its modules from the caller, execnet compiles
+    its code), which "connection + first result" measures, not a round trip.
+    Without this, a --quick run's 100 round trips were mostly that start."""
+    for _ in range(20):
+        call()
+
+
 # --- anyfork ---------------------------------------------------------------------------
 
 
@@ -68,6 +77,7 @@ def _anyfork_rows(command: list[str], p: dict[str, Any], rows: dict[str, list[fl
         tpl.wait(30)
 
     with rpc.run(remote.new_exec(command), "operator:pos") as client:
+        _warm_up(lambda: client(0))
         rows.setdefault("rt:anyfork", []).append(
             _time_per(lambda: client(0), p["seconds"], 100) * 1e6)
         n = p["pipelined"]
@@ -113,6 +123,7 @@ def _execnet_rows(config: str, python: str, p: dict[str, Any], rows: dict[str, l
             ch.send(0)
             ch.receive(30)
 
+        _warm_up(call)
         rows.setdefault("rt:execnet", []).append(_time_per(call, p["seconds"], 100) * 1e6)
         n = p["pipelined"]
         t = time.perf_counter()
