@@ -145,9 +145,16 @@ class CommandChannel:
         """Queue a frame (caller holds ``lock``); the queue owns ``fds`` from here
         on, and closes them if this raises before they are queued.
 
-        With signals held: a handler raising between a frame's segments would
-        queue its header without its payload, and the process would read the
-        next frame as the rest of this one."""
+        The outbox queues a frame's parts with one C call, so a handler
+        raising at any moment finds the frame queued whole or not at all.  A
+        frame without descriptors needs nothing more (RUN, SPAWN: no signals
+        held, which cost more than the rest of this).  With descriptors,
+        signals are held from listing this channel as their holder until the
+        queue has them: a handler raising in between would leave them
+        nobody's to close."""
+        if not fds:
+            self.out.put(parts)
+            return
         held: list[set[int] | None] = []
         try:
             hold_signals(held)

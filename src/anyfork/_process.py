@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import _exec, _failures, _fds, _mainmod
 from . import _protocol as P
 from ._backend import Op, deadline_after, run_blocking
-from ._channel import BrokenError, CommandChannel
+from ._channel import BrokenError, CommandChannel, hold_signals, release_signals
 from ._direct import Direct
 from ._errors import (
     Error,
@@ -484,40 +484,49 @@ class Process:
         SPAWNs that replace a process forked ahead) happens at its first step."""
         self._mine()
         _refuse_while_prepared()
+        held: list[set[int] | None] = []
         with self._cmd.lock, _fds.fork_lock:  # descriptors made here are listed before a fork
-            self._usable()
-            tpl = self._tpl
-            child = None
-            if tpl is not None:
-                tpl.check_alive()  # gone, though its sockets may never see EOF
-            if tpl is not None and tpl.ahead:
-                tpl.read_first()
-                taken = tpl.take()
-                if taken is not None:
-                    record, sock = taken
-                    child = Process(_TOKEN, CommandChannel(sock), tpl, record, self._host)
+            # Signals held once for the whole step (nothing in it waits, and
+            # the locks are taken first: no wait for them with Ctrl-C held
+            # back): the reads, the take and the queueing then hold nothing
+            # themselves.
+            hold_signals(held)
+            try:
+                self._usable()
+                tpl = self._tpl
+                child = None
+                if tpl is not None:
+                    tpl.check_alive()  # gone, though its sockets may never see EOF
+                if tpl is not None and tpl.ahead:
+                    tpl.read_first()
+                    taken = tpl.take()
+                    if taken is not None:
+                        record, sock = taken
+                        child = Process(_TOKEN, CommandChannel(sock), tpl, record, self._host)
+                        child._keep = self
+                if child is None:
+                    try:
+                        mine, theirs = socket.socketpair()
+                    except OSError as e:
+                        raise Error(f"fork(): no socketpair for the new process: {e}") from e
+                    try:
+                        _fds.plain(mine, theirs)
+                        tpl = self._template()
+                    except BaseException:
+                        mine.close()
+                        theirs.close()
+                        raise
+                    try:
+                        record = tpl.queue_fork(theirs.detach())  # the queue owns that end now
+                    except BaseException:
+                        mine.close()
+                        raise
+                    child = Process(_TOKEN, CommandChannel(mine), tpl, record, self._host)
                     child._keep = self
-            if child is None:
-                try:
-                    mine, theirs = socket.socketpair()
-                except OSError as e:
-                    raise Error(f"fork(): no socketpair for the new process: {e}") from e
-                try:
-                    _fds.plain(mine, theirs)
-                    tpl = self._template()
-                except BaseException:
-                    mine.close()
-                    theirs.close()
-                    raise
-                try:
-                    record = tpl.queue_fork(theirs.detach())  # the queue owns that end now
-                except BaseException:
-                    mine.close()
-                    raise
-                child = Process(_TOKEN, CommandChannel(mine), tpl, record, self._host)
-                child._keep = self
-            assert tpl is not None
-            tpl.queue_spawns()
+                assert tpl is not None
+                tpl.queue_spawns()
+            finally:
+                release_signals(held)
         try:
             yield from tpl.flush_op(None)
         except BaseException as e:
