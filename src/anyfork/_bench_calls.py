@@ -11,7 +11,15 @@ identity function in a second process:
 
 A round trip is one call in flight; pipelined is "submit N tiny calls, then
 collect the results" (the limit row and Pipe send batches of 256, since they
-have no flow control of their own).  Its top-level imports are small: workers
+have no flow control of their own).
+
+Round trips are timed with the job and the peer's processes on one CPU
+(Linux; elsewhere where the scheduler puts them).  On a virtual machine, a
+wake-up on the other CPU costs some 20 µs more than one on the same CPU, and
+where the scheduler happens to put two processes decided most of a tiny
+round trip: the limit row alone measured 12 to 45 µs from run to run, and
+two rpc clients in one job 23 and 57 µs.  On one CPU a round trip is what
+the two sides compute, plus two switches, for every row alike.  Its top-level imports are small: workers
 import this module for ``echo``.
 """
 
@@ -79,6 +87,9 @@ class _Limit:
         theirs.close()
         self.f = self.sock.makefile("rb")
 
+    def pids(self) -> list[int]:
+        return [self.pid]
+
     def _read(self) -> Any:
         head = self.f.read(4)
         return self.pickle.loads(self.f.read(_LEN.unpack(head)[0]))
@@ -130,6 +141,9 @@ class _Pipe:
         self.proc.start()
         theirs.close()
 
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc.pid is not None else []
+
     def call(self, x: Any) -> Any:
         self.conn.send(x)
         return self.conn.recv()
@@ -157,6 +171,9 @@ class _Pool:
                                                          mp_context=multiprocessing.get_context("fork"))
         self.ex.submit(echo, 0).result()
 
+    def pids(self) -> list[int]:
+        return list(getattr(self.ex, "_processes", None) or ())  # its one worker
+
     def call(self, x: Any) -> Any:
         return self.ex.submit(echo, x).result()
 
@@ -177,6 +194,9 @@ class _Rpc:
         self.client = rpc.run(anyfork.new(), echo, serializer=serializer)
         self.tiny: object = b"x" if serializer == "bytes" else 0
         self.client(self.tiny)
+
+    def pids(self) -> list[int]:
+        return [self.client.process.pid]
 
     def call(self, x: Any) -> Any:
         return self.client.call(x)
@@ -208,6 +228,43 @@ LABELS = {
 }
 
 
+def _tids(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return [pid]
+
+
+class _OneCpu:
+    """Every thread of ``pids`` on one CPU for the ``with`` block, then back
+    where each was (see the module's doc).  Nothing where the platform has
+    no ``sched_setaffinity``."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.saved: list[tuple[int, set[int]]] = []
+
+    def __enter__(self) -> None:
+        if not hasattr(os, "sched_setaffinity"):
+            return
+        cpu = {min(os.sched_getaffinity(0))}
+        for pid in self.pids:
+            for tid in _tids(pid):
+                try:
+                    self.saved.append((tid, os.sched_getaffinity(tid)))
+                    os.sched_setaffinity(tid, cpu)
+                except OSError:
+                    pass  # a thread that ended meanwhile
+
+    def __exit__(self, *exc: object) -> None:
+        for tid, cpus in self.saved:
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except OSError:
+                pass
+        self.saved.clear()
+
+
 def _time_per(fn: Callable[[], Any], seconds: float, min_count: int) -> float:
     """Seconds per call of ``fn``, over at least ``seconds`` and ``min_count`` calls."""
     count = 0
@@ -234,8 +291,9 @@ def child() -> None:
         for _ in range(rounds):
             for name, peer in peers.items():
                 tiny: object = b"x" if name == "rpc_bytes" else 0
-                rows.setdefault(f"rt:{name}", []).append(
-                    _time_per(functools.partial(peer.call, tiny), seconds, 200) * 1e6)
+                with _OneCpu([os.getpid(), *peer.pids()]):
+                    rows.setdefault(f"rt:{name}", []).append(
+                        _time_per(functools.partial(peer.call, tiny), seconds, 200) * 1e6)
                 t = time.perf_counter()
                 peer.pipelined(n)
                 rows.setdefault(f"pipe:{name}", []).append(n / (time.perf_counter() - t))
@@ -282,8 +340,8 @@ def report(calls: dict[str, Any]) -> list[str]:
     """The section's lines."""
     rows = calls["rows"]
     n = calls["params"]["pipelined"]
-    out = ["", f"Calls: an identity function in a second process (round trips: lower is better; "
-           f"pipelined: {n:,} tiny calls submitted, then collected, higher is better)"]
+    out = ["", f"Calls: an identity function in a second process (round trips, both processes on one "
+           f"CPU: lower is better; pipelined: {n:,} tiny calls submitted, then collected, higher is better)"]
     if not rows:
         out.extend(f"FAILED: {f}" for f in calls["failed"])
         return out
