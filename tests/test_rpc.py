@@ -633,3 +633,109 @@ def test_the_reactor_arms_a_socket_closed_under_it_without_raising() -> None:
     reactor = _Reactor.__new__(_Reactor)  # no thread: only _arm is under test
     reactor.epoll = ClosedMeanwhile()
     reactor._arm(1000)
+
+
+# --- a lone call's receive (the round trip's fast path) ------------------------------------
+
+
+class _FakeWorker:
+    """The worker's end of a _Core's socket, played by a thread: it answers
+    the one call it reads with ``answer(call_id)``, a list of byte strings
+    written one by one, 50 ms apart."""
+
+    class Process:
+        pid = 1
+        returncode = None
+        killed = False
+
+        def kill(self) -> None:
+            self.killed = True
+
+    def __init__(self, answer: Any) -> None:
+        import pickle
+
+        from anyfork import _backend
+        from anyfork import _rpc_wire as W
+
+        self.W = W
+        self.log: list[Any] = []
+        ours, self.sock = socket.socketpair()
+        self.core = rpc._Core(self.Process(), ours, W.serializer("pickle"), 8,  # type: ignore[arg-type]
+                              lambda *args: self.log.append(args))
+        self.sock.sendall(W.hello(b"\0"))
+        _backend.run_blocking(self.core.op_progress(lambda: self.core.hello))
+        self.pickle = pickle
+        self.thread = threading.Thread(target=self._serve, args=(answer,), daemon=True)
+        self.thread.start()
+
+    def _serve(self, answer: Any) -> None:
+        W = self.W
+        head = self.sock.recv(W.HSIZE, socket.MSG_WAITALL)
+        length, call_id, kind, _ = W.HEADER.unpack(head)
+        assert kind == W.CALL
+        self.sock.recv(length, socket.MSG_WAITALL)
+        for i, part in enumerate(answer(call_id)):
+            if i:
+                time.sleep(0.05)
+            self.sock.sendall(part)
+
+    def frame(self, kind: int, call_id: int, value: object) -> bytes:
+        payload = self.pickle.dumps(value)
+        return self.W.header(kind, call_id, len(payload)) + payload
+
+    def close(self) -> None:
+        self.thread.join(TIMEOUT)
+        self.core.dispose()
+        self.sock.close()
+
+
+def test_a_lone_calls_reply_in_one_piece_skips_the_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    from anyfork import _rpc_wire as W
+
+    calls = []
+    real = W.Decoder.frames
+    monkeypatch.setattr(W.Decoder, "frames", lambda self: calls.append(1) or real(self))
+    w = _FakeWorker(lambda cid: [w.frame(W.RESULT, cid, "done")])
+    calls.clear()  # (the HELLO went through it)
+    try:
+        call = w.core.call_alone(w.pickle.dumps((1,)))
+        assert call is not None and call.done and call.value == "done"
+        assert calls == [], "the reply went through the decoder"
+        assert not w.core.calls
+    finally:
+        w.close()
+
+
+def test_a_lone_calls_reply_split_or_after_events_still_arrives_whole_and_in_order() -> None:
+    from anyfork import _rpc_wire as W
+
+    def split(cid: int) -> list[bytes]:
+        whole = w.frame(W.RESULT, cid, "x" * 1000)
+        return [whole[:5], whole[5:600], whole[600:]]
+
+    for answer, events in (
+            (split, []),
+            (lambda cid: [w.frame(W.EVENT, cid, ("tick",)) + w.frame(W.RESULT, cid, "x" * 1000)],
+             [("tick",)]),
+            (lambda cid: [w.frame(W.EVENT, cid, ("tick",)), w.frame(W.RESULT, cid, "x" * 1000)],
+             [("tick",)])):
+        w = _FakeWorker(answer)
+        try:
+            call = w.core.call_alone(w.pickle.dumps((1,)))
+            assert call is not None and call.done and call.error is None
+            assert call.value == "x" * 1000
+            assert w.log == events
+        finally:
+            w.close()
+
+
+def test_a_lone_call_answered_with_garbage_fails_clearly() -> None:
+    w = _FakeWorker(lambda cid: [b"\xff" * 64])
+    try:
+        with pytest.raises(anyfork.ProtocolError, match="broke the rpc protocol"):
+            call = w.core.call_alone(w.pickle.dumps((1,)))
+            if call is not None and call.error is not None:
+                raise call.error
+            w.core._check()
+    finally:
+        w.close()

@@ -23,6 +23,12 @@ def recv(sock: socket.socket, decoder: W.Decoder, scratch: bytearray) -> int:
     that is an mmap, page faults and a munmap per receive.  The decoder
     borrows a view of it: call ``decoder.frames()`` before the next receive."""
     n, anc, msg_flags, _ = sock.recvmsg_into([scratch], _ANC, _RECV_FLAGS)
+    return feed(decoder, scratch, n, anc, msg_flags)
+
+
+def feed(decoder: W.Decoder, scratch: bytearray, n: int, anc: list[tuple[int, int, bytes]],
+         msg_flags: int) -> int:
+    """Give ``decoder`` what one ``recvmsg_into`` put in ``scratch`` (see ``recv``)."""
     fds: list[int] = []
     for level, kind, raw in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

@@ -147,6 +147,10 @@ class Decoder:
         elif not fds:
             self.eof = True
 
+    def holding(self) -> bool:
+        """Whether bytes or descriptors of a frame not yet whole are kept."""
+        return bool(self._buf or self._lent is not None or self._fds)
+
     def frames(self) -> list[Frame]:
         lent = self._lent
         buf = self._buf
