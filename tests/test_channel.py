@@ -196,12 +196,8 @@ def test_a_handler_raising_as_signals_are_held_leaves_the_mask_as_it_was(
         real(signal.SIG_SETMASK, before)
 
 
-# Holds nest (queue_fork's around its put, a batch of reads): within one,
-# every signal is blocked already, and the inner hold must not ask the
-# kernel again (three rt_sigprocmask calls a hold, ~22 per new().run()),
-# nor unblock anything as it ends.
-def test_a_hold_inside_a_hold_makes_no_system_call_and_unblocks_nothing(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def _count_sigmask_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Each call of the C pthread_sigmask _channel makes from now on, by its ``how``."""
     real = _channel._SIGMASK
     assert real is not None
     calls: list[int] = []
@@ -211,6 +207,18 @@ def test_a_hold_inside_a_hold_makes_no_system_call_and_unblocks_nothing(
         return real(how, mask)
 
     monkeypatch.setattr(_channel, "_SIGMASK", counting)
+    return calls
+
+
+# Holds nest (queue_fork's around its put, a batch of reads): within one,
+# every signal is blocked already, and the inner hold must not ask the
+# kernel again (three rt_sigprocmask calls a hold, ~22 per new().run()),
+# nor unblock anything as it ends.
+def test_a_hold_inside_a_hold_makes_no_system_call_and_unblocks_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    real = _channel._SIGMASK
+    assert real is not None
+    calls = _count_sigmask_calls(monkeypatch)
     before = real(signal.SIG_BLOCK, ())
     outer: list[Any] = []
     inner: list[Any] = []
@@ -242,14 +250,6 @@ def test_a_hold_inside_a_hold_makes_no_system_call_and_unblocks_nothing(
 def test_a_new_run_holds_signals_back_at_most_three_times(monkeypatch: pytest.MonkeyPatch) -> None:
     import anyfork
 
-    real = _channel._SIGMASK
-    assert real is not None
-    calls: list[int] = []
-
-    def counting(how: int, mask: Any) -> Any:
-        calls.append(how)
-        return real(how, mask)
-
     def one() -> None:
         sock = anyfork.new().run("builtins:id")
         sock.recv(1)
@@ -257,7 +257,7 @@ def test_a_new_run_holds_signals_back_at_most_three_times(monkeypatch: pytest.Mo
 
     for _ in range(5):
         one()
-    monkeypatch.setattr(_channel, "_SIGMASK", counting)
+    calls = _count_sigmask_calls(monkeypatch)
     counts = []
     for _ in range(10):
         calls.clear()
@@ -268,9 +268,7 @@ def test_a_new_run_holds_signals_back_at_most_three_times(monkeypatch: pytest.Mo
 
 def test_a_frame_without_descriptors_is_queued_without_holding_signals(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    real = _channel._SIGMASK
-    calls: list[int] = []
-    monkeypatch.setattr(_channel, "_SIGMASK", lambda how, mask: calls.append(how) or real(how, mask))
+    calls = _count_sigmask_calls(monkeypatch)
     mine, theirs = socket.socketpair()
     ch = CommandChannel(mine)
     try:
