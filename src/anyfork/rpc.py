@@ -394,11 +394,12 @@ class _Core:
         return call
 
     def _reply_now(self, call: _Call) -> bool:
-        """``call_alone``'s receive: True if what came was exactly the reply
-        to ``call``, which is then complete.  Anything else (an event first,
-        part of a frame, descriptors, EOF, a receive that would block) is
-        given to the decoder as ``_pump_now`` would, and False returned: the
-        general path goes on from there, with nothing read twice or lost.
+        """``call_alone``'s receive; True once ``call`` is complete.  When
+        what came is exactly its reply, that is taken as it is.  Anything
+        else (an event first, part of a frame, descriptors, EOF, a receive
+        that would block) is given to the decoder and dispatched as
+        ``_pump_now`` would: the general path goes on from there, with
+        nothing read twice or lost.
         A tiny round trip spends most of its caller-side time in the
         general path's layers; this is one receive and one header check."""
         decoder = self.decoder
@@ -435,7 +436,7 @@ class _Core:
             return False
         if frames:
             self._dispatch(frames)
-        return False
+        return call.done  # (the reply may have come behind an event)
 
     def op_call(self, payload: bytes, fds: list[int]) -> Op[Any]:
         got = None
