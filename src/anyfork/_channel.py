@@ -158,8 +158,7 @@ class CommandChannel:
         held: list[set[int] | None] = []
         try:
             hold_signals(held)
-            if fds:
-                _fds.hold(self)
+            _fds.hold(self)
         except BaseException:
             P.close_fds(fds)  # not handed to the queue: still ours to close
             release_signals(held)
