@@ -76,19 +76,21 @@ def test_holding_signals_back_runs_no_python_code() -> None:
     assert _python_calls(hold_and_release) == 2  # the two functions themselves
 
 
+def _new_run() -> None:
+    """One new().run() of a function that returns at once, to its EOF."""
+    import anyfork
+
+    sock = anyfork.new().run("builtins:id")
+    sock.recv(1)
+    sock.close()
+
+
 def test_the_callers_part_of_new_run_stays_small() -> None:
     import statistics
 
-    import anyfork
-
-    def one() -> None:
-        sock = anyfork.new().run("builtins:id")
-        sock.recv(1)
-        sock.close()
-
     for _ in range(10):
-        one()
-    counts = [_python_calls(one) for _ in range(15)]
+        _new_run()
+    counts = [_python_calls(_new_run) for _ in range(15)]
     # ~150 on 3.11 when this was written; the regression above made it 1,500.
     assert statistics.median(counts) < 400, counts
 
@@ -248,20 +250,13 @@ def test_a_hold_inside_a_hold_makes_no_system_call_and_unblocks_nothing(
 # holds nothing (the outbox queues a frame with one C call), and fork() holds
 # once for its whole first step.  Counted, not timed.
 def test_a_new_run_holds_signals_back_at_most_three_times(monkeypatch: pytest.MonkeyPatch) -> None:
-    import anyfork
-
-    def one() -> None:
-        sock = anyfork.new().run("builtins:id")
-        sock.recv(1)
-        sock.close()
-
     for _ in range(5):
-        one()
+        _new_run()
     calls = _count_sigmask_calls(monkeypatch)
     counts = []
     for _ in range(10):
         calls.clear()
-        one()
+        _new_run()
         counts.append(len(calls))
     assert sorted(counts)[len(counts) // 2] <= 9, counts  # three calls a hold
 
