@@ -145,3 +145,14 @@ def square_or_die(x: float) -> float:
 def sleep_pid(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()
+
+
+def loaded(*names: str) -> list[str]:
+    """Which of the modules ``names`` this process has imported."""
+    import sys
+
+    return [n for n in names if n in sys.modules]
+
+
+async def loaded_async(*names: str) -> list[str]:
+    return loaded(*names)

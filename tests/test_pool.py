@@ -78,6 +78,14 @@ def test_max_tasks_replaces_each_worker_with_a_new_fork() -> None:
     assert len(set(pids)) == 5
 
 
+def test_a_worker_imports_nothing_of_anyfork_but_the_worker_modules() -> None:
+    """A new worker runs its init (the user's too, and the hook that finds
+    the caller's main module) without importing the package, which would
+    load all of anyfork (~8 ms) after every fork: with max_tasks=1, per call."""
+    with pool.run(None, "pool_handlers:loaded", max=1, max_tasks=1, init="pool_handlers:record_init") as p:
+        assert [p("anyfork", "inspect") for _ in range(2)] == [[], []]
+
+
 def test_calls_queued_behind_the_one_a_worker_died_in_run_on_another() -> None:
     # They reached the worker, but it runs a call at a time: they never started.
     with pool.run(None, "pool_handlers:square_or_die", max=1, load=4) as p:

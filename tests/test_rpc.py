@@ -569,6 +569,54 @@ def test_new_without_rpc_loads_nothing_of_it() -> None:
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize(("handler", "absent"), [("pool_handlers:loaded", ("anyfork", "inspect")),
+                                                 ("pool_handlers:loaded_async", ("anyfork",))])
+def test_a_worker_imports_neither_the_package_nor_inspect(drive: Driver, handler: str,
+                                                           absent: tuple[str, ...]) -> None:
+    """A worker runs the serve loop's modules and rpc's, and no more: not
+    the package (all of anyfork, ~8 ms in each new worker), nor inspect
+    (5 ms) to tell a coroutine function.  (An async worker's asyncio
+    imports inspect itself.)  The handlers' module imports neither."""
+    client = drive.start(handler)
+    assert drive.call(client, *absent) == []
+    assert drive.finish(client) == 0
+
+
+def _plain_function() -> None:
+    pass
+
+
+async def _coroutine(x: int, y: int = 0) -> int:
+    return x + y
+
+
+class _Handlers:
+    def plain(self) -> None:
+        pass
+
+    async def coroutine(self) -> None:
+        pass
+
+    async def __call__(self) -> None:
+        pass
+
+
+def test_the_coroutine_test_without_inspect_agrees_with_inspect() -> None:
+    import functools
+    import inspect
+
+    from anyfork import _rpc_worker
+
+    h = _Handlers()
+    cases = [_plain_function, _coroutine, h.plain, h.coroutine, h, _Handlers.coroutine, len, lambda: None,
+             functools.partial(_coroutine, 1), functools.partial(functools.partial(_coroutine, 1), y=2),
+             functools.partial(_plain_function), functools.partial(h.coroutine)]
+    want = [inspect.iscoroutinefunction(c) for c in cases]
+    assert want.count(True) == 6  # the cases cover both answers
+    assert [_rpc_worker.by_code_flags(c) for c in cases] == want
+    assert [_rpc_worker.coroutine_function(c) for c in cases] == want
+
+
 def test_events_read_together_with_their_reply_are_delivered_first() -> None:
     """Deterministic: the worker's HELLO, two events and the reply arrive in
     one read (written here, as a worker would), and the events go first."""

@@ -29,6 +29,10 @@ import signal
 import sys
 from typing import Any
 
+# At the top, while the boot's stand-in package is in place: in a function,
+# after the boot, "from . import" would import the whole of anyfork.
+from . import _rpc_worker
+
 DUMP_SIGNAL = signal.SIGUSR1
 
 
@@ -43,20 +47,14 @@ def init(*items: Any) -> None:
     if dump == "":
         dump = sys.stderr  # a remote worker: the pipe can't cross, ssh brings its stderr back
     faulthandler.register(DUMP_SIGNAL, file=dump, all_threads=True, chain=False)
-    from . import _rpc_worker
-
     _rpc_worker._QUICK = 0.0  # no call counts as quick: its reply is out before the next starts
     global _dump
     _dump = dump  # faulthandler needs it open for as long as the process lives
     if main:
-        from . import _mainmod
-
         kind, _, value = main.partition(":")
-        _mainmod.install(kind, value)
+        _rpc_worker.sibling("_mainmod").install(kind, value)
     if user_init:
-        from ._rpc_worker import resolve
-
-        resolve(user_init)(*user_items)
+        _rpc_worker.resolve(user_init)(*user_items)
 
 
 _dump: Any = None

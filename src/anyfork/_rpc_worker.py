@@ -30,6 +30,11 @@ from ._rpc_io import _RECV, error_frame, recv, result_frame, send
 if TYPE_CHECKING:
     import socket
     from collections.abc import Callable
+    from types import ModuleType
+
+# The package's path as this module was imported with it: the boot's
+# stand-in package (see ``rpc._boot``), or the real one.
+_PATH = list(getattr(sys.modules.get(__package__ or ""), "__path__", ()))
 
 _QUICK = 100e-6  # a call this quick lets the replies before it wait for the next
 _BATCH = 1 << 16
@@ -90,18 +95,73 @@ def event(*args: Any) -> None:
     conn = _conn
     if conn is None:
         raise RuntimeError("anyfork.rpc.event() is for handlers running in an rpc worker")
-    if conn.async_loop is not None:
-        from ._rpc_worker_async import current_call
-
-        call_id = current_call()
-    else:
-        call_id = conn.call_id
+    call_id = conn.call_id if conn.async_loop is None else sibling("_rpc_worker_async").current_call()
     payload, fds = conn.codec.dumps_call(args, {})
     frame = W.header(W.EVENT, call_id, len(payload), len(fds)) + payload
     if conn.async_loop is not None:
         conn.async_loop.queue(frame, fds)
     else:
         conn.write(frame, fds)
+
+
+def sibling(name: str) -> ModuleType:
+    """This package's module ``name``, imported without the package.
+
+    A worker runs only the serve loop's modules and these: importing
+    ``anyfork`` itself would load the whole library (about 8 ms in a new
+    worker), or on a remote host fetch it from the caller.  So, as the boot
+    did, the module is imported under a stand-in package with the same path."""
+    full = f"{__package__}.{name}"
+    module = sys.modules.get(full)
+    if module is not None:
+        return module
+    package = __package__ or ""
+    if package in sys.modules:
+        return __import__(full, fromlist=("_",))
+    stub = type(sys)(package)
+    stub.__path__ = list(_PATH)
+    sys.modules[package] = stub
+    try:
+        __import__(full)
+    finally:
+        if sys.modules.get(package) is stub:
+            del sys.modules[package]
+    return sys.modules[full]
+
+
+_CO_COROUTINE = 0x80  # inspect.CO_COROUTINE
+
+
+class _Method:
+    def method(self) -> None:
+        pass
+
+
+_METHOD_TYPE = type(_Method().method)
+_FUNCTION_TYPE = type(_Method.method)
+
+
+def coroutine_function(fn: object) -> bool:
+    """``inspect.iscoroutinefunction(fn)``, without importing inspect (5 ms
+    in a new worker) when nothing has: then nothing can have been marked
+    with ``inspect.markcoroutinefunction`` either, and its test of the code
+    flags, through bound methods and partials, is all there is."""
+    inspect = sys.modules.get("inspect")
+    if inspect is not None:
+        return bool(inspect.iscoroutinefunction(fn))
+    return by_code_flags(fn)
+
+
+def by_code_flags(fn: object) -> bool:
+    partial = getattr(sys.modules.get("functools"), "partial", None)
+    while True:
+        if type(fn) is _METHOD_TYPE:
+            fn = fn.__func__  # type: ignore[attr-defined]
+        elif partial is not None and isinstance(fn, partial):
+            fn = fn.func
+        else:
+            break
+    return type(fn) is _FUNCTION_TYPE and bool(fn.__code__.co_flags & _CO_COROUTINE)
 
 
 def resolve(name: str) -> Callable[..., Any]:
@@ -164,16 +224,12 @@ def serve(sock: socket.socket, *items: Any) -> None:
         if setup is None:
             return
         fn, max_in_flight, frames = setup
-        import inspect
-
-        concurrent = inspect.iscoroutinefunction(fn)
+        concurrent = coroutine_function(fn)
         # Our HELLO says whether calls run one at a time: then the caller
         # may hold small calls back while one runs, and send them in a batch.
         conn.write(W.hello(bytes((W.CONCURRENT if concurrent else 0,))))
         if concurrent:
-            from ._rpc_worker_async import serve_async
-
-            serve_async(conn, fn, max_in_flight, frames)
+            sibling("_rpc_worker_async").serve_async(conn, fn, max_in_flight, frames)
         else:
             _serve_sync(conn, fn, frames)
     except (BrokenPipeError, ConnectionResetError):

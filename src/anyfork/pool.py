@@ -71,7 +71,7 @@ DUMP_SIGNAL = signal.SIGUSR1
 _WORKER_INIT = "anyfork._pool_worker:init"
 # Pipelining (the Executor): the work a worker may have waiting for it, in seconds.
 _PIPELINE_BUDGET = 0.01
-_BOOT_MODULES = ("anyfork._rpc_worker", "anyfork._pool_worker")
+_BOOT_MODULES = ("anyfork._rpc_worker", "anyfork._pool_worker", "anyfork._mainmod")
 
 
 class TaskTimeoutError(Error, TimeoutError):
