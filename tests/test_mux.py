@@ -95,6 +95,24 @@ def test_eof_waits_behind_pending_data() -> None:
         caller.send(ch, b"late")
 
 
+def test_a_channel_has_sent_all_only_once_the_peer_handed_every_byte_on() -> None:
+    # Closing a channel drops what the peer still holds for its local socket,
+    # so "sent" must mean "handed on", not "on the wire".
+    caller, remote = M.Mux(caller=True), M.Mux(caller=False)
+    ch = caller.open("out")
+    caller.send(ch, b"z" * 100)
+    caller.eof(ch)
+    assert not caller.sent_all(ch)
+    assert [e.kind for e in wire(caller, remote)] == [M.OPEN, M.DATA, M.EOF]
+    assert not caller.sent_all(ch)  # on the wire, EOF too, but not handed on
+    remote.consumed(ch, 60)
+    wire(remote, caller)
+    assert not caller.sent_all(ch)
+    remote.consumed(ch, 40)
+    wire(remote, caller)
+    assert caller.sent_all(ch)
+
+
 def test_one_stalled_channel_does_not_stop_another() -> None:
     caller, remote = M.Mux(caller=True), M.Mux(caller=False)
     slow, fast = caller.open("slow"), caller.open("fast")

@@ -130,6 +130,43 @@ def test_a_large_stream_arrives_whole_with_both_directions_full(ends: tuple[End,
         assert got["peer"] == blob
 
 
+def test_bytes_the_user_has_not_read_yet_survive_the_end_of_the_channel(ends: tuple[End, End]) -> None:
+    # Both directions end while the user has read nothing: this relay holds what
+    # the user's full socket can't take (the blob is a window more than a
+    # socket's buffer, so all of it and the EOF can leave the far side).  The
+    # far relay must not close the channel, which drops those bytes here,
+    # before they were handed on.
+    caller, remote = ends
+    blob = os.urandom(M.WINDOW + (64 << 10))
+    with caller.open("raw") as user:
+        peer = _peer_socket(remote)
+        ch = remote.opened[0][0]
+        user.shutdown(socket.SHUT_WR)
+        peer.settimeout(10)
+        assert peer.recv(1) == b""
+
+        def send_and_close() -> None:
+            peer.sendall(blob)
+            peer.close()
+
+        t = threading.Thread(target=send_and_close)
+        t.start()
+        for _ in range(2000):  # until the far relay has read all and sent it (EOF too)
+            loc = remote.relay.locals.get(ch)
+            if loc is None or (loc.eof_in and remote.relay.mux.pending(ch) == 0):
+                break
+            threading.Event().wait(0.005)
+        else:
+            raise AssertionError("the far relay never sent its EOF")
+        user.settimeout(10)
+        chunks = []
+        while data := user.recv(1 << 20):
+            chunks.append(data)
+        t.join(10)
+        assert len(b"".join(chunks)) == len(blob)
+        assert b"".join(chunks) == blob
+
+
 def _fd(fd: int) -> list[tuple[int, int, bytes]]:
     return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(4, "little"))]
 

@@ -90,8 +90,8 @@ class Event:
 
 
 class _Channel:
-    __slots__ = ("closed_here", "closed_there", "eof_here", "eof_there", "pending", "pending_bytes",
-                 "send_window", "unacked")
+    __slots__ = ("closed_here", "closed_there", "eof_here", "eof_sent", "eof_there", "pending",
+                 "pending_bytes", "send_window", "unacked")
 
     def __init__(self) -> None:
         self.send_window = WINDOW  # bytes the peer lets us send now
@@ -99,6 +99,7 @@ class _Channel:
         self.pending: deque[memoryview] = deque()  # DATA waiting for window
         self.pending_bytes = 0
         self.eof_here = False  # we queued EOF (sent once pending is out)
+        self.eof_sent = False  # and it went out: nothing more, ever
         self.eof_there = False
         self.closed_here = False
         self.closed_there = False
@@ -151,10 +152,13 @@ class Mux:
         return 0 if c is None else c.pending_bytes
 
     def sent_all(self, ch: int) -> bool:
-        """Whether everything queued on ``ch``, and its EOF, has gone out (or
-        the channel is gone): only then may it be closed without losing data."""
+        """Whether everything queued on ``ch`` and its EOF have gone out and
+        the peer has handed every byte on (its credit is all back), or the
+        channel is gone: only then may it be closed without losing data.
+        (A CLOSE ends the channel at the peer at once: bytes it still held
+        for its local socket would be dropped.)"""
         c = self._channels.get(ch)
-        return c is None or c.closed_here or (not c.pending and c.send_window < 0)
+        return c is None or c.closed_here or (c.eof_sent and c.send_window == WINDOW)
 
     def eof(self, ch: int) -> None:
         """Nothing more will be sent on ``ch`` (sent after what is pending)."""
@@ -249,9 +253,9 @@ class Mux:
                 c.pending.popleft()
             else:
                 c.pending[0] = view[n:]
-        if not c.pending and c.eof_here and not c.closed_here and c.send_window >= 0:
+        if not c.pending and c.eof_here and not c.closed_here and not c.eof_sent:
             self._frame(ch, EOF, b"")
-            c.send_window = -1  # EOF sent: nothing more, ever
+            c.eof_sent = True
 
     def _fail(self, why: str) -> NoReturn:
         self._dead = True
@@ -316,11 +320,11 @@ class Mux:
         elif kind == CREDIT:
             if len(payload) != 4:
                 self._fail("CREDIT of the wrong size")
-            if c.send_window >= 0:
-                c.send_window += _U32.unpack(payload)[0]
-                if c.send_window > WINDOW:
-                    self._fail(f"channel {ch}: credit beyond the window")
-                self._pump(ch, c)
+            # (Credit keeps coming after our EOF: sent_all waits for all of it.)
+            c.send_window += _U32.unpack(payload)[0]
+            if c.send_window > WINDOW:
+                self._fail(f"channel {ch}: credit beyond the window")
+            self._pump(ch, c)
         else:  # EOF
             if c.eof_there:
                 self._fail(f"second EOF on channel {ch}")
