@@ -32,17 +32,23 @@ SETTLE = 3.0
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # A timing test first waits for the tests running beside it to end (the
-    # bench's, 150 s at most): its pytest-timeout bound covers that wait too.
+    # A test that runs alone first waits for the tests running beside it to
+    # end (the bench's, 150 s at most): its pytest-timeout bound covers that wait too.
     for item in items:
-        if item.get_closest_marker("timing") is not None and item.get_closest_marker("timeout") is None:
+        if _alone(item) and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(240))
+
+
+def _alone(item: pytest.Item) -> bool:
+    return any(item.get_closest_marker(m) is not None for m in ("timing", "heavy"))
 
 
 @pytest.fixture(autouse=True)
 def _timing_tests_run_alone(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Under pytest-xdist, a test marked "timing" runs while no other does."""
-    with xdist_alone.turn(request.node.get_closest_marker("timing") is not None):
+    """Under pytest-xdist, a test marked "timing" (bound in time) or "heavy"
+    (a load that would push others past their bounds, on 3.13t above all)
+    runs while no other does."""
+    with xdist_alone.turn(_alone(request.node)):
         yield
 
 

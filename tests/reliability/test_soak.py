@@ -215,6 +215,7 @@ def test_concurrent_run_async_on_one_template(h):
             assert p.wait(5) == 0
 
 
+@pytest.mark.heavy
 def test_soak_small(h):
     soak(h, 3 * PER_ROUND)
 

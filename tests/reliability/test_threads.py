@@ -118,6 +118,7 @@ def one_process(make: Callable[[], anyfork.Process], fh_data: bytes, arg: bytes,
         theirs.close()
 
 
+@pytest.mark.heavy
 def test_sixteen_threads_making_processes_every_way_at_once(h) -> None:
     if free_threaded_expected():
         assert sysconfig.get_config_var("Py_GIL_DISABLED") == 1, "not a free-threaded build"
@@ -185,6 +186,7 @@ def test_sixteen_threads_making_processes_every_way_at_once(h) -> None:
 # had just made, received or was closing, before it was on _fds's list.
 
 
+@pytest.mark.heavy
 def test_fork_template_with_threads_inside_anyfork_inherits_none_of_its_sockets() -> None:
     from helpers import run_program
 

@@ -3,6 +3,7 @@ calls (forks, send_fh, close, new_exec): which descriptors does each
 template inherit beyond the program's own?  (Threads that call run() would
 hold the sockets it returns, which are the program's: they don't here.)"""
 
+import gc
 import json
 import os
 import sys
@@ -42,6 +43,13 @@ def hammer(i, stop, errors, started):
 
 def main():
     warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
+    if not getattr(sys, "_is_gil_enabled", lambda: True)():
+        # CPython 3.13t does not reset the interpreter's stop-the-world mutex
+        # in a fork's child: forked while a thread was starting a collection,
+        # the template hangs for good in its first one (gc.freeze).  README's
+        # Supported Pythons says so; this program checks descriptors, so its
+        # threads make no collections.
+        gc.disable()
     rounds = int(sys.argv[1])
     baseline = {int(n) for n in os.listdir("/proc/self/fd")}
     stop = threading.Event()
