@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import pytest
 
 import anyfork
-import xdist_alone
 from anyfork import _bench
 from anyfork.__main__ import build_parser, main
 
@@ -49,13 +48,10 @@ class QuickRun(NamedTuple):
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    # A module fixture is set up before the test takes its turn (conftest), so
-    # it takes one itself: no test that runs alone may run beside the bench.
-    with xdist_alone.turn(False):
-        proc = subprocess.run(  # (a long timeout: the Remote section starts an sshd)
-            [sys.executable, "-m", "anyfork", "bench", "--quick", "--rounds", "1", "--json", str(out)],
-            capture_output=True, text=True, timeout=120, env=_env(), check=False,
-        )
+    proc = subprocess.run(  # (a long timeout: the Remote section starts an sshd)
+        [sys.executable, "-m", "anyfork", "bench", "--quick", "--rounds", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=120, env=_env(), check=False,
+    )
     result = json.loads(out.read_text()) if out.exists() else {}
     return QuickRun(proc.returncode, proc.stdout, proc.stderr, result)
 

@@ -112,21 +112,24 @@ class _Peer:
         if kind == "anyfork":
             import anyfork
 
-            template = None
+            # Both sides preload the task module (this one), as a user would:
+            # here the template requires it, forkserver's server imports it.
+            modules = [__name__]
             if memory:
                 from ._bench import MODULES
 
-                template = anyfork.new().require(*MODULES)
+                modules = [*MODULES, __name__]
+            template = anyfork.new().require(*modules)
             self.ex = anyfork.Executor(workers, max_tasks_per_child=max_tasks, template=template)
         elif kind.startswith("ppe_"):
             import concurrent.futures
             import multiprocessing
 
             ctx: Any = multiprocessing.get_context(kind[4:])
-            if memory and kind == "ppe_forkserver":
+            if kind == "ppe_forkserver":
                 from ._bench import MODULES
 
-                ctx.set_forkserver_preload([*MODULES, __name__])
+                ctx.set_forkserver_preload([*MODULES, __name__] if memory else [__name__])
             kw: dict[str, Any] = {"initializer": preload} if memory else {}
             if max_tasks is not None:
                 kw["max_tasks_per_child"] = max_tasks
