@@ -53,8 +53,19 @@ def recv_op(sock: socket.socket, log: list[str]) -> B.Op[bytes]:
 def test_an_operation_waits_until_readable(run: Runner, pair: tuple[socket.socket, socket.socket]) -> None:
     a, b = pair
     log: list[str] = []
-    threading.Timer(0.05, b.send, (b"hi",)).start()
+
+    def send_once_it_waits() -> None:
+        # (Not on a timer: under load the operation may start after it.)
+        for _ in range(2000):
+            if "wait" in log:
+                break
+            time.sleep(0.005)
+        b.send(b"hi")
+
+    sender = threading.Thread(target=send_once_it_waits)
+    sender.start()
     assert run(recv_op(a, log)) == b"hi"
+    sender.join(10)
     assert log == ["wait", "ready True", "finally"]
 
 
