@@ -14,7 +14,7 @@ from anyfork import _protocol as P
 from anyfork import _relay as R
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 pytestmark = pytest.mark.usefixtures("check_leaks")
 
@@ -72,12 +72,18 @@ def ends() -> Iterator[tuple[End, End]]:
     b.close()
 
 
-def _peer_socket(end: End, index: int = 0) -> socket.socket:
-    for _ in range(1000):
-        if len(end.opened) > index:
-            return end.opened[index][2]
+def _until(pred: Callable[[], bool], what: str) -> None:
+    """Wait (up to 10 s) until ``pred()`` holds."""
+    for _ in range(2000):
+        if pred():
+            return
         threading.Event().wait(0.005)
-    raise AssertionError("the peer never opened the channel")
+    raise AssertionError(f"never: {what}")
+
+
+def _peer_socket(end: End, index: int = 0) -> socket.socket:
+    _until(lambda: len(end.opened) > index, "the peer opened the channel")
+    return end.opened[index][2]
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
@@ -151,20 +157,20 @@ def test_bytes_the_user_has_not_read_yet_survive_the_end_of_the_channel(ends: tu
 
         t = threading.Thread(target=send_and_close)
         t.start()
-        for _ in range(2000):  # until the far relay has read all and sent it (EOF too)
+
+        def far_side_sent_all() -> bool:
             loc = remote.relay.locals.get(ch)
-            if loc is None or (loc.eof_in and remote.relay.mux.pending(ch) == 0):
-                break
-            threading.Event().wait(0.005)
-        else:
-            raise AssertionError("the far relay never sent its EOF")
+            return loc is None or (loc.eof_in and remote.relay.mux.pending(ch) == 0)
+
+        _until(far_side_sent_all, "the far relay read all and sent it, EOF too")
         user.settimeout(10)
         chunks = []
         while data := user.recv(1 << 20):
             chunks.append(data)
         t.join(10)
-        assert len(b"".join(chunks)) == len(blob)
-        assert b"".join(chunks) == blob
+        got = b"".join(chunks)
+        assert len(got) == len(blob)
+        assert got == blob
 
 
 def _fd(fd: int) -> list[tuple[int, int, bytes]]:
