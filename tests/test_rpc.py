@@ -787,3 +787,96 @@ def test_a_lone_call_answered_with_garbage_fails_clearly() -> None:
             w.core._check()
     finally:
         w.close()
+
+
+def test_a_futures_lone_reply_is_read_by_result_without_the_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    # submit(...).result() with nothing else in flight (a pool's round trip):
+    # the caller reads the reply itself, in one receive, as call() does.
+    from anyfork import _rpc_wire as W
+
+    calls = []
+    real = W.Decoder.frames
+    monkeypatch.setattr(W.Decoder, "frames", lambda self: calls.append(1) or real(self))
+    # (b"" first: the reply comes 50 ms after the call, once result() waits.)
+    w = _FakeWorker(lambda cid: [b"", w.frame(W.RESULT, cid, "done")])
+    calls.clear()  # (the HELLO went through it)
+    try:
+        client = rpc.Client(w.core)
+        done: list[object] = []
+        fut = client._submit((1,), {}, done.append)
+        assert fut.result() == "done"
+        assert calls == [], "the reply went through the decoder"
+        assert done == [fut], "the callback set at submit ran once, with the future"
+        assert not w.core.calls and w.core.unwaited == 0
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("how", ["split", "event in the same write", "event in a write before"])
+def test_a_futures_lone_reply_split_or_after_events_arrives_whole_and_in_order(how: str) -> None:
+    from anyfork import _rpc_wire as W
+
+    def answer(cid: int) -> list[bytes]:
+        whole = w.frame(W.RESULT, cid, "x" * 1000)
+        event = w.frame(W.EVENT, cid, ("tick",))
+        if how == "split":
+            return [whole[:5], whole[5:600], whole[600:]]
+        if how == "event in the same write":
+            return [event + whole]
+        return [event, whole]
+
+    w = _FakeWorker(answer)
+    try:
+        client = rpc.Client(w.core)
+        fut = client.submit(1)
+        assert fut.result() == "x" * 1000
+        assert w.log == ([] if how == "split" else [("tick",)])
+        assert not w.core.calls
+    finally:
+        w.close()
+
+
+class _CountingPoller:
+    def __init__(self, ready_after: int) -> None:
+        self.polls = 0
+        self.ready_after = ready_after
+
+    def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
+        assert timeout == 0, "a spin never sleeps"
+        self.polls += 1
+        return [(3, 1)] if self.polls > self.ready_after else []
+
+
+def test_a_lone_call_waits_awake_for_a_moment_before_it_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    poller = _CountingPoller(ready_after=3)
+    assert rpc._spin(poller) is True
+    assert poller.polls == 4
+    never = _CountingPoller(ready_after=10**9)
+    assert rpc._spin(never) is False, "the spin is bounded in time"
+    assert never.polls >= 1
+
+
+def test_a_lone_call_on_one_cpu_sleeps_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Spinning there would keep the worker that is to answer off the CPU.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    poller = _CountingPoller(ready_after=0)
+    assert rpc._spin(poller) is False
+    assert poller.polls == 0
+
+
+def test_a_call_in_flight_keeps_its_dropped_client_until_it_is_done() -> None:
+    # rpc.run(...).submit(x).result() gets its result; the client (and its
+    # worker) may go once the future is done, held or not.
+    import gc
+    import weakref
+
+    client = rpc.run(anyfork.new(), "time:sleep")
+    ref = weakref.ref(client)
+    fut = client.submit(0.2)
+    del client
+    gc.collect()
+    assert ref() is not None, "the client went with a call in flight"
+    assert fut.result(timeout=TIMEOUT) is None
+    gc.collect()
+    assert ref() is None, "a done future keeps its client"

@@ -129,7 +129,6 @@ class Executor(concurrent.futures.Executor):
         self._mp_context = mp_context  # documented as unused
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
-        self._futures: set[concurrent.futures.Future[Any]] = set()
         init_name = None
         if initializer is not None:
             # The initializer runs as the worker's rpc init, with its
@@ -169,10 +168,7 @@ class Executor(concurrent.futures.Executor):
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            fut = self._pool.submit(_prepare_fn(fn), *args, **kwargs)
-            self._futures.add(fut)
-        fut.add_done_callback(self._futures.discard)
-        return fut
+            return self._pool.submit(_prepare_fn(fn), *args, **kwargs)
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int = 1) -> Iterator[Any]:
@@ -191,9 +187,8 @@ class Executor(concurrent.futures.Executor):
             return  # its workers are the parent's: nothing to shut down here
         with self._shutdown_lock:
             self._shutdown = True
-            futures = list(self._futures)
         if cancel_futures:
-            for fut in futures:
+            for fut in self._pool._held():
                 fut.cancel()
         self._pool.close()  # which tells the waiters of what was cancelled
         if wait:
@@ -215,8 +210,7 @@ class Executor(concurrent.futures.Executor):
             return
         with self._shutdown_lock:
             self._shutdown = True
-            futures = list(self._futures)
-        for fut in futures:
+        for fut in self._pool._held():
             fut.cancel()
         self._pool._signal_workers(sig)
         self._pool.close()

@@ -282,19 +282,23 @@ class Pool:
 
     def _send(self, pairs: list[tuple[_Worker, _Call]]) -> None:
         """Write each call to its worker (never under _lock)."""
+        if not pairs:
+            return
         from . import rpc
         from ._errors import WorkerDiedError
 
         for worker, call in pairs:
             fut = call.future
-            if fut.cancelled():
-                fut.set_running_or_notify_cancel()  # tells as_completed() and wait()
-                self._finished(call, None, cancelled=True)
+            # (running: placed again after its first worker went without
+            # running it.)  Running before it is written, so that a cancel
+            # can't come between the write and the worker's reply.
+            if not fut.running() and not fut.set_running_or_notify_cancel():
+                self._finished(call, None, cancelled=True)  # (which told as_completed and wait)
                 continue
             client = worker.client
             assert client is not None
             try:
-                rpc_fut = client.submit(*call.args, **call.kwargs)
+                rpc_fut = client._submit(call.args, call.kwargs, functools.partial(self._rpc_done, call))
             except (WorkerDiedError, rpc.RetiredError):
                 # It died or retired before this call was written: the call
                 # never ran, so it goes to another worker.
@@ -303,22 +307,10 @@ class Pool:
             except BaseException as e:
                 if client.broken is not None and client.broken is e:
                     self._failed_to_start(worker, e, call)  # its init failed: never ran
-                elif fut.running() or fut.set_running_or_notify_cancel():
-                    self._finished(call, e)  # an argument that won't serialize, say
                 else:
-                    self._finished(call, None, cancelled=True)
-                continue
-            if not fut.running() and not fut.set_running_or_notify_cancel():
-                # (running: placed again after its first worker went without
-                # running it.)  Cancelled while it was being written: it runs,
-                # and its result is dropped.
-                rpc_fut.add_done_callback(functools.partial(self._dropped, call))
+                    self._finished(call, e)  # an argument that won't serialize, say
                 continue
             fut._rpc = rpc_fut
-            rpc_fut.add_done_callback(functools.partial(self._rpc_done, call))
-
-    def _dropped(self, call: _Call, rpc_fut: Future[Any]) -> None:
-        self._finished(call, None, cancelled=True)
 
     def _replace(self, worker: _Worker, call: _Call) -> None:
         """``call`` never ran on ``worker``, which is gone: place it again, first in line."""
@@ -751,6 +743,14 @@ class Pool:
             self._ensure_manager()
             self._wake.notify()
         self._drop_cancelled()
+
+    def _held(self) -> list[Future[Any]]:
+        """The futures of the calls not yet done: queued, or out to a
+        worker (shutdown(cancel_futures=True) cancels those not running)."""
+        with self._lock:
+            held = [c.future for c in self._sched.queue]
+            held += [c.future for w in self._workers for c in w.calls]
+        return held
 
     def _drop_cancelled(self) -> None:
         """Take the queued calls whose futures were cancelled out of the

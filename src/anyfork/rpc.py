@@ -187,6 +187,26 @@ def _exception(payload: bytes, codec: W._Codec) -> BaseException:
     return err
 
 
+def _spin(poller: Any) -> bool:
+    """Poll without sleeping for up to ``_SPIN`` seconds; whether something
+    came.  A tiny call's reply usually comes within tens of microseconds,
+    and a thread that went to sleep in ``poll()`` takes about as long again
+    to be woken (an idle CPU's wake-up, on a VM a hypervisor exit): waiting
+    awake first roughly halves a round trip.  Not when this thread may use
+    one CPU only: it would keep the worker that is to answer off it."""
+    affinity = getattr(os, "sched_getaffinity", None)  # (Linux; elsewhere, the machine's CPUs)
+    if (len(affinity(0)) if affinity is not None else os.cpu_count() or 1) < 2:
+        return False
+    end = time.perf_counter() + _SPIN
+    while time.perf_counter() < end:
+        if poller.poll(0):
+            return True
+    return False
+
+
+_SPIN = 100e-6
+
+
 class _Call:
     __slots__ = ("done", "error", "future", "id", "value")
 
@@ -365,6 +385,28 @@ class _Core:
             assert got is not None  # nothing in flight: below max_in_flight
             self.leader = True
         call = got[0]
+        self._lead_alone(call, False)
+        return call
+
+    def drive_alone(self, future: concurrent.futures.Future[Any]) -> bool:
+        """A future's ``result()`` without an operation's machinery, when its
+        call is the only one in flight and nobody is reading: as
+        ``call_alone`` after the send (False if that is not so: then nothing
+        was done).  A pool's ``submit(...).result()`` is this case."""
+        with self.lock:
+            if self.leader or len(self.calls) != 1 or self.outbox.size or self.sock is None:
+                return False
+            call = next(iter(self.calls.values()))
+            if call.future is not future:
+                return False
+            self.leader = True
+        self._lead_alone(call, True)
+        return True
+
+    def _lead_alone(self, call: _Call, ready: bool) -> None:
+        """(as leader) Poll and receive until ``call`` is complete or the
+        client breaks, then resign.  ``ready``: the reply may be there
+        already (the call was written a while ago), so receive first."""
         try:
             poller = self.poller
             if poller is None:
@@ -374,14 +416,23 @@ class _Core:
                 poller.register(self.fd, _POLLIN)
             events = _POLLIN
             while True:
-                # The reply can't be there yet: poll first, not a receive that fails.
-                want = _POLLIN | _POLLOUT if self.outbox.size else _POLLIN
-                if want != events:
-                    poller.modify(self.fd, want)
-                    events = want
-                poller.poll()
-                if self._reply_now(call):
-                    break
+                if ready:
+                    ready = False
+                    got = self._reply_now(call)
+                    if got:
+                        break
+                    if got is None and not call.done:
+                        continue  # nothing had come: poll, then receive
+                else:
+                    # The reply can't be there yet: poll first, not a receive that fails.
+                    want = _POLLIN | _POLLOUT if self.outbox.size else _POLLIN
+                    if want != events:
+                        poller.modify(self.fd, want)
+                        events = want
+                    if not poller.poll(0) and not _spin(poller):
+                        poller.poll()
+                    if self._reply_now(call):
+                        break
                 state = self._pump_now()
                 if state == _EOF:
                     run_blocking(self._op_eof())
@@ -391,10 +442,10 @@ class _Core:
                 poller.modify(self.fd, _POLLIN)
         finally:
             self._resign()
-        return call
 
-    def _reply_now(self, call: _Call) -> bool:
-        """``call_alone``'s receive; True once ``call`` is complete.  When
+    def _reply_now(self, call: _Call) -> bool | None:
+        """``_lead_alone``'s receive; True once ``call`` is complete, None
+        when nothing had come (the receive would block).  When
         what came is exactly its reply, that is taken as it is.  Anything
         else (an event first, part of a frame, descriptors, EOF, a receive
         that would block) is given to the decoder and dispatched as
@@ -411,7 +462,7 @@ class _Core:
         try:
             n, anc, flags, _ = sock.recvmsg_into([scratch], _ANC, _RECV_FLAGS)
         except (BlockingIOError, InterruptedError):
-            return False
+            return None
         except OSError:
             decoder.eof = True  # as _pump_now has it: its next turn finds EOF
             return False
@@ -421,11 +472,14 @@ class _Core:
                 payload = self.scratch_view[_HSIZE:n].tobytes()
                 with self.lock:
                     self.calls.pop(call_id, None)
+                    if call.future is not None:
+                        self.unwaited -= 1
+                value = error = None
                 try:
-                    call.value = self.codec.loads(payload, [])
+                    value = self.codec.loads(payload, [])
                 except Exception as e:
-                    call.error = e
-                call.done = True  # (call_alone's _resign notifies, next)
+                    error = e
+                self._complete(call, value, error)  # (_lead_alone's _resign notifies, next)
                 return True
         try:
             _feed(decoder, scratch, n, anc, flags)
@@ -592,9 +646,9 @@ class _Core:
             else:
                 error = error or _exception(f.payload, codec)
             fut = call.future
+            call.done = True
             if fut is None:
                 call.value, call.error = value, error
-                call.done = True
             else:
                 fut._anyfork_set(value, error)  # type: ignore[attr-defined]  # _complete, inline
         self.changed.notify()
@@ -602,9 +656,9 @@ class _Core:
     @staticmethod
     def _complete(call: _Call, value: Any, error: BaseException | None) -> None:
         fut = call.future
+        call.done = True  # (for a future too: _lead_alone looks)
         if fut is None:
             call.value, call.error = value, error
-            call.done = True
         else:
             fut._anyfork_set(value, error)  # type: ignore[attr-defined]
 
@@ -885,14 +939,15 @@ class _Future:
     cls: Any = None
 
     @classmethod
-    def make(cls, core: _Core) -> concurrent.futures.Future[Any]:
+    def make(cls, core: _Core, then: Callable[[Any], object] | None = None) -> concurrent.futures.Future[Any]:
         if cls.cls is None:
             cls.cls = _future_class()
-        return cls.cls(core)  # type: ignore[no-any-return]
+        return cls.cls(core, then)  # type: ignore[no-any-return]
 
 
 def _future_class() -> type:
     import concurrent.futures
+    from concurrent.futures import _base
 
     finished = "FINISHED"
 
@@ -913,8 +968,12 @@ def _future_class() -> type:
         looks at the state after, under it, so one of them sees the other.
         """
 
-        def __init__(self, core: _Core) -> None:  # not super's: no condition yet
+        def __init__(self, core: _Core, then: Callable[[Any], object] | None = None) -> None:
+            # (not super's: no condition yet.)  ``then``: a callback set
+            # before the call is sent, which needs no condition either
+            # (the pool's: see Client._submit).
             self._anyfork_core = core
+            self._anyfork_then = then
             # It is sent at once, so it can't be cancelled: RUNNING from the start.
             self._state = "RUNNING"
             self._result = None
@@ -936,6 +995,7 @@ def _future_class() -> type:
             else:
                 self._exception = error
             self._state = finished
+            self._anyfork_owner = None
             if "_anyfork_cond" in self.__dict__:
                 with self._condition:
                     for waiter in self._waiters:
@@ -945,6 +1005,12 @@ def _future_class() -> type:
                             waiter.add_exception(self)
                     self._condition.notify_all()
                 self._invoke_callbacks()  # type: ignore[attr-defined]
+            then = self._anyfork_then
+            if then is not None:
+                try:
+                    then(self)
+                except Exception:
+                    _base.LOGGER.exception("exception calling callback for %r", self)
 
         def done(self) -> bool:
             return self._state == finished
@@ -973,7 +1039,10 @@ def _future_class() -> type:
         def _drive(self, timeout: float | None) -> None:
             if threading.current_thread() is getattr(_the_reactor, "thread", None):
                 return
-            run_blocking(self._anyfork_core.op_progress(self.done, deadline_after(timeout)))
+            core = self._anyfork_core
+            if timeout is None and core.drive_alone(self):
+                return
+            run_blocking(core.op_progress(self.done, deadline_after(timeout)))
 
     return Future
 
@@ -1039,12 +1108,23 @@ class Client:
     def submit(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
         """Send a call; a Future of its result.  Blocks while max_in_flight
         calls are unanswered, and until the call is written."""
+        return self._submit(args, kwargs, None)
+
+    def _submit(self, args: tuple[Any, ...], kwargs: dict[str, Any],
+                then: Callable[[Any], object] | None) -> concurrent.futures.Future[Any]:
+        """``submit``, with ``then(future)`` called once the future is done,
+        in the thread that completes it: as ``add_done_callback``, but set
+        before the call is sent, so without taking the future's condition."""
         core = self._core
         payload, fds = core.codec.dumps_call(args, kwargs)  # encode(), inline
         if len(fds) > W.MAX_FDS:
             W.close_fds(fds)
             raise ValueError(f"a call carries at most {W.MAX_FDS} descriptors")
-        fut = (_Future.cls or _Future.make)(core)
+        fut = (_Future.cls or _Future.make)(core, then)
+        # A call in flight keeps its client (and so its worker) alive, as a
+        # running task keeps its executor: ``run(...).submit(x).result()``
+        # gets its result.  Let go once done (``_anyfork_set``).
+        fut._anyfork_owner = self  # type: ignore[attr-defined]
         got = None
         if not fds:
             with core.lock:  # the common case, without an operation's machinery
