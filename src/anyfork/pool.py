@@ -46,15 +46,16 @@ import signal
 import threading
 import time
 import weakref
-from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any
 
 from . import _fds, _pool_core
 from ._errors import Error, ProcessStateError, TimeoutExpired
+from ._futures import FINISHED, LazyFuture
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
+    from concurrent.futures import Future
     from typing import Self
 
     from . import rpc as _rpc
@@ -102,19 +103,22 @@ def retire() -> None:
     retire_worker()
 
 
-class _Task(Future):  # type: ignore[type-arg]
-    """A pool call's future.  Once the call is out, its ``result()`` drives
+class _Task(LazyFuture):
+    """A pool call's future, without a ``Condition`` until somebody waits on
+    it (see ``_futures``).  Once the call is out, its ``result()`` drives
     the worker's socket itself (as an rpc future does), so that
     ``submit(...).result()`` needs no other thread to read the reply."""
 
     _rpc: Future[Any] | None = None
 
     def result(self, timeout: float | None = None) -> Any:
-        self._drive(timeout)
+        if self._state != FINISHED:
+            self._drive(timeout)
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        self._drive(timeout)
+        if self._state != FINISHED:
+            self._drive(timeout)
         return super().exception(timeout)
 
     def _drive(self, timeout: float | None) -> None:
@@ -744,7 +748,7 @@ class Pool:
             self._wake.notify()
         self._drop_cancelled()
 
-    def _held(self) -> list[Future[Any]]:
+    def _held(self) -> list[_Task]:
         """The futures of the calls not yet done: queued, or out to a
         worker (shutdown(cancel_futures=True) cancels those not running)."""
         with self._lock:
@@ -808,8 +812,9 @@ def _after_fork_in_child() -> None:
             calls.extend(worker.calls)
         for call in calls:
             fut = call.future
-            if fut._state in ("PENDING", "RUNNING"):  # (done() takes the condition)
-                fut._condition = threading.Condition()
+            if fut._state in ("PENDING", "RUNNING"):
+                if "_anyfork_cond" in fut.__dict__:  # (a thread of the parent may have held it)
+                    fut.__dict__["_anyfork_cond"] = threading.Condition()
                 fut._exception = _forked_error()
                 fut._state = "FINISHED"
                 fut._rpc = None

@@ -946,65 +946,30 @@ class _Future:
 
 
 def _future_class() -> type:
-    import concurrent.futures
     from concurrent.futures import _base
+
+    from ._futures import LazyFuture
 
     finished = "FINISHED"
 
-    class Future(concurrent.futures.Future):  # type: ignore[type-arg]
-        """A ``concurrent.futures.Future`` that makes its ``Condition`` only
-        when something waits on it or adds to it, and whose ``result()``
-        reads the socket itself when nobody else is reading (so
-        ``submit(...).result()`` costs no thread hand-off).
-
-        The condition, made in ``__init__`` and taken by ``set_result`` and
-        ``result()``, was a quarter of a pipelined call's time.  Most of our
-        futures are asked for their result after it came, by the thread that
-        read it or one that found it done: neither needs a lock.  The
-        hazard is a waiter that arrives while the result is being set:
-        ``_complete`` stores the result and the state first and looks for a
-        condition after, and every waiter (``result``, ``wait``,
-        ``as_completed``, ``add_done_callback``) makes the condition first and
-        looks at the state after, under it, so one of them sees the other.
+    class Future(LazyFuture):
+        """A future without a ``Condition`` until somebody waits on it (see
+        ``_futures``), whose ``result()`` reads the socket itself when
+        nobody else is reading (so ``submit(...).result()`` costs no thread
+        hand-off).  It is sent at once, so it can't be cancelled: RUNNING
+        from the start, and set once (``settle``), by whoever reads its reply.
         """
 
         def __init__(self, core: _Core, then: Callable[[Any], object] | None = None) -> None:
-            # (not super's: no condition yet.)  ``then``: a callback set
-            # before the call is sent, which needs no condition either
-            # (the pool's: see Client._submit).
+            # ``then``: a callback set before the call is sent, which needs no
+            # condition (the pool's: see Client._submit).
+            super().__init__("RUNNING")
             self._anyfork_core = core
             self._anyfork_then = then
-            # It is sent at once, so it can't be cancelled: RUNNING from the start.
-            self._state = "RUNNING"
-            self._result = None
-            self._exception: BaseException | None = None
-            self._waiters: list[Any] = []
-            self._done_callbacks: list[Any] = []
-
-        @property
-        def _condition(self) -> threading.Condition:  # type: ignore[override]
-            d = self.__dict__
-            cond = d.get("_anyfork_cond")
-            if cond is None:
-                cond = d.setdefault("_anyfork_cond", threading.Condition())
-            return cond  # type: ignore[no-any-return]
 
         def _anyfork_set(self, value: Any, error: BaseException | None) -> None:
-            if error is None:
-                self._result = value
-            else:
-                self._exception = error
-            self._state = finished
             self._anyfork_owner = None
-            if "_anyfork_cond" in self.__dict__:
-                with self._condition:
-                    for waiter in self._waiters:
-                        if error is None:
-                            waiter.add_result(self)
-                        else:
-                            waiter.add_exception(self)
-                    self._condition.notify_all()
-                self._invoke_callbacks()  # type: ignore[attr-defined]
+            self.settle(value, error)
             then = self._anyfork_then
             if then is not None:
                 try:
@@ -1012,29 +977,15 @@ def _future_class() -> type:
                 except Exception:
                     _base.LOGGER.exception("exception calling callback for %r", self)
 
-        def done(self) -> bool:
-            return self._state == finished
-
         def result(self, timeout: float | None = None) -> Any:
             if self._state != finished:
                 self._drive(timeout)
-                if self._state != finished:
-                    return super().result(timeout)
-            exc = self._exception
-            if exc is None:
-                return self._result
-            del self  # the traceback keeps this frame: no cycle through it
-            try:
-                raise exc
-            finally:
-                del exc
+            return super().result(timeout)
 
         def exception(self, timeout: float | None = None) -> BaseException | None:
             if self._state != finished:
                 self._drive(timeout)
-                if self._state != finished:
-                    return super().exception(timeout)
-            return self._exception
+            return super().exception(timeout)
 
         def _drive(self, timeout: float | None) -> None:
             if threading.current_thread() is getattr(_the_reactor, "thread", None):
@@ -1120,11 +1071,11 @@ class Client:
         if len(fds) > W.MAX_FDS:
             W.close_fds(fds)
             raise ValueError(f"a call carries at most {W.MAX_FDS} descriptors")
-        fut = (_Future.cls or _Future.make)(core, then)
+        fut: Any = (_Future.cls or _Future.make)(core, then)
         # A call in flight keeps its client (and so its worker) alive, as a
         # running task keeps its executor: ``run(...).submit(x).result()``
         # gets its result.  Let go once done (``_anyfork_set``).
-        fut._anyfork_owner = self  # type: ignore[attr-defined]
+        fut._anyfork_owner = self
         got = None
         if not fds:
             with core.lock:  # the common case, without an operation's machinery
@@ -1139,7 +1090,7 @@ class Client:
             core.arm()
         if time.monotonic() - core.read_at > _READ_EVERY:
             core.read_now()
-        return fut
+        return fut  # type: ignore[no-any-return]
 
     def close(self) -> None:
         """No more calls: the worker finishes those it has, then exits 0."""
