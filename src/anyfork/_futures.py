@@ -13,7 +13,8 @@ The rules that keep it correct:
 
 - Whoever waits (``result()`` before the result, ``wait``, ``as_completed``,
   ``add_done_callback``) goes through ``_condition``, which makes the
-  condition under ``_transition``, then looks at the state under it.
+  condition (and the lists of waiters and callbacks) under
+  ``_transition``, then looks at the state under it.
 - Every change of state (cancel, set running, set the result) takes
   ``_transition`` and looks for a condition there: with none, it changes
   the state alone (nobody can be waiting, and whoever comes next makes the
@@ -48,20 +49,28 @@ os.register_at_fork(after_in_child=_new_lock)
 
 
 class LazyFuture(Future):  # type: ignore[type-arg]
+    # Until a condition is made: nobody waits and no callback is added (both
+    # happen under it), so the lists are made with it.
+    _waiters: list[Any] = ()  # type: ignore[assignment]
+    _done_callbacks: list[Any] = ()  # type: ignore[assignment]  # (as _waiters)
+
     def __init__(self, state: str = PENDING) -> None:  # not super's: no condition yet
         self._state = state
         self._result: Any = None
         self._exception: BaseException | None = None
-        self._waiters: list[Any] = []
-        self._done_callbacks: list[Any] = []
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]
-        cond = self.__dict__.get("_anyfork_cond")
+        d = self.__dict__
+        cond = d.get("_anyfork_cond")
         if cond is None:
             with _transition:
-                cond = self.__dict__.setdefault("_anyfork_cond", threading.Condition())
-        return cond  # type: ignore[no-any-return]
+                cond = d.get("_anyfork_cond")
+                if cond is None:
+                    self._waiters = []
+                    self._done_callbacks = []
+                    cond = d["_anyfork_cond"] = threading.Condition()
+        return cond
 
     # --- asking: no lock ---------------------------------------------------------------
 
