@@ -220,6 +220,11 @@ class Pool:
         self._closing: list[_Worker] = []  # let go, their exit not yet collected
         self._finishing = 0  # calls out of their worker, their future not yet done (see _finished)
         self._forked = False  # this is a forked child's copy: dead (see the module's doc)
+        from . import rpc
+        from ._errors import WorkerDiedError
+
+        # What rpc raises for a call it could not write: it goes elsewhere (see _send).
+        self._not_written: tuple[type[BaseException], ...] = (WorkerDiedError, rpc.RetiredError)
         _pools.add(self)
 
     def __repr__(self) -> str:
@@ -288,9 +293,7 @@ class Pool:
         """Write each call to its worker (never under _lock)."""
         if not pairs:
             return
-        from . import rpc
-        from ._errors import WorkerDiedError
-
+        not_written = self._not_written
         for worker, call in pairs:
             fut = call.future
             # (running: placed again after its first worker went without
@@ -303,7 +306,7 @@ class Pool:
             assert client is not None
             try:
                 rpc_fut = client._submit(call.args, call.kwargs, functools.partial(self._rpc_done, call))
-            except (WorkerDiedError, rpc.RetiredError):
+            except not_written:
                 # It died or retired before this call was written: the call
                 # never ran, so it goes to another worker.
                 self._replace(worker, call)
