@@ -213,8 +213,19 @@ def test_a_pools_job_measures_every_row() -> None:
     rows = json.loads(line.split(" ", 1)[1])
     from anyfork import _bench_pools
 
-    assert set(rows) == set(_bench_pools.ROWS), rows  # the crash row is a time: the next task ran
+    # The crash row is a time: the next task ran.  Recycling has its floor beside it.
+    assert set(rows) == {*_bench_pools.ROWS, "recycle_floor"}, rows
     assert all(v > 0 for v in rows.values()), rows
+
+
+def test_the_pools_summary_puts_recycling_beside_its_floor() -> None:
+    from anyfork import _bench_pools
+
+    pools = {"peers": {"anyfork": {"recycle": 300.0, "recycle_floor": 600.0},
+                       "ppe_forkserver": {"recycle": 150.0}}}
+    line = next(x for x in _bench_pools.summary(pools, None) if "recycle:" in x)
+    assert "2.00x the best peer" in line
+    assert "50% of its floor" in line and "(600/s)" in line
 
 
 def test_the_remote_section_has_every_row_or_says_why_not(quick: QuickRun) -> None:

@@ -78,6 +78,21 @@ def test_max_tasks_replaces_each_worker_with_a_new_fork() -> None:
     assert len(set(pids)) == 5
 
 
+def test_a_recycled_worker_runs_no_boot_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The template imported the worker modules before it forked: an eval per
+    # worker would compile and run that boot again after every fork.
+    from anyfork._process import Process
+
+    evals: list[Process] = []
+    real = Process.eval
+    monkeypatch.setattr(Process, "eval", lambda self, *a: evals.append(self) or real(self, *a))
+    tpl = anyfork.new()
+    with pool.run(tpl, "pool_handlers:pid", max=1, max_tasks=1) as p:
+        pids = [p() for _ in range(3)]
+    assert len(set(pids)) == 3
+    assert evals == [tpl], f"{len(evals) - 1} evals went to workers"
+
+
 def test_a_worker_imports_nothing_of_anyfork_but_the_worker_modules() -> None:
     """A new worker runs its init (the user's too, and the hook that finds
     the caller's main module) without importing the package, which would

@@ -269,6 +269,37 @@ def _crash(kind: str, timeout: float) -> float | str:
     return box[0]
 
 
+def _recycle_floor(count: int) -> float:
+    """Recycling's floor: what the same template does with no pool, no rpc
+    and no task, ``fork().run()`` of the task and the caller reading its
+    EOF and exit status, ``WORKERS`` at a time; processes per second.  A
+    recycled worker is that plus a pool's and rpc's start-up and one call."""
+    import threading
+
+    import anyfork
+
+    template = anyfork.new().require(__name__)
+    each = max(1, count // WORKERS)
+
+    def go() -> None:
+        for _ in range(each):
+            proc = template.fork()
+            proc.run(f"{__name__}:echo").close()
+            proc.wait()
+
+    try:
+        go()  # warm: the template has forked ahead
+        start = time.perf_counter()
+        threads = [threading.Thread(target=go) for _ in range(WORKERS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return each * WORKERS / (time.perf_counter() - start)
+    finally:
+        template.close()
+
+
 def child() -> None:
     """One job: one peer, every row."""
     import json
@@ -315,6 +346,8 @@ def child() -> None:
                 for f in futures:
                     f.result()
             rows["recycle"] = count / (time.perf_counter() - start)
+            if kind == "anyfork":
+                rows["recycle_floor"] = _recycle_floor(count)
         except Exception as e:  # mpire's worker_lifespan=1 can fail with "Worker-0 died unexpectedly"
             rows["recycle_state"] = f"failed: {type(e).__name__}: {e}"
         finally:
@@ -478,6 +511,9 @@ def summary(pools: dict[str, Any], calls: dict[str, Any] | None) -> list[str]:
                 f"({PEERS[best][0]}, {_cell(peers[best], row)} {unit})")
         if "ppe_forkserver" in others and best != "ppe_forkserver":
             line += f"; {times('ppe_forkserver'):.2f}x ProcessPoolExecutor (forkserver)"
+        if row == "recycle" and ours.get("recycle_floor"):
+            line += (f"; {ours['recycle'] / ours['recycle_floor']:.0%} of its floor, the same template's "
+                     f"fork().run() and wait, {WORKERS} at a time ({ours['recycle_floor']:,.0f}/s)")
         out.append(line)
     broken = [PEERS[k][0] for k, f in peers.items() if f.get("crash_state")]
     if broken:

@@ -564,7 +564,7 @@ class Pool:
                 finally:
                     os.close(w)
             worker.client = rpc._run(proc, self._func, self._serializer, _WORKER_INIT, self._on_event,
-                                     max(self._sched.load, self._pipeline or 0), boot=self._boot)
+                                     max(self._sched.load, self._pipeline or 0), boot="")
         except BaseException as e:
             self._failed_to_start(worker, e)
             return
@@ -598,7 +598,8 @@ class Pool:
             try:
                 if i not in self._forking_ahead:
                     # The rpc and pool worker modules are imported once, in the
-                    # template, not again in every worker after its fork.
+                    # template, not again in every worker after its fork (whose
+                    # rpc start-up then has no boot to run: see _start_worker).
                     tpl.eval(self._boot)
                     fork_ahead = getattr(tpl, "fork_ahead", None)
                     if fork_ahead is not None:

@@ -1197,7 +1197,8 @@ def _prepare(proc: Process, func: object, serializer: object, init: object,
             config += pickle.dumps(serializer, pickle.HIGHEST_PROTOCOL)
         except Exception as e:
             raise TypeError(f"a custom serializer must pickle (it is sent to the worker): {e}") from e
-    proc.eval(_BOOT if boot is None else boot)
+    if boot != "":  # "": its template ran the boot before it was forked (the pool's)
+        proc.eval(_BOOT if boot is None else boot)
     return codec, W.hello(config)
 
 
