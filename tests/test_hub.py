@@ -203,3 +203,27 @@ def test_the_end_of_the_connection_ends_everything_the_hub_started(hub: Connecti
                 hub.close()  # the connection drops
                 for pid in (hub.proc.pid, tpl_pid, child_pid, stuck_pid):
                     assert wait_exited(pid, 5), f"process {pid} outlived its connection"
+
+
+def test_a_failure_record_reaches_the_caller_before_the_exit_and_any_later_sync(hub: Connection) -> None:
+    # The hub is this host's failure sink: what a process sends there before
+    # it exits goes to the caller, ahead of its EXIT, and ahead of the
+    # answer to a SYNC asked after it.
+    ch, sock = hub.serve()
+    with sock:
+        send(sock, P.items_frame(P.EVAL, ["raise LookupError('raised on the hub')"]))
+        send(sock, P.run_frame("os:getpid"))
+        read_reply(sock)
+    exit_msg = hub.control(b"EXIT")
+    assert exit_msg.split() == [b"EXIT", str(ch).encode(), b"1"]
+    hub.send_control(b"SYNC 7")
+    hub.control(b"SYNCED 7")
+    words = [c.split(b" ", 1)[0] for c in hub.controls]
+    assert words.index(b"FAILURE") < words.index(b"EXIT") < words.index(b"SYNCED")
+    from anyfork import _failures
+
+    records = _failures.Records()
+    records.add(hub.control(b"FAILURE").split(b" ", 1)[1])
+    pid = int(hub.control(b"PID").split()[2])
+    type_name, message, _ = records.find(pid, hub.proc.pid, 0) or ("", "", "")
+    assert (type_name, message) == ("LookupError", "raised on the hub")

@@ -8,7 +8,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -478,3 +478,51 @@ def test_rpc_calls_in_flight_fail_within_2_s_when_the_connection_drops(command: 
     client.close()
     with pytest.raises(anyfork.Error):
         client.wait(5)  # its exit status went with the connection
+
+
+# --- failures before the function, from another host (through the hub's sink) -------
+
+
+def _run_anyway(proc: anyfork.Process, func: str) -> None:
+    try:
+        proc.run(func).close()
+    except anyfork.ProcessExitedError:
+        pass  # it failed early: run() found it gone
+
+
+@pytest.mark.parametrize(("prepare", "func", "type_name", "words"), [
+    (lambda p: p.eval("raise LookupError('raised by eval')"), "os:getpid", "LookupError", "raised by eval"),
+    (lambda p: p, "os:no_such_function", "AttributeError", "no_such_function"),
+], ids=["eval", "name"])
+def test_a_remote_process_that_fails_before_its_function_says_why(
+        command: list[str], prepare: Any, func: str, type_name: str, words: str) -> None:
+    proc = prepare(remote.new_exec(command))
+    _run_anyway(proc, func)
+    with pytest.raises(anyfork.ProcessFailedError) as info:
+        proc.wait(20)
+    e = info.value
+    assert e.returncode == proc.returncode == 1
+    assert e.type_name == type_name
+    assert words in e.message and words in e.traceback
+    assert f"process {proc.pid}" in str(e)
+
+
+def test_a_fork_of_a_remote_template_that_fails_before_its_function_says_why(command: list[str]) -> None:
+    # Its exit comes on its template's channel, its record through the hub:
+    # wait() asks the hub for what it holds before it answers.
+    tpl = remote.template(command).eval(HANDLERS)
+    for i in range(3):
+        child = tpl.fork().eval(f"raise KeyError('fork {i}')")
+        _run_anyway(child, "pids")
+        with pytest.raises(anyfork.ProcessFailedError) as info:
+            child.wait(20)
+        assert info.value.type_name == "KeyError"
+        assert f"fork {i}" in info.value.message
+    tpl.close()
+    assert tpl.wait(20) == 0
+
+
+def test_a_remote_process_that_exits_1_by_itself_is_a_plain_status(command: list[str]) -> None:
+    proc = remote.new_exec(command).eval("import sys\ndef one(sock):\n    sys.exit(1)\n")
+    proc.run("one").close()
+    assert proc.wait(20) == 1

@@ -35,7 +35,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from . import _exec
+from . import _exec, _failures
 from . import _mux as M
 from . import _relay as R
 from ._backend import Notifier
@@ -96,6 +96,8 @@ class Connection:
         self._changed = threading.Condition(self._lock)
         self._released = False
         self.remotes: dict[int, Remote] = {}
+        self.failures = _failures.Records()  # what the hub forwarded (see failure)
+        self._syncs = self._synced = 0
         self.hello: tuple[int, str] | None = None  # the hub's pid and Python
         self.host = " ".join(command)  # what to call it in messages: the host's name once it said hello
         # Notified whenever the hub said something (pid, exit): operations
@@ -240,6 +242,11 @@ class Connection:
 
             self.relay.mux.control(b"SOURCE " + rest + b"\0" + answer(rest.decode("utf-8", "surrogatepass")))
             return
+        elif word == b"FAILURE":
+            self.failures.add(rest)
+            return
+        elif word == b"SYNCED":
+            self._synced = max(self._synced, int(fields[0]))
         elif word == b"DISCONNECTED":
             self.ended = rest.decode("utf-8", "replace")
         self._changed.notify_all()
@@ -309,6 +316,33 @@ class Connection:
                 if left is not None and left <= 0:
                     raise TimeoutExpired(f"remote process {r.pid} still running after {timeout} s")
                 self._changed.wait(left)
+
+    def failure(self, pid: int, ppid: int | None, seq: int, timeout: float = 2.0) -> _failures.Texts | None:
+        """The FAILURE record of remote process ``pid``, which exited with
+        status 1, if it sent one (as ``_failures.take``).  The hub forwards
+        a record before the EXIT that follows it, but the exit of a process
+        a remote template forked comes on that template's channel: when the
+        record is not here yet, ask the hub to forward what it holds and
+        wait for its answer (one round trip; at most ``timeout`` seconds)."""
+        with self._changed:
+            found = self.failures.find(pid, ppid, seq)
+            if found is not None or self.ended is not None or not self.relay.connected:
+                return found
+            self._syncs += 1
+            n = self._syncs
+            self.relay.mux.control(f"SYNC {n}".encode())
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass  # released meanwhile: ended, below
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self._synced < n and self.ended is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
+            return self.failures.find(pid, ppid, seq)
 
     def _reap_ssh(self, timeout: float = 5.0) -> None:
         """ssh exits once its stdin ends; one that doesn't is killed."""

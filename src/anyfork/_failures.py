@@ -14,7 +14,9 @@ taken.  So a process that does not fail costs nothing here, and the sink
 is read in no one's hot path.  Records nobody asked for are kept (the
 newest ``_KEEP``) until someone does.
 
-Remote processes have no sink: their failures stay a bare status 1.
+A remote host has a sink of its own, its hub's: the hub forwards each
+record to the caller on the connection, where ``Connection.failure`` finds
+it (see ``_hub``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,44 @@ Ids = tuple[int, int, int]  # pid, parent pid, sequence number in that parent (0
 Texts = tuple[str, str, str]  # type name, message, traceback
 
 
+class Records:
+    """FAILURE records as they come, by (pid, parent pid, sequence number):
+    the newest ``_KEEP``, and one per pid (a newer record for a pid means
+    the older one's process is gone).  The sink's, and a remote
+    connection's (its hub forwards what that host's processes send)."""
+
+    __slots__ = ("records",)
+
+    def __init__(self) -> None:
+        self.records: dict[Ids, Texts] = {}
+
+    def add(self, data: bytes) -> None:
+        """One datagram; anything but one whole record is dropped (not from a serve loop of ours)."""
+        dec = P.Decoder(P.FAILURE_TABLE)
+        try:
+            dec.feed(data)
+            frame = dec.next_frame()
+            if frame is None or not dec.idle():
+                return
+            ids, texts = P.decode_failure(frame.payload)
+        except P.ProtocolError:
+            return
+        records = self.records
+        for old in [k for k in records if k[0] == ids[0]]:
+            del records[old]
+        records[ids] = (texts[0], texts[1], texts[2])
+        while len(records) > _KEEP:
+            del records[next(iter(records))]
+
+    def find(self, pid: int, ppid: int | None, seq: int) -> Texts | None:
+        """Take the record of process ``pid`` (forked by ``ppid`` as number
+        ``seq``; ``ppid`` None: any parent), if it is here."""
+        for key in list(self.records):
+            if key[0] == pid and key[2] == seq and (ppid is None or key[1] == ppid):
+                return self.records.pop(key)
+        return None
+
+
 class Sink:
     """The two ends of the failure sink, and the records read from it."""
 
@@ -46,7 +86,7 @@ class Sink:
         self.sender = sender
         _fds.own(receiver)
         _fds.own(sender)
-        self.records: dict[Ids, Texts] = {}
+        self.records = Records()
 
     def _read(self) -> None:
         """Everything queued, into ``records`` (caller holds the lock)."""
@@ -57,32 +97,14 @@ class Sink:
                 return
             except OSError:
                 return  # closed under us (a fork, the interpreter's exit)
-            dec = P.Decoder(P.FAILURE_TABLE)
-            try:
-                dec.feed(data)
-                frame = dec.next_frame()
-                if frame is None or not dec.idle():
-                    continue  # not one whole record: not from a serve loop of ours
-                ids, texts = P.decode_failure(frame.payload)
-            except P.ProtocolError:
-                continue
-            records = self.records
-            # A newer record for the same pid: the older one's process is gone.
-            for old in [k for k in records if k[0] == ids[0]]:
-                del records[old]
-            records[ids] = (texts[0], texts[1], texts[2])
-            while len(records) > _KEEP:
-                del records[next(iter(records))]
+            self.records.add(data)
 
     def take(self, pid: int, ppid: int | None, seq: int) -> Texts | None:
         """The record of process ``pid`` (forked by ``ppid`` as number
         ``seq``; ``ppid`` None: any parent), if it sent one."""
         with self.lock:
             self._read()
-            for key in list(self.records):
-                if key[0] == pid and key[2] == seq and (ppid is None or key[1] == ppid):
-                    return self.records.pop(key)
-        return None
+            return self.records.find(pid, ppid, seq)
 
 
 def sink() -> Sink:

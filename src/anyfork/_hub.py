@@ -19,6 +19,10 @@ ssh's stdin and stdout for the rest of its life: they carry the mux.
 - The hub is the parent of each such process, so it alone can name its pid
   without racing reuse: it reports ``PID`` and ``EXIT`` for each (the
   caller's ``pid``, ``wait``, ``returncode``) and signals it on ``KILL``.
+- Its processes send their FAILURE records (why one failed before its
+  function ran) to the hub's own failure sink; the hub forwards them to the
+  caller as CONTROL messages, each before the EXIT that follows it, and
+  answers a SYNC once what is queued has gone (see ``Connection.failure``).
 - When the connection ends (the caller exited or was killed, ssh died, the
   network dropped), the relay closes every channel, so each process sees
   EOF; then the hub signals its whole process group (everything it started
@@ -56,6 +60,11 @@ class Hub:
         # asks on its end of this datagram pair; answers are cached by name.
         self.imports, self.imports_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.imports.setblocking(False)
+        # This host's failure sink (see _failures): every process started
+        # here sends its FAILURE record to it, and the hub forwards each to
+        # the caller before it reports anything later (an EXIT, a SYNCED).
+        self.failures, self.failures_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.failures.setblocking(False)
         self.sources: dict[str, bytes] = {}
         self.asking: dict[str, list[socket.socket]] = {}  # requests waiting for the caller
         self.answering: list[tuple[socket.socket, memoryview]] = []  # answers being written
@@ -97,6 +106,7 @@ class Hub:
             mine.close()
             keep = sock.fileno()
             self.imports.close()
+            self.failures.close()
             for waiting in self.asking.values():
                 for s in waiting:
                     s.close()
@@ -113,6 +123,7 @@ class Hub:
             from . import _importer, _serve
 
             _importer.install(self.imports_child, socket.gethostname())
+            _serve.failure_fd = self.failures_child.fileno()  # (not inherited by what it execs)
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # as any process being prepared
             server = _serve.Server(_serve.Sock(fileno=sock.detach()))
         except BaseException:
@@ -137,8 +148,24 @@ class Hub:
             for s in self.asking.pop(name, []):
                 self.answering.append((s, memoryview(answer)))
             self.write_answers()
+        elif word == b"SYNC":
+            # The caller saw a process exit with status 1: whatever record it
+            # sent is queued here by now, and goes before the answer.
+            self.read_failures()
+            self.mux.control(b"SYNCED " + rest)
         elif word == b"DISCONNECTED":
             self.gone = True
+
+    def read_failures(self) -> None:
+        """Forward the FAILURE records queued on this host's sink."""
+        while True:
+            try:
+                data = self.failures.recv(1 << 18)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            self.mux.control(b"FAILURE " + data)
 
     def read_request(self) -> None:
         """A process asks for a module (see _importer): answer from the cache, or ask the caller."""
@@ -188,6 +215,7 @@ class Hub:
             os.read(self.wake_r, 4096)
         except OSError:
             pass
+        self.read_failures()  # a child's record, sent before it exited, before its EXIT
         by_pid = {pid: ch for ch, pid in self.pids.items()}
         while True:
             try:
@@ -211,6 +239,7 @@ class Hub:
             fds = relay.interest()
             fds.append((self.wake_r, select.POLLIN))
             fds.append((self.imports.fileno(), select.POLLIN))
+            fds.append((self.failures.fileno(), select.POLLIN))
             fds.extend((s.fileno(), select.POLLOUT) for s, _ in self.answering)
             p = select.poll()
             for fd, events in fds:
@@ -220,6 +249,8 @@ class Hub:
                     self.reap()
                 elif fd == self.imports.fileno():
                     self.read_request()
+                elif fd == self.failures.fileno():
+                    self.read_failures()
                 elif events & select.POLLOUT and any(s.fileno() == fd for s, _ in self.answering):
                     self.write_answers()
                 else:

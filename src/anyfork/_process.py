@@ -244,7 +244,8 @@ class Process:
         """Why this process failed before its function ran, if it did and
         said so on the failure sink (only ever asked once it has exited with
         status 1, or its reports ended: nothing is read otherwise)."""
-        if self._failure is None and self._host is None:
+        host = self._host
+        if self._failure is None and (host is None or host.failure is not None):
             child = self._child
             if child.pid is None:
                 # A forked template that failed before anything asked for its
@@ -256,14 +257,21 @@ class Process:
             pid = child.pid
             if pid is None:
                 return None
+            keep = self._keep
             if isinstance(self._parent, Direct):
                 ppid: int | None = os.getpid()
                 seq = 0
+            elif host is not None and keep is None:
+                ppid = None  # started by its host's hub (see _hub): as any top process, number 0
+                seq = 0
             else:
-                keep = self._keep
                 ppid = keep._child.pid if keep is not None else None
                 seq = child.seq
-            texts = _failures.take(pid, ppid, seq)
+            if host is None:
+                texts = _failures.take(pid, ppid, seq)
+            else:
+                assert host.failure is not None
+                texts = host.failure(pid, ppid, seq)
             if texts is not None:
                 type_name, message, tb = texts
                 self._failure = ProcessFailedError(

@@ -41,7 +41,7 @@ from . import _rpc_wire as W
 from ._errors import ProtocolError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
 #: Built-in values a pickle may name: types whose instances are only data
 #: (calling them builds a value and runs nothing of the pickle's choosing).
@@ -65,12 +65,15 @@ class Host:
     """A remote host as its processes know it: its name (for messages) and
     what results from it may unpickle to (``allow``)."""
 
-    __slots__ = ("allow_all", "modules", "name", "names")
+    __slots__ = ("allow_all", "failure", "modules", "name", "names")
 
     def __init__(self, name: str, allow: Iterable[str] = ()) -> None:
         if isinstance(allow, (str, bytes)):
             raise TypeError("allow is a list of 'module.name', 'module.*' or '*', not one string")
         self.name = name
+        # How to find why one of its processes failed before its function
+        # ran (its connection's ``failure``), where that can be asked.
+        self.failure: Callable[[int, int | None, int], tuple[str, str, str] | None] | None = None
         self.names: set[tuple[str, str]] = set()
         self.modules: set[str] = set()
         self.allow_all = False

@@ -124,7 +124,9 @@ def new_exec(command: Sequence[str], *, timeout: float = 60.0, allow: Iterable[s
         conn.close()
         raise
     hub = _Hub(conn)
-    proc = remote_process(sock, hub, remote, Host(conn.host, allow))
+    host = Host(conn.host, allow)
+    host.failure = conn.failure  # why one of its processes failed before its function ran
+    proc = remote_process(sock, hub, remote, host)
     # The connection lives as long as the process is of use: it ends (and
     # the hub ends everything it started) once the process has exited, or
     # its Process object is gone.
