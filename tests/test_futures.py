@@ -17,7 +17,7 @@ TIMEOUT = 20.0
 
 
 def _has_condition(f: concurrent.futures.Future[object]) -> bool:
-    return "_anyfork_cond" in vars(f) or "_condition" in vars(f)
+    return getattr(f, "_anyfork_cond", None) is not None or "_condition" in vars(f)
 
 
 def test_a_future_set_and_read_by_one_thread_never_makes_a_condition() -> None:

@@ -53,6 +53,9 @@ class LazyFuture(Future):  # type: ignore[type-arg]
     # happen under it), so the lists are made with it.
     _waiters: list[Any] = ()  # type: ignore[assignment]
     _done_callbacks: list[Any] = ()  # type: ignore[assignment]  # (as _waiters)
+    # (A class default, not a look into ``__dict__``, which would make each
+    # instance a dict of its own: one more object per future.)
+    _anyfork_cond: threading.Condition | None = None
 
     def __init__(self, state: str = PENDING) -> None:  # not super's: no condition yet
         self._state = state
@@ -61,15 +64,14 @@ class LazyFuture(Future):  # type: ignore[type-arg]
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]
-        d = self.__dict__
-        cond = d.get("_anyfork_cond")
+        cond = self._anyfork_cond
         if cond is None:
             with _transition:
-                cond = d.get("_anyfork_cond")
+                cond = self._anyfork_cond
                 if cond is None:
                     self._waiters = []
                     self._done_callbacks = []
-                    cond = d["_anyfork_cond"] = threading.Condition()
+                    cond = self._anyfork_cond = threading.Condition()
         return cond
 
     # --- asking: no lock ---------------------------------------------------------------
@@ -113,7 +115,7 @@ class LazyFuture(Future):  # type: ignore[type-arg]
 
     def cancel(self) -> bool:
         with _transition:
-            if "_anyfork_cond" not in self.__dict__:
+            if self._anyfork_cond is None:
                 if self._state == PENDING:
                     self._state = CANCELLED
                     return True
@@ -122,7 +124,7 @@ class LazyFuture(Future):  # type: ignore[type-arg]
 
     def set_running_or_notify_cancel(self) -> bool:
         with _transition:
-            if "_anyfork_cond" not in self.__dict__:
+            if self._anyfork_cond is None:
                 state = self._state
                 if state == PENDING:
                     self._state = RUNNING
@@ -136,7 +138,7 @@ class LazyFuture(Future):  # type: ignore[type-arg]
     def set_result(self, result: Any) -> None:
         done = False
         with _transition:
-            if "_anyfork_cond" not in self.__dict__:
+            if self._anyfork_cond is None:
                 done = self._state in _DONE
                 if not done:
                     self._result = result
@@ -149,7 +151,7 @@ class LazyFuture(Future):  # type: ignore[type-arg]
     def set_exception(self, exception: BaseException | None) -> None:
         done = False
         with _transition:
-            if "_anyfork_cond" not in self.__dict__:
+            if self._anyfork_cond is None:
                 done = self._state in _DONE
                 if not done:
                     self._exception = exception
@@ -167,7 +169,7 @@ class LazyFuture(Future):  # type: ignore[type-arg]
         else:
             self._exception = error
         self._state = FINISHED
-        if "_anyfork_cond" in self.__dict__:
+        if self._anyfork_cond is not None:
             with self._condition:
                 for waiter in self._waiters:
                     if error is None:

@@ -339,9 +339,9 @@ class Pool:
         self._send(pairs)
 
     def _rpc_done(self, call: _Call, rpc_fut: Future[Any]) -> None:
-        exc = rpc_fut.exception()
+        exc = rpc_fut._exception  # (settled: what exception() returns)
         if exc is None:
-            self._finished(call, None, result=rpc_fut.result())
+            self._finished(call, None, result=rpc_fut._result)
             return
         from . import rpc
         from ._errors import WorkerDiedError
@@ -817,8 +817,8 @@ def _after_fork_in_child() -> None:
         for call in calls:
             fut = call.future
             if fut._state in ("PENDING", "RUNNING"):
-                if "_anyfork_cond" in fut.__dict__:  # (a thread of the parent may have held it)
-                    fut.__dict__["_anyfork_cond"] = threading.Condition()
+                if fut._anyfork_cond is not None:  # (a thread of the parent may have held it)
+                    fut._anyfork_cond = threading.Condition()
                 fut._exception = _forked_error()
                 fut._state = "FINISHED"
                 fut._rpc = None
