@@ -29,6 +29,53 @@ def test_submit_and_map_as_processpoolexecutor_does() -> None:
         assert list(ex.map(pow, [2, 3], [5, 2])) == [32, 9]  # several iterables
 
 
+def test_map_with_buffersize_keeps_at_most_that_many_calls_ahead() -> None:
+    # Python 3.14's ProcessPoolExecutor.map(buffersize=...), on every Python.
+    with anyfork.Executor(max_workers=2) as ex:
+        submitted = []
+        real = ex._submit
+
+        def counting(fn: object, args: tuple[object, ...], kwargs: dict[str, object]) -> object:
+            submitted.append(args)
+            return real(fn, args, kwargs)
+
+        ex._submit = counting  # type: ignore[method-assign,assignment]
+        results = ex.map(h.square, range(20), buffersize=3)
+        assert len(submitted) == 3, "buffersize calls are submitted at once, no more"
+        taken = []
+        for value in results:
+            taken.append(value)
+            assert len(submitted) <= len(taken) + 3
+        assert taken == [i * i for i in range(20)] and len(submitted) == 20
+        assert list(ex.map(h.square, range(7), chunksize=2, buffersize=1)) == [i * i for i in range(7)]
+
+
+@pytest.mark.parametrize(("value", "error"), [(0, ValueError), (-1, ValueError), ("2", TypeError),
+                                              (True, TypeError)])
+def test_map_refuses_a_bad_buffersize_at_the_call(value: object, error: type[Exception]) -> None:
+    with anyfork.Executor(max_workers=1) as ex, pytest.raises(error, match="buffersize"):
+        ex.map(h.square, range(3), buffersize=value)  # type: ignore[arg-type]
+
+
+def test_a_map_result_that_raises_cancels_the_calls_not_started() -> None:
+    with anyfork.Executor(max_workers=1) as ex:
+        futures: list[cf.Future[object]] = []
+        real = ex._submit
+
+        def keeping(fn: object, args: tuple[object, ...], kwargs: dict[str, object]) -> object:
+            futures.append(real(fn, args, kwargs))
+            return futures[-1]
+
+        ex._submit = keeping  # type: ignore[method-assign,assignment]
+        results = ex.map(h.sleep, [0.0, "not a number", *[2.0] * 6])
+        assert next(results) == 0.0
+        with pytest.raises(TypeError):
+            next(results)
+        # Those out to the worker run on (at most two: it is not pipelining
+        # yet); the others are cancelled.
+        assert sum(f.cancelled() for f in futures[2:]) >= 4, [f._state for f in futures]  # type: ignore[attr-defined]
+
+
 def test_map_with_a_timeout_raises_timeouterror() -> None:
     with anyfork.Executor(max_workers=1) as ex, pytest.raises(cf.TimeoutError):  # TimeoutError from 3.11
         list(ex.map(h.sleep, [5], timeout=0.3))

@@ -23,7 +23,8 @@ operations in asyncio, ``_template`` and ``early`` fork the program itself;
 processes, and ``_errors`` holds the exception tree.  ``rpc`` (a public submodule, imported
 on use) calls functions in processes over ``_rpc_wire``, with ``_rpc_worker``
 as the worker side; ``pool`` runs pools of them (``_pool_core`` is its
-scheduling, ``_pool_worker`` its worker side).  ``remote`` (public too)
+scheduling, ``_pool_worker`` its worker side); both hand out ``_futures``'
+futures, which make a condition only for a waiter.  ``remote`` (public too)
 runs processes on other hosts over ssh: ``_connection`` and ``_relay`` on
 the caller's side, ``_hub`` at the far end, over ``_mux``; ``_importer``
 forwards modules, ``_results`` restricts what results unpickle to.

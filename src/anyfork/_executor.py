@@ -22,10 +22,13 @@ when cloudpickle is installed (then the function is sent by value).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import itertools
 import signal
 import threading
+import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -159,6 +162,11 @@ class Executor(concurrent.futures.Executor):
     # --- concurrent.futures.Executor ------------------------------------------------
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        return self._submit(_prepare_fn(fn), args, kwargs)
+
+    def _submit(self, fn: Any, args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> concurrent.futures.Future[Any]:
+        """``submit`` of what ``_prepare_fn`` made."""
         if self._pool._forked:
             # A forked child's copy (see pool's doc); checked before the lock,
             # which another thread of the parent may have held at the fork.
@@ -168,19 +176,62 @@ class Executor(concurrent.futures.Executor):
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            return self._pool.submit(_prepare_fn(fn), *args, **kwargs)
+            return self._pool.submit(fn, *args, **kwargs)
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
-            chunksize: int = 1) -> Iterator[Any]:
+            chunksize: int = 1, buffersize: int | None = None) -> Iterator[Any]:
+        """As ``ProcessPoolExecutor.map``, with 3.14's ``buffersize`` (at
+        most that many calls submitted ahead of the results taken) on every
+        Python.  The calls are submitted at once (or ``buffersize`` of them);
+        the results come in order, and a result that raises (or a timeout)
+        cancels the calls not yet started."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
-        if chunksize == 1:
-            return super().map(fn, *iterables, timeout=timeout)
+        if buffersize is not None:
+            if isinstance(buffersize, bool) or not isinstance(buffersize, int):
+                raise TypeError("buffersize must be an integer or None")
+            if buffersize < 1:
+                raise ValueError("buffersize must be None or > 0")
+        end = None if timeout is None else timeout + time.monotonic()
         fn = _prepare_fn(fn)
-        it = zip(*iterables)  # noqa: B905 - as ProcessPoolExecutor.map: the shortest iterable ends it
-        chunks = iter(lambda: list(itertools.islice(it, chunksize)), [])
-        results = super().map(_batch, itertools.repeat(fn), chunks, timeout=timeout)
-        return itertools.chain.from_iterable(results)
+        args: Iterator[tuple[Any, ...]] = zip(*iterables)  # noqa: B905 - as ProcessPoolExecutor.map: the shortest ends it
+        if chunksize > 1:
+            it = args
+            chunks = iter(lambda: list(itertools.islice(it, chunksize)), [])
+            args = zip(itertools.repeat(fn), chunks)
+            fn = _batch  # (by reference: it needs no preparing)
+        submit = self._submit
+        if buffersize is None:
+            fs = collections.deque(submit(fn, a, {}) for a in args)
+        else:
+            fs = collections.deque(submit(fn, a, {}) for a in itertools.islice(args, buffersize))
+        results = self._results(fs, args if buffersize is not None else None, fn, end)
+        return itertools.chain.from_iterable(results) if chunksize > 1 else results
+
+    def _results(self, fs: collections.deque[concurrent.futures.Future[Any]],
+                 more: Iterator[tuple[Any, ...]] | None, fn: Callable[..., Any],
+                 end: float | None) -> Iterator[Any]:
+        """``map``'s results in order; ``more``: what to submit as each is taken (buffersize)."""
+        ref = weakref.ref(self)  # (a map left running does not keep the executor)
+        del self
+        try:
+            while fs:
+                if more is not None and (executor := ref()) is not None:
+                    a = next(more, None)
+                    if a is not None:
+                        fs.append(executor._submit(fn, a, {}))
+                    del executor
+                fut = fs.popleft()
+                try:
+                    value = fut.result() if end is None else fut.result(end - time.monotonic())
+                except BaseException:
+                    fut.cancel()
+                    raise
+                del fut  # (its result is ours now: don't keep it)
+                yield value
+        finally:
+            for fut in fs:
+                fut.cancel()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         if self._pool._forked:
