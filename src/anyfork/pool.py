@@ -40,7 +40,6 @@ started it) is placed again, first in line.
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import threading
@@ -225,6 +224,7 @@ class Pool:
 
         # What rpc raises for a call it could not write: it goes elsewhere (see _send).
         self._not_written: tuple[type[BaseException], ...] = (WorkerDiedError, rpc.RetiredError)
+        self._on_reply = self._reply  # (bound once: see _send)
         _pools.add(self)
 
     def __repr__(self) -> str:
@@ -305,7 +305,7 @@ class Pool:
             client = worker.client
             assert client is not None
             try:
-                rpc_fut = client._submit(call.args, call.kwargs, functools.partial(self._rpc_done, call))
+                rpc_fut = client._submit(call.args, call.kwargs, self._on_reply, call)
             except not_written:
                 # It died or retired before this call was written: the call
                 # never ran, so it goes to another worker.
@@ -337,6 +337,9 @@ class Pool:
             self._wake.notify()
         self._close_worker(worker)
         self._send(pairs)
+
+    def _reply(self, rpc_fut: Future[Any]) -> None:
+        self._rpc_done(rpc_fut._anyfork_tag, rpc_fut)  # type: ignore[attr-defined]  # (see _send)
 
     def _rpc_done(self, call: _Call, rpc_fut: Future[Any]) -> None:
         exc = rpc_fut._exception  # (settled: what exception() returns)

@@ -1062,16 +1062,19 @@ class Client:
         return self._submit(args, kwargs, None)
 
     def _submit(self, args: tuple[Any, ...], kwargs: dict[str, Any],
-                then: Callable[[Any], object] | None) -> concurrent.futures.Future[Any]:
+                then: Callable[[Any], object] | None, tag: object = None) -> concurrent.futures.Future[Any]:
         """``submit``, with ``then(future)`` called once the future is done,
         in the thread that completes it: as ``add_done_callback``, but set
-        before the call is sent, so without taking the future's condition."""
+        before the call is sent, so without taking the future's condition.
+        ``tag``: the future's ``_anyfork_tag``, for ``then`` (the pool's
+        call: one callback per pool, not a partial per call)."""
         core = self._core
         payload, fds = core.codec.dumps_call(args, kwargs)  # encode(), inline
         if len(fds) > W.MAX_FDS:
             W.close_fds(fds)
             raise ValueError(f"a call carries at most {W.MAX_FDS} descriptors")
         fut: Any = (_Future.cls or _Future.make)(core, then)
+        fut._anyfork_tag = tag
         # A call in flight keeps its client (and so its worker) alive, as a
         # running task keeps its executor: ``run(...).submit(x).result()``
         # gets its result.  Let go once done (``_anyfork_set``).
