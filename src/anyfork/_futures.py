@@ -136,30 +136,26 @@ class LazyFuture(Future):  # type: ignore[type-arg]
         return super().set_running_or_notify_cancel()
 
     def set_result(self, result: Any) -> None:
-        done = False
-        with _transition:
-            if self._anyfork_cond is None:
-                done = self._state in _DONE
-                if not done:
-                    self._result = result
-                    self._state = FINISHED
-                    return
-        if done:
-            raise InvalidStateError(f"{self._state}: {self!r}")
-        super().set_result(result)
+        if not self._set_alone("_result", result):
+            super().set_result(result)
 
     def set_exception(self, exception: BaseException | None) -> None:
-        done = False
+        if not self._set_alone("_exception", exception):
+            super().set_exception(exception)
+
+    def _set_alone(self, field: str, value: object) -> bool:
+        """Finish with ``value`` in ``field`` if nobody waits (True), as the
+        base class would (InvalidStateError once done); False: somebody
+        made the condition, so the base class does it, under it."""
         with _transition:
-            if self._anyfork_cond is None:
-                done = self._state in _DONE
-                if not done:
-                    self._exception = exception
-                    self._state = FINISHED
-                    return
-        if done:
-            raise InvalidStateError(f"{self._state}: {self!r}")
-        super().set_exception(exception)
+            if self._anyfork_cond is not None:
+                return False
+            done = self._state in _DONE
+            if not done:
+                setattr(self, field, value)
+                self._state = FINISHED
+                return True
+        raise InvalidStateError(f"{self._state}: {self!r}")
 
     def settle(self, value: Any, error: BaseException | None) -> None:
         """Set the result (or ``error``) of a future nobody else sets or

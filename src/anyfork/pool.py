@@ -224,7 +224,7 @@ class Pool:
 
         # What rpc raises for a call it could not write: it goes elsewhere (see _send).
         self._not_written: tuple[type[BaseException], ...] = (WorkerDiedError, rpc.RetiredError)
-        self._on_reply = self._reply  # (bound once: see _send)
+        self._on_reply = self._rpc_done  # (bound once: see _send)
         _pools.add(self)
 
     def __repr__(self) -> str:
@@ -338,10 +338,8 @@ class Pool:
         self._close_worker(worker)
         self._send(pairs)
 
-    def _reply(self, rpc_fut: Future[Any]) -> None:
-        self._rpc_done(rpc_fut._anyfork_tag, rpc_fut)  # type: ignore[attr-defined]  # (see _send)
-
-    def _rpc_done(self, call: _Call, rpc_fut: Future[Any]) -> None:
+    def _rpc_done(self, rpc_fut: Future[Any]) -> None:
+        call: _Call = rpc_fut._anyfork_tag  # type: ignore[attr-defined]  # (see _send)
         exc = rpc_fut._exception  # (settled: what exception() returns)
         if exc is None:
             self._finished(call, None, result=rpc_fut._result)
