@@ -167,3 +167,26 @@ def test_the_answer_for_a_c_extension_says_it_cannot_be_sent() -> None:
     ok = _importer.answer("json")
     assert ok.startswith(b"OK pkg ")
     assert b"def dumps" in ok.partition(b"\0")[2]
+
+
+def test_asking_a_hub_that_does_not_answer_for_a_failure_record_ends_at_its_bound(
+        conn: C.Connection) -> None:
+    assert conn.hello is not None
+    hub = conn.hello[0]
+    os.kill(hub, signal.SIGSTOP)  # it is there, and says nothing
+    try:
+        assert conn.failure(999_999, None, 0, timeout=0.5) is None
+    finally:
+        os.kill(hub, signal.SIGCONT)
+    assert conn.failure(999_999, None, 0) is None  # and answered, now: nothing for that pid
+
+
+def test_asking_for_a_failure_record_after_the_connection_ended_returns_at_once(
+        conn: C.Connection) -> None:
+    assert conn.hello is not None
+    os.kill(conn.hello[0], signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while conn.ended is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert conn.ended is not None
+    assert conn.failure(999_999, None, 0, timeout=60) is None  # (a wait here would be the bound's)
