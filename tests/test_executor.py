@@ -51,7 +51,7 @@ def test_map_with_buffersize_keeps_at_most_that_many_calls_ahead() -> None:
 
 
 @pytest.mark.parametrize(("value", "error"), [(0, ValueError), (-1, ValueError), ("2", TypeError),
-                                              (True, TypeError)])
+                                              (1.5, TypeError)])
 def test_map_refuses_a_bad_buffersize_at_the_call(value: object, error: type[Exception]) -> None:
     with anyfork.Executor(max_workers=1) as ex, pytest.raises(error, match="buffersize"):
         ex.map(h.square, range(3), buffersize=value)  # type: ignore[arg-type]

@@ -114,17 +114,18 @@ def test_as_completed_and_wait_see_results_and_cancels() -> None:
     assert not not_done and len(finished) == 3
 
 
-@pytest.mark.parametrize("setter", ["set_result", "cancel"])
+@pytest.mark.parametrize("setter", ["set_result", "cancel", "settle"])
 def test_a_waiter_racing_the_setter_is_never_left_waiting(setter: str) -> None:
     # Each round: one thread waits (result, as_completed, or a callback),
     # another changes the state at the same moment.  Every waiter must
     # see the change; the bound is the test's, not a sleep.
     for i in range(2000):
-        f = LazyFuture()
+        f = LazyFuture("RUNNING" if setter == "settle" else "PENDING")
         if setter == "set_result":
             f.set_running_or_notify_cancel()
         go = threading.Barrier(2)
         called = threading.Event()
+        errors: list[BaseException] = []
         kind = i % 3
 
         def wait(f: LazyFuture, go: threading.Barrier, called: threading.Event, kind: int) -> None:
@@ -135,7 +136,13 @@ def test_a_waiter_racing_the_setter_is_never_left_waiting(setter: str) -> None:
                 except concurrent.futures.CancelledError:
                     pass
             elif kind == 1:
-                list(concurrent.futures.as_completed([f], timeout=TIMEOUT))
+                try:  # (told twice, it would raise KeyError)
+                    got = list(concurrent.futures.as_completed([f], timeout=TIMEOUT))
+                except BaseException as e:
+                    errors.append(e)
+                    return
+                if got != [f]:
+                    errors.append(AssertionError(got))
             else:
                 f.add_done_callback(lambda _: called.set())
                 assert called.wait(TIMEOUT)
@@ -145,11 +152,14 @@ def test_a_waiter_racing_the_setter_is_never_left_waiting(setter: str) -> None:
         go.wait()
         if setter == "set_result":
             f.set_result(i)
+        elif setter == "settle":
+            f.settle(i, None)
         else:
             f.cancel()
             f.set_running_or_notify_cancel()
         t.join(TIMEOUT)
         assert not t.is_alive(), f"round {i}: the waiter was left waiting"
+        assert not errors, f"round {i}: {errors}"
 
 
 def test_a_fork_while_another_thread_holds_the_transition_lock_leaves_the_child_free() -> None:

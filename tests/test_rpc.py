@@ -880,3 +880,52 @@ def test_a_call_in_flight_keeps_its_dropped_client_until_it_is_done() -> None:
     assert fut.result(timeout=TIMEOUT) is None
     gc.collect()
     assert ref() is None, "a done future keeps its client"
+
+
+def test_a_call_held_back_while_a_lone_reply_is_read_is_written_by_that_reader() -> None:
+    # A worker that runs a call at a time gets the next small call only once
+    # a reply came (it is held back meanwhile), and whoever reads that reply
+    # writes it.  Here another caller submits while the reader is in its one
+    # receive of the lone reply (as a pool's callback does from rpc's reader).
+    import pickle
+
+    from anyfork import _backend
+    from anyfork import _rpc_wire as W
+
+    ours, theirs = socket.socketpair()
+    core = rpc._Core(_FakeWorker.Process(), ours, W.serializer("pickle"), 8, None)  # type: ignore[arg-type]
+    theirs.sendall(W.hello(b"\0"))  # (a worker that runs one call at a time)
+    _backend.run_blocking(core.op_progress(lambda: core.hello))
+    client = rpc.Client(core)
+    theirs.settimeout(5)
+
+    def read_call() -> tuple[int, object]:
+        length, call_id, kind, _ = W.HEADER.unpack(theirs.recv(W.HSIZE, socket.MSG_WAITALL))
+        assert kind == W.CALL
+        return call_id, pickle.loads(theirs.recv(length, socket.MSG_WAITALL))
+
+    try:
+        first = client.submit(1)
+        first_id, _ = read_call()
+        reply = pickle.dumps(10)
+        theirs.sendall(W.header(W.RESULT, first_id, len(reply)) + reply)
+        real = core.sock
+        second: list[object] = []
+
+        class Receiving:
+            def __getattr__(self, name: str) -> object:
+                return getattr(real, name)
+
+            def recvmsg_into(self, *args: object) -> object:
+                if not second:
+                    second.append(client.submit(2))  # held: the first is still out
+                return real.recvmsg_into(*args)  # type: ignore[union-attr]
+
+        core.sock = Receiving()  # type: ignore[assignment]
+        assert first.result() == 10
+        assert second, "the reply was not read through the lone call's receive"
+        assert read_call()[1] == (2,), "the held call was never written"
+    finally:
+        core.sock = real
+        core.dispose()
+        theirs.close()

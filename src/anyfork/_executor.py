@@ -188,7 +188,7 @@ class Executor(concurrent.futures.Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         if buffersize is not None:
-            if isinstance(buffersize, bool) or not isinstance(buffersize, int):
+            if not isinstance(buffersize, int):  # (a bool is an int, as 3.14's map has it)
                 raise TypeError("buffersize must be an integer or None")
             if buffersize < 1:
                 raise ValueError("buffersize must be None or > 0")

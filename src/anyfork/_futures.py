@@ -21,15 +21,15 @@ The rules that keep it correct:
   condition and sees the new state); with one, it does what the base class
   does, under the condition.
 - ``settle`` (rpc's futures, which are never cancelled: RUNNING from the
-  start, and set once by one thread) skips ``_transition``: it stores the
-  state first and looks for a condition after, and a waiter makes the
-  condition first and looks at the state after, so one sees the other.
+  start, and set once by one thread) is the same change without the base
+  class's checks.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from concurrent.futures import Future, InvalidStateError, _base
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import Any
@@ -159,21 +159,38 @@ class LazyFuture(Future):  # type: ignore[type-arg]
 
     def settle(self, value: Any, error: BaseException | None) -> None:
         """Set the result (or ``error``) of a future nobody else sets or
-        cancels: without ``_transition`` (see the module's doc)."""
+        cancels (rpc's: RUNNING from the start, set once)."""
+        cond = self._anyfork_cond
+        if cond is None:
+            with _transition:
+                cond = self._anyfork_cond
+                if cond is None:  # nobody waits: nobody to tell
+                    self._finish(value, error)
+                    return
+        # Somebody waits: the state changes under the condition, as the base
+        # class has it, so that a waiter that comes meanwhile (as_completed,
+        # wait) either finds it finished or is told, never both.
+        with cond:
+            self._finish(value, error)
+            for waiter in self._waiters:
+                if error is None:
+                    waiter.add_result(self)
+                else:
+                    waiter.add_exception(self)
+            cond.notify_all()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
+
+    def _finish(self, value: Any, error: BaseException | None) -> None:
         if error is None:
             self._result = value
         else:
             self._exception = error
         self._state = FINISHED
-        if self._anyfork_cond is not None:
-            with self._condition:
-                for waiter in self._waiters:
-                    if error is None:
-                        waiter.add_result(self)
-                    else:
-                        waiter.add_exception(self)
-                self._condition.notify_all()
-            self._invoke_callbacks()  # type: ignore[attr-defined]
 
 
-__all__ = ("FINISHED", "LazyFuture")
+def wait_left(end: float | None) -> float | None:
+    """What is left of a wait that ends at ``end`` (monotonic; None: no end)."""
+    return None if end is None else max(0.0, end - time.monotonic())
+
+
+__all__ = ("FINISHED", "LazyFuture", "wait_left")

@@ -123,7 +123,9 @@ class Hub:
             from . import _importer, _serve
 
             _importer.install(self.imports_child, socket.gethostname())
-            _serve.failure_fd = self.failures_child.fileno()  # (not inherited by what it execs)
+            # (Detached: the serve loop closes it before the function runs.
+            # Not inherited by what the function execs.)
+            _serve.failure_fd = self.failures_child.detach()
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # as any process being prepared
             server = _serve.Server(_serve.Sock(fileno=sock.detach()))
         except BaseException:

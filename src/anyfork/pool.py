@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _fds, _pool_core
 from ._errors import Error, ProcessStateError, TimeoutExpired
-from ._futures import FINISHED, LazyFuture
+from ._futures import FINISHED, LazyFuture, wait_left
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -112,12 +112,16 @@ class _Task(LazyFuture):
 
     def result(self, timeout: float | None = None) -> Any:
         if self._state != FINISHED:
+            end = None if timeout is None else time.monotonic() + timeout
             self._drive(timeout)
+            timeout = wait_left(end)  # (one timeout for both waits)
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if self._state != FINISHED:
+            end = None if timeout is None else time.monotonic() + timeout
             self._drive(timeout)
+            timeout = wait_left(end)
         return super().exception(timeout)
 
     def _drive(self, timeout: float | None) -> None:

@@ -474,6 +474,10 @@ class _Core:
                     self.calls.pop(call_id, None)
                     if call.future is not None:
                         self.unwaited -= 1
+                    if self.outbox.size:
+                        # Calls held back while this one was out (another
+                        # thread's, meanwhile): whoever reads the reply writes them.
+                        self._flush()
                 value = error = None
                 try:
                     value = self.codec.loads(payload, [])
@@ -948,7 +952,7 @@ class _Future:
 def _future_class() -> type:
     from concurrent.futures import _base
 
-    from ._futures import LazyFuture
+    from ._futures import LazyFuture, wait_left
 
     finished = "FINISHED"
 
@@ -972,19 +976,27 @@ def _future_class() -> type:
             self.settle(value, error)
             then = self._anyfork_then
             if then is not None:
+                # Let go of the callback and its tag first: the pool's tag
+                # (its call) holds the pool's future, which holds this one.
+                self._anyfork_then = None
                 try:
                     then(self)
                 except Exception:
                     _base.LOGGER.exception("exception calling callback for %r", self)
+                self._anyfork_tag = None
 
         def result(self, timeout: float | None = None) -> Any:
             if self._state != finished:
+                end = None if timeout is None else time.monotonic() + timeout
                 self._drive(timeout)
+                timeout = wait_left(end)  # (one timeout for both waits)
             return super().result(timeout)
 
         def exception(self, timeout: float | None = None) -> BaseException | None:
             if self._state != finished:
+                end = None if timeout is None else time.monotonic() + timeout
                 self._drive(timeout)
+                timeout = wait_left(end)
             return super().exception(timeout)
 
         def _drive(self, timeout: float | None) -> None:
