@@ -179,6 +179,11 @@ def test_asking_a_hub_that_does_not_answer_for_a_failure_record_ends_at_its_boun
     finally:
         os.kill(hub, signal.SIGCONT)
     assert conn.failure(999_999, None, 0) is None  # and answered, now: nothing for that pid
+    sent = []
+    real = conn.relay.mux.control
+    conn.relay.mux.control = lambda data: sent.append(data) or real(data)  # type: ignore[method-assign]
+    assert conn.failure(999_999, None, 0) is None
+    assert not any(d.startswith(b"SYNC") for d in sent), "asked the hub again"
 
 
 def test_asking_for_a_failure_record_after_the_connection_ended_returns_at_once(

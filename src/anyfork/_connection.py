@@ -98,6 +98,7 @@ class Connection:
         self.remotes: dict[int, Remote] = {}
         self.failures = _failures.Records()  # what the hub forwarded (see failure)
         self._syncs = self._synced = 0
+        self._none: set[tuple[int, int | None, int]] = set()  # asked, and the hub had no record
         self.hello: tuple[int, str] | None = None  # the hub's pid and Python
         self.host = " ".join(command)  # what to call it in messages: the host's name once it said hello
         # Notified whenever the hub said something (pid, exit): operations
@@ -324,9 +325,10 @@ class Connection:
         a remote template forked comes on that template's channel: when the
         record is not here yet, ask the hub to forward what it holds and
         wait for its answer (one round trip; at most ``timeout`` seconds)."""
+        key = (pid, ppid, seq)
         with self._changed:
             found = self.failures.find(pid, ppid, seq)
-            if found is not None or self.ended is not None or not self.relay.connected:
+            if found is not None or self.ended is not None or not self.relay.connected or key in self._none:
                 return found
             self._syncs += 1
             n = self._syncs
@@ -342,7 +344,10 @@ class Connection:
                 if left <= 0:
                     break
                 self._changed.wait(left)
-            return self.failures.find(pid, ppid, seq)
+            found = self.failures.find(pid, ppid, seq)
+            if found is None and self._synced >= n:
+                self._none.add(key)  # the hub had none for it: a plain status 1, asked once
+            return found
 
     def _reap_ssh(self, timeout: float = 5.0) -> None:
         """ssh exits once its stdin ends; one that doesn't is killed."""
