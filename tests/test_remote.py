@@ -526,3 +526,22 @@ def test_a_remote_process_that_exits_1_by_itself_is_a_plain_status(command: list
     proc = remote.new_exec(command).eval("import sys\ndef one(sock):\n    sys.exit(1)\n")
     proc.run("one").close()
     assert proc.wait(20) == 1
+
+
+def test_wait_async_says_why_a_fork_of_a_remote_template_failed(command: list[str]) -> None:
+    # The hub is asked from the event loop without blocking it.
+    import asyncio
+
+    tpl = remote.template(command).eval(HANDLERS)
+    child = tpl.fork().eval("raise KeyError('async fork')")
+    _run_anyway(child, "pids")
+
+    async def main() -> None:
+        with pytest.raises(anyfork.ProcessFailedError) as info:
+            await child.wait_async(20)
+        assert info.value.type_name == "KeyError"
+        assert "async fork" in info.value.message
+
+    asyncio.run(main())
+    tpl.close()
+    assert tpl.wait(20) == 0

@@ -324,30 +324,49 @@ class Connection:
         a record before the EXIT that follows it, but the exit of a process
         a remote template forked comes on that template's channel: when the
         record is not here yet, ask the hub to forward what it holds and
-        wait for its answer (one round trip; at most ``timeout`` seconds)."""
+        wait for its answer (one round trip; at most ``timeout`` seconds;
+        0: look, don't ask).  The asking is ``sync_for`` and ``settled``,
+        for a caller that waits in its own way (``Process._failed_op``)."""
         key = (pid, ppid, seq)
+        n = self.sync_for(key) if timeout > 0 else None
+        deadline = time.monotonic() + timeout
         with self._changed:
-            found = self.failures.find(pid, ppid, seq)
-            if found is not None or self.ended is not None or not self.relay.connected or key in self._none:
-                return found
+            while n is not None and not self._settled(key, n):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
+            return self.failures.find(pid, ppid, seq)
+
+    def sync_for(self, key: tuple[int, int | None, int]) -> int | None:
+        """Ask the hub to forward what it holds, unless ``key``'s record is
+        here or known to be absent; the SYNC to wait for (None: nothing to
+        wait for)."""
+        with self._lock:
+            if (self.failures.has(*key) or key in self._none or self.ended is not None
+                    or not self.relay.connected):
+                return None
             self._syncs += 1
             n = self._syncs
             self.relay.mux.control(f"SYNC {n}".encode())
         try:
             os.write(self._wake_w, b"x")
         except OSError:
-            pass  # released meanwhile: ended, below
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while self._synced < n and self.ended is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._changed.wait(left)
-            found = self.failures.find(pid, ppid, seq)
-            if found is None and self._synced >= n:
+            pass  # released meanwhile: ended, and settled says so
+        return n
+
+    def settled(self, key: tuple[int, int | None, int], n: int) -> bool:
+        """Whether SYNC ``n`` was answered (or can't be): ``key``'s record is
+        here now if it ever will be."""
+        with self._lock:
+            return self._settled(key, n)
+
+    def _settled(self, key: tuple[int, int | None, int], n: int) -> bool:
+        if self._synced >= n:
+            if not self.failures.has(*key):
                 self._none.add(key)  # the hub had none for it: a plain status 1, asked once
-            return found
+            return True
+        return self.ended is not None
 
     def _reap_ssh(self, timeout: float = 5.0) -> None:
         """ssh exits once its stdin ends; one that doesn't is killed."""

@@ -63,6 +63,9 @@ class Records:
         while len(records) > _KEEP:
             del records[next(iter(records))]
 
+    def has(self, pid: int, ppid: int | None, seq: int) -> bool:
+        return any(k[0] == pid and k[2] == seq and (ppid is None or k[1] == ppid) for k in self.records)
+
     def find(self, pid: int, ppid: int | None, seq: int) -> Texts | None:
         """Take the record of process ``pid`` (forked by ``ppid`` as number
         ``seq``; ``ppid`` None: any parent), if it is here."""

@@ -31,12 +31,13 @@ import re
 import signal
 import socket
 import sys
+import time
 import weakref
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _exec, _failures, _fds, _mainmod
 from . import _protocol as P
-from ._backend import Op, deadline_after, run_blocking
+from ._backend import Op, Wait, deadline_after, run_blocking
 from ._channel import BrokenError, CommandChannel, hold_signals, release_signals
 from ._direct import Direct
 from ._errors import (
@@ -240,44 +241,68 @@ class Process:
 
     # --- failures before the function (see _failures) ------------------------------
 
-    def _failed(self) -> ProcessFailedError | None:
+    def _failed(self, wait: bool = True) -> ProcessFailedError | None:
         """Why this process failed before its function ran, if it did and
         said so on the failure sink (only ever asked once it has exited with
-        status 1, or its reports ended: nothing is read otherwise)."""
+        status 1, or its reports ended: nothing is read otherwise).  A
+        remote one asks its hub when the record is not here yet (``wait``:
+        for up to 2 s; see ``_failed_op`` for a wait of the event loop's)."""
         host = self._host
-        if self._failure is None and (host is None or host.failure is not None):
-            child = self._child
-            if child.pid is None:
-                # A forked template that failed before anything asked for its
-                # pid: its PID report went out at the fork, so it is here.
-                try:
-                    self._parent.status(child, self._describe())
-                except Error:
-                    pass
-            pid = child.pid
-            if pid is None:
+        if self._failure is None and (host is None or host.connection is not None):
+            key = self._failure_key()
+            if key is None:
                 return None
-            keep = self._keep
-            if isinstance(self._parent, Direct):
-                ppid: int | None = os.getpid()
-                seq = 0
-            elif host is not None and keep is None:
-                ppid = None  # started by its host's hub (see _hub): as any top process, number 0
-                seq = 0
-            else:
-                ppid = keep._child.pid if keep is not None else None
-                seq = child.seq
             if host is None:
-                texts = _failures.take(pid, ppid, seq)
+                texts = _failures.take(*key)
             else:
-                assert host.failure is not None
-                texts = host.failure(pid, ppid, seq)
+                assert host.connection is not None
+                texts = host.connection.failure(*key, timeout=2.0 if wait else 0.0)
             if texts is not None:
                 type_name, message, tb = texts
                 self._failure = ProcessFailedError(
                     f"{self._describe()} failed before its function ran: {type_name}: {message}",
                     type_name, message, tb)
         return self._failure
+
+    def _failure_key(self) -> tuple[int, int | None, int] | None:
+        """(pid, parent pid or None for any, number in that parent) of this
+        process's failure record; None while its pid is unknown."""
+        child = self._child
+        if child.pid is None:
+            # A forked template that failed before anything asked for its
+            # pid: its PID report went out at the fork, so it is here.
+            try:
+                self._parent.status(child, self._describe())
+            except Error:
+                pass
+        pid = child.pid
+        if pid is None:
+            return None
+        keep = self._keep
+        if isinstance(self._parent, Direct):
+            return pid, os.getpid(), 0
+        if self._host is not None and keep is None:
+            return pid, None, 0  # started by its host's hub (see _hub): as any top process, number 0
+        return pid, keep._child.pid if keep is not None else None, child.seq
+
+    def _failed_op(self, deadline: float | None) -> Op[ProcessFailedError | None]:
+        """``_failed`` as an operation: a remote process's hub is asked
+        without blocking the thread (an event loop's, under ``wait_async``),
+        for up to 2 s, or until ``deadline``."""
+        host = self._host
+        conn = host.connection if host is not None else None
+        if self._failure is None and conn is not None:
+            key = self._failure_key()
+            n = conn.sync_for(key) if key is not None else None
+            if key is not None and n is not None:
+                end = time.monotonic() + 2.0 if deadline is None else min(deadline, time.monotonic() + 2.0)
+                while True:
+                    epoch = conn.notifier.epoch
+                    if conn.settled(key, n) or time.monotonic() >= end:
+                        break
+                    yield Wait(notifier=conn.notifier, epoch=epoch, deadline=end)
+            return self._failed(wait=False)
+        return self._failed()
 
     def _failed_or(self, e: Error) -> Error:
         """``e``, or this process's own failure (see ``failed``) when ``e``
@@ -729,7 +754,7 @@ class Process:
         if rc is None:
             raise TimeoutExpired(f"{what} still running after {timeout} s")
         if rc == 1:
-            failure = self._failed()
+            failure = yield from self._failed_op(deadline)
             if failure is not None:
                 raise failure
         return rc

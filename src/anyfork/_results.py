@@ -41,7 +41,9 @@ from . import _rpc_wire as W
 from ._errors import ProtocolError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Iterable
+
+    from ._connection import Connection
 
 #: Built-in values a pickle may name: types whose instances are only data
 #: (calling them builds a value and runs nothing of the pickle's choosing).
@@ -65,15 +67,15 @@ class Host:
     """A remote host as its processes know it: its name (for messages) and
     what results from it may unpickle to (``allow``)."""
 
-    __slots__ = ("allow_all", "failure", "modules", "name", "names")
+    __slots__ = ("allow_all", "connection", "modules", "name", "names")
 
     def __init__(self, name: str, allow: Iterable[str] = ()) -> None:
         if isinstance(allow, (str, bytes)):
             raise TypeError("allow is a list of 'module.name', 'module.*' or '*', not one string")
         self.name = name
-        # How to find why one of its processes failed before its function
-        # ran (its connection's ``failure``), where that can be asked.
-        self.failure: Callable[[int, int | None, int], tuple[str, str, str] | None] | None = None
+        # Its connection, where why one of its processes failed before its
+        # function ran can be asked (``Connection.failure``).
+        self.connection: Connection | None = None
         self.names: set[tuple[str, str]] = set()
         self.modules: set[str] = set()
         self.allow_all = False

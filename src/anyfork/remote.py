@@ -125,7 +125,7 @@ def new_exec(command: Sequence[str], *, timeout: float = 60.0, allow: Iterable[s
         raise
     hub = _Hub(conn)
     host = Host(conn.host, allow)
-    host.failure = conn.failure  # why one of its processes failed before its function ran
+    host.connection = conn  # (why one of its processes failed before its function ran: see _process)
     proc = remote_process(sock, hub, remote, host)
     # The connection lives as long as the process is of use: it ends (and
     # the hub ends everything it started) once the process has exited, or
