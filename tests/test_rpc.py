@@ -897,6 +897,7 @@ def test_a_call_held_back_while_a_lone_reply_is_read_is_written_by_that_reader()
     theirs.sendall(W.hello(b"\0"))  # (a worker that runs one call at a time)
     _backend.run_blocking(core.op_progress(lambda: core.hello))
     client = rpc.Client(core)
+    core.armed = True  # (rpc's shared reader stays away: this thread is the only one to read)
     theirs.settimeout(5)
 
     def read_call() -> tuple[int, object]:
