@@ -169,21 +169,25 @@ def test_the_answer_for_a_c_extension_says_it_cannot_be_sent() -> None:
     assert b"def dumps" in ok.partition(b"\0")[2]
 
 
-def test_asking_a_hub_that_does_not_answer_for_a_failure_record_ends_at_its_bound(
-        conn: C.Connection) -> None:
+def test_a_failure_record_the_hub_does_not_hold_is_asked_for_once(conn: C.Connection) -> None:
+    # The caller asks the hub to forward what it holds (SYNC) only while
+    # the hub has not answered for that process: then it is a plain status 1.
     assert conn.hello is not None
     hub = conn.hello[0]
+    key = (999_999, None, 0)
     os.kill(hub, signal.SIGSTOP)  # it is there, and says nothing
     try:
-        assert conn.failure(999_999, None, 0, timeout=0.5) is None
+        n = conn.sync_for(key)
+        assert n is not None
+        assert not conn.settled(key, n), "settled without the hub's answer"
     finally:
         os.kill(hub, signal.SIGCONT)
-    assert conn.failure(999_999, None, 0) is None  # and answered, now: nothing for that pid
-    sent = []
-    real = conn.relay.mux.control
-    conn.relay.mux.control = lambda data: sent.append(data) or real(data)  # type: ignore[method-assign]
-    assert conn.failure(999_999, None, 0) is None
-    assert not any(d.startswith(b"SYNC") for d in sent), "asked the hub again"
+    deadline = time.monotonic() + 20
+    while not conn.settled(key, n):
+        assert time.monotonic() < deadline, "no SYNCED from the hub"
+        time.sleep(0.01)
+    assert conn.failure(*key) is None
+    assert conn.sync_for(key) is None, "asked the hub again"
 
 
 def test_asking_for_a_failure_record_after_the_connection_ended_returns_at_once(
@@ -194,4 +198,5 @@ def test_asking_for_a_failure_record_after_the_connection_ended_returns_at_once(
     while conn.ended is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert conn.ended is not None
-    assert conn.failure(999_999, None, 0, timeout=60) is None  # (a wait here would be the bound's)
+    assert conn.sync_for((999_999, None, 0)) is None  # nothing to wait for
+    assert conn.failure(999_999, None, 0) is None

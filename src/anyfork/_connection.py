@@ -318,24 +318,15 @@ class Connection:
                     raise TimeoutExpired(f"remote process {r.pid} still running after {timeout} s")
                 self._changed.wait(left)
 
-    def failure(self, pid: int, ppid: int | None, seq: int, timeout: float = 2.0) -> _failures.Texts | None:
-        """The FAILURE record of remote process ``pid``, which exited with
-        status 1, if it sent one (as ``_failures.take``).  The hub forwards
-        a record before the EXIT that follows it, but the exit of a process
-        a remote template forked comes on that template's channel: when the
-        record is not here yet, ask the hub to forward what it holds and
-        wait for its answer (one round trip; at most ``timeout`` seconds;
-        0: look, don't ask).  The asking is ``sync_for`` and ``settled``,
-        for a caller that waits in its own way (``Process._failed_op``)."""
-        key = (pid, ppid, seq)
-        n = self.sync_for(key) if timeout > 0 else None
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while n is not None and not self._settled(key, n):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._changed.wait(left)
+    def failure(self, pid: int, ppid: int | None, seq: int) -> _failures.Texts | None:
+        """Take the FAILURE record of remote process ``pid`` (as
+        ``_failures.take``), if the hub forwarded it.  The hub forwards a
+        record before the EXIT that follows it, but the exit of a process a
+        remote template forked comes on that template's channel: a caller
+        that finds nothing asks the hub to forward what it holds
+        (``sync_for``) and waits until that is ``settled``, then looks again
+        (``Process._failed_op``)."""
+        with self._lock:
             return self.failures.find(pid, ppid, seq)
 
     def sync_for(self, key: tuple[int, int | None, int]) -> int | None:

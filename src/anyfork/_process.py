@@ -246,8 +246,10 @@ class Process:
         said so on the failure sink (only ever asked once it has exited with
         status 1, or its reports ended: nothing is read otherwise).  A
         remote one asks its hub when the record is not here yet (``wait``:
-        for up to 2 s; see ``_failed_op`` for a wait of the event loop's)."""
+        ``_failed_op``, blocking; not ``wait``: what is here)."""
         host = self._host
+        if self._failure is None and wait and host is not None and host.connection is not None:
+            return run_blocking(self._failed_op(None))
         if self._failure is None and (host is None or host.connection is not None):
             key = self._failure_key()
             if key is None:
@@ -256,7 +258,7 @@ class Process:
                 texts = _failures.take(*key)
             else:
                 assert host.connection is not None
-                texts = host.connection.failure(*key, timeout=2.0 if wait else 0.0)
+                texts = host.connection.failure(*key)
             if texts is not None:
                 type_name, message, tb = texts
                 self._failure = ProcessFailedError(

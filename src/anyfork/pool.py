@@ -348,11 +348,10 @@ class Pool:
         if exc is None:
             self._finished(call, None, result=rpc_fut._result)
             return
-        from . import rpc
-        from ._errors import WorkerDiedError
+        WorkerDiedError, RetiredError = self._not_written  # noqa: N806 - the classes
 
         worker = call.worker
-        if isinstance(exc, rpc.RetiredError) and worker is not None:
+        if isinstance(exc, RetiredError) and worker is not None:
             self._replace(worker, call)  # never ran: it goes to another worker
             return
         if isinstance(exc, WorkerDiedError) and worker is not None and call.timed_out is None \

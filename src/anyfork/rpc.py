@@ -976,8 +976,9 @@ def _future_class() -> type:
             self.settle(value, error)
             then = self._anyfork_then
             if then is not None:
-                # Let go of the callback and its tag first: the pool's tag
-                # (its call) holds the pool's future, which holds this one.
+                # Let go of the callback, and of its tag once it ran: the
+                # pool's tag (its call) holds the pool's future, which holds
+                # this one.
                 self._anyfork_then = None
                 try:
                     then(self)
