@@ -114,13 +114,29 @@ def test_as_completed_and_wait_see_results_and_cancels() -> None:
     assert not not_done and len(finished) == 3
 
 
-@pytest.mark.parametrize("setter", ["set_result", "cancel", "settle"])
+def test_settle_all_finishes_each_with_its_value_or_error_and_makes_no_condition() -> None:
+    # rpc settles a batch of replies at once (one lock for those nobody waits on).
+    a, b = LazyFuture("RUNNING"), LazyFuture("RUNNING")
+    waited = LazyFuture("RUNNING")
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(waited.result(timeout=TIMEOUT)))
+    t.start()
+    while not _has_condition(waited):
+        threading.Event().wait(0.001)
+    error = KeyError("k")
+    _futures.settle_all([(a, 1, None), (waited, "w", None), (b, None, error)])
+    t.join(TIMEOUT)
+    assert a.result() == 1 and b.exception() is error and got == ["w"]
+    assert not _has_condition(a) and not _has_condition(b)
+
+
+@pytest.mark.parametrize("setter", ["set_result", "cancel", "settle", "settle_all"])
 def test_a_waiter_racing_the_setter_is_never_left_waiting(setter: str) -> None:
     # Each round: one thread waits (result, as_completed, or a callback),
     # another changes the state at the same moment.  Every waiter must
     # see the change; the bound is the test's, not a sleep.
     for i in range(2000):
-        f = LazyFuture("RUNNING" if setter == "settle" else "PENDING")
+        f = LazyFuture("RUNNING" if setter.startswith("settle") else "PENDING")
         if setter == "set_result":
             f.set_running_or_notify_cancel()
         go = threading.Barrier(2)
@@ -154,6 +170,8 @@ def test_a_waiter_racing_the_setter_is_never_left_waiting(setter: str) -> None:
             f.set_result(i)
         elif setter == "settle":
             f.settle(i, None)
+        elif setter == "settle_all":
+            _futures.settle_all([(f, i, None)])
         else:
             f.cancel()
             f.set_running_or_notify_cancel()

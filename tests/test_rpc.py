@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import concurrent.futures.process
+import contextlib
 import os
 import signal
 import socket
@@ -648,6 +649,46 @@ def test_events_read_together_with_their_reply_are_delivered_first() -> None:
         _backend.run_blocking(core.op_progress(future.done))
     core.dispose()
     assert log == [("tick",), ("tick",), "done"]
+
+
+def test_calls_held_for_a_sequential_worker_go_out_in_batches_before_any_reply() -> None:
+    """Deterministic: a worker that runs one call at a time gets tiny calls
+    held back and written together, and a batch goes out once it is
+    _HOLD_BATCH bytes, before any reply came: the worker is not left idle
+    while the caller queues the next ones (pipelined throughput)."""
+    import pickle
+
+    from anyfork import _rpc_wire as W
+
+    class FakeProcess:
+        pid = 1
+        returncode = None
+
+    ours, worker = socket.socketpair()
+    core = rpc._Core(FakeProcess(), ours, W.serializer("pickle"), 1000, None)  # type: ignore[arg-type]
+    try:
+        worker.sendall(W.hello(b"\0"))  # flags 0: one call at a time
+        assert core._pump_now() == rpc._OK and core.hello and core.sequential
+        payload = pickle.dumps((0,))
+        frame = W.HSIZE + len(payload)
+        n = 100  # some ten batches
+        with core.lock:
+            for _ in range(n):
+                assert core._begin(payload, [], None) is not None
+        worker.setblocking(False)
+        got = b""
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                got += worker.recv(65536)
+        # The first call at once, then batches of _HOLD_BATCH bytes or so;
+        # only the last batch, not yet that big, is still held.
+        assert len(got) % frame == 0
+        assert len(got) > frame, "only the first call went out"
+        assert n * frame - len(got) < rpc._HOLD_BATCH + frame, (len(got), n * frame)
+        assert core.outbox.size == n * frame - len(got)
+    finally:
+        worker.close()
+        core.dispose()
 
 
 def test_a_client_dropped_without_close_lets_its_worker_go() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 
 import pytest
@@ -202,6 +203,42 @@ def test_each_codec_round_trips_calls_and_values(name: str) -> None:
     assert got_kwargs == kwargs
     value = b"v" if name == "bytes" else {"a": [1]}
     assert codec.loads(codec.dumps(value)[0], []) == value
+
+
+@pytest.mark.parametrize("name", ["pickle", "bytes"])
+def test_the_quick_paths_say_exactly_what_dumps_call_and_loads_say(name: str) -> None:
+    # rpc's caller takes quick_args and quick_loads when it can: the worker
+    # must not tell the difference, and a value must come out the same.
+    codec = W.serializer(name)
+    calls: list[tuple[object, ...]] = ([(b"x",), (b"",), ("s",), (b"a", "b"), ()] if name == "bytes"
+                                       else [(0,), (1, "two", [3]), (), (None, b"x" * 1000)])
+    for args in calls:
+        assert codec.quick_args(args) == codec.dumps_call(args, {})[0], args
+    values: list[object] = [b"v", b"", "text\udcff"] if name == "bytes" else [0, {"a": [1]}, b"x"]
+    for value in values:
+        data = codec.dumps(value)[0]
+        assert codec.quick_loads(data) == codec.loads(data, []) == value
+    bad = 3 if name == "bytes" else socket.socket()  # bytes takes no int; pickle's quick path no socket
+    with pytest.raises(TypeError):
+        codec.quick_args((bad,))  # (the caller then takes dumps_call, which says why)
+    if isinstance(bad, socket.socket):
+        bad.close()
+
+
+def test_a_codec_whose_methods_are_overridden_has_no_quick_paths() -> None:
+    # A remote host's pickle codec restricts what it unpickles (_results):
+    # pickle.loads must never be taken in its place.
+    class Restricted(W._Pickle):
+        def loads(self, data: bytes, fds: list[int]) -> object:
+            raise pickle.UnpicklingError("restricted")
+
+    class Tagged(W._Bytes):
+        def dumps_call(self, args: tuple[object, ...], kwargs: dict[str, object]) -> tuple[bytes, list[int]]:
+            return b"tagged", []
+
+    assert Restricted().quick_loads is None and Restricted().quick_args is not None
+    assert Tagged().quick_args is None and Tagged().quick_loads is None
+    assert W.serializer("json").quick_args is None
 
 
 def test_pickle_carries_sockets_as_descriptors_and_the_receiver_owns_them() -> None:

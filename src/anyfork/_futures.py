@@ -188,9 +188,27 @@ class LazyFuture(Future):  # type: ignore[type-arg]
         self._state = FINISHED
 
 
+def settle_all(items: list[tuple[LazyFuture, Any, BaseException | None]]) -> None:
+    """``settle`` each (future, value, error), taking the module's lock once
+    for all of those nobody waits on: a batch of replies read at once."""
+    waited = []
+    with _transition:
+        for fut, value, error in items:
+            if fut._anyfork_cond is not None:
+                waited.append((fut, value, error))
+            elif error is None:
+                fut._result = value
+                fut._state = FINISHED
+            else:
+                fut._exception = error
+                fut._state = FINISHED
+    for fut, value, error in waited:
+        fut.settle(value, error)
+
+
 def wait_left(end: float | None) -> float | None:
     """What is left of a wait that ends at ``end`` (monotonic; None: no end)."""
     return None if end is None else max(0.0, end - time.monotonic())
 
 
-__all__ = ("FINISHED", "LazyFuture", "wait_left")
+__all__ = ("FINISHED", "LazyFuture", "settle_all", "wait_left")

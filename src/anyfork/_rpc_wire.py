@@ -52,6 +52,7 @@ imports it without the rest of anyfork.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import pickle
@@ -158,15 +159,18 @@ class Decoder:
         n = len(view)
         pos = 0
         out: list[Frame] = []
+        unpack, accept, new, frame = HEADER.unpack_from, self._accept, _new_frame, Frame  # (the loop's)
         try:
             while n - pos >= HSIZE:
-                length, call_id, kind, nfds = HEADER.unpack_from(view, pos)
-                if not self._hello:
-                    self._check_hello(view, pos, length, kind)
-                elif kind not in self._accept:
-                    head = bytes(view[pos:pos + HSIZE])
-                    raise ProtocolError(f"unexpected rpc frame kind {kind} (header {head!r})")
-                end = pos + HSIZE + length
+                length, call_id, kind, nfds = unpack(view, pos)
+                if kind not in accept or not self._hello:
+                    if not self._hello:
+                        self._check_hello(view, pos, length, kind)
+                    else:
+                        head = bytes(view[pos:pos + HSIZE])
+                        raise ProtocolError(f"unexpected rpc frame kind {kind} (header {head!r})")
+                start = pos + HSIZE
+                end = start + length
                 if end > n:
                     break
                 fds: list[int] = []
@@ -175,7 +179,7 @@ class Decoder:
                         raise ProtocolError(
                             f"an rpc frame claims {nfds} descriptors; {len(self._fds)} arrived")
                     fds = [self._fds.popleft() for _ in range(nfds)]
-                out.append(_new_frame(Frame, (kind, call_id, view[pos + HSIZE:end].tobytes(), fds)))
+                out.append(new(frame, (kind, call_id, view[start:end].tobytes(), fds)))
                 pos = end
         finally:
             if lent is not None:
@@ -233,17 +237,19 @@ class Outbox:
     __slots__ = ("_chunks", "size")
 
     def __init__(self) -> None:
-        self._chunks: deque[tuple[memoryview, list[int]]] = deque()
+        # Each frame as it was added (bytes: a view is made only for the rest
+        # of one that went out in part), with its descriptors.
+        self._chunks: deque[tuple[bytes | memoryview, list[int]]] = deque()
         self.size = 0  # bytes queued: 0 exactly when empty (a frame is never empty), and cheaper than bool()
 
     def __bool__(self) -> bool:
         return bool(self._chunks)
 
     def add(self, data: bytes, fds: list[int] | None = None) -> None:
-        self._chunks.append((memoryview(data), fds or []))
+        self._chunks.append((data, fds or []))
         self.size += len(data)
 
-    def pending(self, limit: int = 1 << 20) -> tuple[list[memoryview], list[int]]:
+    def pending(self, limit: int = 1 << 20) -> tuple[list[bytes | memoryview], list[int]]:
         """What to pass to one ``sendmsg``: buffers and descriptors."""
         chunks = self._chunks
         first, fds = chunks[0]
@@ -272,7 +278,7 @@ class Outbox:
                 n -= len(data)
                 chunks.popleft()
             else:
-                chunks[0] = (data[n:], fds)
+                chunks[0] = (memoryview(data)[n:], fds)
                 n = 0
 
     def discard(self) -> None:
@@ -326,6 +332,15 @@ def _has_fd(obj: object, depth: int = 0) -> bool:
 class _Codec:
     name = "custom"
     carries_fds = False
+    # Shortcuts for the caller's common cases, a layer of Python calls less
+    # (None: there is none, use dumps_call and loads).  ``quick_args(args)``
+    # is the payload of a call with positional arguments only, exactly as
+    # dumps_call makes it; it may raise, and the caller then takes
+    # dumps_call, which carries the descriptors or says what is wrong.
+    # ``quick_loads(data)`` is the value of a message that came without
+    # descriptors, as loads gives it.
+    quick_args: Any = None
+    quick_loads: Any = None
 
     def __init__(self, impl: Any = None) -> None:
         self.impl = impl
@@ -387,6 +402,25 @@ class _Bytes(_Codec):
 
     name = "bytes"
 
+    def __init__(self) -> None:
+        super().__init__()
+        if type(self) is _Bytes:  # (a subclass's own methods are never skipped)
+            self.quick_args = self._quick_args
+            self.quick_loads = self._quick_loads
+
+    def _quick_args(self, args: tuple[Any, ...]) -> bytes:
+        if len(args) == 1 and type(args[0]) is bytes:
+            # The common call, one bytes argument, in one join: the loop of
+            # dumps_call costs a tiny call more than pickle does.
+            arg = args[0]
+            return b"".join((_U32.pack(len(arg) + 1), b"b", arg))
+        return self.dumps_call(args, {})[0]
+
+    def _quick_loads(self, data: bytes) -> Any:
+        if data[:1] == b"b":
+            return data[1:]
+        return self.loads(data, [])
+
     def dumps(self, obj: object) -> tuple[bytes, list[int]]:
         if isinstance(obj, bytes):
             return b"b" + obj, []
@@ -410,10 +444,7 @@ class _Bytes(_Codec):
 
     def dumps_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[int]]:
         if len(args) == 1 and not kwargs and type(args[0]) is bytes:
-            # The common call, one bytes argument, in one join: the loop below
-            # costs a tiny call more than pickle does.
-            arg = args[0]
-            return b"".join((_U32.pack(len(arg) + 1), b"b", arg)), []
+            return self._quick_args(args), []
         if kwargs:
             raise TypeError("the bytes serializer takes positional arguments only")
         parts = []
@@ -506,6 +537,17 @@ class _FdUnpickler(pickle.Unpickler):
 class _Pickle(_Codec):
     name = "pickle"
     carries_fds = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        # C callables both: no Python frame per call.  Only where they do
+        # what this class's methods do: a subclass's own (a remote host's
+        # restricted loads) is never skipped.
+        cls = type(self)
+        if cls.dumps is _Pickle.dumps and cls.dumps_call is _Pickle.dumps_call:
+            self.quick_args = functools.partial(pickle.dumps, protocol=pickle.HIGHEST_PROTOCOL)
+        if cls.loads is _Pickle.loads:
+            self.quick_loads = pickle.loads
 
     def dumps(self, obj: object) -> tuple[bytes, list[int]]:
         try:
