@@ -568,7 +568,8 @@ class Pool:
                 finally:
                     os.close(w)
             worker.client = rpc._run(proc, self._func, self._serializer, _WORKER_INIT, self._on_event,
-                                     max(self._sched.load, self._pipeline or 0), boot="")
+                                     max(self._sched.load, self._pipeline or 0), boot="",
+                                     hold_batch=rpc._NO_BATCH)
         except BaseException as e:
             self._failed_to_start(worker, e)
             return

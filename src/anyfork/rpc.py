@@ -109,8 +109,12 @@ _HOLD_MAX = 1 << 16  # a call this small may wait for the batch (see _Core._begi
 # _Core._begin).  Writing only when a reply came left the worker idle while
 # the caller queued the next batch: pipelined tiny calls went from about 40%
 # of the bench's limit row to 50-70%.  About ten tiny calls: one write, and
-# one wake-up of the worker, for each ten.
+# one wake-up of the worker, for each ten.  Not for a pool's workers
+# (hold_batch=_NO_BATCH): the pool sends each a burst sized by its own
+# pipeline, and its caller, the pool's bottleneck, then pays one write a
+# burst (split, the Executor's map and submit lost 10-20%).
 _HOLD_BATCH = 256
+_NO_BATCH = 1 << 62
 _EXIT_GRACE = 1.0
 _STEP_ASIDE = 0.001  # the reactor leaves a socket alone this long after another reader
 _READ_EVERY = 0.001  # a thread that keeps submitting reads this often (see read_now)
@@ -233,9 +237,10 @@ class _Core:
     """One worker's calls and socket, shared by the blocking and async clients."""
 
     def __init__(self, proc: Process, sock: socket.socket, codec: W._Codec, max_in_flight: int,
-                 on_event: Callable[..., Any] | None) -> None:
+                 on_event: Callable[..., Any] | None, *, hold_batch: int = _HOLD_BATCH) -> None:
         sock.setblocking(False)
         self.proc = proc
+        self.hold_batch = hold_batch  # see _begin
         self.pid = proc.pid
         self.sock: socket.socket | None = sock
         self.fd = sock.fileno()
@@ -342,7 +347,7 @@ class _Core:
         # worker has work while the caller queues more).  A call in flight
         # is written, or itself held behind one that is, so a reply will come.
         hold = (self.sequential and bool(calls) and size < _HOLD_MAX and not fds
-                and self.outbox.size < _HOLD_BATCH)
+                and self.outbox.size < self.hold_batch)
         calls[call_id] = call
         data = _HEADER(size, call_id, _CALL, len(fds)) + payload
         if hold:
@@ -1314,12 +1319,14 @@ def run(proc: Process, func: str | Callable[..., Any], *, serializer: str | obje
 
 
 def _run(proc: Process, func: object, serializer: object, init: object,  # noqa: PLR0917 - private
-         on_event: Callable[..., Any] | None, max_in_flight: int, boot: str | None = None) -> Client:
+         on_event: Callable[..., Any] | None, max_in_flight: int, boot: str | None = None,
+         hold_batch: int = _HOLD_BATCH) -> Client:
     """``run``, for anyfork's own callers too (the pool boots its worker
-    module with the rpc worker's: ``boot``)."""
+    module with the rpc worker's: ``boot``; and sends its own bursts:
+    ``hold_batch``, see _HOLD_BATCH)."""
     codec, hello = _prepare(proc, func, serializer, init, max_in_flight, boot=boot)
     sock = proc.run(_WORKER)
-    core = _Core(proc, sock, codec, max_in_flight, on_event)
+    core = _Core(proc, sock, codec, max_in_flight, on_event, hold_batch=hold_batch)
     with core.lock:
         core._queue(hello)
     client = Client(core)
