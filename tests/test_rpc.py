@@ -121,6 +121,18 @@ def test_a_call_returns_the_handlers_result_from_every_kind_of_process(
     assert drive.finish(client) == 0
 
 
+def test_arguments_that_look_like_args_and_kwargs_arrive_as_they_were_passed(drive: Driver) -> None:
+    # With pickle, a call f(x, y) with x a tuple and y a dict was taken for
+    # the (args, kwargs) of a call with keywords: f(*x, **y) ran.
+    client = drive.start("rpc_handlers:echo", anyfork.new())
+    first = (1, 2)
+    assert drive.call(client, first, {"k": 3}) == [first, {"k": 3}]
+    assert drive.call(client, first, {}) == [first, {}]
+    assert drive.call(client, first) == first
+    assert drive.call(client, [first, {"k": 3}]) == [first, {"k": 3}]
+    assert drive.finish(client) == 0
+
+
 def test_the_handler_may_be_given_as_a_function(drive: Driver) -> None:
     import rpc_handlers
 

@@ -97,7 +97,7 @@ def test_a_hello_of_another_version_is_refused(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.undo()
     d = W.Decoder(W.FROM_WORKER)
     d.feed(hello)
-    with pytest.raises(ProtocolError, match="version 7; this end speaks version 1"):
+    with pytest.raises(ProtocolError, match=f"version 7; this end speaks version {W.VERSION}"):
         d.frames()
 
 
@@ -203,6 +203,14 @@ def test_each_codec_round_trips_calls_and_values(name: str) -> None:
     assert got_kwargs == kwargs
     value = b"v" if name == "bytes" else {"a": [1]}
     assert codec.loads(codec.dumps(value)[0], []) == value
+
+
+def test_arguments_shaped_like_args_and_kwargs_decode_as_they_were() -> None:
+    codec = W.serializer("pickle")
+    first = (1,)
+    for args, kwargs in [((first, {}), {}), ((first, {"k": 2}), {}), ((first,), {"k": 2}), ((), {})]:
+        got_args, got_kwargs = codec.loads_call(codec.dumps_call(args, kwargs)[0], [])
+        assert (list(got_args), got_kwargs) == (list(args), kwargs)
 
 
 @pytest.mark.parametrize("name", ["pickle", "bytes"])

@@ -63,7 +63,7 @@ from typing import Any, NamedTuple
 
 from ._errors import ProtocolError
 
-VERSION = 1
+VERSION = 2  # 2: a call with keywords is a list (see _Pickle.dumps_call)
 MAGIC = b"anyfork-rpc\x00"
 HEADER = struct.Struct("<IIBB")
 HSIZE = HEADER.size
@@ -579,14 +579,19 @@ class _Pickle(_Codec):
         close_fds([fd for i, fd in enumerate(fds) if i not in u.taken])
         return obj
 
+    # A call is its arguments' tuple, or with keywords the list [args,
+    # kwargs]: a list, which no tuple of arguments can be taken for (as a
+    # tuple, f((1,), {}) arrived as f(1)).
     def dumps_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[int]]:
-        return self.dumps((args, kwargs) if kwargs else args)
+        return self.dumps([args, kwargs] if kwargs else args)
 
     def loads_call(self, data: bytes, fds: list[int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         obj = self.loads(data, fds)
-        if type(obj) is tuple and len(obj) == 2 and type(obj[0]) is tuple and type(obj[1]) is dict:
-            return obj
-        return obj, {}
+        if type(obj) is tuple:
+            return obj, {}
+        if type(obj) is list and len(obj) == 2 and type(obj[0]) is tuple and type(obj[1]) is dict:
+            return obj[0], obj[1]
+        raise ProtocolError(f"a malformed {self.name} call: {type(obj).__name__}")
 
 
 class _Module(_Codec):
