@@ -198,6 +198,22 @@ def _exception(payload: bytes, codec: W._Codec) -> BaseException:
     return err
 
 
+def _encode(codec: W._Codec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[int]]:
+    """A call's payload and the descriptors it carries: the codec's quick
+    path when it has one for these arguments, else ``dumps_call``."""
+    quick = codec.quick_args
+    if quick is not None and not kwargs:
+        try:
+            return quick(args), []
+        except Exception:
+            pass  # dumps_call, next, carries the descriptors or says what is wrong
+    payload, fds = codec.dumps_call(args, kwargs)
+    if len(fds) > W.MAX_FDS:
+        W.close_fds(fds)
+        raise ValueError(f"a call carries at most {W.MAX_FDS} descriptors")
+    return payload, fds
+
+
 def _spin(poller: Any) -> bool:
     """Poll without sleeping for up to ``_SPIN`` seconds; whether something
     came.  A tiny call's reply usually comes within tens of microseconds,
@@ -372,13 +388,6 @@ class _Core:
         return call, mark
 
     # --- operations -----------------------------------------------------------------------
-
-    def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[int]]:
-        payload, fds = self.codec.dumps_call(args, kwargs)
-        if len(fds) > W.MAX_FDS:
-            W.close_fds(fds)
-            raise ValueError(f"a call carries at most {W.MAX_FDS} descriptors")
-        return payload, fds
 
     def op_begin(self, payload: bytes, fds: list[int],
                  future: concurrent.futures.Future[Any] | None) -> Op[_Call]:
@@ -1123,10 +1132,7 @@ class Client:
                 nothing was sent.
         """
         core = self._core
-        payload, fds = core.codec.dumps_call(args, kwargs)  # encode(), inline
-        if fds and len(fds) > W.MAX_FDS:
-            W.close_fds(fds)
-            raise ValueError(f"a call carries at most {W.MAX_FDS} descriptors")
+        payload, fds = _encode(core.codec, args, kwargs)
         call = core.call_alone(payload) if not fds else None
         if call is None:
             return run_blocking(core.op_call(payload, fds))
@@ -1149,21 +1155,7 @@ class Client:
         ``tag``: the future's ``_anyfork_tag``, for ``then`` (the pool's
         call: one callback per pool, not a partial per call)."""
         core = self._core
-        codec = core.codec
-        quick = codec.quick_args
-        payload = None
-        if quick is not None and not kwargs:
-            try:
-                payload = quick(args)
-            except Exception:
-                pass  # dumps_call, next, carries the descriptors or says what is wrong
-        if payload is None:
-            payload, fds = codec.dumps_call(args, kwargs)  # encode(), inline
-            if len(fds) > W.MAX_FDS:
-                W.close_fds(fds)
-                raise ValueError(f"a call carries at most {W.MAX_FDS} descriptors")
-        else:
-            fds = []
+        payload, fds = _encode(core.codec, args, kwargs)
         # A call in flight keeps its client (and so its worker) alive, as a
         # running task keeps its executor: ``run(...).submit(x).result()``
         # gets its result.  Let go once done (``_anyfork_set``).
@@ -1236,7 +1228,7 @@ class AsyncClient:
     async def call(self, *args: Any, **kwargs: Any) -> Any:
         """Call the handler; its result (errors as for ``Client.call``)."""
         core = self._core
-        payload, fds = core.encode(args, kwargs)
+        payload, fds = _encode(core.codec, args, kwargs)
         return await _backend.run_async(core.op_call(payload, fds))
 
     async def events(self) -> AsyncIterator[tuple[Any, ...]]:
