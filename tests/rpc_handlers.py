@@ -159,3 +159,12 @@ def recv_one(sock: socket.socket) -> bytes:
     """Return once the caller writes a byte on the socket it was sent."""
     with sock:
         return sock.recv(1)
+
+
+def retire_on(x: str) -> str:
+    """Retire (as a pool's handler may) when asked; answer in any case."""
+    if x == "retire":
+        import anyfork.pool
+
+        anyfork.pool.retire()
+    return x

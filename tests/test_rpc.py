@@ -360,6 +360,32 @@ def test_events_reach_on_event_before_the_reply(drive: Driver, handler: str) -> 
     assert drive.finish(client) == 0
 
 
+def test_an_on_event_that_raises_fails_the_call_that_sent_the_event(drive: Driver) -> None:
+    # The worker marks each event with the call it serves (also when it
+    # answers a lone call at once, without its decoder).
+    def boom(*args: Any) -> None:
+        raise ValueError(f"on_event refused {args}")
+
+    client = drive.start("rpc_handlers:events", on_event=boom)
+    assert drive.call(client, 0) == "done"  # (the first call may come with the HELLO)
+    with pytest.raises(ValueError, match="refused"):
+        drive.call(client, 1)
+    assert drive.call(client, 0) == "done"  # the error went with its call only
+    assert drive.finish(client) == 0
+
+
+def test_a_worker_that_retires_during_a_lone_call_answers_it_then_says_so() -> None:
+    client = rpc.run(anyfork.new(), "rpc_handlers:retire_on")
+    try:
+        assert client.call("first") == "first"  # (it may come with the HELLO)
+        assert client.call("retire") == "retire"
+        with pytest.raises(rpc.RetiredError):
+            client.call("after")
+    finally:
+        client.close()
+    assert client.wait(TIMEOUT) == 0
+
+
 def test_events_come_through_the_async_iterator_too() -> None:
     async def main() -> list[Any]:
         client = await rpc.run_async(anyfork.new(), "rpc_handlers:events")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _rpc_wire as W
 from ._errors import ProtocolError
-from ._rpc_io import _RECV, error_frame, recv, result_frame, send
+from ._rpc_io import _ANC, _CTRUNC, _RECV, _RECV_FLAGS, error_frame, feed, recv, result_frame, send
 
 if TYPE_CHECKING:
     import socket
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 _PATH = list(getattr(sys.modules.get(__package__ or ""), "__path__", ()))
 
 _QUICK = 100e-6  # a call this quick lets the replies before it wait for the next
+_UNPACK_HEADER = W.HEADER.unpack_from
+_new_frame = tuple.__new__  # (as _rpc_wire's)
 _BATCH = 1 << 16
 _REPLY_BATCH = 16
 
@@ -278,6 +280,38 @@ def _serve_sync(conn: _Conn, fn: Callable[..., Any], frames: list[W.Frame]) -> N
                 raise ProtocolError(f"unexpected {W.describe(frame.kind)} from the caller")
         conn.flush()
         replies = 0
-        frames = conn.read()
+        frames = _read_or_answer(conn, fn)
         if not frames:
-            return  # EOF before CLOSE: the caller is gone
+            return  # EOF before CLOSE, or retired: the caller is told
+
+
+def _read_or_answer(conn: _Conn, fn: Callable[..., Any]) -> list[W.Frame]:
+    """``conn.read()``, but a read that is exactly one CALL (a round trip:
+    the caller waits for its reply) is answered here and the next read
+    taken, without the decoder and the outbox, which cost a tiny call a
+    third of the worker's time.  Anything else is fed to the decoder as
+    read.  [] at EOF, or once retired (the RETIRE is written)."""
+    sock, decoder, scratch = conn.sock, conn.decoder, conn.scratch
+    while True:
+        n, anc, flags, _ = sock.recvmsg_into([scratch], _ANC, _RECV_FLAGS)
+        if n > W.HSIZE and not anc and not flags & _CTRUNC and not decoder.holding():
+            length, call_id, kind, nfds = _UNPACK_HEADER(scratch)
+            if kind == W.CALL and not nfds and n == W.HSIZE + length:
+                conn.call_id = call_id
+                payload = bytes(scratch[W.HSIZE:n])
+                data, fds = reply(conn, call_id, fn, _new_frame(W.Frame, (kind, call_id, payload, [])))
+                conn.call_id = 0
+                if fds or _retiring:
+                    conn.outbox.add(data, fds)
+                    if _retiring:
+                        conn.outbox.add(W.header(W.RETIRE, call_id, 0))
+                        conn.flush()
+                        return []
+                    conn.flush()
+                else:
+                    sock.sendall(data)
+                continue
+        feed(decoder, scratch, n, anc, flags)
+        frames = decoder.frames()
+        if frames or decoder.eof:
+            return frames
