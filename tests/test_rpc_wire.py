@@ -226,6 +226,11 @@ def test_the_quick_paths_say_exactly_what_dumps_call_and_loads_say(name: str) ->
     for value in values:
         data = codec.dumps(value)[0]
         assert codec.quick_loads(data) == codec.loads(data, []) == value
+        # The caller takes a message that starts with bytes_tag as the bytes after it.
+        tag = codec.bytes_tag
+        assert (tag is not None and data[:1] == tag) == (name == "bytes" and type(value) is bytes)
+        if tag is not None and data[:1] == tag:
+            assert data[1:] == value
     bad = 3 if name == "bytes" else socket.socket()  # bytes takes no int; pickle's quick path no socket
     with pytest.raises(TypeError):
         codec.quick_args((bad,))  # (the caller then takes dumps_call, which says why)

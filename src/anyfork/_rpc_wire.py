@@ -341,6 +341,10 @@ class _Codec:
     # descriptors, as loads gives it.
     quick_args: Any = None
     quick_loads: Any = None
+    # A value message that starts with this byte is the bytes after it, as
+    # loads gives them (the bytes codec's: the caller takes them without a
+    # call), or None.
+    bytes_tag: bytes | None = None
 
     def __init__(self, impl: Any = None) -> None:
         self.impl = impl
@@ -407,6 +411,7 @@ class _Bytes(_Codec):
         if type(self) is _Bytes:  # (a subclass's own methods are never skipped)
             self.quick_args = self._quick_args
             self.quick_loads = self._quick_loads
+            self.bytes_tag = b"b"
 
     def _quick_args(self, args: tuple[Any, ...]) -> bytes:
         if len(args) == 1 and type(args[0]) is bytes:

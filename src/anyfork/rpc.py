@@ -518,11 +518,15 @@ class _Core:
                         self._flush()
                 value = error = None
                 codec = self.codec
-                try:
-                    quick = codec.quick_loads
-                    value = quick(payload) if quick is not None else codec.loads(payload, [])
-                except Exception as e:
-                    error = e
+                tag = codec.bytes_tag
+                if tag is not None and payload[:1] == tag:
+                    value = payload[1:]  # (see _dispatch)
+                else:
+                    try:
+                        quick = codec.quick_loads
+                        value = quick(payload) if quick is not None else codec.loads(payload, [])
+                    except Exception as e:
+                        error = e
                 self._complete(call, value, error)  # (_lead_alone's _resign notifies, next)
                 return True
         try:
@@ -672,6 +676,7 @@ class _Core:
                     raise ProtocolError(f"an unexpected {W.describe(kind)} frame")
         codec = self.codec
         quick = codec.quick_loads
+        tag = codec.bytes_tag
         # Futures without a callback: settled together at the end, under one
         # lock for those nobody waits on (see _futures.settle_all).
         plain: list[tuple[Any, Any, BaseException | None]] = []
@@ -688,11 +693,15 @@ class _Core:
                 error = self.event_errors.pop(call.id, None) if self.event_errors else None
                 value = None
                 if f.kind == W.RESULT:
-                    try:
-                        value = (quick(f.payload) if quick is not None and not f.fds
-                                 else codec.loads(f.payload, f.fds))
-                    except Exception as e:
-                        error = error or e
+                    payload = f.payload
+                    if tag is not None and payload[:1] == tag and not f.fds:
+                        value = payload[1:]  # (the codec's bytes value: see bytes_tag)
+                    else:
+                        try:
+                            value = (quick(payload) if quick is not None and not f.fds
+                                     else codec.loads(payload, f.fds))
+                        except Exception as e:
+                            error = error or e
                 else:
                     error = error or _exception(f.payload, codec)
                 fut: Any = call.future
