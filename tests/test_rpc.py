@@ -729,6 +729,49 @@ def test_calls_held_for_a_sequential_worker_go_out_in_batches_before_any_reply()
         core.dispose()
 
 
+def test_replies_read_together_complete_in_order_before_an_event_or_a_callback_runs() -> None:
+    """Deterministic: two replies, an event of a third call, then the third
+    call's reply (with a callback) arrive in one read.  The event handler
+    and the callback see the first two futures done, as they would have,
+    one read per reply."""
+    import pickle
+
+    from anyfork import _backend
+    from anyfork import _rpc_wire as W
+
+    class FakeProcess:
+        pid = 1
+        returncode = None
+
+    seen: list[tuple[str, list[bool]]] = []
+    futures: list[Any] = []
+    ours, worker = socket.socketpair()
+    core = rpc._Core(FakeProcess(), ours, W.serializer("pickle"), 8,  # type: ignore[arg-type]
+                     lambda *args: seen.append(("event", [f.done() for f in futures[:2]])))
+    try:
+        futures += [rpc._Future.make(core), rpc._Future.make(core)]
+        futures.append(rpc._Future.make(
+            core, then=lambda _: seen.append(("then", [f.done() for f in futures[:2]]))))
+        ids = []
+        for fut in futures:
+            with core.lock:
+                got = core._begin(pickle.dumps((1,)), [], fut)
+            assert got is not None
+            ids.append(got[0].id)
+        value, event = pickle.dumps("v"), pickle.dumps(("tick",))
+        worker.sendall(W.hello(b"\0")
+                       + W.header(W.RESULT, ids[0], len(value)) + value
+                       + W.header(W.RESULT, ids[1], len(value)) + value
+                       + W.header(W.EVENT, ids[2], len(event)) + event
+                       + W.header(W.RESULT, ids[2], len(value)) + value)
+        _backend.run_blocking(core.op_progress(futures[2].done))
+        assert [f.result(0) for f in futures] == ["v", "v", "v"]
+        assert seen == [("event", [True, True]), ("then", [True, True])]
+    finally:
+        worker.close()
+        core.dispose()
+
+
 def test_a_client_dropped_without_close_lets_its_worker_go() -> None:
     import gc
 

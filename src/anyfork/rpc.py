@@ -214,6 +214,14 @@ def _encode(codec: W._Codec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> t
     return payload, fds
 
 
+def _settle(plain: list[tuple[Any, Any, BaseException | None]]) -> None:
+    """Settle ``plain``'s futures (nobody's callback among them), in one go, and empty it."""
+    from ._futures import settle_all
+
+    settle_all(plain)
+    plain.clear()
+
+
 def _spin(poller: Any) -> bool:
     """Poll without sleeping for up to ``_SPIN`` seconds; whether something
     came.  A tiny call's reply usually comes within tens of microseconds,
@@ -683,6 +691,8 @@ class _Core:
         try:
             for call, f in done:
                 if call is None:
+                    if plain:  # the replies before it first: what runs now may look at them
+                        _settle(plain)
                     if f.kind == W.EVENT:
                         self._event(f)
                     elif f.kind == W.RETIRE:
@@ -712,12 +722,12 @@ class _Core:
                     fut._anyfork_owner = None  # (as _anyfork_set)
                     plain.append((fut, value, error))
                 else:
+                    if plain:  # (as for an event: its callback runs now)
+                        _settle(plain)
                     fut._anyfork_set(value, error)  # _complete, inline
         finally:
             if plain:
-                from ._futures import settle_all
-
-                settle_all(plain)
+                _settle(plain)
         self.changed.notify()
 
     @staticmethod
