@@ -253,6 +253,20 @@ def test_rpc_and_pool_boot_their_worker_from_the_caller_where_anyfork_is_not(com
         assert [f.result(20) for f in [p.submit(i, 1) for i in range(6)]] == [i + 1 for i in range(6)]
 
 
+def test_a_remote_rpc_worker_fetches_only_the_modules_it_runs(command: list[str]) -> None:
+    # Broke: the worker found the serve loop with `from ._serve import`,
+    # which on a remote host (whose serve loop is the hub's copy) fetched
+    # and ran the whole anyfork package from the caller: 15 more modules,
+    # 60 ms of a connection's first result.
+    from anyfork import rpc
+
+    with rpc.run(remote.new_exec(command), "builtins:eval") as client:
+        loaded = client("sorted(m for m in __import__('sys').modules if m.split('.')[0] == 'anyfork')")
+    assert "anyfork" not in loaded
+    assert set(loaded) <= {"anyfork._rpc_worker", "anyfork._rpc_wire", "anyfork._rpc_io", "anyfork._errors"}
+    assert "anyfork._rpc_worker" in loaded
+
+
 def test_a_stuck_remote_pool_call_is_stopped_through_its_hub(command: list[str],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from anyfork import pool

@@ -170,9 +170,15 @@ def resolve(name: str) -> Callable[..., Any]:
     """The function ``name`` names, found as ``Process.run`` finds it (the
     serve loop's ``resolve``: "mod:attr.attr", "pkg.mod.attr", or a name in
     ``__main__``), so that rpc and run() take the same names the same way."""
-    from ._serve import resolve as find
-
-    return find(name, sys.modules["__main__"].__dict__)
+    modules = sys.modules
+    # The serve loop this process runs: on a remote host it is the hub's
+    # copy (``_anyfork_remote._serve``), and ``from ._serve import`` would
+    # fetch and run the whole anyfork package from the caller for it.
+    serve = modules.get("anyfork._serve") or modules.get("_anyfork_remote._serve")
+    if serve is None:
+        from . import _serve as serve
+    find: Callable[..., Any] = serve.resolve
+    return find(name, modules["__main__"].__dict__)
 
 
 def reply(conn: _Conn, call_id: int, fn: Callable[..., Any], frame: W.Frame) -> tuple[bytes, list[int]]:
