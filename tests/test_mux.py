@@ -95,6 +95,41 @@ def test_eof_waits_behind_pending_data() -> None:
         caller.send(ch, b"late")
 
 
+def test_credit_is_granted_in_lumps_not_per_message() -> None:
+    # Broke (speed): a CREDIT for every DATA doubled the frames of each
+    # request and reply over ssh, and woke the far side's relay for each.
+    caller, remote = M.Mux(caller=True), M.Mux(caller=False)
+    ch = caller.open("calls")
+    wire(caller, remote)
+    for _ in range(M.GRANT // 1024 - 1):
+        caller.send(ch, b"m" * 1024)
+        wire(caller, remote)
+        remote.consumed(ch, 1024)
+        assert not remote.has_output()  # no frame back for a message
+    caller.send(ch, b"m" * 1024)
+    wire(caller, remote)
+    remote.consumed(ch, 1024)
+    assert remote.has_output()  # a lump's worth: granted, in one CREDIT
+    assert wire(remote, caller) == []
+    caller.send(ch, b"n" * M.WINDOW)
+    assert caller.pending(ch) == 0  # the lump was credited back: the window is whole again
+
+
+def test_the_peers_eof_grants_what_was_held_back() -> None:
+    # The lumps must not keep sent_all false for ever: bytes consumed
+    # before the EOF came are credited as soon as it comes.
+    caller, remote = M.Mux(caller=True), M.Mux(caller=False)
+    ch = caller.open("out")
+    caller.send(ch, b"z" * 100)
+    wire(caller, remote)
+    remote.consumed(ch, 100)
+    assert not remote.has_output()
+    caller.eof(ch)
+    wire(caller, remote)
+    wire(remote, caller)
+    assert caller.sent_all(ch)
+
+
 def test_a_channel_has_sent_all_only_once_the_peer_handed_every_byte_on() -> None:
     # Closing a channel drops what the peer still holds for its local socket,
     # so "sent" must mean "handed on", not "on the wire".

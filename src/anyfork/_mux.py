@@ -28,7 +28,9 @@ Flow control: each channel starts with a window of ``WINDOW`` bytes in each
 direction.  DATA beyond what the peer has granted stays queued here (the
 sender's ``pending(ch)`` grows, and its driver stops reading the local
 socket that feeds ch); the receiver grants CREDIT as its driver hands the
-bytes on (``consumed``).  So a slow reader on one side never makes the other
+bytes on (``consumed``), in lumps of at least ``GRANT`` bytes, or at once
+after the peer's EOF (so that ``sent_all`` comes true).  A CREDIT per DATA
+doubled the frames of a request and reply, and woke the far side for each.  So a slow reader on one side never makes the other
 side's memory grow beyond a window per channel, and one stalled channel
 never stops the others.
 
@@ -54,6 +56,7 @@ VERSION = 1
 HEADER = struct.Struct("<IBI")
 HSIZE = HEADER.size
 WINDOW = 1 << 18  # bytes in flight per channel and direction
+GRANT = WINDOW // 4  # credit is granted in lumps this big (see the module doc)
 MAX_FRAME = 1 << 16  # largest DATA payload written: bounds a frame's stall of the others
 MAX_PAYLOAD = 1 << 24  # larger is garbage (CONTROL messages carry module sources)
 
@@ -91,11 +94,12 @@ class Event:
 
 class _Channel:
     __slots__ = ("closed_here", "closed_there", "eof_here", "eof_sent", "eof_there", "pending",
-                 "pending_bytes", "send_window", "unacked")
+                 "pending_bytes", "send_window", "unacked", "ungranted")
 
     def __init__(self) -> None:
         self.send_window = WINDOW  # bytes the peer lets us send now
         self.unacked = 0  # bytes we received and our driver has not consumed
+        self.ungranted = 0  # bytes our driver consumed and the peer has no credit for yet
         self.pending: deque[memoryview] = deque()  # DATA waiting for window
         self.pending_bytes = 0
         self.eof_here = False  # we queued EOF (sent once pending is out)
@@ -185,7 +189,13 @@ class Mux:
         if c is None or c.closed_here or n <= 0:
             return
         c.unacked -= n
-        self._frame(ch, CREDIT, _U32.pack(n))
+        c.ungranted += n
+        if c.ungranted >= GRANT or c.eof_there:
+            self._grant(ch, c)
+
+    def _grant(self, ch: int, c: _Channel) -> None:
+        self._frame(ch, CREDIT, _U32.pack(c.ungranted))
+        c.ungranted = 0
 
     def control(self, data: bytes) -> None:
         """Queue a message of the connection itself (channel 0)."""
@@ -329,4 +339,6 @@ class Mux:
             if c.eof_there:
                 self._fail(f"second EOF on channel {ch}")
             c.eof_there = True
+            if c.ungranted:
+                self._grant(ch, c)  # nothing more comes: the peer's sent_all waits for this
             self._events.append(Event(EOF, ch, b""))
