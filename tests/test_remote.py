@@ -267,6 +267,20 @@ def test_a_remote_rpc_worker_fetches_only_the_modules_it_runs(command: list[str]
     assert "anyfork._rpc_worker" in loaded
 
 
+def test_waiting_for_a_remote_reply_never_spins(command: list[str]) -> None:
+    # Broke (speed): a wait spun before it slept, holding the GIL that the
+    # relay thread needs to hand the reply over; a remote round trip took
+    # 100 us longer.
+    from anyfork import rpc
+
+    with rpc.run(remote.new_exec(command), "operator:pos") as client:
+        assert client(1) == 1
+        assert client._core.spin_skip >= rpc._NEVER // 2
+    with rpc.run(anyfork.new(), "operator:pos") as local:
+        assert local(1) == 1
+        assert local._core.spin_skip < rpc._NEVER // 2
+
+
 def test_a_stuck_remote_pool_call_is_stopped_through_its_hub(command: list[str],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from anyfork import pool

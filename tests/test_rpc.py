@@ -237,6 +237,39 @@ def test_init_is_called_first_with_what_send_arg_and_send_fh_queued(drive: Drive
         assert drive.finish(client) == 0
 
 
+class _Missing:
+    """A poller that never has anything, counting its polls."""
+
+    def __init__(self) -> None:
+        self.polls = 0
+        self.has = False
+
+    def poll(self, timeout: int) -> list[tuple[int, int]]:
+        self.polls += 1
+        return [(0, 1)] if self.has else []
+
+
+def test_waits_back_off_from_spinning_while_spins_miss() -> None:
+    # Broke (CPU): a wait spun 100 us before every sleep even when the
+    # replies never came that soon (slow handlers, remote workers), taking a
+    # CPU from the workers.
+    from types import SimpleNamespace
+
+    core = SimpleNamespace(spin_skip=0, spin_backoff=1)
+    poller = _Missing()
+    spun = []
+    for _ in range(8):
+        before = poller.polls
+        assert rpc._spin(poller, core) is False  # type: ignore[arg-type]
+        spun.append(poller.polls > before)
+    assert spun == [True, False, True, False, False, True, False, False]  # skips 1, then 2, then 4
+    while core.spin_skip:
+        rpc._spin(poller, core)  # type: ignore[arg-type]
+    poller.has = True
+    assert rpc._spin(poller, core) is True  # type: ignore[arg-type]
+    assert (core.spin_skip, core.spin_backoff) == (0, 1)  # a hit: spinning pays again
+
+
 def test_close_lets_the_worker_finish_its_calls_then_exit_0() -> None:
     client = rpc.run(anyfork.new(), "rpc_handlers:sleep")
     futures = [client.submit(0.05) for _ in range(3)]

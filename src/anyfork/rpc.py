@@ -222,24 +222,44 @@ def _settle(plain: list[tuple[Any, Any, BaseException | None]]) -> None:
     plain.clear()
 
 
-def _spin(poller: Any) -> bool:
+def _spin(poller: Any, core: _Core) -> bool:
     """Poll without sleeping for up to ``_SPIN`` seconds; whether something
     came.  A tiny call's reply usually comes within tens of microseconds,
     and a thread that went to sleep in ``poll()`` takes about as long again
     to be woken (an idle CPU's wake-up, on a VM a hypervisor exit): waiting
-    awake first roughly halves a round trip.  Not when this thread may use
-    one CPU only: it would keep the worker that is to answer off it."""
+    awake first roughly halves a round trip.
+
+    Not where it can't pay: when this process may use one CPU only (it
+    would keep the worker that is to answer off it), for a remote worker
+    (its replies come through this process's relay thread, which a
+    spinning thread keeps from the GIL), and, backing off, while spins keep
+    missing (a handler slower than a spin: the CPU is the workers')."""
+    if core.spin_skip:
+        core.spin_skip -= 1
+        return False
     affinity = getattr(os, "sched_getaffinity", None)  # (Linux; elsewhere, the machine's CPUs)
     if (len(affinity(0)) if affinity is not None else os.cpu_count() or 1) < 2:
-        return False
+        return False  # (asked each time: a thread may be pinned to a CPU at any time)
     end = time.perf_counter() + _SPIN
     while time.perf_counter() < end:
         if poller.poll(0):
+            core.spin_backoff = 1
             return True
+    core.spin_skip = core.spin_backoff
+    core.spin_backoff = min(core.spin_backoff * 2, _SPIN_BACKOFF_MAX)
     return False
 
 
 _SPIN = 100e-6
+_SPIN_BACKOFF_MAX = 1024  # calls without a spin, at most, after spins that missed
+_NEVER = 1 << 62
+
+
+def _spins(proc: Process) -> bool:
+    """Whether waiting for ``proc``'s replies may spin at all (see ``_spin``)."""
+    from ._process import host_of
+
+    return host_of(proc) is None
 
 
 class _Call:
@@ -296,6 +316,8 @@ class _Core:
         self.write_failed = False  # a write found the worker gone
         self.on_end: Callable[[], None] | None = None  # the async client's end of events()
         self.poller: Any = None  # call_alone's, registered for fd
+        self.spin_skip = 0 if _spins(proc) else _NEVER  # waits left that don't spin (see _spin)
+        self.spin_backoff = 1
 
     # --- under the lock ------------------------------------------------------------------
 
@@ -475,7 +497,7 @@ class _Core:
                     if want != events:
                         poller.modify(self.fd, want)
                         events = want
-                    if not _spin(poller):  # (which polls at once, if it spins)
+                    if not _spin(poller, self):  # (which polls at once, if it spins)
                         poller.poll()
                     if self._reply_now(call):
                         break
