@@ -700,6 +700,7 @@ def test_events_read_together_with_their_reply_are_delivered_first() -> None:
     class FakeProcess:
         pid = 1
         returncode = None
+        _host = None
 
     ours, worker = socket.socketpair()
     log: list[Any] = []
@@ -734,6 +735,7 @@ def test_calls_held_for_a_sequential_worker_go_out_in_batches_before_any_reply()
     class FakeProcess:
         pid = 1
         returncode = None
+        _host = None
 
     ours, worker = socket.socketpair()
     core = rpc._Core(FakeProcess(), ours, W.serializer("pickle"), 1000, None)  # type: ignore[arg-type]
@@ -775,6 +777,7 @@ def test_replies_read_together_complete_in_order_before_an_event_or_a_callback_r
     class FakeProcess:
         pid = 1
         returncode = None
+        _host = None
 
     seen: list[tuple[str, list[bool]]] = []
     futures: list[Any] = []
@@ -849,6 +852,7 @@ class _FakeWorker:
     class Process:
         pid = 1
         returncode = None
+        _host = None  # (a local process)
         killed = False
 
         def kill(self) -> None:
@@ -1004,20 +1008,27 @@ class _CountingPoller:
 
 def test_a_lone_call_waits_awake_for_a_moment_before_it_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    from types import SimpleNamespace
+
     poller = _CountingPoller(ready_after=3)
-    assert rpc._spin(poller) is True
+    assert rpc._spin(poller, SimpleNamespace(spin_skip=0, spin_backoff=1)) is True  # type: ignore[arg-type]
     assert poller.polls == 4
     never = _CountingPoller(ready_after=10**9)
-    assert rpc._spin(never) is False, "the spin is bounded in time"
+    assert rpc._spin(never, SimpleNamespace(spin_skip=0, spin_backoff=1)) is False, \
+        "the spin is bounded in time"  # type: ignore[arg-type]
     assert never.polls >= 1
 
 
 def test_a_lone_call_on_one_cpu_sleeps_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     # Spinning there would keep the worker that is to answer off the CPU.
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    from types import SimpleNamespace
+
     poller = _CountingPoller(ready_after=0)
-    assert rpc._spin(poller) is False
+    core = SimpleNamespace(spin_skip=0, spin_backoff=1)
+    assert rpc._spin(poller, core) is False  # type: ignore[arg-type]
     assert poller.polls == 0
+    assert (core.spin_skip, core.spin_backoff) == (0, 1)  # not a miss: it spins again once it may
 
 
 def test_a_call_in_flight_keeps_its_dropped_client_until_it_is_done() -> None:
