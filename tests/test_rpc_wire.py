@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import types
 
 import pytest
 from hypothesis import given, settings
@@ -222,6 +223,20 @@ def test_the_quick_paths_say_exactly_what_dumps_call_and_loads_say(name: str) ->
                                        else [(0,), (1, "two", [3]), (), (None, b"x" * 1000)])
     for args in calls:
         assert codec.quick_args(args) == codec.dumps_call(args, {})[0], args
+        assert codec.loads_call(codec.quick_args(args), []) == (args, {})
+    if name == "bytes":
+        # A call with one bytes-like argument is made by a C call, no Python frame.
+        assert not isinstance(codec.quick_one, types.FunctionType | types.MethodType)
+        for arg in [b"x", b"", bytearray(b"ba"), memoryview(b"mv")]:
+            assert codec.quick_one(arg) == codec.dumps_call((arg,), {})[0]
+            assert codec.loads_call(codec.quick_one(arg), []) == ((bytes(arg),), {})
+        for other in ["s", 3]:
+            with pytest.raises(TypeError):
+                codec.quick_one(other)  # (the caller then takes quick_args)
+        with pytest.raises(ProtocolError, match="malformed"):
+            codec.loads_call(b"Zx", [])
+    else:
+        assert codec.quick_one is None
     values: list[object] = [b"v", b"", "text\udcff"] if name == "bytes" else [0, {"a": [1]}, b"x"]
     for value in values:
         data = codec.dumps(value)[0]
@@ -250,7 +265,7 @@ def test_a_codec_whose_methods_are_overridden_has_no_quick_paths() -> None:
             return b"tagged", []
 
     assert Restricted().quick_loads is None and Restricted().quick_args is not None
-    assert Tagged().quick_args is None and Tagged().quick_loads is None
+    assert Tagged().quick_args is None and Tagged().quick_loads is None and Tagged().quick_one is None
     assert W.serializer("json").quick_args is None
 
 

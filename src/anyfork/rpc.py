@@ -201,12 +201,19 @@ def _exception(payload: bytes, codec: W._Codec) -> BaseException:
 def _encode(codec: W._Codec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[int]]:
     """A call's payload and the descriptors it carries: the codec's quick
     path when it has one for these arguments, else ``dumps_call``."""
-    quick = codec.quick_args
-    if quick is not None and not kwargs:
-        try:
-            return quick(args), []
-        except Exception:
-            pass  # dumps_call, next, carries the descriptors or says what is wrong
+    if not kwargs:
+        one = codec.quick_one
+        if one is not None and len(args) == 1:
+            try:
+                return one(args[0]), []
+            except TypeError:
+                pass
+        quick = codec.quick_args
+        if quick is not None:
+            try:
+                return quick(args), []
+            except Exception:
+                pass  # dumps_call, next, carries the descriptors or says what is wrong
     payload, fds = codec.dumps_call(args, kwargs)
     if len(fds) > W.MAX_FDS:
         W.close_fds(fds)
