@@ -28,11 +28,12 @@ Flow control: each channel starts with a window of ``WINDOW`` bytes in each
 direction.  DATA beyond what the peer has granted stays queued here (the
 sender's ``pending(ch)`` grows, and its driver stops reading the local
 socket that feeds ch); the receiver grants CREDIT as its driver hands the
-bytes on (``consumed``), in lumps of at least ``GRANT`` bytes, or at once
-after the peer's EOF (so that ``sent_all`` comes true).  A CREDIT per DATA
-doubled the frames of a request and reply, and woke the far side for each.  So a slow reader on one side never makes the other
-side's memory grow beyond a window per channel, and one stalled channel
-never stops the others.
+bytes on (``consumed``).  So a slow reader on one side never makes the
+other side's memory grow beyond a window per channel, and one stalled
+channel never stops the others.  Credit goes back in lumps of at least
+``GRANT`` bytes, or at once after the peer's EOF (so that ``sent_all``
+comes true): a CREDIT per DATA doubled the frames of a request and its
+reply, and woke the far side for each.
 
 Channel numbers: the side that opens a channel picks its number, the
 caller's side odd numbers and the remote side even ones, so the two never
