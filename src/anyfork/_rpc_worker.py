@@ -174,11 +174,11 @@ def resolve(name: str) -> Callable[..., Any]:
     # The serve loop this process runs: on a remote host it is the hub's
     # copy (``_anyfork_remote._serve``), and ``from ._serve import`` would
     # fetch and run the whole anyfork package from the caller for it.
-    serve = modules.get("anyfork._serve") or modules.get("_anyfork_remote._serve")
+    serve: Any = modules.get("anyfork._serve") or modules.get("_anyfork_remote._serve")
     if serve is None:
         from . import _serve as serve
-    find: Callable[..., Any] = serve.resolve
-    return find(name, modules["__main__"].__dict__)
+    fn: Callable[..., Any] = serve.resolve(name, modules["__main__"].__dict__)
+    return fn
 
 
 def reply(conn: _Conn, call_id: int, fn: Callable[..., Any], frame: W.Frame) -> tuple[bytes, list[int]]:
