@@ -263,8 +263,27 @@ def test_a_remote_rpc_worker_fetches_only_the_modules_it_runs(command: list[str]
     with rpc.run(remote.new_exec(command), "builtins:eval") as client:
         loaded = client("sorted(m for m in __import__('sys').modules if m.split('.')[0] == 'anyfork')")
     assert "anyfork" not in loaded
-    assert set(loaded) <= {"anyfork._rpc_worker", "anyfork._rpc_wire", "anyfork._rpc_io", "anyfork._errors"}
+    assert set(loaded) <= set(rpc.WORKER_MODULES)
     assert "anyfork._rpc_worker" in loaded
+
+
+def test_a_connection_compiles_what_the_far_side_will_run_while_ssh_connects(
+        command: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The far side takes the caller's compiled code (see _exec.compiled):
+    # made while ssh connects, the hub's modules and, when rpc is in use, its
+    # worker's cost no wait once the far side asks.
+    from anyfork import _exec, rpc
+
+    monkeypatch.setattr(_exec, "_COMPILED", {})
+    proc = remote.new_exec(command)
+    try:
+        names = {filename for filename, _ in _exec._COMPILED}
+        assert {"<anyfork _serve>", "<anyfork _hub>"} <= names
+        worker_files = {str(Path(sys.modules[m].__file__ or "")) for m in rpc.WORKER_MODULES}
+        assert worker_files <= names
+    finally:
+        proc.close()
+        proc.wait(20)
 
 
 def test_waiting_for_a_remote_reply_never_spins(command: list[str]) -> None:

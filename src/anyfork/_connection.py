@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import shlex
 import socket
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -89,8 +90,7 @@ class Connection:
         if isinstance(command, (str, bytes)) or not command or not all(isinstance(c, str) for c in command):
             raise TypeError("command is the argv that starts a Python on the far side, a list of str, "
                             "e.g. ['ssh', 'host', 'python3']")
-        program, preamble = _exec.pipe_bootstrap(HUB_MODULES, "_hub:main")
-        argv = remote_argv(command, program)
+        argv = remote_argv(command, _exec.stage1())
         self.command = list(command)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -125,7 +125,16 @@ class Connection:
         self._sock = mine
         self._wake_r, self._wake_w = os.pipe()
         self.relay = R.Relay(M.Mux(caller=True), mine.fileno(), mine.fileno(), self._refuse, self._control)
-        mine.sendall(preamble)  # small, and the far side reads it first: no deadlock
+        # Made while ssh connects (the first connection of a process compiles
+        # the hub's modules here), and written by the relay: it is larger
+        # than a socket holds, and ssh reads nothing before it has connected.
+        self.relay.write_first(_exec.preamble(HUB_MODULES, "_hub:main"))
+        rpc = sys.modules.get("anyfork.rpc")
+        if rpc is not None:  # its workers will ask for their modules: compiled now, they cost no wait then
+            from ._importer import answer
+
+            for name in rpc.WORKER_MODULES:
+                answer(name)
         self._thread = threading.Thread(target=self._run, name=f"anyfork relay {command[-2:]}", daemon=True)
         self._thread.start()
         try:

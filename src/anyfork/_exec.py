@@ -266,6 +266,27 @@ def spawn(child_fd: int, path: list[str], failure_fd: int = -1) -> int:
 SERVE_MODULES = ("_protocol", "_serve")
 
 
+_COMPILED: dict[tuple[str, bytes], bytes] = {}
+
+
+def compiled(source: bytes, filename: str) -> bytes:
+    """``source`` compiled by this Python, as the far side may take it in
+    place of the source: this interpreter's magic number, then the marshalled
+    code.  Made once per process: a caller that connects to many hosts
+    compiles anyfork's far-side modules once, and the far side compiles
+    nothing when it runs the caller's Python version (``_stage1``,
+    ``_importer``); another version takes the source."""
+    key = (filename, source)
+    code = _COMPILED.get(key)
+    if code is None:
+        import importlib.util
+        import marshal
+
+        code = _COMPILED[key] = importlib.util.MAGIC_NUMBER + marshal.dumps(
+            compile(source, filename, "exec", dont_inherit=True))
+    return code
+
+
 def pipe_bootstrap(modules: tuple[str, ...] = SERVE_MODULES,
                    entry: str = "_serve:serve_pipes") -> tuple[str, bytes]:
     """What starts a serve loop where anyfork isn't installed, over a pipe pair.
@@ -273,23 +294,35 @@ def pipe_bootstrap(modules: tuple[str, ...] = SERVE_MODULES,
     Returns ``(program, preamble)``: run ``[python, "-S", "-c", program]``
     (on a remote host: through ssh), write ``preamble`` on its stdin, then
     the commands, encoded with ``_protocol``.  The program is ``_stage1``: it
-    reads the serve loop's modules from the preamble, builds them in memory
+    reads the serve loop's modules from the preamble (each as source and as
+    this Python's code: see ``compiled``), builds them in memory
     and serves stdin and stdout (see ``_serve.serve_pipes``).  ``modules``
     and ``entry`` ("module:function") send other modules and start another
     loop instead (a remote host's hub).  Commands that
     carry descriptors (``send_fh``, ``fork``) are refused there.  After RUN
     the function talks to the caller over the same two pipes.
     """
+    return stage1(), preamble(modules, entry)
+
+
+def stage1() -> str:
+    """The program of ``pipe_bootstrap``."""
     with open(os.path.join(_PKG_DIR, "_stage1.py"), encoding="utf-8") as f:
-        program = f.read()
+        return f.read()
+
+
+def preamble(modules: tuple[str, ...] = SERVE_MODULES, entry: str = "_serve:serve_pipes") -> bytes:
+    """The preamble of ``pipe_bootstrap`` (the first one in a process compiles ``modules``)."""
     parts = [len(modules).to_bytes(4, "little")]
     for name in modules:
         with open(os.path.join(_PKG_DIR, name + ".py"), "rb") as f:
             source = f.read()
         encoded = name.encode()
-        parts += [len(encoded).to_bytes(4, "little"), encoded, len(source).to_bytes(8, "little"), source]
+        code = compiled(source, f"<anyfork {name}>")
+        parts += [len(encoded).to_bytes(4, "little"), encoded, len(source).to_bytes(8, "little"), source,
+                  len(code).to_bytes(8, "little"), code]
     parts += [len(entry).to_bytes(4, "little"), entry.encode()]
-    return program, b"".join(parts)
+    return b"".join(parts)
 
 
 _SIGNALS: tuple[int, ...] | None = None

@@ -16,9 +16,10 @@ find:
 - the hub answers from its cache, or asks the caller (a CONTROL message on
   the connection) and caches what comes: each module crosses once per
   connection;
-- the answer is ``OK <flags> <origin>\\0<source>`` or ``NO <why>``; flags say
-  whether the module is a package (then its submodules are asked for the
-  same way).
+- the answer is ``OK <flags> <origin>\\0<source>\\0<code>`` or ``NO <why>``;
+  flags say whether the module is a package (then its submodules are asked
+  for the same way); code is the caller's compiled code (``_exec.compiled``),
+  taken in place of the source by a Python of the caller's version.
 
 Only sources cross: a C extension, or a module the caller can't find either,
 fails with an ImportError that names the module and the host.
@@ -50,7 +51,8 @@ class Finder:
     def __init__(self, sock: socket.socket, host: str) -> None:
         self.sock = sock
         self.host = host
-        self.sources: dict[str, tuple[bool, str, str]] = {}
+        self.sources: dict[str, tuple[bool, str, str, bytes]] = {}
+        self.magic = getattr(sys.modules.get("_frozen_importlib_external"), "MAGIC_NUMBER", None)
 
     def find_spec(self, name: str, path: Sequence[str] | None = None,
                   target: ModuleType | None = None) -> ModuleSpec | None:
@@ -61,7 +63,7 @@ class Finder:
         answer = self.ask(name)
         if answer is None:
             return None
-        is_pkg, origin, _ = answer
+        is_pkg, origin, _, _ = answer
         self.sources[name] = answer
         # A loader by its two methods (exec_module, create_module), as the
         # import system uses it; typeshed asks for the old load_module too.
@@ -74,11 +76,17 @@ class Finder:
         return None
 
     def exec_module(self, module: ModuleType) -> None:
-        _, origin, source = self.sources[module.__name__]
+        _, origin, source, code = self.sources[module.__name__]
         module.__file__ = origin
-        exec(compile(source, origin, "exec"), module.__dict__)
+        magic = self.magic
+        if magic and code[: len(magic)] == magic:
+            import marshal
 
-    def ask(self, name: str) -> tuple[bool, str, str] | None:
+            exec(marshal.loads(code[len(magic):]), module.__dict__)
+        else:
+            exec(compile(source, origin, "exec"), module.__dict__)
+
+    def ask(self, name: str) -> tuple[bool, str, str, bytes] | None:
         """The caller's source for ``name``; None if the caller has none to send."""
         mine, theirs = socket.socketpair()
         try:
@@ -98,10 +106,11 @@ class Finder:
             mine.close()
         reply = b"".join(chunks)
         if reply.startswith(b"OK "):
-            head, _, source = reply[3:].partition(b"\0")
+            head, _, rest = reply[3:].partition(b"\0")
+            source, _, code = rest.partition(b"\0")  # (source has no NUL: Python refuses it)
             flags, _, origin = head.partition(b" ")
             text = source.decode("utf-8", "surrogateescape")
-            return flags == b"pkg", origin.decode("utf-8", "replace"), text
+            return flags == b"pkg", origin.decode("utf-8", "replace"), text, code
         why = reply[3:].decode("utf-8", "replace") if reply.startswith(b"NO ") else "no answer"
         if why.startswith("missing"):
             return None  # the caller has none either: the ordinary ModuleNotFoundError
@@ -143,4 +152,12 @@ def answer(name: str) -> bytes:
     if len(data) > _MAX:
         return b"NO its source is too large to send"
     flags = b"pkg" if spec.submodule_search_locations is not None else b"mod"
-    return b"OK " + flags + b" " + origin.encode("utf-8", "surrogateescape") + b"\0" + data
+    code = b""
+    if b"\0" not in data:
+        from ._exec import compiled
+
+        try:
+            code = compiled(data, origin)
+        except (SyntaxError, ValueError):
+            pass  # the far side compiles it, and says why it can't
+    return b"OK " + flags + b" " + origin.encode("utf-8", "surrogateescape") + b"\0" + data + b"\0" + code

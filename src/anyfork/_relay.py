@@ -131,6 +131,11 @@ class Relay:
         self.tie(ch, sock, what)
         return ch
 
+    def write_first(self, data: bytes) -> None:
+        """Write ``data`` on the connection ahead of the mux's frames (the
+        far side's bootstrap, which it reads before it runs a mux)."""
+        self._out.appendleft(memoryview(data).cast("B"))
+
     def drop(self, ch: int) -> None:
         """Close channel ``ch`` and its socket."""
         loc = self.locals.pop(ch, None)

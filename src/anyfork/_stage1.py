@@ -5,10 +5,13 @@ program of ``python -S -c``, and writes on that interpreter's stdin, ahead
 of the commands, the sources of the modules of the serve loop (``_protocol``
 and ``_serve``; for a remote hub, ``_mux``, ``_relay`` and ``_hub`` too)::
 
-    <count u32> then, count times: <name length u32> <name> <source length u64> <source>
+    <count u32> then, count times:
+        <name length u32> <name> <source length u64> <source> <code length u64> <code>
     then the entry point: <length u32> "module:function"
 
-(integers little endian).  It builds them as modules of an in-memory
+(integers little endian).  ``code`` is the caller's Python's magic number
+and the module's marshalled code: taken when this Python's magic number is
+the same (no compiling here), else the source is compiled.  It builds them as modules of an in-memory
 package, ``_anyfork_remote``, reading exactly their bytes from stdin and no
 more, then calls the entry point: the loop on stdin and stdout
 (``_serve.serve_pipes``), or a remote host's hub (``_hub.main``).
@@ -38,17 +41,25 @@ def _number(size: int) -> int:
 
 
 def main() -> None:
+    # (The frozen importlib is loaded in every Python 3, even under -S.)
+    magic = getattr(sys.modules.get("_frozen_importlib_external"), "MAGIC_NUMBER", None)
     package = type(sys)(PACKAGE)
     package.__path__ = []
     sys.modules[PACKAGE] = package
     for _ in range(_number(4)):
         name = _read(_number(4)).decode()
-        source = _read(_number(8)).decode()
+        source = _read(_number(8))
+        code = _read(_number(8))
         module = type(sys)(f"{PACKAGE}.{name}")
         module.__package__ = PACKAGE  # for its "from . import _protocol"
         sys.modules[module.__name__] = module
         setattr(package, name, module)
-        exec(compile(source, f"<anyfork {name}>", "exec"), module.__dict__)
+        if magic and code[: len(magic)] == magic:
+            import marshal
+
+            exec(marshal.loads(code[len(magic):]), module.__dict__)
+        else:
+            exec(compile(source.decode(), f"<anyfork {name}>", "exec"), module.__dict__)
     module_name, _, function = _read(_number(4)).decode().partition(":")
     getattr(sys.modules[f"{PACKAGE}.{module_name}"], function)()
 

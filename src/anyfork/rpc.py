@@ -98,6 +98,8 @@ def _boot(*names: str) -> str:
 
 
 _BOOT = _boot("anyfork._rpc_worker")
+#: What a worker imports of anyfork (a remote host's fetch them from the caller).
+WORKER_MODULES = ("anyfork._rpc_worker", "anyfork._rpc_wire", "anyfork._rpc_io", "anyfork._errors")
 
 _WORKER = "anyfork._rpc_worker:serve"
 _HEADER = W.HEADER.pack
