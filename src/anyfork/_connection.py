@@ -370,9 +370,21 @@ class Connection:
 
     def _reap_ssh(self, timeout: float = 5.0) -> None:
         """ssh exits once its stdin ends; one that doesn't is killed."""
+        import select
         import signal
 
         deadline = time.monotonic() + timeout
+        pidfd_open = getattr(os, "pidfd_open", None)  # (Linux 5.3+: readable once it exited)
+        if pidfd_open is not None:
+            try:
+                pidfd = pidfd_open(self.pid)
+            except OSError:
+                pass  # reaped already, or not permitted: the loop below
+            else:
+                try:
+                    select.select([pidfd], [], [], timeout)
+                finally:
+                    os.close(pidfd)
         while True:
             try:
                 pid, _ = os.waitpid(self.pid, os.WNOHANG)
