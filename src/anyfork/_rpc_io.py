@@ -5,10 +5,13 @@ and the frames that answer a call.  Standard library only."""
 from __future__ import annotations
 
 import socket
-from typing import Any
 
 from . import _rpc_wire as W
 from ._errors import ProtocolError
+
+TYPE_CHECKING = False  # (typing, the module, costs a remote worker's start: see _rpc_wire)
+if TYPE_CHECKING:
+    from typing import Any
 
 _RECV = 1 << 18
 _ANC = socket.CMSG_SPACE(W.MAX_FDS * 4)

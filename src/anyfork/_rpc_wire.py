@@ -59,9 +59,14 @@ import pickle
 import socket
 import struct
 from collections import deque
-from typing import Any, NamedTuple
 
 from ._errors import ProtocolError
+
+# typing only for the checker: importing it costs a remote worker's start
+# about 4 ms (nothing there has loaded it; see rpc.WORKER_MODULES).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 VERSION = 3  # 2: a call with keywords is a list (see _Pickle.dumps_call); 3: _Bytes's calls
 MAGIC = b"anyfork-rpc\x00"
@@ -82,11 +87,18 @@ _U32 = struct.Struct("<I")
 _VER = struct.Struct("<H")
 
 
-class Frame(NamedTuple):
-    kind: int
-    id: int
-    payload: bytes
-    fds: list[int]
+if TYPE_CHECKING:
+    from typing import NamedTuple
+
+    class Frame(NamedTuple):
+        kind: int
+        id: int
+        payload: bytes
+        fds: list[int]
+else:
+    from collections import namedtuple
+
+    Frame = namedtuple("Frame", ("kind", "id", "payload", "fds"))
 
 
 _new_frame = tuple.__new__  # a Frame without NamedTuple's __new__, a Python call per frame

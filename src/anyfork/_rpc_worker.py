@@ -21,16 +21,17 @@ before it.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
 
 from . import _rpc_wire as W
 from ._errors import ProtocolError
 from ._rpc_io import _ANC, _CTRUNC, _RECV, _RECV_FLAGS, error_frame, feed, recv, result_frame, send
 
+TYPE_CHECKING = False  # (typing, the module, costs a remote worker's start: see _rpc_wire)
 if TYPE_CHECKING:
     import socket
     from collections.abc import Callable
     from types import ModuleType
+    from typing import Any
 
 # The package's path as this module was imported with it: the boot's
 # stand-in package (see ``rpc._boot``), or the real one.
