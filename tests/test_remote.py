@@ -273,19 +273,20 @@ def test_a_connection_compiles_what_the_far_side_will_run_while_ssh_connects(
         command: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     # The far side takes the caller's compiled code (see _exec.compiled):
     # made while ssh connects, the hub's modules and, when rpc is in use, its
-    # worker's cost no wait once the far side asks.
-    from anyfork import _exec, rpc
+    # worker's (sent ahead into the hub's cache) cost no wait once the far
+    # side wants them: an rpc worker asks the caller for none of its modules.
+    from anyfork import _exec, _importer, rpc
 
     monkeypatch.setattr(_exec, "_COMPILED", {})
+    asked: list[str] = []
+    answer = _importer.answer
     proc = remote.new_exec(command)
-    try:
-        names = {filename for filename, _ in _exec._COMPILED}
-        assert {"<anyfork _serve>", "<anyfork _hub>"} <= names
-        worker_files = {str(Path(sys.modules[m].__file__ or "")) for m in rpc.WORKER_MODULES}
-        assert worker_files <= names
-    finally:
-        proc.close()
-        proc.wait(20)
+    names = {filename for filename, _ in _exec._COMPILED}
+    assert {"<anyfork _serve>", "<anyfork _hub>"} <= names
+    monkeypatch.setattr(_importer, "answer", lambda name: asked.append(name) or answer(name))
+    with rpc.run(proc, "operator:pos") as client:
+        assert client(3) == 3
+    assert not set(asked) & set(rpc.WORKER_MODULES), asked
 
 
 def test_waiting_for_a_remote_reply_never_spins(command: list[str]) -> None:

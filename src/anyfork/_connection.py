@@ -130,11 +130,13 @@ class Connection:
         # than a socket holds, and ssh reads nothing before it has connected.
         self.relay.write_first(_exec.preamble(HUB_MODULES, "_hub:main"))
         rpc = sys.modules.get("anyfork.rpc")
-        if rpc is not None:  # its workers will ask for their modules: compiled now, they cost no wait then
+        if rpc is not None:
+            # Its workers will ask for these: compiled now and sent ahead into
+            # the hub's cache (after the preamble), they cost no round trip then.
             from ._importer import answer
 
             for name in rpc.WORKER_MODULES:
-                answer(name)
+                self.relay.mux.control(b"SOURCE " + name.encode() + b"\0" + answer(name))
         self._thread = threading.Thread(target=self._run, name=f"anyfork relay {command[-2:]}", daemon=True)
         self._thread.start()
         try:
