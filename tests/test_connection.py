@@ -200,3 +200,44 @@ def test_asking_for_a_failure_record_after_the_connection_ended_returns_at_once(
     assert conn.ended is not None
     assert conn.sync_for((999_999, None, 0)) is None  # nothing to wait for
     assert conn.failure(999_999, None, 0) is None
+
+
+def test_a_connection_closes_when_its_descriptors_are_numbered_past_1024(hosts: sshd.Hosts) -> None:
+    # Broke: waiting for ssh's exit used select() on a pidfd, which raises
+    # ValueError for a descriptor of 1024 or more: close() failed half-way,
+    # leaving ssh a zombie and the connection's descriptors open.
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard limit on descriptors is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    filler: list[int] = []
+    try:
+        while (fd := os.dup(0)) < 1030:
+            filler.append(fd)
+        os.close(fd)
+        c = C.Connection(hosts.ssh("host1", sys.executable))
+        assert c.hello is not None
+        c.close()  # its pidfd is numbered past 1024
+        with pytest.raises(ChildProcessError):
+            os.waitpid(c.pid, os.WNOHANG)  # reaped
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_connection_that_fails_while_ssh_connects_leaves_nothing_behind(
+        hosts: sshd.Hosts, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The preamble is made after ssh is spawned (so that compiling it
+    # overlaps the connect): a failure there (Ctrl-C, a file that can't be
+    # read) must end ssh and close everything (check_leaks checks).
+    from anyfork import _exec
+
+    def interrupted(*args: object) -> bytes:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_exec, "preamble", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        C.Connection(hosts.ssh("host1", sys.executable))

@@ -128,15 +128,22 @@ class Connection:
         # Made while ssh connects (the first connection of a process compiles
         # the hub's modules here), and written by the relay: it is larger
         # than a socket holds, and ssh reads nothing before it has connected.
-        self.relay.write_first(_exec.preamble(HUB_MODULES, "_hub:main"))
-        rpc = sys.modules.get("anyfork.rpc")
-        if rpc is not None:
-            # Its workers will ask for these: compiled now and sent ahead into
-            # the hub's cache (after the preamble), they cost no round trip then.
-            from ._importer import answer
+        try:
+            self.relay.write_first(_exec.preamble(HUB_MODULES, "_hub:main"))
+            rpc = sys.modules.get("anyfork.rpc")
+            if rpc is not None:
+                # Its workers will ask for these: compiled now and sent ahead into
+                # the hub's cache (after the preamble), they cost no round trip then.
+                from ._importer import answer
 
-            for name in rpc.WORKER_MODULES:
-                self.relay.mux.control(b"SOURCE " + name.encode() + b"\0" + answer(name))
+                for name in rpc.WORKER_MODULES:
+                    self.relay.mux.control(b"SOURCE " + name.encode() + b"\0" + answer(name))
+        except BaseException:
+            import signal
+
+            os.kill(self.pid, signal.SIGTERM)  # (not reaped yet: still our ssh)
+            self._release()  # which reaps it, and closes all
+            raise
         self._thread = threading.Thread(target=self._run, name=f"anyfork relay {command[-2:]}", daemon=True)
         self._thread.start()
         try:
@@ -199,8 +206,10 @@ class Connection:
         import select
 
         deadline = time.monotonic() + timeout
+        p = select.poll()  # (not select(): a descriptor may be 1024 or more)
+        p.register(self._err, select.POLLIN)
         while (left := deadline - time.monotonic()) > 0:
-            if not select.select([self._err], [], [], left)[0]:
+            if not p.poll(left * 1000):
                 return
             try:
                 data = os.read(self._err, 65536)
@@ -384,7 +393,9 @@ class Connection:
                 pass  # reaped already, or not permitted: the loop below
             else:
                 try:
-                    select.select([pidfd], [], [], timeout)
+                    p = select.poll()  # (not select(): a descriptor may be 1024 or more)
+                    p.register(pidfd, select.POLLIN)
+                    p.poll(timeout * 1000)
                 finally:
                     os.close(pidfd)
         while True:

@@ -837,9 +837,11 @@ def _read_dump(fd: int, timeout: float) -> str:
 
     chunks = []
     deadline = time.monotonic() + timeout
+    p = select.poll()  # (not select(): a descriptor may be 1024 or more)
+    p.register(fd, select.POLLIN)
     while True:
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
+        if left <= 0 or not p.poll(left * 1000):
             break
         try:
             data = os.read(fd, 65536)
