@@ -318,14 +318,14 @@ def test_frozen_program_serves_through_freeze_support(
 _MARKED = "import sys\ndef main():\n    sys.stdout.write({!r})\n"
 
 
-def _stage1_runs(code: bytes) -> str:
+def _stage1_runs(code: bytes, *flags: str) -> str:
     """What ``_stage1`` runs when module ``m`` comes as ``_MARKED`` saying
     "source", with ``code`` as its compiled form; the entry is ``m:main``."""
     source = _MARKED.format("source").encode()
     preamble = b"".join([(1).to_bytes(4, "little"), (1).to_bytes(4, "little"), b"m",
                          len(source).to_bytes(8, "little"), source, len(code).to_bytes(8, "little"), code,
                          (6).to_bytes(4, "little"), b"m:main"])
-    out = subprocess.run([sys.executable, "-S", "-I", "-c", _exec.stage1()], input=preamble,
+    out = subprocess.run([sys.executable, *flags, "-S", "-I", "-c", _exec.stage1()], input=preamble,
                          capture_output=True, timeout=30, check=True)
     return out.stdout.decode()
 
@@ -338,6 +338,7 @@ def test_the_far_side_takes_the_callers_compiled_code_when_its_python_is_the_sam
     assert _stage1_runs(code) == "code"
     assert _stage1_runs(b"\0\0\0\0" + code[4:]) == "source"  # another Python's magic: the source
     assert _stage1_runs(b"") == "source"
+    assert _stage1_runs(code, "-O") == "source"  # compiled without -O: a far side with it compiles its own
     assert _exec.compiled(_MARKED.format("code").encode(), "<anyfork m>") is code  # once per process
 
 

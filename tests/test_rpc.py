@@ -249,12 +249,13 @@ class _Missing:
         return [(0, 1)] if self.has else []
 
 
-def test_waits_back_off_from_spinning_while_spins_miss() -> None:
+def test_waits_back_off_from_spinning_while_spins_miss(monkeypatch: pytest.MonkeyPatch) -> None:
     # Broke (CPU): a wait spun 100 us before every sleep even when the
     # replies never came that soon (slow handlers, remote workers), taking a
     # CPU from the workers.
     from types import SimpleNamespace
 
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     core = SimpleNamespace(spin_skip=0, spin_backoff=1)
     poller = _Missing()
     spun = []

@@ -283,7 +283,7 @@ def compiled(source: bytes, filename: str) -> bytes:
         import marshal
 
         code = _COMPILED[key] = importlib.util.MAGIC_NUMBER + marshal.dumps(
-            compile(source, filename, "exec", dont_inherit=True))
+            compile(source, filename, "exec", dont_inherit=True, optimize=0))
     return code
 
 

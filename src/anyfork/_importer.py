@@ -18,8 +18,9 @@ find:
   connection;
 - the answer is ``OK <flags> <origin>\\0<source>\\0<code>`` or ``NO <why>``;
   flags say whether the module is a package (then its submodules are asked
-  for the same way); code is the caller's compiled code (``_exec.compiled``),
-  taken in place of the source by a Python of the caller's version.
+  for the same way); code, for anyfork's own modules, is the caller's
+  compiled code (``_exec.compiled``), taken in place of the source by a
+  Python of the caller's version (empty for the user's modules).
 
 Only sources cross: a C extension, or a module the caller can't find either,
 fails with an ImportError that names the module and the host.
@@ -79,7 +80,7 @@ class Finder:
         _, origin, source, code = self.sources[module.__name__]
         module.__file__ = origin
         magic = self.magic
-        if magic and code[: len(magic)] == magic:
+        if magic and code[: len(magic)] == magic and not sys.flags.optimize:  # (compiled at level 0)
             import marshal
 
             exec(marshal.loads(code[len(magic):]), module.__dict__)
@@ -107,7 +108,7 @@ class Finder:
         reply = b"".join(chunks)
         if reply.startswith(b"OK "):
             head, _, rest = reply[3:].partition(b"\0")
-            source, _, code = rest.partition(b"\0")  # (source has no NUL: Python refuses it)
+            source, _, code = rest.partition(b"\0")  # (answer sends no source with a NUL)
             flags, _, origin = head.partition(b" ")
             text = source.decode("utf-8", "surrogateescape")
             return flags == b"pkg", origin.decode("utf-8", "replace"), text, code
@@ -149,15 +150,24 @@ def answer(name: str) -> bytes:
     except (ImportError, OSError, SyntaxError, UnicodeDecodeError) as e:
         return f"NO the caller can't read its source: {e}".encode()
     data = source.encode("utf-8", "surrogateescape")
-    if len(data) > _MAX:
+    if b"\0" in data:
+        return b"NO its source contains a NUL byte, which Python refuses"
+    head = b"OK " + (b"pkg" if spec.submodule_search_locations is not None else b"mod") + b" " + \
+        origin.encode("utf-8", "surrogateescape") + b"\0"
+    if len(head) + len(data) + 1 > _MAX:
         return b"NO its source is too large to send"
-    flags = b"pkg" if spec.submodule_search_locations is not None else b"mod"
     code = b""
-    if b"\0" not in data:
+    if name.partition(".")[0] == "anyfork":
+        # anyfork's own modules (an rpc or pool worker's) go compiled too,
+        # made once per process.  Not the user's: compiling them here would
+        # hold up this connection's relay (this runs in it), and the far side
+        # compiles them as well as this side would.
         from ._exec import compiled
 
         try:
             code = compiled(data, origin)
-        except (SyntaxError, ValueError):
-            pass  # the far side compiles it, and says why it can't
-    return b"OK " + flags + b" " + origin.encode("utf-8", "surrogateescape") + b"\0" + data + b"\0" + code
+        except Exception:  # (SyntaxError, RecursionError, MemoryError...: the far side says why)
+            code = b""
+        if len(head) + len(data) + 1 + len(code) > _MAX:
+            code = b""
+    return head + data + b"\0" + code

@@ -467,8 +467,11 @@ class _Bytes(_Codec):
     def dumps_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[int]]:
         if kwargs:
             raise TypeError("the bytes serializer takes positional arguments only")
-        if len(args) == 1 and isinstance(args[0], (bytes, bytearray, memoryview)):
-            return b"B" + args[0], []
+        if len(args) == 1:
+            try:
+                return b"B" + args[0], []  # (any C-contiguous buffer, as quick_one takes it)
+            except TypeError:
+                pass  # not a buffer, or a memoryview with gaps: the list form says which
         parts = [b"L"]
         for a in args:
             p, _ = self.dumps(a)

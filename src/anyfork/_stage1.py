@@ -11,7 +11,8 @@ and ``_serve``; for a remote hub, ``_mux``, ``_relay`` and ``_hub`` too)::
 
 (integers little endian).  ``code`` is the caller's Python's magic number
 and the module's marshalled code: taken when this Python's magic number is
-the same (no compiling here), else the source is compiled.  It builds them as modules of an in-memory
+the same and it runs without -O (no compiling here), else the source is
+compiled.  It builds them as modules of an in-memory
 package, ``_anyfork_remote``, reading exactly their bytes from stdin and no
 more, then calls the entry point: the loop on stdin and stdout
 (``_serve.serve_pipes``), or a remote host's hub (``_hub.main``).
@@ -54,7 +55,7 @@ def main() -> None:
         module.__package__ = PACKAGE  # for its "from . import _protocol"
         sys.modules[module.__name__] = module
         setattr(package, name, module)
-        if magic and code[: len(magic)] == magic:
+        if magic and code[: len(magic)] == magic and not sys.flags.optimize:  # (compiled at level 0)
             import marshal
 
             exec(marshal.loads(code[len(magic):]), module.__dict__)
