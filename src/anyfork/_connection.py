@@ -105,6 +105,7 @@ class Connection:
         # of _backend wait on it (see remote._Hub).
         self.notifier = Notifier()
         self.ended: str | None = None
+        self._ssh_reaped = False  # (then its pid may be another process's: never waited on again)
         self._stderr = bytearray()
         mine, theirs = socket.socketpair()
         err_r, err_w = os.pipe()
@@ -225,6 +226,8 @@ class Connection:
             pid, _ = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
             return False
+        if pid:
+            self._ssh_reaped = True
         return pid == 0
 
     @staticmethod
@@ -384,6 +387,8 @@ class Connection:
         import select
         import signal
 
+        if self._ssh_reaped:
+            return
         deadline = time.monotonic() + timeout
         pidfd_open = getattr(os, "pidfd_open", None)  # (Linux 5.3+: readable once it exited)
         if pidfd_open is not None:
