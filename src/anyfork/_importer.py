@@ -22,8 +22,9 @@ find:
   compiled code (``_exec.compiled``), taken in place of the source by a
   Python of the caller's version (empty for the user's modules).
 
-Only sources cross: a C extension, or a module the caller can't find either,
-fails with an ImportError that names the module and the host.
+Only Python crosses (source, and for anyfork's own modules code compiled
+from it): a C extension, or a module the caller can't find either, fails
+with an ImportError that names the module and the host.
 
 The caller's side (what to answer for a name) is :func:`answer`.  This
 module imports the standard library only: it is sent as source.
