@@ -39,7 +39,7 @@ class End:
         return mine
 
     def _run(self) -> None:
-        R.run(self.relay, self.wake_r, lambda: self.stop)
+        R.run(self.relay, self.wake_r, lambda: self.stop, lock=self.lock)
 
     def open(self, what: str) -> socket.socket:
         """A channel to the peer; the user's end of it."""
@@ -321,3 +321,58 @@ def test_a_channel_closed_with_unread_bytes_reads_as_eof_and_frees_their_descrip
     finally:
         for s in (conn_a, conn_b, user, kept):
             s.close()
+
+
+# --- an owner that sends on a channel itself (Relay.send_direct) ----------------------------------
+
+
+def _channel(end: End) -> int:
+    (ch,) = end.relay.locals
+    return ch
+
+
+@pytest.mark.parametrize("role", ["serve", "raw"])
+def test_a_direct_send_goes_after_what_the_socket_holds(ends: tuple[End, End], role: str) -> None:
+    caller, remote = ends
+    with caller.open(role) as user:
+        peer = _peer_socket(remote)
+        ch = _channel(caller)
+        run = _frame_bytes(P.run_frame("m:f")) if role == "serve" else b""
+        with caller.lock:  # (the relay thread can't read the socket before send_direct does)
+            user.sendall(run + b"socket ")
+            assert caller.relay.send_direct(ch, b"direct")
+        assert _recv_exactly(peer, len(run) + 13) == run + b"socket direct"
+
+
+def test_a_channel_that_still_carries_frames_is_not_sent_on_directly(ends: tuple[End, End]) -> None:
+    caller, remote = ends
+    with caller.open("serve") as user:
+        peer = _peer_socket(remote)
+        ch = _channel(caller)
+        arg = _frame_bytes(P.items_frame(P.ARG, [b"x"]))
+        with caller.lock:
+            user.sendall(arg)
+            # Not past RUN: what follows is frames the relay must follow, so
+            # it goes through the socket.
+            assert not caller.relay.send_direct(ch, b"more")
+        assert _recv_exactly(peer, len(arg)) == arg
+
+
+def test_a_full_window_sends_through_the_socket_instead(ends: tuple[End, End]) -> None:
+    caller, remote = ends
+    with caller.open("raw") as user:
+        _peer_socket(remote)  # opened, and never read: the window fills
+        ch = _channel(caller)
+        chunk = b"w" * 65536
+        sent = 0
+        with caller.lock:
+            while caller.relay.send_direct(ch, chunk):
+                sent += len(chunk)
+                assert sent < 100 * M.WINDOW, "send_direct never stopped"
+        # Direct until the window is used up (the relay thread, kept out by
+        # the lock, reads no credit meanwhile), and what the mux holds for
+        # the peer beyond it stays within one window.
+        assert sent >= M.WINDOW
+        assert caller.relay.mux.pending(ch) <= M.WINDOW
+        user.setblocking(False)
+        assert user.send(b"x") == 1  # the socket takes what can't go directly

@@ -303,6 +303,73 @@ def test_waiting_for_a_remote_reply_never_spins(command: list[str]) -> None:
         assert local._core.spin_skip < rpc._NEVER // 2
 
 
+def _spy_direct(client: Any) -> list[tuple[int, bool]]:
+    """Record each direct send of ``client``'s writes: (thread, whether it went directly)."""
+    import threading
+
+    from anyfork import _connection as C
+
+    writer = client._core.wsock
+    assert isinstance(writer, C.Writer), "a remote rpc client writes through its connection's Writer"
+    relay = writer._conn.relay
+    real = relay.send_direct
+    seen: list[tuple[int, bool]] = []
+
+    def spy(ch: int, data: bytes) -> bool:
+        ok = real(ch, data)
+        seen.append((threading.get_ident(), ok))
+        return ok
+
+    relay.send_direct = spy  # type: ignore[method-assign]
+    return seen
+
+
+def test_remote_rpc_calls_go_onto_the_connection_from_the_calling_thread(command: list[str]) -> None:
+    # Speed: through the relay thread, each call cost it a wake-up and three
+    # system calls more, and the GIL in between.
+    import threading
+
+    from anyfork import rpc
+
+    with rpc.run(remote.new_exec(command), "operator:pos") as client:
+        seen = _spy_direct(client)
+        assert [client(i) for i in range(5)] == list(range(5))
+        assert [f.result(20) for f in [client.submit(i) for i in range(50)]] == list(range(50))
+    assert (threading.get_ident(), True) in seen
+
+
+def test_remote_rpc_calls_go_onto_the_connection_directly_under_asyncio(command: list[str]) -> None:
+    import asyncio
+    import threading
+
+    from anyfork import rpc
+
+    async def main() -> list[tuple[int, bool]]:
+        proc = remote.new_exec(command)
+        async with await rpc.run_async(proc, "operator:pos") as client:
+            seen = _spy_direct(client)
+            assert await asyncio.gather(*(client(i) for i in range(20))) == list(range(20))
+        return seen
+
+    assert (threading.get_ident(), True) in asyncio.run(main())
+
+
+def test_remote_calls_too_large_to_go_directly_keep_their_order_with_those_that_do(
+        command: list[str]) -> None:
+    # A call larger than the channel's window goes through the local socket
+    # and the relay thread; the small ones around it go directly.  Both
+    # reach the worker whole and in order (anything else breaks its frames).
+    from anyfork import _mux as M
+    from anyfork import rpc
+
+    sizes = [3, M.WINDOW + 1000, 5, 1, 4 * M.WINDOW, 7] * 3
+    with rpc.run(remote.new_exec(command), "builtins:len", max_in_flight=8) as client:
+        seen = _spy_direct(client)
+        assert [f.result(60) for f in [client.submit(b"x" * n) for n in sizes]] == sizes
+        assert [client(b"y" * n) for n in sizes] == sizes
+    assert any(ok for _, ok in seen)
+
+
 def test_a_stuck_remote_pool_call_is_stopped_through_its_hub(command: list[str],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from anyfork import pool

@@ -272,6 +272,42 @@ def test_a_codec_whose_methods_are_overridden_has_no_quick_paths() -> None:
     assert W.serializer("json").quick_args is None
 
 
+def test_a_remote_hosts_quick_loads_takes_the_restricted_unpickler_for_any_global() -> None:
+    # The remote pickle codec's quick path (plain pickle.loads for a pickle
+    # that names no global) must see every opcode that names one.
+    import os
+    import pickletools
+
+    from anyfork import _results
+
+    naming = {"GLOBAL", "INST", "STACK_GLOBAL", "EXT1", "EXT2", "EXT4"}
+    codes = {op.code.encode("latin-1") for op in pickletools.opcodes if op.name in naming}
+    assert len(codes) == len(naming)
+    assert all(_results._NAMING.fullmatch(c) for c in codes)
+    # Only those: a byte of another opcode is not taken for one.
+    others = {op.code.encode("latin-1") for op in pickletools.opcodes if op.name not in naming}
+    assert not any(_results._NAMING.fullmatch(c) for c in others)
+
+    codec = _results.Pickle(_results.Host("far"))
+    for proto in range(pickle.HIGHEST_PROTOCOL + 1):  # GLOBAL/INST at 0-3, STACK_GLOBAL from 4
+        for value in (os.system, [os.system], {"k": os.system}):
+            with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system"):
+                codec.quick_loads(pickle.dumps(value, proto))
+        plain: list[object] = [0, 1.5, None, True, "ci\x93", (1, 2), {"a": [3]}]
+        if proto >= 4:  # (before, sets and bytes pickle as calls of globals)
+            plain += [{4}, b"\x82\x83", bytearray(b"x")]
+        assert codec.quick_loads(pickle.dumps(plain, proto)) == plain
+    copyreg = __import__("copyreg")
+    copyreg.add_extension("os", "system", 0x7F00)  # EXT2
+    try:
+        with pytest.raises(pickle.UnpicklingError, match="system"):
+            codec.quick_loads(pickle.dumps(os.system, 2))
+    finally:
+        copyreg.remove_extension("os", "system", 0x7F00)
+    trusting = _results.Pickle(_results.Host("far", allow=["*"]))
+    assert trusting.quick_loads(pickle.dumps(os.system)) is os.system
+
+
 def test_pickle_carries_sockets_as_descriptors_and_the_receiver_owns_them() -> None:
     codec = W.serializer("pickle")
     a, b = socket.socketpair()

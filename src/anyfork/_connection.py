@@ -125,6 +125,7 @@ class Connection:
         self._err = err_r
         self._sock = mine
         self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)  # (see _wake)
         self.relay = R.Relay(M.Mux(caller=True), mine.fileno(), mine.fileno(), self._refuse, self._control)
         # Made while ssh connects (the first connection of a process compiles
         # the hub's modules here), and written by the relay: it is larger
@@ -318,8 +319,24 @@ class Connection:
                 raise Error(f"{self._who()}: {self.ended or 'the connection ended'}")
             ch = self.relay.open("serve", theirs)
             r = self.remotes[ch] = Remote(ch)
-        os.write(self._wake_w, b"x")
+            self._wake()
         return r, mine
+
+    def _wake(self) -> None:
+        """(under the lock) Wake the relay thread to look again.  Under the
+        lock, so never after ``_release`` closed the pipe (its number may be
+        another descriptor's by then); the pipe never blocks, and a full one
+        wakes the relay as well."""
+        if not self._released:
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
+
+    def writer(self, r: Remote, sock: socket.socket) -> Writer:
+        """What to write to the process ``serve`` gave ``r`` and ``sock`` for,
+        in place of ``sock``: see ``Writer``."""
+        return Writer(self, r.channel, sock)
 
     def kill(self, r: Remote, sig: int) -> None:
         """Signal a process the hub runs (its parent, so never a recycled pid)."""
@@ -327,7 +344,7 @@ class Connection:
             if r.returncode is not None or r.failed is not None or not self.relay.connected:
                 return
             self.relay.mux.control(f"KILL {r.channel} {int(sig)}".encode())
-        os.write(self._wake_w, b"x")
+            self._wake()
 
     def wait(self, r: Remote, timeout: float | None, what: str = "pid") -> None:
         """Until the hub reported ``what`` ("pid" or "exit") for ``r``, or it can't."""
@@ -363,10 +380,7 @@ class Connection:
             self._syncs += 1
             n = self._syncs
             self.relay.mux.control(f"SYNC {n}".encode())
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass  # released meanwhile: ended, and settled says so
+            self._wake()
         return n
 
     def settled(self, key: tuple[int, int | None, int], n: int) -> bool:
@@ -424,14 +438,11 @@ class Connection:
                 self.ended = "the connection was closed"
             if self._released:
                 return
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass  # released meanwhile, by the relay thread
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._wake()
         if threading.current_thread() is not self._thread:
             self._thread.join(10)
         self._release()
@@ -451,3 +462,41 @@ class Connection:
         for fd in (self._err, self._wake_r, self._wake_w):
             os.close(fd)
         self._sock.close()
+
+
+class Writer:
+    """Writes to one remote process from the calling thread: into the mux
+    and onto ssh's socket, not through the relay thread.  A socket's
+    ``send`` and ``sendmsg``, for rpc's caller side (``_rpc_io.send``).
+
+    Through the local socket, a write costs the relay thread a wake-up and
+    three system calls more, and the GIL in between: on a round trip, a
+    good part of what the caller spends.  What can't go directly (a
+    descriptor, a write larger than the channel's window, a channel whose
+    window is full or that still carries anyfork's frames) goes to the
+    local socket, and the relay carries it as before; ``Relay.send_direct``
+    keeps the two in order.
+    """
+
+    __slots__ = ("_ch", "_conn", "_sock")
+
+    def __init__(self, conn: Connection, ch: int, sock: socket.socket) -> None:
+        self._conn = conn
+        self._ch = ch
+        self._sock = sock
+
+    def send(self, data: bytes | memoryview, flags: int = 0) -> int:
+        conn = self._conn
+        with conn._lock:
+            relay = conn.relay
+            sent = relay.send_direct(self._ch, data)  # (False: it marked the socket as written to)
+            if relay.stalled():
+                conn._wake()
+        return len(data) if sent else self._sock.send(data, flags)
+
+    def sendmsg(self, bufs: list[bytes | memoryview], anc: object = (), flags: int = 0) -> int:
+        if not anc and sum(len(b) for b in bufs) <= M.WINDOW:
+            return self.send(b"".join(bufs), flags)
+        with self._conn._lock:
+            self._conn.relay.sent_around(self._ch)
+        return self._sock.sendmsg(bufs, anc, flags)  # type: ignore[arg-type]

@@ -216,7 +216,7 @@ class Mux:
 
     # --- receiving -----------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | memoryview) -> None:
         """Bytes read from the connection; b"" at its end."""
         if self._dead:
             raise MuxError("connection already failed")

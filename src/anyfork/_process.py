@@ -962,6 +962,11 @@ def remote_process(sock: socket.socket, parent: Parent, record: Any, host: Host)
     return Process(_TOKEN, CommandChannel(sock), parent, record, host)
 
 
+def parent_of(proc: Process) -> tuple[Parent, Any]:
+    """``proc``'s parent (what reaps it) and its record there."""
+    return proc._parent, proc._child
+
+
 def host_of(proc: Process) -> Host | None:
     """The remote host ``proc`` runs on (its forks too), or None for this one."""
     return proc._host

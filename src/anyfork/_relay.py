@@ -38,6 +38,14 @@ being read here (``pending``), and credit is granted back only as bytes are
 written to the local socket.  The connection's own stream is read whenever
 it has data: the mux bounds what each channel may have in flight.
 
+An owner may also send on a channel itself, from its own thread, in
+place of writing to the channel's local socket (``send_direct``: the
+caller's rpc clients do, see ``_connection.Writer``).  That keeps the
+stream's order by reading what the socket still holds first, and takes
+only what the loop itself would have sent: bytes on a stream that is the
+user's, within the channel's window.  Anything else is refused, and the
+owner writes it to the socket as before.
+
 This module imports the standard library and ``_mux`` only: it is sent, as
 source, to the remote interpreter.
 """
@@ -66,7 +74,7 @@ _POLLIN, _POLLOUT = select.POLLIN, select.POLLOUT
 class _Local:
     """The local socket of one channel, and what is waiting to be written to it."""
 
-    __slots__ = ("eof_in", "eof_out", "header", "out", "raw", "skip", "sock", "unattached")
+    __slots__ = ("behind", "eof_in", "eof_out", "header", "out", "raw", "skip", "sock", "unattached")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -80,6 +88,7 @@ class _Local:
         self.out: deque[bytes | memoryview | socket.socket] = deque()
         self.eof_in = False  # the socket said EOF: nothing more to read
         self.eof_out = False  # the peer sent EOF: shut the socket down once out is written
+        self.behind = True  # the socket may hold bytes not read yet (see Relay.send_direct)
 
 
 class Relay:
@@ -104,6 +113,8 @@ class Relay:
         self.on_control = on_control
         self.locals: dict[int, _Local] = {}
         self._out: deque[memoryview] = deque()  # the connection's bytes to write
+        self._rbuf = bytearray(_READ * 4)  # (see _read_connection)
+        self._rview = memoryview(self._rbuf)
         self.connected = True
         os.set_blocking(rfd, False)
         os.set_blocking(wfd, False)
@@ -187,6 +198,47 @@ class Relay:
                     self._write_local(ch, loc)
                 break
 
+    def send_direct(self, ch: int, data: bytes | memoryview) -> bool:
+        """Send ``data`` on channel ``ch`` as if it had been read from its
+        local socket, from the owner's thread: True if it went into the mux
+        (and onto the connection, as much as it takes now: see ``stalled``).
+        False if it can't go so, and the owner writes it to the socket
+        instead: the channel still carries anyfork's frames, its window is
+        full, or what was written to the socket before is not all read yet
+        (which is read now, to keep the order, if the window lets it)."""
+        loc = self.locals.get(ch)
+        if loc is None or not self.connected or loc.eof_in:
+            return False
+        if len(data) > M.WINDOW:
+            loc.behind = True
+            return False
+        if loc.behind:
+            drained = self.drain_local(ch)
+            self.flush()  # (what it read: the loop, waiting on the socket, would not see it)
+            if not drained:
+                return False
+            loc.behind = False
+        if not loc.raw or self.mux.pending(ch) + len(data) > M.WINDOW:
+            loc.behind = True
+            return False
+        # (The mux keeps what it is given until it is written: a view of a
+        # buffer that may change is copied.)
+        self.mux.send(ch, data if isinstance(data, bytes) else bytes(data))
+        self.flush()
+        return True
+
+    def sent_around(self, ch: int) -> None:
+        """The owner writes to ``ch``'s local socket (what ``send_direct``
+        can't take): the next ``send_direct`` reads that first."""
+        loc = self.locals.get(ch)
+        if loc is not None:
+            loc.behind = True
+
+    def stalled(self) -> bool:
+        """Whether bytes wait for the connection to take them (the loop then
+        waits for it to be writable: an owner that sent directly wakes it)."""
+        return bool(self._out) and self.connected
+
     def flush(self) -> None:
         """Write what the connection can take now (without waiting)."""
         self._take_output()
@@ -200,12 +252,16 @@ class Relay:
             self._out.append(memoryview(part).cast("B"))
 
     def _read_connection(self) -> None:
+        # Into a buffer kept for it: a fresh 256 KiB for each read (os.read)
+        # is an mmap, an mremap and a munmap, on every read, once glibc's
+        # malloc hands out blocks that size by mmap (as a fresh process does).
         try:
-            data = os.read(self.rfd, _READ * 4)
+            n = os.readv(self.rfd, [self._rbuf])
         except BlockingIOError:
             return
         except OSError:
-            data = b""
+            n = 0
+        data = self._rview[:n]
         try:
             self.mux.receive_data(data)
         except M.MuxError as e:
@@ -291,14 +347,29 @@ class Relay:
 
     # --- local sockets -----------------------------------------------------------------
 
-    def _read_local(self, ch: int, loc: _Local) -> None:
+    def drain_local(self, ch: int) -> bool:
+        """Read channel ``ch``'s local socket now, as the loop would, until
+        it would block (True: everything written to it has gone into the
+        mux), or until the channel's window stops the reading or the
+        channel ends (False).  For an owner that sends on ``ch`` itself
+        and must not overtake what was written to the socket before."""
+        loc = self.locals.get(ch)
+        while loc is not None and self.locals.get(ch) is loc and not loc.eof_in and self.connected:
+            if self.mux.pending(ch) >= M.WINDOW:
+                return False
+            if not self._read_local(ch, loc):
+                return True
+        return False
+
+    def _read_local(self, ch: int, loc: _Local) -> bool:
+        """One read of ``loc``'s socket; False if there was nothing to read."""
         try:
             data, anc, flags, _ = loc.sock.recvmsg(_READ, _ANC, _RECV_FLAGS)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             self.drop(ch)
-            return
+            return True
         fds = _fds_in(anc)
         carried = []
         refused = bool(flags & getattr(socket, "MSG_CTRUNC", 8))
@@ -318,14 +389,14 @@ class Relay:
             for s in carried:
                 s.close()
             self.drop(ch)  # it can't arrive whole: break it rather than corrupt it
-            return
+            return True
         loc.unattached.extend(carried)
         if data:
             try:
                 pieces = _frames(loc, data)
             except ValueError:
                 self.drop(ch)  # a frame counts descriptors that never came
-                return
+                return True
             for piece in pieces:
                 if isinstance(piece, list):
                     for role in piece:
@@ -336,6 +407,7 @@ class Relay:
             loc.eof_in = True
             self.mux.eof(ch)
             self._maybe_done(ch, loc)
+        return True
 
     def _write_local(self, ch: int, loc: _Local) -> None:
         sent = 0

@@ -35,6 +35,7 @@ from ._backend import Op, Wait, deadline_after, run_blocking, time_left
 from ._errors import Error, ProcessExitedError, TemplateDiedError
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Iterable, Sequence
 
     from ._process import Process
@@ -138,6 +139,19 @@ def new_exec(command: Sequence[str], *, timeout: float = 60.0, allow: Iterable[s
 
 
 _connections: dict[int, C.Connection] = {}
+
+
+def writer(proc: Process, sock: socket.socket) -> C.Writer | socket.socket:
+    """What to write ``proc``'s command socket ``sock`` with once it runs:
+    for a process the hub started (``new_exec``), the connection's writer,
+    which skips the relay thread; for one a remote template forked (whose
+    channel the relay opened for a descriptor), ``sock`` itself."""
+    from ._process import parent_of
+
+    parent, child = parent_of(proc)
+    if isinstance(parent, _Hub) and isinstance(child, C.Remote):
+        return parent.conn.writer(child, sock)
+    return sock
 
 
 def _end(key: int) -> None:

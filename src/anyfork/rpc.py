@@ -271,6 +271,18 @@ def _spins(proc: Process) -> bool:
     return host_of(proc) is None
 
 
+def _writer(proc: Process, sock: socket.socket) -> Any:
+    """What ``proc``'s calls are written with: ``sock``, or for a process a
+    remote host's hub runs, the connection's writer (see _connection.Writer)."""
+    from ._process import host_of
+
+    if host_of(proc) is None:
+        return sock
+    from .remote import writer
+
+    return writer(proc, sock)
+
+
 class _Call:
     """A call in flight: made in ``_Core._begin``, without an ``__init__``
     (a Python frame per call), every field set there."""
@@ -297,6 +309,9 @@ class _Core:
         self.pid = proc.pid
         self.sock: socket.socket | None = sock
         self.fd = sock.fileno()
+        # What calls are written with: the socket, or for a process on a
+        # remote host, straight into the connection (see _connection.Writer).
+        self.wsock: Any = _writer(proc, sock)
         self.codec = codec
         self.max = max_in_flight
         self.on_event = on_event
@@ -335,7 +350,7 @@ class _Core:
         if not self.outbox.size and not fds and self.sock is not None:
             # The common case, without the outbox's bookkeeping.
             try:
-                n = self.sock.send(data)
+                n = self.wsock.send(data)
             except BlockingIOError:
                 n = 0
             except OSError:
@@ -351,7 +366,7 @@ class _Core:
         return self.added
 
     def _flush(self) -> None:
-        sock = self.sock
+        sock = self.wsock if self.sock is not None else None
         try:
             while self.outbox.size and sock is not None:
                 before = self.outbox.size
