@@ -376,3 +376,25 @@ def test_a_full_window_sends_through_the_socket_instead(ends: tuple[End, End]) -
         assert caller.relay.mux.pending(ch) <= M.WINDOW
         user.setblocking(False)
         assert user.send(b"x") == 1  # the socket takes what can't go directly
+
+
+def test_the_kept_poller_waits_on_exactly_what_it_is_given_each_time() -> None:
+    # Kept from one wait to the next (R.Poller): a descriptor left out of
+    # the list must not be reported from an earlier registration, and a
+    # changed interest must be the one waited on.
+    import select
+
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    try:
+        p = R.Poller()
+        os.write(w1, b"x")
+        os.write(w2, b"x")
+        assert sorted(fd for fd, _ in p.poll([(r1, select.POLLIN), (r2, select.POLLIN)], 0)) == sorted([r1, r2])
+        assert [fd for fd, _ in p.poll([(r2, select.POLLIN)], 0)] == [r2]  # r1 is no longer asked about
+        assert p.poll([(w2, select.POLLIN)], 0) == []  # (a pipe's write end is never readable)
+        assert p.poll([(w2, select.POLLIN), (w2, select.POLLOUT)], 0) == [(w2, select.POLLOUT)]
+        assert p.poll([], 0) == []
+    finally:
+        for fd in (r1, w1, r2, w2):
+            os.close(fd)

@@ -236,6 +236,7 @@ class Hub:
         import select
 
         relay = self.relay
+        poller = R.Poller()
         self.hello()
         while relay.connected:
             fds = relay.interest()
@@ -243,10 +244,7 @@ class Hub:
             fds.append((self.imports.fileno(), select.POLLIN))
             fds.append((self.failures.fileno(), select.POLLIN))
             fds.extend((s.fileno(), select.POLLOUT) for s, _ in self.answering)
-            p = select.poll()
-            for fd, events in fds:
-                p.register(fd, events)
-            for fd, events in p.poll():
+            for fd, events in poller.poll(fds):
                 if fd == self.wake_r:
                     self.reap()
                 elif fd == self.imports.fileno():

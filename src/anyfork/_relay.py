@@ -66,8 +66,11 @@ if TYPE_CHECKING:
 
 _READ = 1 << 16
 _ANC = socket.CMSG_SPACE(64 * 4)
-_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
-_SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+# (Plain ints: arithmetic on the socket module's IntFlag constants costs a
+# Python call each time.)
+_RECV_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_SEND_FLAGS = int(getattr(socket, "MSG_NOSIGNAL", 0))
+_CTRUNC = int(getattr(socket, "MSG_CTRUNC", 8))
 _POLLIN, _POLLOUT = select.POLLIN, select.POLLOUT
 
 
@@ -372,7 +375,7 @@ class Relay:
             return True
         fds = _fds_in(anc)
         carried = []
-        refused = bool(flags & getattr(socket, "MSG_CTRUNC", 8))
+        refused = bool(flags & _CTRUNC)
         for fd in fds:
             try:
                 s = socket.socket(fileno=fd)
@@ -565,6 +568,36 @@ def _pack_fd(fd: int) -> bytes:
 _LITTLE = __import__("sys").byteorder == "little"
 
 
+class Poller:
+    """A ``select.poll`` kept from one wait to the next, registered anew
+    only where what to wait on changed (a fresh one per wait is a register
+    call per descriptor, every time).  ``poll`` keeps descriptor numbers,
+    not kernel state, so a closed descriptor's number needs nothing more
+    than leaving the list."""
+
+    def __init__(self) -> None:
+        self._poll = select.poll()
+        self._registered: dict[int, int] = {}
+
+    def poll(self, fds: list[tuple[int, int]], timeout: float | None = None) -> list[tuple[int, int]]:
+        """Wait on ``fds`` ((descriptor, events) pairs; a descriptor may
+        come more than once): what is ready."""
+        want: dict[int, int] = {}
+        for fd, events in fds:
+            want[fd] = want.get(fd, 0) | events
+        had = self._registered
+        if want != had:
+            p = self._poll
+            for fd in had:
+                if fd not in want:
+                    p.unregister(fd)
+            for fd, events in want.items():
+                if had.get(fd) != events:
+                    p.register(fd, events)  # (or modify: the same for an fd registered)
+            self._registered = want
+        return self._poll.poll(timeout)
+
+
 def run(relay: Relay, wake_fd: int = -1, until: Callable[[], bool] | None = None,
         lock: AbstractContextManager[object] | None = None,
         others: dict[int, Callable[[], None]] | None = None) -> None:
@@ -579,7 +612,7 @@ def run(relay: Relay, wake_fd: int = -1, until: Callable[[], bool] | None = None
         others: more descriptors to wait on, each with what to call when
             it is readable (the caller's side reads ssh's stderr so).
     """
-    poller = select.poll
+    poller = Poller()
     held = lock if lock is not None else _NO_LOCK
     others = others or {}
     while relay.connected or relay.locals:
@@ -592,10 +625,7 @@ def run(relay: Relay, wake_fd: int = -1, until: Callable[[], bool] | None = None
         fds.extend((fd, _POLLIN) for fd in others)
         if not fds:
             return
-        p = poller()
-        for fd, events in fds:
-            p.register(fd, events)
-        ready = p.poll()
+        ready = poller.poll(fds)
         with held:
             for fd, events in ready:
                 if fd == wake_fd:
