@@ -354,6 +354,68 @@ def test_remote_rpc_calls_go_onto_the_connection_directly_under_asyncio(command:
     assert (threading.get_ident(), True) in asyncio.run(main())
 
 
+def test_a_remote_reply_is_read_off_the_connection_by_the_caller_waiting_for_it(command: list[str]) -> None:
+    # Speed: through the relay thread, each reply cost it a wake-up, a
+    # write to the local socket and a hand-over of the GIL.
+    import threading
+
+    from anyfork import rpc
+
+    with rpc.run(remote.new_exec(command), "operator:pos") as client:
+        relay = client._core.wsock._conn.relay
+        real = relay.ready
+        readers: set[int] = set()
+
+        def spy(fd: int, events: int) -> None:
+            if fd == relay.rfd:
+                readers.add(threading.get_ident())
+            real(fd, events)
+
+        relay.ready = spy
+        assert [client(i) for i in range(20)] == list(range(20))
+    assert threading.get_ident() in readers
+
+
+@pytest.mark.parametrize("how", ["the worker exits", "ssh is killed"])
+def test_a_caller_reading_the_connection_for_its_reply_sees_the_end_and_never_hangs(
+        command: list[str], how: str) -> None:
+    # The waiting caller has the connection lent (Writer.wait): the end of
+    # the worker, or of the whole connection, must still reach it (a hang
+    # is the suite's timeout; the handler sleeps far longer than that).
+    import threading
+    import time
+
+    from anyfork import rpc
+
+    proc = remote.new_exec(command).eval("import os, time\ndef stop(how):\n"
+                                         "    if how == 'exit':\n        os._exit(3)\n"
+                                         "    time.sleep(600)\n")
+    client = rpc.run(proc, "stop")
+    conn = client._core.wsock._conn
+    lent: list[bool] = []
+    if how == "ssh is killed":
+        def later() -> None:
+            deadline = time.monotonic() + 10
+            while not conn._lent and time.monotonic() < deadline:
+                time.sleep(0.01)
+            lent.append(conn._lent)
+            os.kill(conn.pid, signal.SIGKILL)
+
+        threading.Thread(target=later, daemon=True).start()
+    with pytest.raises(anyfork.WorkerDiedError):
+        client("exit" if how == "the worker exits" else "sleep")
+    assert lent == ([True] if how == "ssh is killed" else [])  # it was the caller's to read when ssh went
+    with pytest.raises(anyfork.WorkerDiedError):
+        client("exit")  # later calls fail at once
+    assert not conn._lent
+    client.close()
+    if how == "the worker exits":
+        assert client.wait(10) == 3
+    else:
+        with pytest.raises(anyfork.Error, match="connection"):
+            client.wait(10)
+
+
 def test_remote_calls_too_large_to_go_directly_keep_their_order_with_those_that_do(
         command: list[str]) -> None:
     # A call larger than the channel's window goes through the local socket

@@ -34,7 +34,7 @@ import socket
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import _exec, _failures
 from . import _mux as M
@@ -106,6 +106,7 @@ class Connection:
         self.notifier = Notifier()
         self.ended: str | None = None
         self._ssh_reaped = False  # (then its pid may be another process's: never waited on again)
+        self._lent = False  # a Writer's caller reads the connection in the relay thread's place
         self._stderr = bytearray()
         mine, theirs = socket.socketpair()
         err_r, err_w = os.pipe()
@@ -165,7 +166,7 @@ class Connection:
     def _run(self) -> None:
         try:
             R.run(self.relay, self._wake_r, self._finished, lock=self._lock,
-                  others={self._err: self._read_stderr})
+                  others={self._err: self._read_stderr}, lent=self._is_lent)
         finally:
             self._drain_stderr()
             with self._changed:
@@ -178,6 +179,9 @@ class Connection:
             self.notifier.notify()
             if self._finished_unlocked():
                 self._release()  # used up: nobody need close it
+
+    def _is_lent(self) -> bool:
+        return self._lent
 
     def _finished_unlocked(self) -> bool:
         with self._lock:
@@ -478,12 +482,65 @@ class Writer:
     keeps the two in order.
     """
 
-    __slots__ = ("_ch", "_conn", "_sock")
+    __slots__ = ("_ch", "_conn", "_poller", "_sock")
 
     def __init__(self, conn: Connection, ch: int, sock: socket.socket) -> None:
         self._conn = conn
         self._ch = ch
         self._sock = sock
+        self._poller: Any = None
+
+    def wait(self, fd: int) -> bool:
+        """Wait until ``fd`` (this channel's local socket, the caller's end)
+        is readable, reading the connection meanwhile in the relay
+        thread's place, so that a reply comes without the relay thread's
+        wake-up and hand-over: True once ``fd`` is readable.  False, at
+        once, if another thread reads it already or the connection has
+        ended: then the caller waits on ``fd`` itself.
+
+        Whatever comes is handled as the relay thread would (replies for
+        other channels written to their sockets, the hub's messages
+        recorded); the relay thread goes on with everything else.  The
+        end of the connection, or of the process, closes the channel's
+        socket, which makes ``fd`` readable: this never waits past it.
+        """
+        conn = self._conn
+        relay = conn.relay
+        with conn._lock:
+            if conn._lent or conn._released or not relay.connected:
+                return False
+            conn._lent = True
+        try:
+            p = self._poller
+            if p is None:
+                import select
+
+                p = self._poller = select.poll()
+                p.register(fd, R._POLLIN)
+                p.register(relay.rfd, R._POLLIN)
+            while True:
+                mine = False
+                for f, events in p.poll():
+                    if f == fd:
+                        mine = True
+                    elif f == relay.rfd:
+                        with conn._lock:
+                            if not relay.connected:
+                                mine = True  # (its sockets are closed: fd reads EOF)
+                                continue
+                            relay.ready(f, events)
+                            relay.flush()
+                            if relay.stalled():
+                                conn._wake()
+                if mine:
+                    return True
+        finally:
+            with conn._lock:
+                conn._lent = False
+                if len(relay.locals) > 1:
+                    # What came may be others' to wait for: the relay thread
+                    # reads again now, not at its next look (R.LENT_MS).
+                    conn._wake()
 
     def send(self, data: bytes | memoryview, flags: int = 0) -> int:
         conn = self._conn

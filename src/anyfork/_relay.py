@@ -598,9 +598,14 @@ class Poller:
         return self._poll.poll(timeout)
 
 
-def run(relay: Relay, wake_fd: int = -1, until: Callable[[], bool] | None = None,
+#: How long the loop waits, at most, while the connection is lent (see run).
+LENT_MS = 2
+
+
+def run(relay: Relay, wake_fd: int = -1, until: Callable[[], bool] | None = None, *,
         lock: AbstractContextManager[object] | None = None,
-        others: dict[int, Callable[[], None]] | None = None) -> None:
+        others: dict[int, Callable[[], None]] | None = None,
+        lent: Callable[[], bool] | None = None) -> None:
     """Run ``relay`` until the connection is gone and every channel closed,
     or ``until()`` says to stop.
 
@@ -611,22 +616,33 @@ def run(relay: Relay, wake_fd: int = -1, until: Callable[[], bool] | None = None
             owner whose other threads open channels.
         others: more descriptors to wait on, each with what to call when
             it is readable (the caller's side reads ssh's stderr so).
+        lent: (called under ``lock``) whether another thread of the owner's
+            reads the connection now, in this loop's place (a caller
+            waiting for a reply: see ``_connection.Writer.wait``).  Then the
+            loop leaves reading it alone, and looks again every ``LENT_MS``
+            (the borrower need not wake it to give it back).
     """
     poller = Poller()
     held = lock if lock is not None else _NO_LOCK
     others = others or {}
+    rfd = relay.rfd
     while relay.connected or relay.locals:
         if until is not None and until():
             return
         with held:
             fds = relay.interest()
+            lending = lent is not None and lent()
+        if lending:
+            fds = [(fd, events & ~_POLLIN) if fd == rfd else (fd, events) for fd, events in fds]
+            fds = [(fd, events) for fd, events in fds if events]
         if wake_fd >= 0:
             fds.append((wake_fd, _POLLIN))
         fds.extend((fd, _POLLIN) for fd in others)
         if not fds:
             return
-        ready = poller.poll(fds)
+        ready = poller.poll(fds, LENT_MS if lending else None)
         with held:
+            lending = lent is not None and lent()  # (it may have been lent while this waited)
             for fd, events in ready:
                 if fd == wake_fd:
                     try:
@@ -635,6 +651,9 @@ def run(relay: Relay, wake_fd: int = -1, until: Callable[[], bool] | None = None
                         pass
                 elif fd in others:
                     others[fd]()
+                elif fd == rfd and lending:
+                    if events & _POLLOUT:
+                        relay.ready(fd, _POLLOUT)  # the borrower reads; writing is still ours
                 else:
                     relay.ready(fd, events)
             relay.flush()

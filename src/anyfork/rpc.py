@@ -312,6 +312,9 @@ class _Core:
         # What calls are written with: the socket, or for a process on a
         # remote host, straight into the connection (see _connection.Writer).
         self.wsock: Any = _writer(proc, sock)
+        # For a remote process: waits for a reply reading the connection
+        # itself (see _connection.Writer.wait), or None.
+        self.wait_direct: Callable[[int], bool] | None = getattr(self.wsock, "wait", None)
         self.codec = codec
         self.max = max_in_flight
         self.on_event = on_event
@@ -522,7 +525,9 @@ class _Core:
                         poller.modify(self.fd, want)
                         events = want
                     if not _spin(poller, self):  # (which polls at once, if it spins)
-                        poller.poll()
+                        wait = self.wait_direct
+                        if wait is None or events != _POLLIN or not wait(self.fd):
+                            poller.poll()
                     if self._reply_now(call):
                         break
                 state = self._pump_now()
