@@ -237,19 +237,20 @@ class Hub:
 
         relay = self.relay
         poller = R.Poller()
+        wake, imports, failures = self.wake_r, self.imports.fileno(), self.failures.fileno()
+        own = ((wake, select.POLLIN), (imports, select.POLLIN), (failures, select.POLLIN))
         self.hello()
         while relay.connected:
             fds = relay.interest()
-            fds.append((self.wake_r, select.POLLIN))
-            fds.append((self.imports.fileno(), select.POLLIN))
-            fds.append((self.failures.fileno(), select.POLLIN))
-            fds.extend((s.fileno(), select.POLLOUT) for s, _ in self.answering)
+            fds.extend(own)
+            if self.answering:
+                fds.extend((s.fileno(), select.POLLOUT) for s, _ in self.answering)
             for fd, events in poller.poll(fds):
-                if fd == self.wake_r:
+                if fd == wake:
                     self.reap()
-                elif fd == self.imports.fileno():
+                elif fd == imports:
                     self.read_request()
-                elif fd == self.failures.fileno():
+                elif fd == failures:
                     self.read_failures()
                 elif events & select.POLLOUT and any(s.fileno() == fd for s, _ in self.answering):
                     self.write_answers()

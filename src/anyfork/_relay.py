@@ -77,10 +77,11 @@ _POLLIN, _POLLOUT = select.POLLIN, select.POLLOUT
 class _Local:
     """The local socket of one channel, and what is waiting to be written to it."""
 
-    __slots__ = ("behind", "eof_in", "eof_out", "header", "out", "raw", "skip", "sock", "unattached")
+    __slots__ = ("behind", "eof_in", "eof_out", "fd", "header", "out", "raw", "skip", "sock", "unattached")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.fd = sock.fileno()  # (kept: a method call less each time the loop looks)
         sock.setblocking(False)
         # Following anyfork's framing of what is read here (see the module doc).
         self.raw = False  # a RUN went by: the rest is the user's
@@ -175,14 +176,16 @@ class Relay:
                     fds[0] = (self.rfd, _POLLIN | _POLLOUT)
                 else:
                     fds.append((self.wfd, _POLLOUT))
+        pending = self.mux.pending
+        connected = self.connected
         for ch, loc in self.locals.items():
             events = 0
-            if not loc.eof_in and self.mux.pending(ch) < M.WINDOW and self.connected:
-                events |= _POLLIN
+            if not loc.eof_in and connected and pending(ch) < M.WINDOW:
+                events = _POLLIN
             if loc.out and any(not isinstance(x, socket.socket) for x in loc.out):
                 events |= _POLLOUT
             if events:
-                fds.append((loc.sock.fileno(), events))
+                fds.append((loc.fd, events))
         return fds
 
     def ready(self, fd: int, events: int) -> None:
@@ -194,7 +197,7 @@ class Relay:
         if fd in (self.rfd, self.wfd):
             return
         for ch, loc in list(self.locals.items()):
-            if loc.sock.fileno() == fd:
+            if loc.fd == fd:
                 if events & (_POLLIN | select.POLLHUP | select.POLLERR):
                     self._read_local(ch, loc)
                 if events & (_POLLOUT | select.POLLERR) and ch in self.locals:
@@ -372,6 +375,9 @@ class Relay:
             return False
         except OSError:
             self.drop(ch)
+            return True
+        if data and not anc and loc.raw and not loc.unattached and not flags & _CTRUNC:
+            self.mux.send(ch, data)  # the common case: the user's bytes, as they came
             return True
         fds = _fds_in(anc)
         carried = []
