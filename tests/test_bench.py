@@ -237,13 +237,15 @@ def test_the_remote_section_has_every_row_or_says_why_not(quick: QuickRun) -> No
     if _sshd.available():
         assert any("Remote section skipped" in n for n in remote["notes"])
         return
-    want = {"connect:anyfork", "fork:anyfork", "rt:anyfork", "pipe:anyfork", "fork:ssh", "fork:ssh_cm"}
+    want = {"connect:anyfork", "fork:anyfork", "rt:anyfork", "pipe:anyfork", "pipe_wide:anyfork",
+            "fork:ssh", "fork:ssh_cm"}
     if importlib.util.find_spec("execnet") is not None:
         want |= {"connect:execnet", "rt:execnet", "pipe:execnet"}
     else:
         assert any("execnet rows skipped" in n for n in remote["notes"])
     assert set(remote["rows"]) == want
     assert all(v > 0 for v in remote["rows"].values())
-    assert len(remote["targets"]) == 4
+    assert len(remote["targets"]) == 5
     for label in _bench_remote.LABELS.values():
         assert label in quick.stdout
+    assert f"the same, max_in_flight={_bench_remote.WIDE}" in quick.stdout
