@@ -416,6 +416,132 @@ def test_a_caller_reading_the_connection_for_its_reply_sees_the_end_and_never_ha
             client.wait(10)
 
 
+@pytest.mark.parametrize("where", ["send", "read"])
+def test_an_interrupt_while_the_caller_carries_the_connections_bytes_ends_it_cleanly(
+        command: list[str], where: str) -> None:
+    # A KeyboardInterrupt in the main thread halfway through the relay's
+    # work (between a write and its bookkeeping) would leave the stream the
+    # mux follows wrong for every process on the connection: it ends it,
+    # saying why, instead of going on with it.
+    import threading
+
+    from anyfork import rpc
+
+    client = rpc.run(remote.new_exec(command), "operator:pos")
+    conn = client._core.wsock._conn
+    relay = conn.relay
+    name = "send_direct" if where == "send" else "ready"
+    real = getattr(relay, name)
+    me = threading.get_ident()
+
+    def interrupted(*args: Any) -> Any:
+        if threading.get_ident() == me and (where == "send" or args[0] == relay.rfd):
+            setattr(relay, name, real)
+            real(*args)  # (halfway: done, and its bookkeeping not)
+            raise KeyboardInterrupt
+        return real(*args)
+
+    assert client(1) == 1
+    setattr(relay, name, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        client(2)
+    assert conn.ended is not None and "interrupted (KeyboardInterrupt)" in conn.ended
+    with pytest.raises(anyfork.WorkerDiedError):
+        client(3)
+    client.close()
+    with pytest.raises(anyfork.Error, match="interrupted"):
+        client.wait(10)
+
+
+def test_an_error_while_the_caller_reads_the_connection_fails_the_call_not_with_it(
+        command: list[str]) -> None:
+    # An error in the relay's own work would have ended the relay thread, and
+    # the connection with it; done in the caller's thread, it ends the
+    # connection the same way, and the call fails as calls do then.
+    import threading
+
+    from anyfork import rpc
+
+    client = rpc.run(remote.new_exec(command), "operator:pos")
+    conn = client._core.wsock._conn
+    relay = conn.relay
+    real = relay.ready
+    me = threading.get_ident()
+
+    def broken(fd: int, events: int) -> None:
+        if threading.get_ident() == me and fd == relay.rfd:
+            raise RuntimeError("a relay bug")
+        real(fd, events)
+
+    relay.ready = broken  # type: ignore[method-assign]
+    with pytest.raises(anyfork.WorkerDiedError):
+        client(1)
+    assert conn.ended is not None and "RuntimeError" in conn.ended
+    client.close()
+    with pytest.raises(anyfork.Error, match="RuntimeError"):
+        client.wait(10)
+
+
+def test_a_long_wait_for_a_remote_reply_does_not_keep_the_relay_thread_looking(command: list[str]) -> None:
+    # While the connection is lent, the relay thread looks again every
+    # LENT_MS, LENT_LOOKS times, then waits to be woken: not 500 times a
+    # second for as long as a call takes.
+    from anyfork import _relay as R
+    from anyfork import rpc
+
+    proc = remote.new_exec(command).eval("import time\ndef nap(s):\n    time.sleep(s)\n    return s\n")
+    with rpc.run(proc, "nap") as client:
+        relay = client._core.wsock._conn.relay
+        real = relay.interest
+        looks = [0]
+
+        def counted() -> list[tuple[int, int]]:
+            looks[0] += 1
+            return real()
+
+        relay.interest = counted  # type: ignore[method-assign]
+        assert client(0.5) == 0.5  # 250 looks at one per LENT_MS
+        assert looks[0] <= 20, looks[0]  # (LENT_LOOKS, and a few wake-ups)
+        assert R.LENT_LOOKS < 20
+        assert client(0) == 0  # and it was given back: the next call still works
+        assert [client(0.01) for _ in range(3)] == [0.01] * 3
+
+
+def test_another_channels_bytes_keep_flowing_while_a_caller_has_the_connection_lent(command: list[str]) -> None:
+    # The borrower handles what comes for every channel; what it leaves the
+    # relay thread to do (the rest of a large reply, for a socket that was
+    # full) must not wait for the borrower's own reply.
+    import concurrent.futures
+
+    from anyfork import rpc
+
+    tpl = remote.new_exec(command).eval(HANDLERS + "import time\ndef nap(s):\n    time.sleep(s)\n")
+    child = tpl.fork()
+    sock = child.run("echo")
+    client = rpc.run(tpl, "nap")  # the template itself, its connection's first channel
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(client, 60)
+        conn = client._core.wsock._conn
+        for _ in range(1000):
+            if conn._lent:
+                break
+            fut.exception(0.01) if fut.done() else __import__("time").sleep(0.01)
+        assert conn._lent, "the nap's caller never borrowed the connection"
+        blob = os.urandom(8 << 20)  # far more than the sockets and the window hold
+        sock.sendall(blob)
+        sock.shutdown(socket.SHUT_WR)
+        assert _read(sock) == blob[::-1]
+        assert not fut.done()  # it came while the nap's caller still waited
+        client.process.kill()
+        with pytest.raises(anyfork.WorkerDiedError):
+            fut.result(20)
+    sock.close()
+    client.close()
+    assert client.wait(20) == -signal.SIGTERM  # (kill() sends SIGTERM)
+    with pytest.raises(anyfork.ProcessStateError):
+        child.wait(20)  # (its template ran a function: see Process.wait)
+
+
 def test_remote_calls_too_large_to_go_directly_keep_their_order_with_those_that_do(
         command: list[str]) -> None:
     # A call larger than the channel's window goes through the local socket

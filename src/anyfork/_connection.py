@@ -43,7 +43,7 @@ from ._backend import Notifier
 from ._errors import Error, ProtocolError, TimeoutExpired
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
 VERSION = 1
 HUB_MODULES = ("_protocol", "_serve", "_mux", "_relay", "_importer", "_hub")
@@ -107,6 +107,7 @@ class Connection:
         self.ended: str | None = None
         self._ssh_reaped = False  # (then its pid may be another process's: never waited on again)
         self._lent = False  # a Writer's caller reads the connection in the relay thread's place
+        self._asleep = False  # and the relay thread no longer looks every LENT_MS (see R.run)
         self._stderr = bytearray()
         mine, theirs = socket.socketpair()
         err_r, err_w = os.pipe()
@@ -180,8 +181,21 @@ class Connection:
             if self._finished_unlocked():
                 self._release()  # used up: nobody need close it
 
-    def _is_lent(self) -> bool:
+    def _is_lent(self, waits: int) -> bool:
+        """(the relay thread, under the lock; see R.run's ``lent``)"""
+        self._asleep = self._lent and waits >= R.LENT_LOOKS
         return self._lent
+
+    def _end_relay(self, why: str) -> None:
+        """(under the lock) End the connection from this side: the relay's
+        stream can't be trusted (see Writer._carry)."""
+        if self.relay.connected:
+            self.relay.end(why)
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)  # ssh sees EOF: the hub ends everything
+            except OSError:
+                pass
+        self._wake()
 
     def _finished_unlocked(self) -> bool:
         with self._lock:
@@ -500,9 +514,10 @@ class Writer:
 
         Whatever comes is handled as the relay thread would (replies for
         other channels written to their sockets, the hub's messages
-        recorded); the relay thread goes on with everything else.  The
-        end of the connection, or of the process, closes the channel's
-        socket, which makes ``fd`` readable: this never waits past it.
+        recorded); the relay thread goes on with everything else, and is
+        woken when what came gives it more to do.  The end of the
+        connection, or of the process, closes the channel's socket, which
+        makes ``fd`` readable: this never waits past it.
         """
         conn = self._conn
         relay = conn.relay
@@ -525,28 +540,60 @@ class Writer:
                         mine = True
                     elif f == relay.rfd:
                         with conn._lock:
-                            if not relay.connected:
-                                mine = True  # (its sockets are closed: fd reads EOF)
+                            if conn._released or not relay.connected:
+                                # (Its sockets are closed, so fd reads EOF; and
+                                # the connection's number may be another's now.)
+                                mine = True
                                 continue
-                            relay.ready(f, events)
-                            relay.flush()
-                            if relay.stalled():
+                            self._carry(relay.ready, f, events)
+                            if len(relay.locals) > 1 or relay.stalled() or any(
+                                    loc.out for loc in relay.locals.values()):
+                                # What came gave the relay thread work it may not
+                                # be waiting for (another channel's bytes to
+                                # write, a new channel, the connection to
+                                # write): it looks again now.
                                 conn._wake()
                 if mine:
                     return True
         finally:
             with conn._lock:
                 conn._lent = False
-                if len(relay.locals) > 1:
-                    # What came may be others' to wait for: the relay thread
-                    # reads again now, not at its next look (R.LENT_MS).
+                if conn._asleep or len(relay.locals) > 1:
+                    # The relay thread stopped looking every LENT_MS (a long
+                    # wait), or what comes next may be others': it reads again now.
                     conn._wake()
+
+    def _carry(self, step: Callable[..., Any], *args: Any) -> Any:
+        """(under the lock) Run one step of the relay's work in this thread.
+
+        The relay thread's steps can't be interrupted halfway, but a
+        signal handler's exception (KeyboardInterrupt) can arrive here, in
+        the main thread, between a write and its bookkeeping: the stream
+        the mux follows would then be wrong (bytes written twice, or lost),
+        for every process on the connection.  Rather than go on with it,
+        the connection ends then, saying why; an error of the relay's own
+        (which would have ended the relay thread) ends it too, and is not
+        the caller's to see: its call fails as any call does when the
+        connection ends."""
+        relay = self._conn.relay
+        try:
+            got = step(*args)
+            relay.flush()
+        except BaseException as e:
+            why = (f"interrupted ({type(e).__name__}) while this thread carried its bytes, "
+                   "which left its stream untrustworthy")
+            self._conn._end_relay(why)
+            if not isinstance(e, Exception):
+                raise
+            return None
+        return got
 
     def send(self, data: bytes | memoryview, flags: int = 0) -> int:
         conn = self._conn
         with conn._lock:
             relay = conn.relay
-            sent = relay.send_direct(self._ch, data)  # (False: it marked the socket as written to)
+            # (False: it marked the socket as written to.)
+            sent = not conn._released and self._carry(relay.send_direct, self._ch, data)
             if relay.stalled():
                 conn._wake()
         return len(data) if sent else self._sock.send(data, flags)

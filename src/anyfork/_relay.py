@@ -240,6 +240,11 @@ class Relay:
         if loc is not None:
             loc.behind = True
 
+    def end(self, why: str) -> None:
+        """End the connection from the owner's side, saying ``why`` (as the
+        peer's going would: DISCONNECTED, every local socket closed)."""
+        self._disconnected(why)
+
     def stalled(self) -> bool:
         """Whether bytes wait for the connection to take them (the loop then
         waits for it to be writable: an owner that sent directly wakes it)."""
@@ -604,14 +609,16 @@ class Poller:
         return self._poll.poll(timeout)
 
 
-#: How long the loop waits, at most, while the connection is lent (see run).
+#: While the connection is lent (see run), the loop looks again every
+#: LENT_MS, LENT_LOOKS times; then it waits to be woken.
 LENT_MS = 2
+LENT_LOOKS = 5
 
 
 def run(relay: Relay, wake_fd: int = -1, until: Callable[[], bool] | None = None, *,
         lock: AbstractContextManager[object] | None = None,
         others: dict[int, Callable[[], None]] | None = None,
-        lent: Callable[[], bool] | None = None) -> None:
+        lent: Callable[[int], bool] | None = None) -> None:
     """Run ``relay`` until the connection is gone and every channel closed,
     or ``until()`` says to stop.
 
@@ -622,22 +629,27 @@ def run(relay: Relay, wake_fd: int = -1, until: Callable[[], bool] | None = None
             owner whose other threads open channels.
         others: more descriptors to wait on, each with what to call when
             it is readable (the caller's side reads ssh's stderr so).
-        lent: (called under ``lock``) whether another thread of the owner's
-            reads the connection now, in this loop's place (a caller
-            waiting for a reply: see ``_connection.Writer.wait``).  Then the
-            loop leaves reading it alone, and looks again every ``LENT_MS``
-            (the borrower need not wake it to give it back).
+        lent: (called under ``lock``, with how many waits in a row found
+            it so) whether another thread of the owner's reads the
+            connection now, in this loop's place (a caller waiting for a
+            reply: see ``_connection.Writer.wait``).  Then the loop leaves
+            reading it alone, and looks again every ``LENT_MS``, so a short
+            loan is given back without a wake-up; after ``LENT_LOOKS``
+            looks it waits until it is woken (the owner, told so by the
+            count, wakes it when the loan ends).
     """
     poller = Poller()
     held = lock if lock is not None else _NO_LOCK
     others = others or {}
     rfd = relay.rfd
+    lent_waits = 0
     while relay.connected or relay.locals:
         if until is not None and until():
             return
         with held:
             fds = relay.interest()
-            lending = lent is not None and lent()
+            lending = lent is not None and lent(lent_waits)
+        lent_waits = lent_waits + 1 if lending else 0
         if lending:
             fds = [(fd, events & ~_POLLIN) if fd == rfd else (fd, events) for fd, events in fds]
             fds = [(fd, events) for fd, events in fds if events]
@@ -646,9 +658,9 @@ def run(relay: Relay, wake_fd: int = -1, until: Callable[[], bool] | None = None
         fds.extend((fd, _POLLIN) for fd in others)
         if not fds:
             return
-        ready = poller.poll(fds, LENT_MS if lending else None)
+        ready = poller.poll(fds, LENT_MS if lending and lent_waits <= LENT_LOOKS else None)
         with held:
-            lending = lent is not None and lent()  # (it may have been lent while this waited)
+            lending = lent is not None and lent(lent_waits)  # (it may have been lent while this waited)
             for fd, events in ready:
                 if fd == wake_fd:
                     try:

@@ -141,7 +141,7 @@ def new_exec(command: Sequence[str], *, timeout: float = 60.0, allow: Iterable[s
 _connections: dict[int, C.Connection] = {}
 
 
-def writer(proc: Process, sock: socket.socket) -> C.Writer | socket.socket:
+def _writer(proc: Process, sock: socket.socket) -> C.Writer | socket.socket:
     """What to write ``proc``'s command socket ``sock`` with once it runs:
     for a process the hub started (``new_exec``), the connection's writer,
     which skips the relay thread; for one a remote template forked (whose

@@ -278,9 +278,9 @@ def _writer(proc: Process, sock: socket.socket) -> Any:
 
     if host_of(proc) is None:
         return sock
-    from .remote import writer
+    from .remote import _writer as remote_writer
 
-    return writer(proc, sock)
+    return remote_writer(proc, sock)
 
 
 class _Call:
