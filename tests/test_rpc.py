@@ -1029,7 +1029,18 @@ def test_a_lone_call_on_one_cpu_sleeps_at_once(monkeypatch: pytest.MonkeyPatch) 
     core = SimpleNamespace(spin_skip=0, spin_backoff=1)
     assert rpc._spin(poller, core) is False  # type: ignore[arg-type]
     assert poller.polls == 0
-    assert (core.spin_skip, core.spin_backoff) == (0, 1)  # not a miss: it spins again once it may
+    assert core.spin_backoff == 1  # not a miss: no backing off
+    # Asked again only after _ONE_CPU_WAITS waits (a system call each time,
+    # in every wait, before), and it spins again once it may.
+    asked: list[int] = []
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: asked.append(pid) or {0}, raising=False)
+    for _ in range(2 * rpc._ONE_CPU_WAITS):
+        assert rpc._spin(poller, core) is False  # type: ignore[arg-type]
+    assert len(asked) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    for _ in range(rpc._ONE_CPU_WAITS):
+        rpc._spin(poller, core)  # type: ignore[arg-type]
+    assert poller.polls > 0
 
 
 def test_a_call_in_flight_keeps_its_dropped_client_until_it_is_done() -> None:

@@ -248,7 +248,10 @@ def _spin(poller: Any, core: _Core) -> bool:
         return False
     affinity = getattr(os, "sched_getaffinity", None)  # (Linux; elsewhere, the machine's CPUs)
     if (len(affinity(0)) if affinity is not None else os.cpu_count() or 1) < 2:
-        return False  # (asked each time: a thread may be pinned to a CPU at any time)
+        # Asked again after _ONE_CPU_WAITS waits (a thread may be pinned to a
+        # CPU, or let go, at any time), not at each: a system call a wait.
+        core.spin_skip = _ONE_CPU_WAITS
+        return False
     end = time.perf_counter() + _SPIN
     while time.perf_counter() < end:
         if poller.poll(0):
@@ -260,6 +263,7 @@ def _spin(poller: Any, core: _Core) -> bool:
 
 
 _SPIN = 100e-6
+_ONE_CPU_WAITS = 64
 _SPIN_BACKOFF_MAX = 1024  # calls without a spin, at most, after spins that missed
 _NEVER = 1 << 62
 
