@@ -12,6 +12,8 @@ transport and the authentication; nothing listens anywhere.
 From then on one thread, the relay, carries the mux (``_relay``): each
 process on the remote host is a channel the caller opens (``serve``), tied
 here to a local socketpair whose other end the caller's ``Process`` owns.
+(An rpc client of such a process writes and waits past the relay thread,
+under the same lock: see ``Writer``.)
 The hub is the parent of each such process and reports its pid and exit
 status as CONTROL messages; ``Remote`` records them for the caller.
 
@@ -485,15 +487,19 @@ class Connection:
 class Writer:
     """Writes to one remote process from the calling thread: into the mux
     and onto ssh's socket, not through the relay thread.  A socket's
-    ``send`` and ``sendmsg``, for rpc's caller side (``_rpc_io.send``).
+    ``send`` and ``sendmsg``, for rpc's caller side (``_rpc_io.send``), and
+    ``wait``, for a caller waiting alone for a reply, which reads the
+    connection itself meanwhile.
 
     Through the local socket, a write costs the relay thread a wake-up and
-    three system calls more, and the GIL in between: on a round trip, a
-    good part of what the caller spends.  What can't go directly (a
-    descriptor, a write larger than the channel's window, a channel whose
-    window is full or that still carries anyfork's frames) goes to the
-    local socket, and the relay carries it as before; ``Relay.send_direct``
-    keeps the two in order.
+    three system calls more, and the GIL in between, and so does a reply:
+    on a round trip, a good part of what the caller spends.  What can't go
+    directly (a descriptor, a write larger than the channel's window, a
+    channel whose window is full or that still carries anyfork's frames)
+    goes to the local socket, and the relay carries it as before;
+    ``Relay.send_direct`` keeps the two in order.  Either way the relay's
+    work is done under the connection's lock, and ``_carry`` ends the
+    connection if it is interrupted halfway.
     """
 
     __slots__ = ("_ch", "_conn", "_poller", "_sock")
