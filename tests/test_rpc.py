@@ -1043,6 +1043,52 @@ def test_a_lone_call_on_one_cpu_sleeps_at_once(monkeypatch: pytest.MonkeyPatch) 
     assert poller.polls > 0
 
 
+class _PollCounter:
+    """A core's poller, counting its polls."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.polls = 0
+
+    def poll(self, *timeout: float) -> Any:
+        self.polls += 1
+        return self.real.poll(*timeout)
+
+    def modify(self, fd: int, events: int) -> None:
+        self.real.modify(fd, events)
+
+
+def test_a_lone_calls_wait_for_its_reply_is_one_receive(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Speed: the wait was a poll, then a receive: a system call more per
+    # round trip, where it doesn't spin (one CPU).
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    with rpc.run(anyfork.new(), "operator:pos") as client:
+        assert client(0) == 0  # (the first reads the worker's HELLO too)
+        core = client._core
+        assert core.blocking and core.sock.getblocking()
+        counter = core.poller = _PollCounter(core.poller)
+        assert [client(i) for i in range(50)] == list(range(50))
+        assert counter.polls == 0
+        assert [f.result(10) for f in [client.submit(i) for i in range(20)]] == list(range(20))
+
+
+def test_without_msg_dontwait_the_socket_stays_non_blocking_and_calls_work(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Where the platform has no MSG_DONTWAIT, the caller's socket is
+    # non-blocking and a lone call polls before it receives, as before.
+    monkeypatch.setattr(rpc, "DONTWAIT", 0)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    with rpc.run(anyfork.new(), "builtins:len") as client:
+        assert client(b"") == 0
+        core = client._core
+        assert not core.blocking and not core.sock.getblocking()
+        counter = core.poller = _PollCounter(core.poller)
+        assert [client(b"x" * i) for i in range(20)] == list(range(20))
+        assert counter.polls >= 20
+        assert [f.result(10) for f in [client.submit(b"y" * i) for i in range(20)]] == list(range(20))
+        assert client(b"x" * (8 << 20)) == 8 << 20  # larger than the socket takes: written in parts
+
+
 def test_a_call_in_flight_keeps_its_dropped_client_until_it_is_done() -> None:
     # rpc.run(...).submit(x).result() gets its result; the client (and its
     # worker) may go once the future is done, held or not.

@@ -17,15 +17,18 @@ _RECV = 1 << 18
 _ANC = socket.CMSG_SPACE(W.MAX_FDS * 4)
 _RECV_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 _CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: IntFlag arithmetic costs a microsecond
+# One operation that doesn't block on a socket that does (Linux, the BSDs,
+# macOS; 0 elsewhere, where the caller's socket stays non-blocking).
+DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
 
 
-def recv(sock: socket.socket, decoder: W.Decoder, scratch: bytearray) -> int:
+def recv(sock: socket.socket, decoder: W.Decoder, scratch: bytearray, flags: int = _RECV_FLAGS) -> int:
     """One receive into ``decoder`` (shared with the caller's side); how
     many bytes came.  Into ``scratch``, a buffer of ``_RECV`` bytes the
     caller keeps: ``recvmsg`` would allocate one that size each time, and
     that is an mmap, page faults and a munmap per receive.  The decoder
     borrows a view of it: call ``decoder.frames()`` before the next receive."""
-    n, anc, msg_flags, _ = sock.recvmsg_into([scratch], _ANC, _RECV_FLAGS)
+    n, anc, msg_flags, _ = sock.recvmsg_into([scratch], _ANC, flags)
     return feed(decoder, scratch, n, anc, msg_flags)
 
 

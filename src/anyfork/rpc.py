@@ -47,7 +47,7 @@ from . import _backend
 from . import _rpc_wire as W
 from ._backend import Notifier, Op, Wait, deadline_after, run_blocking, time_left
 from ._errors import Error, ProcessStateError, ProtocolError, TimeoutExpired
-from ._rpc_io import _ANC, _CTRUNC, _RECV_FLAGS, recv, send
+from ._rpc_io import _ANC, _CTRUNC, _RECV_FLAGS, DONTWAIT, recv, send
 from ._rpc_io import _RECV as _FULL
 from ._rpc_io import feed as _feed
 from ._rpc_worker import event
@@ -307,7 +307,6 @@ class _Core:
 
     def __init__(self, proc: Process, sock: socket.socket, codec: W._Codec, max_in_flight: int,
                  on_event: Callable[..., Any] | None, *, hold_batch: int = _HOLD_BATCH) -> None:
-        sock.setblocking(False)
         self.proc = proc
         self.hold_batch = hold_batch  # see _begin
         self.pid = proc.pid
@@ -319,6 +318,11 @@ class _Core:
         # For a remote process: waits for a reply reading the connection
         # itself (see _connection.Writer.wait), or None.
         self.wait_direct: Callable[[int], bool] | None = getattr(self.wsock, "wait", None)
+        # A local worker's socket blocks, and every operation on it but one
+        # says DONTWAIT: the one is a lone call's wait for its reply, which
+        # is then a receive, not a poll and a receive (see _lead_alone).
+        self.blocking = bool(DONTWAIT) and self.wait_direct is None
+        sock.setblocking(self.blocking)
         self.codec = codec
         self.max = max_in_flight
         self.on_event = on_event
@@ -357,7 +361,7 @@ class _Core:
         if not self.outbox.size and not fds and self.sock is not None:
             # The common case, without the outbox's bookkeeping.
             try:
-                n = self.wsock.send(data)
+                n = self.wsock.send(data, DONTWAIT)
             except BlockingIOError:
                 n = 0
             except OSError:
@@ -377,7 +381,7 @@ class _Core:
         try:
             while self.outbox.size and sock is not None:
                 before = self.outbox.size
-                send(sock, self.outbox)
+                send(sock, self.outbox, DONTWAIT)
                 self.written += before - self.outbox.size
         except BlockingIOError:
             pass
@@ -528,11 +532,16 @@ class _Core:
                     if want != events:
                         poller.modify(self.fd, want)
                         events = want
-                    if not _spin(poller, self):  # (which polls at once, if it spins)
+                    if _spin(poller, self):  # (which polls at once, if it spins)
+                        got = self._reply_now(call)
+                    elif self.blocking and events == _POLLIN and self._quick_reply():
+                        got = self._reply_now(call, True)  # the wait is the receive
+                    else:
                         wait = self.wait_direct
                         if wait is None or events != _POLLIN or not wait(self.fd):
                             poller.poll()
-                    if self._reply_now(call):
+                        got = self._reply_now(call)
+                    if got:
                         break
                 state = self._pump_now()
                 if state == _EOF:
@@ -544,9 +553,15 @@ class _Core:
         finally:
             self._resign()
 
-    def _reply_now(self, call: _Call) -> bool | None:
+    def _quick_reply(self) -> bool:
+        """Whether ``_reply_now`` would receive (else it returns False at once)."""
+        return (self.sock is not None and self.hello and not self.event_errors and not self.outbox.size
+                and not self.decoder.holding())
+
+    def _reply_now(self, call: _Call, block: bool = False) -> bool | None:
         """``_lead_alone``'s receive; True once ``call`` is complete, None
-        when nothing had come (the receive would block).  When
+        when nothing had come (the receive would block; ``block``: it
+        waits for something to come, on a blocking socket).  When
         what came is exactly its reply, that is taken as it is.  Anything
         else (an event first, part of a frame, descriptors, EOF, a receive
         that would block) is given to the decoder and dispatched as
@@ -556,12 +571,13 @@ class _Core:
         general path's layers; this is one receive and one header check."""
         decoder = self.decoder
         sock = self.sock
-        if sock is None or not self.hello or self.event_errors or self.outbox.size or decoder.holding():
+        if sock is None or not self._quick_reply():
             return False
         self.read_at = time.monotonic()
         scratch = self.scratch
+        flags = _RECV_FLAGS if block else _RECV_FLAGS | DONTWAIT
         try:
-            n, anc, flags, _ = sock.recvmsg_into([scratch], _ANC, _RECV_FLAGS)
+            n, anc, flags, _ = sock.recvmsg_into([scratch], _ANC, flags)
         except (BlockingIOError, InterruptedError):
             return None
         except OSError:
@@ -691,7 +707,7 @@ class _Core:
         self.read_at = time.monotonic()
         try:
             for _ in range(16):  # then let the writes in
-                n = recv(sock, decoder, self.scratch)
+                n = recv(sock, decoder, self.scratch, _RECV_FLAGS | DONTWAIT)
                 frames = decoder.frames()
                 if frames:
                     self._dispatch(frames)
