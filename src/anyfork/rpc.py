@@ -561,7 +561,8 @@ class _Core:
     def _reply_now(self, call: _Call, block: bool = False) -> bool | None:
         """``_lead_alone``'s receive; True once ``call`` is complete, None
         when nothing had come (the receive would block; ``block``: it
-        waits for something to come, on a blocking socket).  When
+        waits for something to come, on a blocking socket; the caller
+        has checked ``_quick_reply``).  When
         what came is exactly its reply, that is taken as it is.  Anything
         else (an event first, part of a frame, descriptors, EOF, a receive
         that would block) is given to the decoder and dispatched as
@@ -571,7 +572,7 @@ class _Core:
         general path's layers; this is one receive and one header check."""
         decoder = self.decoder
         sock = self.sock
-        if sock is None or not self._quick_reply():
+        if sock is None or not (block or self._quick_reply()):  # (block: the caller asked)
             return False
         self.read_at = time.monotonic()
         scratch = self.scratch
