@@ -542,6 +542,20 @@ def test_another_channels_bytes_keep_flowing_while_a_caller_has_the_connection_l
         child.wait(20)  # (its template ran a function: see Process.wait)
 
 
+def test_a_used_up_connection_ends_sshs_stdin_before_it_waits_for_its_last_words(command: list[str]) -> None:
+    # Broke: once its processes had exited, the relay thread waited for ssh's
+    # stderr to end before it let ssh go, so each connection's end waited
+    # out that wait's 2 s timeout (every remote test's teardown, too).
+    from anyfork import rpc
+
+    with rpc.run(remote.new_exec(command), "operator:pos") as client:
+        assert client(1) == 1
+        conn = client._core.wsock._conn
+    conn._thread.join(10)
+    assert not conn._thread.is_alive()
+    assert conn.stderr_ended is True  # it ended: not the timeout
+
+
 def test_remote_calls_too_large_to_go_directly_keep_their_order_with_those_that_do(
         command: list[str]) -> None:
     # A call larger than the channel's window goes through the local socket

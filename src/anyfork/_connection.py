@@ -111,6 +111,7 @@ class Connection:
         self._lent = False  # a Writer's caller reads the connection in the relay thread's place
         self._asleep = False  # and the relay thread no longer looks every LENT_MS (see R.run)
         self._stderr = bytearray()
+        self.stderr_ended: bool | None = None  # once the relay ended: ssh's stderr ended (not a timeout)
         mine, theirs = socket.socketpair()
         err_r, err_w = os.pipe()
         try:
@@ -171,7 +172,14 @@ class Connection:
             R.run(self.relay, self._wake_r, self._finished, lock=self._lock,
                   others={self._err: self._read_stderr}, lent=self._is_lent)
         finally:
-            self._drain_stderr()
+            if self._finished_unlocked():
+                # Used up: ssh's stdin ends now, so that it exits and what it
+                # still says ends with it (not after _drain_stderr's timeout).
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self.stderr_ended = self._drain_stderr()
             with self._changed:
                 if self.ended is None:
                     self.ended = "the connection ended"
@@ -223,8 +231,9 @@ class Connection:
         except OSError:
             pass
 
-    def _drain_stderr(self, timeout: float = 2.0) -> None:
-        """What ssh still has to say as it exits (why the connection failed)."""
+    def _drain_stderr(self, timeout: float = 2.0) -> bool:
+        """What ssh still has to say as it exits (why the connection failed);
+        True if its stderr ended, False if ``timeout`` did."""
         import select
 
         deadline = time.monotonic() + timeout
@@ -232,15 +241,16 @@ class Connection:
         p.register(self._err, select.POLLIN)
         while (left := deadline - time.monotonic()) > 0:
             if not p.poll(left * 1000):
-                return
+                return False
             try:
                 data = os.read(self._err, 65536)
             except OSError:
-                return
+                return True
             if not data:
-                return
+                return True
             with self._lock:
                 self._pass_stderr(data)
+        return False
 
     def _ssh_alive(self) -> bool:
         try:
