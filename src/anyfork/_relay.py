@@ -593,9 +593,11 @@ class Poller:
     def poll(self, fds: list[tuple[int, int]], timeout: float | None = None) -> list[tuple[int, int]]:
         """Wait on ``fds`` ((descriptor, events) pairs; a descriptor may
         come more than once): what is ready."""
-        want: dict[int, int] = {}
-        for fd, events in fds:
-            want[fd] = want.get(fd, 0) | events
+        want = dict(fds)
+        if len(want) != len(fds):  # a descriptor more than once: all of its events
+            want = {}
+            for fd, events in fds:
+                want[fd] = want.get(fd, 0) | events
         had = self._registered
         if want != had:
             p = self._poll
