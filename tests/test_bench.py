@@ -183,6 +183,17 @@ def test_the_calls_section_has_every_peer_and_row(quick: QuickRun) -> None:
     assert "rpc round trip:" in quick.stdout
 
 
+def test_the_calls_rows_are_each_rows_best_sample_with_the_medians_beside(quick: QuickRun) -> None:
+    calls = quick.result["calls"]
+    samples = calls["samples"]
+    assert all(len(samples[f"rt:{peer}"]) >= 2 for peer in ("limit", "rpc"))  # short samples, interleaved
+    for key, values in samples.items():
+        want = max(values) if key.startswith("pipe:") else min(values)
+        assert calls["rows"][key] == want, key
+        assert calls["medians"][key] == sorted(values)[len(values) // 2], key
+    assert "the same from each row's median sample:" in quick.stdout
+
+
 def test_the_pools_section_has_a_row_per_peer_and_says_who_wins(quick: QuickRun) -> None:
     from anyfork import _bench_pools
 
