@@ -338,6 +338,29 @@ def test_remote_rpc_calls_go_onto_the_connection_from_the_calling_thread(command
     assert (threading.get_ident(), True) in seen
 
 
+def test_a_full_remote_window_sends_the_next_batch_once_a_quarter_is_answered(command: list[str]) -> None:
+    # Speed: a remote batch's round trip is long, and waiting for half the
+    # window held pipelined calls to about execnet's rate (see rpc._REMOTE_REFILL).
+    import anyfork
+    from anyfork import rpc
+
+    with rpc.run(remote.new_exec(command), "operator:pos", max_in_flight=8) as client:
+        waits: list[int] = []
+        core = client._core
+        real = core.op_progress
+
+        def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+            waits.append(len(core.calls))
+            return real(*args, **kwargs)
+
+        core.op_progress = spy  # type: ignore[method-assign]
+        assert [f.result(20) for f in [client.submit(i) for i in range(100)]] == list(range(100))
+        assert core.refill == 6
+    with rpc.run(anyfork.new(), "operator:pos", max_in_flight=8) as local:
+        assert local._core.refill == 4  # locally, half (more calls per wake-up of the worker)
+    assert 8 in waits  # the window did fill
+
+
 def test_remote_rpc_calls_go_onto_the_connection_directly_under_asyncio(command: list[str]) -> None:
     import asyncio
     import threading
