@@ -398,3 +398,143 @@ def test_the_kept_poller_waits_on_exactly_what_it_is_given_each_time() -> None:
     finally:
         for fd in (r1, w1, r2, w2):
             os.close(fd)
+
+
+class _Holder:
+    """A caller's relay worked by hand (as ``_connection.Writer.wait`` works
+    it, holding one channel's bytes), and a bare mux for the far side."""
+
+    def __init__(self) -> None:
+        self.conn, self.far = socket.socketpair()
+        self.controls: list[bytes] = []
+        self.relay = R.Relay(M.Mux(True), self.conn.fileno(), self.conn.fileno(),
+                             lambda ch, what: None, self.controls.append)
+        self.peer = M.Mux(False)
+        self.unsent = b""
+        self.users: list[socket.socket] = []
+        self.ch = self.open()
+        self.other = self.open()
+
+    def open(self) -> int:
+        mine, user = socket.socketpair()
+        user.settimeout(10)
+        self.users.append(user)
+        ch = self.relay.open("raw", mine)
+        self.deliver_back()
+        return ch
+
+    def deliver_back(self) -> None:
+        """What the relay wrote, to the far side's mux."""
+        self.relay.flush()
+        self.far.setblocking(False)
+        try:
+            while data := self.far.recv(1 << 20):
+                self.peer.receive_data(data)
+        except BlockingIOError:
+            pass
+        list(self.peer.events())
+
+    def say(self) -> None:
+        """What the far side's mux has to say, onto the connection (as much
+        as it takes now: the rest next time)."""
+        self.unsent += b"".join(self.peer.data_to_send())
+        self.far.setblocking(False)
+        try:
+            while self.unsent:
+                self.unsent = self.unsent[self.far.send(self.unsent):]
+        except BlockingIOError:
+            pass
+
+    def read(self, unread: bool = False) -> bytes | None:
+        """One read of the connection holding ``ch``, then the take."""
+        relay = self.relay
+        relay.hold(self.ch)
+        relay.ready(self.conn.fileno(), R._POLLIN)
+        got = relay.take(self.ch, lambda: unread)
+        relay.flush()
+        return got
+
+    def close(self) -> None:
+        self.relay.close()
+        for s in (self.conn, self.far, *self.users):
+            s.close()
+
+
+@pytest.fixture
+def holder() -> Iterator[_Holder]:
+    h = _Holder()
+    yield h
+    h.close()
+
+
+def _nothing_to_read(sock: socket.socket) -> bool:
+    import select
+
+    return not select.select([sock], [], [], 0)[0]
+
+
+def test_held_bytes_are_taken_instead_of_written_to_the_socket(holder: _Holder) -> None:
+    holder.peer.send(holder.ch, b"a reply")
+    holder.say()
+    assert holder.read() == b"a reply"
+    assert _nothing_to_read(holder.users[0])
+
+
+def test_taken_bytes_are_credited_so_the_window_reopens(holder: _Holder) -> None:
+    holder.peer.send(holder.ch, b"w" * (2 * M.WINDOW))
+    assert holder.peer.pending(holder.ch) == M.WINDOW  # the window lets one through
+    taken = 0
+    for _ in range(1000):
+        holder.say()
+        got = holder.read()
+        if got is None and not holder.unsent:
+            break
+        taken += len(got or b"")
+    assert taken == M.WINDOW
+    holder.deliver_back()
+    assert holder.peer.pending(holder.ch) == 0  # its credit came back: the rest went
+
+
+def test_held_bytes_go_behind_what_the_socket_holds_unread(holder: _Holder) -> None:
+    holder.peer.send(holder.ch, b"first ")
+    holder.say()
+    holder.relay.ready(holder.conn.fileno(), R._POLLIN)  # the relay thread's way: written
+    holder.peer.send(holder.ch, b"second")
+    holder.say()
+    assert holder.read(unread=True) is None
+    assert _recv_exactly(holder.users[0], 12) == b"first second"
+
+
+@pytest.mark.parametrize("then", ["eof", "close", "the connection ends"])
+def test_what_ends_a_channel_comes_after_its_held_bytes(holder: _Holder, then: str) -> None:
+    holder.peer.send(holder.ch, b"last words")
+    if then == "eof":
+        holder.peer.eof(holder.ch)
+    elif then == "close":
+        holder.peer.close(holder.ch)
+    holder.say()
+    if then == "the connection ends":
+        relay = holder.relay
+        relay.hold(holder.ch)
+        relay.ready(holder.conn.fileno(), R._POLLIN)
+        relay.end("gone")  # (as an error halfway through Writer.wait's read does)
+        assert relay.take(holder.ch, lambda: False) is None
+        assert holder.controls == [b"DISCONNECTED gone"]
+    else:
+        assert holder.read() is None  # (in the same read: written, then the end)
+    user = holder.users[0]
+    assert _recv_exactly(user, 10) == b"last words"
+    assert user.recv(1) == b""
+
+
+def test_other_channels_bytes_are_written_while_one_is_held(holder: _Holder) -> None:
+    holder.peer.send(holder.other, b"theirs")
+    holder.peer.send(holder.ch, b"mine")
+    holder.say()
+    assert holder.read() == b"mine"
+    assert _recv_exactly(holder.users[1], 6) == b"theirs"
+    assert holder.relay.holding is None
+    holder.peer.send(holder.ch, b"later")
+    holder.say()
+    holder.relay.ready(holder.conn.fileno(), R._POLLIN)  # not held: written as usual
+    assert _recv_exactly(holder.users[0], 5) == b"later"

@@ -399,6 +399,57 @@ def test_a_remote_reply_is_read_off_the_connection_by_the_caller_waiting_for_it(
     assert threading.get_ident() in readers
 
 
+def _spy_handover(client: Any) -> tuple[list[int], list[int]]:
+    """Record the replies handed to ``client``'s waiting caller off the
+    connection (their sizes), and the writes of replies to its socket."""
+    core = client._core
+    relay = core.wsock._conn.relay
+    ch = core.wsock._ch
+    given: list[int] = []
+    written: list[int] = []
+    real_given, real_write = core._reply_given, relay._write_local
+
+    def handed(call: Any, data: bytes) -> bool:
+        given.append(len(data))
+        return real_given(call, data)
+
+    def write(c: int, loc: Any) -> None:
+        if c == ch and any(isinstance(x, (bytes, memoryview)) for x in loc.out):
+            written.append(c)
+        real_write(c, loc)
+
+    core._reply_given = handed
+    relay._write_local = write
+    return given, written
+
+
+def test_a_remote_reply_is_handed_to_its_waiting_caller_not_written_to_its_socket(command: list[str]) -> None:
+    # Speed: written to the local socket and read back, each reply cost the
+    # caller a send, a wake-up from poll and a receive.
+    from anyfork import rpc
+
+    with rpc.run(remote.new_exec(command), "operator:pos") as client:
+        given, written = _spy_handover(client)
+        assert [client(i) for i in range(20)] == list(range(20))
+    assert len(given) >= 10, (given, written)  # (a reply may come before its caller waits)
+    assert len(given) + len(written) <= 20
+
+
+def test_events_handed_over_with_their_reply_keep_their_order(command: list[str]) -> None:
+    # A reply behind events, or split over reads: not one whole RESULT
+    # frame, so the decoder takes it, in order.
+    from anyfork import rpc
+
+    seen: list[Any] = []
+    with rpc.run(remote.new_exec(command), "rpc_handlers:events", on_event=lambda *a: seen.append(a)) as client:
+        given, _ = _spy_handover(client)
+        for n in (3, 0, 5000):
+            seen.clear()
+            assert client(n) == "done"
+            assert seen == [("tick", i) for i in range(n)]
+    assert given
+
+
 @pytest.mark.parametrize("how", ["the worker exits", "ssh is killed"])
 def test_a_caller_reading_the_connection_for_its_reply_sees_the_end_and_never_hangs(
         command: list[str], how: str) -> None:

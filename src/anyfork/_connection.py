@@ -512,21 +512,25 @@ class Writer:
     connection if it is interrupted halfway.
     """
 
-    __slots__ = ("_ch", "_conn", "_poller", "_sock")
+    __slots__ = ("_ch", "_conn", "_poller", "_sock", "_unread")
 
     def __init__(self, conn: Connection, ch: int, sock: socket.socket) -> None:
         self._conn = conn
         self._ch = ch
         self._sock = sock
         self._poller: Any = None
+        self._unread: Any = None  # a poll of the caller's end alone (see _read)
 
-    def wait(self, fd: int) -> bool:
+    def wait(self, fd: int) -> bool | bytes:
         """Wait until ``fd`` (this channel's local socket, the caller's end)
         is readable, reading the connection meanwhile in the relay
         thread's place, so that a reply comes without the relay thread's
-        wake-up and hand-over: True once ``fd`` is readable.  False, at
-        once, if another thread reads it already or the connection has
-        ended: then the caller waits on ``fd`` itself.
+        wake-up and hand-over: True once ``fd`` is readable.  The bytes
+        themselves, when what came for this channel can be handed over so
+        (see ``Relay.take``): as if read from ``fd``, which then has
+        nothing more to read than it had.  False, at once, if another
+        thread reads it already or the connection has ended: then the
+        caller waits on ``fd`` itself.
 
         Whatever comes is handled as the relay thread would (replies for
         other channels written to their sockets, the hub's messages
@@ -549,26 +553,31 @@ class Writer:
                 p = self._poller = select.poll()
                 p.register(fd, R._POLLIN)
                 p.register(relay.rfd, R._POLLIN)
+                self._unread = select.poll()
+                self._unread.register(fd, R._POLLIN)
+            rfd = relay.rfd
             while True:
-                mine = False
-                for f, events in p.poll():
-                    if f == fd:
-                        mine = True
-                    elif f == relay.rfd:
-                        with conn._lock:
-                            if conn._released or not relay.connected:
-                                # (Its sockets are closed, so fd reads EOF; and
-                                # the connection's number may be another's now.)
-                                mine = True
-                                continue
-                            self._carry(relay.ready, f, events)
-                            if len(relay.locals) > 1 or relay.stalled() or any(
-                                    loc.out for loc in relay.locals.values()):
-                                # What came gave the relay thread work it may not
-                                # be waiting for (another channel's bytes to
-                                # write, a new channel, the connection to
-                                # write): it looks again now.
-                                conn._wake()
+                ready = p.poll()
+                mine = any(f == fd for f, _ in ready)
+                for f, events in ready:
+                    if f != rfd:
+                        continue
+                    with conn._lock:
+                        if conn._released or not relay.connected:
+                            # (Its sockets are closed, so fd reads EOF; and
+                            # the connection's number may be another's now.)
+                            mine = True
+                            continue
+                        given: bytes | None = self._carry(self._read, f, events, mine)
+                        if len(relay.locals) > 1 or relay.stalled() or any(
+                                loc.out for loc in relay.locals.values()):
+                            # What came gave the relay thread work it may not
+                            # be waiting for (another channel's bytes to
+                            # write, a new channel, the connection to
+                            # write): it looks again now.
+                            conn._wake()
+                    if given is not None:
+                        return given  # (mine: fd held bytes, so nothing was taken)
                 if mine:
                     return True
         finally:
@@ -578,6 +587,21 @@ class Writer:
                     # The relay thread stopped looking every LENT_MS (a long
                     # wait), or what comes next may be others': it reads again now.
                     conn._wake()
+
+    def _read(self, fd: int, events: int, unread: bool) -> bytes | None:
+        """(under the lock) ``wait``'s read of the connection.  This
+        channel's bytes it takes, rather than have them written to its
+        socket and read back (a write, a wake-up and a read the fewer),
+        unless they must go behind what is there: ``unread``, this poll
+        found some, or it came since (see ``Relay.take``)."""
+        relay = self._conn.relay
+        relay.hold(self._ch)
+        try:
+            relay.ready(fd, events)
+        except BaseException:
+            relay.give_back()
+            raise
+        return relay.take(self._ch, lambda: unread or bool(self._unread.poll(0)))
 
     def _carry(self, step: Callable[..., Any], *args: Any) -> Any:
         """(under the lock) Run one step of the relay's work in this thread.

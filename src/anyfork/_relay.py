@@ -120,6 +120,9 @@ class Relay:
         self._rbuf = bytearray(_READ * 4)  # (see _read_connection)
         self._rview = memoryview(self._rbuf)
         self.connected = True
+        # A channel whose bytes are held back (see hold) for its owner to
+        # take, rather than written to its local socket; or None.
+        self.holding: int | None = None
         os.set_blocking(rfd, False)
         os.set_blocking(wfd, False)
 
@@ -309,12 +312,60 @@ class Relay:
             return
         self.connected = False
         self._out.clear()
+        if self.holding is not None:
+            self.give_back()
         # Said first: whoever sees a channel end must find the reason recorded.
         self.on_control(b"DISCONNECTED " + why.encode("utf-8", "replace"))
         self.close()
 
+    def hold(self, ch: int) -> None:
+        """Hold back the bytes that come for channel ``ch``, until ``take``,
+        rather than write them to its local socket: for an owner that
+        reads the connection itself and would read them from the socket's
+        other end next (see ``_connection.Writer.wait``).  Only while the
+        owner works the relay; ``take`` ends it."""
+        self.holding = ch
+
+    def take(self, ch: int, unread: Callable[[], bool]) -> bytes | None:
+        """End ``hold``: the bytes held for ``ch``, as if read from its
+        local socket's other end (the peer is credited for them), or None.
+        None if nothing was held, or if they can't be taken so: something
+        else waits to be written to the socket first (a descriptor), or
+        ``unread()`` says its other end has bytes not read yet; then they
+        are written to the socket, behind those, as usual."""
+        self.holding = None
+        loc = self.locals.get(ch)
+        if loc is None or not loc.out:
+            return None
+        out = loc.out
+        if unread() or any(isinstance(x, socket.socket) for x in out):
+            self._write_local(ch, loc)
+            return None
+        data = b"".join(out)  # type: ignore[arg-type]
+        out.clear()
+        self.mux.consumed(ch, len(data))
+        return data
+
+    def give_back(self) -> None:
+        """Write what ``hold`` kept to its socket, and hold no more: before
+        anything else happens on the connection that must come after it."""
+        ch, self.holding = self.holding, None
+        loc = self.locals.get(ch) if ch is not None else None
+        if loc is not None and loc.out:
+            self._write_local(ch, loc)  # type: ignore[arg-type]
+
     def _event(self, event: M.Event) -> None:
         kind, ch = event.kind, event.channel
+        if kind == M.DATA:
+            loc = self.locals.get(ch)
+            if loc is None:
+                return  # we dropped it; the mux answers with CLOSE
+            loc.out.append(event.data)
+            if ch != self.holding:
+                self._write_local(ch, loc)
+            return
+        if self.holding is not None:
+            self.give_back()  # (an EOF, a CLOSE, a control message: in order)
         if kind == M.CONTROL:
             self.on_control(event.data)
         elif kind == M.OPEN:
@@ -327,12 +378,6 @@ class Relay:
                 self.mux.close(ch)
             else:
                 self.tie(ch, sock, what)
-        elif kind == M.DATA:
-            loc = self.locals.get(ch)
-            if loc is None:
-                return  # we dropped it; the mux answers with CLOSE
-            loc.out.append(event.data)
-            self._write_local(ch, loc)
         elif kind == M.EOF:
             loc = self.locals.get(ch)
             if loc is not None:

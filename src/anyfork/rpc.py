@@ -327,7 +327,7 @@ class _Core:
         self.wsock: Any = _writer(proc, sock)
         # For a remote process: waits for a reply reading the connection
         # itself (see _connection.Writer.wait), or None.
-        self.wait_direct: Callable[[int], bool] | None = getattr(self.wsock, "wait", None)
+        self.wait_direct: Callable[[int], bool | bytes] | None = getattr(self.wsock, "wait", None)
         # A local worker's socket blocks, and every operation on it but one
         # says DONTWAIT: the one is a lone call's wait for its reply, which
         # is then a receive, not a poll and a receive (see _lead_alone).
@@ -552,9 +552,11 @@ class _Core:
                         got = self._reply_now(call, True)  # the wait is the receive
                     else:
                         wait = self.wait_direct
-                        if wait is None or events != _POLLIN or not wait(self.fd):
+                        given = False if wait is None or events != _POLLIN else wait(self.fd)
+                        if given is False:
                             poller.poll()
-                        got = self._reply_now(call)
+                        got = self._reply_now(call) if given is True or given is False else (
+                            self._reply_given(call, given))
                     if got:
                         break
                 state = self._pump_now()
@@ -598,6 +600,24 @@ class _Core:
         except OSError:
             decoder.eof = True  # as _pump_now has it: its next turn finds EOF
             return False
+        return self._reply_read(call, n, anc, flags)
+
+    def _reply_given(self, call: _Call, data: bytes) -> bool:
+        """``_reply_now`` for bytes read for it (a remote process's reply,
+        taken off the connection by ``_connection.Writer.wait``), as if
+        received from the socket."""
+        self.read_at = time.monotonic()
+        n = len(data)
+        if n > len(self.scratch) or not self._quick_reply():
+            self.decoder.feed(data, [])
+            return self._decoded(call)
+        self.scratch_view[:n] = data
+        return self._reply_read(call, n, [], 0)
+
+    def _reply_read(self, call: _Call, n: int, anc: list[tuple[int, int, bytes]], flags: int) -> bool:
+        """``_reply_now`` once ``n`` bytes are in the scratch buffer."""
+        decoder = self.decoder
+        scratch = self.scratch
         if n > _HSIZE and not anc and not flags & _CTRUNC:
             length, call_id, kind, nfds = _UNPACK_HEADER(scratch)
             if kind == W.RESULT and call_id == call.id and not nfds and n == _HSIZE + length:
@@ -625,14 +645,25 @@ class _Core:
                 return True
         try:
             _feed(decoder, scratch, n, anc, flags)
-            frames = decoder.frames()
         except ProtocolError as e:
-            self._fail(ProtocolError(f"worker process {self.pid} broke the rpc protocol: {e}"))
-            self._kill()
-            return False
+            return self._broke(e)
+        return self._decoded(call)
+
+    def _decoded(self, call: _Call) -> bool:
+        """Dispatch what the decoder holds whole; whether ``call`` is complete
+        (its reply may have come behind an event)."""
+        try:
+            frames = self.decoder.frames()
+        except ProtocolError as e:
+            return self._broke(e)
         if frames:
             self._dispatch(frames)
-        return call.done  # (the reply may have come behind an event)
+        return call.done
+
+    def _broke(self, e: ProtocolError) -> bool:
+        self._fail(ProtocolError(f"worker process {self.pid} broke the rpc protocol: {e}"))
+        self._kill()
+        return False
 
     def op_call(self, payload: bytes, fds: list[int]) -> Op[Any]:
         got = None
@@ -731,8 +762,7 @@ class _Core:
         except BlockingIOError:
             pass
         except ProtocolError as e:
-            self._fail(ProtocolError(f"worker process {self.pid} broke the rpc protocol: {e}"))
-            self._kill()
+            self._broke(e)
             return _BROKEN
         except OSError:
             decoder.eof = True
