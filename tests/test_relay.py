@@ -538,3 +538,35 @@ def test_other_channels_bytes_are_written_while_one_is_held(holder: _Holder) -> 
     holder.say()
     holder.relay.ready(holder.conn.fileno(), R._POLLIN)  # not held: written as usual
     assert _recv_exactly(holder.users[0], 5) == b"later"
+
+
+def test_the_loop_asks_whether_to_stop_under_the_owners_lock() -> None:
+    # Broke: until() ran outside the lock, so Connection._finished read the
+    # processes and channels other threads change under it (a dict changed
+    # during iteration ends the relay thread, and the connection with it).
+    lock = threading.Lock()
+    held: list[bool] = []
+
+    def until() -> bool:
+        held.append(lock.locked())
+        return len(held) >= 3
+
+    a, b = socket.socketpair()
+    mine, user = socket.socketpair()
+    with a, b, user:
+        relay = R.Relay(M.Mux(True), a.fileno(), a.fileno(), lambda ch, what: None, lambda data: None)
+        relay.open("raw", mine)  # a channel: the loop would go on (the relay owns it now)
+        r, w = os.pipe()
+        try:
+            os.write(w, b"xx")  # (wakes it, so it loops without waiting for the peer)
+            done = threading.Thread(target=R.run, args=(relay, r, until), kwargs={"lock": lock})
+            done.start()
+            for _ in range(3):
+                os.write(w, b"x")
+            done.join(10)
+            assert not done.is_alive()
+        finally:
+            relay.close()
+            os.close(r)
+            os.close(w)
+    assert held == [True, True, True]

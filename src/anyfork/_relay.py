@@ -672,6 +672,7 @@ def run(relay: Relay, wake_fd: int = -1, until: Callable[[], bool] | None = None
     Args:
         wake_fd: readable when the owner added work from another thread
             (drained here).
+        until: (called under ``lock``) whether to stop now.
         lock: held while the relay works (never while it waits), for an
             owner whose other threads open channels.
         others: more descriptors to wait on, each with what to call when
@@ -691,9 +692,11 @@ def run(relay: Relay, wake_fd: int = -1, until: Callable[[], bool] | None = None
     rfd = relay.rfd
     lent_waits = 0
     while relay.connected or relay.locals:
-        if until is not None and until():
-            return
         with held:
+            # (Under the lock: the owner's other threads change what it
+            # looks at, as Connection._finished's processes and channels.)
+            if until is not None and until():
+                return
             fds = relay.interest()
             lending = lent is not None and lent(lent_waits)
         lent_waits = lent_waits + 1 if lending else 0
