@@ -558,12 +558,13 @@ def test_the_loop_asks_whether_to_stop_under_the_owners_lock() -> None:
         relay.open("raw", mine)  # a channel: the loop would go on (the relay owns it now)
         r, w = os.pipe()
         try:
-            os.write(w, b"xx")  # (wakes it, so it loops without waiting for the peer)
             done = threading.Thread(target=R.run, args=(relay, r, until), kwargs={"lock": lock})
             done.start()
-            for _ in range(3):
+            for _ in range(1000):  # (each wake makes it loop without waiting for the peer)
                 os.write(w, b"x")
-            done.join(10)
+                done.join(0.01)
+                if not done.is_alive():
+                    break
             assert not done.is_alive()
         finally:
             relay.close()
