@@ -938,3 +938,45 @@ def test_wait_async_says_why_a_fork_of_a_remote_template_failed(command: list[st
     asyncio.run(main())
     tpl.close()
     assert tpl.wait(20) == 0
+
+
+def test_run_async_asks_why_a_fork_failed_without_blocking_the_loop(
+        command: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Broke: run_async's error paths (its write failing, the template gone)
+    # asked the hub for the failure record with a blocking wait, up to 2 s,
+    # on the event loop's thread; they now use _failed_or_op, pinned here.
+    import asyncio
+    import time
+
+    from anyfork import _backend, _process
+
+    # Its forks exit 1 at once, saying nothing: the hub is asked whether it
+    # holds a failure record, and answers that it has none.
+    tpl = remote.template(command).eval("import os\nos.register_at_fork(after_in_child=lambda: os._exit(1))\n")
+    child = tpl.fork()
+    deadline = time.monotonic() + 20
+    while child.returncode is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # (not wait(): that would ask the hub itself)
+    assert child.returncode == 1
+    conn = remote._connections[id(tpl)]
+    syncs = conn._syncs
+    real = _process.run_blocking
+    blocked: list[object] = []
+
+    def spy(op: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+            blocked.append(op)  # a blocking wait on the loop's thread
+        except RuntimeError:
+            pass
+        return real(op)
+
+    monkeypatch.setattr(_process, "run_blocking", spy)
+    exited = anyfork.ProcessExitedError("it exited", 1)
+    got = asyncio.run(_backend.run_async(child._failed_or_op(exited)))
+    assert got is exited  # no record: the error as it was
+    assert conn._syncs == syncs + 1  # the hub was asked
+    assert blocked == []
+    assert child.wait(20) == 1  # (no record: a plain status)
+    tpl.close()
+    assert tpl.wait(20) == 0

@@ -235,9 +235,12 @@ class Process:
             raise ProcessStateError(f"{self._describe()} was {why}")
 
     def _write_error(self, e: BrokenError) -> Error:
+        return run_blocking(self._write_error_op(e))
+
+    def _write_error_op(self, e: BrokenError) -> Op[Error]:
         if e.error is None:
             return ProcessStateError(f"{self._describe()} was {e.why}")
-        return self._failed_or(self._parent.broken(self._child, self._describe(), e.error))
+        return (yield from self._failed_or_op(self._parent.broken(self._child, self._describe(), e.error)))
 
     # --- failures before the function (see _failures) ------------------------------
 
@@ -310,13 +313,19 @@ class Process:
         """``e``, or this process's own failure (see ``failed``) when ``e``
         says it exited with status 1; when ``e`` says its template is gone,
         the template's failure, if that is why."""
+        return run_blocking(self._failed_or_op(e))
+
+    def _failed_or_op(self, e: Error) -> Op[Error]:
+        """``_failed_or`` as an operation: what a remote hub is asked, the
+        thread (an event loop's, under ``run_async``) waits for without
+        blocking (see ``_failed_op``)."""
         if isinstance(e, ProcessExitedError) and e.returncode == 1:
-            failure = self._failed()
+            failure = yield from self._failed_op(None)
             if failure is not None:
                 failure.__cause__ = e
                 return failure
         elif isinstance(e, TemplateDiedError) and self._keep is not None:
-            failure = self._keep._failed()
+            failure = yield from self._keep._failed_op(None)
             if failure is not None:
                 return failure
         return e
@@ -647,7 +656,7 @@ class Process:
             try:
                 yield from self._cmd.flush_op(None, tpl.reports if tpl is not None else None)
             except BrokenError as e:
-                raise self._write_error(e) from e
+                raise (yield from self._write_error_op(e)) from e
         except BaseException:
             # Failed or interrupted part-way: a frame may be half written and
             # RUN is still queued.  The process can't be prepared any further.
@@ -661,7 +670,7 @@ class Process:
         except BaseException as e:
             sock.close()
             if isinstance(e, TemplateDiedError):
-                raise self._failed_or(e) from e
+                raise (yield from self._failed_or_op(e)) from e
             raise
         return sock
 
