@@ -423,6 +423,7 @@ def _spy_handover(client: Any) -> tuple[list[int], list[int]]:
     return given, written
 
 
+@pytest.mark.skip(reason="the hand-over is off until a hang under load is found (issue 13)")
 def test_a_remote_reply_is_handed_to_its_waiting_caller_not_written_to_its_socket(command: list[str]) -> None:
     # Speed: written to the local socket and read back, each reply cost the
     # caller a send, a wake-up from poll and a receive.
@@ -435,6 +436,7 @@ def test_a_remote_reply_is_handed_to_its_waiting_caller_not_written_to_its_socke
     assert len(given) + len(written) <= 20
 
 
+@pytest.mark.skip(reason="the hand-over is off until a hang under load is found (issue 13)")
 def test_events_handed_over_with_their_reply_keep_their_order(command: list[str]) -> None:
     # A reply behind events, or split over reads: not one whole RESULT
     # frame, so the decoder takes it, in order.

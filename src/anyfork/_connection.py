@@ -595,13 +595,10 @@ class Writer:
         unless they must go behind what is there: ``unread``, this poll
         found some, or it came since (see ``Relay.take``)."""
         relay = self._conn.relay
-        relay.hold(self._ch)
-        try:
-            relay.ready(fd, events)
-        except BaseException:
-            relay.give_back()
-            raise
-        return relay.take(self._ch, lambda: unread or bool(self._unread.poll(0)))
+        # The hand-over (Relay.hold/take) is off: a remote call hung once in
+        # 24 loaded runs with it (issue 13's note); replies go through the socket.
+        relay.ready(fd, events)
+        return None
 
     def _carry(self, step: Callable[..., Any], *args: Any) -> Any:
         """(under the lock) Run one step of the relay's work in this thread.
